@@ -1,0 +1,37 @@
+//! The optional TOML configuration file. Every key mirrors a CLI flag; flags win over the file,
+//! the file wins over built-in defaults. Secrets never live here by value: the LLM section
+//! names environment variables that hold keys.
+
+use crate::input::Columns;
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: Option<String>,
+    pub device: Option<String>,
+    pub threads: Option<usize>,
+    pub include_system_turns: Option<bool>,
+    pub columns: Option<Columns>,
+    pub classify: ClassifySection,
+    /// Path of the LLM tier's configuration (see `semtel llm --help`).
+    pub llm: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifySection {
+    pub k: Option<usize>,
+    pub threshold: Option<f32>,
+    pub signal: Option<String>,
+    pub passthrough: Option<Vec<String>>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+}

@@ -1,0 +1,193 @@
+//! Decision: from the k nearest exemplars to a label, a confidence and a verdict — keep the
+//! kNN label (`knn`) or hand the row to the LLM tier (`escalate`).
+//!
+//! The vote is similarity-weighted: each neighbour adds its cosine similarity (floored at 0) to
+//! its label. Confidence signals: the winning label's share of the total weight (`vote`), the
+//! gap between the two best shares (`margin`) and the nearest exemplar's similarity (`top1`).
+//! This module is pure arithmetic: it must never embed, search or do I/O.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Signal {
+    /// Similarity-weighted vote share of the winning label.
+    Vote,
+    /// Vote share × top-1 similarity (the default: separates unanimous-but-distant votes).
+    #[default]
+    #[serde(rename = "vote_sim")]
+    VoteSim,
+    /// Winner's share minus runner-up's share.
+    Margin,
+    /// Cosine similarity of the nearest exemplar.
+    Top1,
+}
+
+impl Signal {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Signal::Vote => "vote",
+            Signal::VoteSim => "vote_sim",
+            Signal::Margin => "margin",
+            Signal::Top1 => "top1",
+        }
+    }
+}
+
+impl std::str::FromStr for Signal {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "vote" => Ok(Signal::Vote),
+            "vote_sim" => Ok(Signal::VoteSim),
+            "margin" => Ok(Signal::Margin),
+            "top1" => Ok(Signal::Top1),
+            _ => Err(format!("unknown confidence signal `{s}` (vote, vote_sim, margin, top1)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vote {
+    /// Winning label (index into the index's label list); `None` with no neighbours.
+    pub label: Option<u32>,
+    pub share: f32,
+    pub margin: f32,
+    pub top1_sim: f32,
+}
+
+impl Vote {
+    pub fn signal(&self, s: Signal) -> f32 {
+        match s {
+            Signal::Vote => self.share,
+            Signal::VoteSim => self.share * self.top1_sim.max(0.0),
+            Signal::Margin => self.margin,
+            Signal::Top1 => self.top1_sim,
+        }
+    }
+}
+
+/// Similarity-weighted vote over `neighbors` (key, similarity), best first.
+/// `scratch` must have one slot per label and be all zeros; it is left all zeros.
+pub fn vote(neighbors: &[(u64, f32)], label_of: &[u32], scratch: &mut [f32]) -> Vote {
+    let Some(&(_, top1)) = neighbors.first() else {
+        return Vote {
+            label: None,
+            share: 0.0,
+            margin: 0.0,
+            top1_sim: 0.0,
+        };
+    };
+    let mut total = 0f32;
+    for &(key, sim) in neighbors {
+        let w = sim.max(0.0);
+        scratch[label_of[key as usize] as usize] += w;
+        total += w;
+    }
+    // Best and runner-up; ties go to the label of the nearer neighbour (visited first).
+    let mut best: Option<(u32, f32)> = None;
+    let mut second = 0f32;
+    for &(key, _) in neighbors {
+        let l = label_of[key as usize];
+        let w = scratch[l as usize];
+        if w < 0.0 {
+            continue; // already visited (marked below)
+        }
+        match best {
+            None => best = Some((l, w)),
+            Some((_, bw)) if w > bw => {
+                second = bw;
+                best = Some((l, w));
+            }
+            Some(_) => second = second.max(w),
+        }
+        scratch[l as usize] = -1.0;
+    }
+    for &(key, _) in neighbors {
+        scratch[label_of[key as usize] as usize] = 0.0;
+    }
+    let (label, w) = best.expect("non-empty neighbours");
+    let (share, margin) = if total > 0.0 {
+        (w / total, (w - second) / total)
+    } else {
+        (0.0, 0.0)
+    };
+    Vote {
+        label: Some(label),
+        share,
+        margin,
+        top1_sim: top1,
+    }
+}
+
+/// Thresholds that turn a confidence into keep-or-escalate.
+#[derive(Debug, Clone)]
+pub struct Thresholds {
+    pub signal: Signal,
+    pub global: f32,
+    /// Per-label overrides, by label index (NaN = use `global`).
+    pub per_label: Vec<f32>,
+}
+
+impl Thresholds {
+    pub fn global(signal: Signal, t: f32, n_labels: usize) -> Self {
+        Thresholds {
+            signal,
+            global: t,
+            per_label: vec![f32::NAN; n_labels],
+        }
+    }
+
+    pub fn for_label(&self, label: u32) -> f32 {
+        let t = self.per_label.get(label as usize).copied().unwrap_or(f32::NAN);
+        if t.is_nan() {
+            self.global
+        } else {
+            t
+        }
+    }
+
+    /// True when the confidence is high enough to keep the kNN label.
+    pub fn keep(&self, label: Option<u32>, confidence: f32) -> bool {
+        match label {
+            Some(l) => confidence >= self.for_label(l),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_vote_share_and_margin() {
+        // labels: key0→A(0), key1→B(1), key2→A(0)
+        let label_of = [0, 1, 0];
+        let mut scratch = vec![0.0; 2];
+        let v = vote(&[(0, 0.9), (1, 0.8), (2, 0.5)], &label_of, &mut scratch);
+        assert_eq!(v.label, Some(0));
+        assert!((v.share - 1.4 / 2.2).abs() < 1e-6);
+        assert!((v.margin - 0.6 / 2.2).abs() < 1e-6);
+        assert_eq!(v.top1_sim, 0.9);
+        assert!(scratch.iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn tie_goes_to_nearest() {
+        let label_of = [1, 0];
+        let mut scratch = vec![0.0; 2];
+        let v = vote(&[(0, 0.7), (1, 0.7)], &label_of, &mut scratch);
+        assert_eq!(v.label, Some(1));
+        assert_eq!(v.margin, 0.0);
+    }
+
+    #[test]
+    fn per_label_threshold_overrides_global() {
+        let mut t = Thresholds::global(Signal::Vote, 0.5, 2);
+        t.per_label[1] = 0.9;
+        assert!(t.keep(Some(0), 0.6));
+        assert!(!t.keep(Some(1), 0.6));
+        assert!(!t.keep(None, 1.0));
+    }
+}

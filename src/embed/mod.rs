@@ -1,0 +1,235 @@
+//! Embedding: token ids in, L2-normalised f32 vectors out.
+//!
+//! An [`Embedder`] takes a *flat* batch — every sequence's ids back to back plus cumulative
+//! sequence lengths — the way text-embeddings-inference's backends do, so an engine that can
+//! work without padding never pays for it, and one that needs padding pads per batch.
+//! Batching lives in exactly one place, [`embed_sequences`]: length-sorted batches bounded by a
+//! padded-token budget, run a few at a time in parallel.
+//!
+//! This module must never tokenize or read files beyond the model weights.
+
+mod candle;
+
+pub use self::candle::CandleBert;
+
+use crate::model::{ModelFiles, Pooling};
+use crate::render::Renderer;
+use crate::{Error, Result};
+use rayon::prelude::*;
+
+/// A sentence encoder over token ids.
+pub trait Embedder: Send + Sync {
+    /// Output dimensionality.
+    fn dim(&self) -> usize;
+    /// Embeds `cu_seqlens.len() - 1` sequences; sequence `i` is
+    /// `ids[cu_seqlens[i]..cu_seqlens[i + 1]]`, special tokens included. Returns
+    /// `n * dim` values, each row L2-normalised.
+    fn embed(&self, ids: &[u32], cu_seqlens: &[usize]) -> Result<Vec<f32>>;
+    /// A short description of the engine (for logs and benchmarks).
+    fn describe(&self) -> String;
+}
+
+/// How sequences are grouped into batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    /// Upper bound on `rows × longest row` per batch (what a padded engine computes).
+    pub max_batch_tokens: usize,
+    /// Upper bound on rows per batch.
+    pub max_batch_rows: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        // 4k padded tokens keep a MiniLM batch's activations (~4k × 1536 floats for the FFN)
+        // inside L2/L3, and give each of two parallel workers enough rows to amortise a call.
+        BatchOptions {
+            max_batch_tokens: 4096,
+            max_batch_rows: 128,
+        }
+    }
+}
+
+/// Groups sequence indices into length-sorted batches (longest first, so the costliest work
+/// starts early and the padded budget is respected exactly).
+pub fn plan_batches(lens: &[usize], opts: BatchOptions) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by(|&a, &b| lens[b].cmp(&lens[a]).then(a.cmp(&b)));
+    let mut batches = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut cur_max = 0;
+    for i in order {
+        let l = lens[i].max(1);
+        let new_max = cur_max.max(l);
+        if !cur.is_empty()
+            && ((cur.len() + 1) * new_max > opts.max_batch_tokens
+                || cur.len() >= opts.max_batch_rows)
+        {
+            batches.push(std::mem::take(&mut cur));
+            cur_max = 0;
+        }
+        cur_max = cur_max.max(l);
+        cur.push(i);
+    }
+    if !cur.is_empty() {
+        batches.push(cur);
+    }
+    batches
+}
+
+/// Embeds many sequences with `engine`, batching as above and running batches in parallel on
+/// the current rayon pool. Returns `seqs.len() * dim` values in input order.
+pub fn embed_sequences(
+    engine: &dyn Embedder,
+    seqs: &[&[u32]],
+    opts: BatchOptions,
+) -> Result<Vec<f32>> {
+    let dim = engine.dim();
+    let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+    let batches = plan_batches(&lens, opts);
+    let results: Vec<Result<(Vec<usize>, Vec<f32>)>> = batches
+        .into_par_iter()
+        .map(|batch| {
+            let mut ids = Vec::new();
+            let mut cu = Vec::with_capacity(batch.len() + 1);
+            cu.push(0);
+            for &i in &batch {
+                ids.extend_from_slice(seqs[i]);
+                cu.push(ids.len());
+            }
+            let v = engine.embed(&ids, &cu)?;
+            Ok((batch, v))
+        })
+        .collect();
+    let mut out = vec![0f32; seqs.len() * dim];
+    for r in results {
+        let (batch, v) = r?;
+        if v.len() != batch.len() * dim {
+            return Err(Error::Embed(format!(
+                "engine returned {} values for {} rows of dim {dim}",
+                v.len(),
+                batch.len()
+            )));
+        }
+        for (j, &i) in batch.iter().enumerate() {
+            out[i * dim..(i + 1) * dim].copy_from_slice(&v[j * dim..(j + 1) * dim]);
+        }
+    }
+    Ok(out)
+}
+
+/// Which engine runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// CUDA when built with the `cuda` feature and a GPU is present, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda),
+            _ => Err(format!("unknown device `{s}` (use auto, cpu or cuda)")),
+        }
+    }
+}
+
+/// Everything needed to go from a conversation to a vector: the verified model files, the
+/// renderer (tokenizer + truncation policy) and the engine.
+pub struct Encoder {
+    pub files: ModelFiles,
+    pub renderer: Renderer,
+    pub engine: Box<dyn Embedder>,
+    pub batch: BatchOptions,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EncoderOptions {
+    pub model: Option<String>,
+    pub device: Device,
+    pub include_system_turns: bool,
+}
+
+impl Encoder {
+    pub fn load(opts: &EncoderOptions) -> Result<Self> {
+        let files = crate::model::resolve(opts.model.as_deref())?;
+        Self::from_files(files, opts)
+    }
+
+    pub fn from_files(files: ModelFiles, opts: &EncoderOptions) -> Result<Self> {
+        let renderer = Renderer::from_file(&files.dir.join("tokenizer.json"), files.max_tokens)?
+            .with_system_turns(opts.include_system_turns);
+        let engine: Box<dyn Embedder> = Box::new(CandleBert::load(&files, opts.device)?);
+        Ok(Encoder {
+            files,
+            renderer,
+            engine,
+            batch: BatchOptions::default(),
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.engine.dim()
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.files.pooling
+    }
+
+    /// Embeds already-rendered id sequences.
+    pub fn embed_ids(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        embed_sequences(self.engine.as_ref(), seqs, self.batch)
+    }
+
+    /// Embeds raw texts the way sentence-transformers does (head truncation), for reference
+    /// comparisons and simple callers.
+    pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        let ids: Vec<Vec<u32>> = texts
+            .par_iter()
+            .map(|t| self.renderer.encode_head(t).map_err(Error::Tokenizer))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        self.embed_ids(&refs)
+    }
+}
+
+/// L2-normalises each `dim`-long row in place (a zero row stays zero).
+pub fn normalize_rows(v: &mut [f32], dim: usize) {
+    for row in v.chunks_mut(dim) {
+        let n = row.iter().map(|x| x * x).sum::<f32>().sqrt();
+        if n > 0.0 {
+            let inv = 1.0 / n;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_respect_budget_and_cover_all() {
+        let lens = vec![5, 200, 17, 17, 3, 256, 90, 1];
+        let opts = BatchOptions {
+            max_batch_tokens: 300,
+            max_batch_rows: 3,
+        };
+        let b = plan_batches(&lens, opts);
+        let mut seen: Vec<usize> = b.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..lens.len()).collect::<Vec<_>>());
+        for batch in &b {
+            let max = batch.iter().map(|&i| lens[i]).max().unwrap();
+            assert!(batch.len() == 1 || batch.len() * max <= 300, "{batch:?}");
+            assert!(batch.len() <= 3);
+        }
+        assert_eq!(b[0], vec![5]);
+    }
+}

@@ -1,0 +1,513 @@
+//! The exemplar index: a directory holding a usearch index (cosine, f32), the exemplars' ids,
+//! labels and provenance (Parquet), and a manifest that ties the index to the model that made
+//! its vectors. Opening checks the manifest against the embedder and refuses a mismatch.
+//!
+//! Layout: `manifest.json`, `vectors.usearch`, `exemplars.parquet` (+ optional files that later
+//! stages add, such as a trained head). Saves are atomic per file (write, fsync, rename), the
+//! manifest last, and opening cross-checks counts, so an interrupted save is detected.
+//! This module must never embed text or decide labels.
+
+use crate::model::{ModelFiles, Pooling};
+use crate::{Error, Result};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const VECTORS: &str = "vectors.usearch";
+pub const EXEMPLARS: &str = "exemplars.parquet";
+const FORMAT_VERSION: u32 = 1;
+/// Up to this many exemplars, search is exact (brute force): deterministic, and cheaper than
+/// embedding the query itself (100k × 384 multiply-adds versus ~10M per token).
+pub const EXACT_SEARCH_LIMIT: usize = 100_000;
+/// Exemplar text kept for LLM few-shot prompts and for humans reading the index.
+const MAX_STORED_TEXT: usize = 2000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    pub id: String,
+    pub weights_sha256: String,
+    pub dims: usize,
+    pub pooling: Pooling,
+    pub max_tokens: usize,
+}
+
+impl ModelInfo {
+    pub fn of(files: &ModelFiles, dims: usize) -> Self {
+        ModelInfo {
+            id: files.id.clone(),
+            weights_sha256: files.weights_sha256.clone(),
+            dims,
+            pooling: files.pooling,
+            max_tokens: files.max_tokens,
+        }
+    }
+}
+
+/// Parameters recorded at build time.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct BuildInfo {
+    pub sources: Vec<String>,
+    pub split: Option<String>,
+    pub connectivity: usize,
+    pub expansion_add: usize,
+    pub expansion_search: usize,
+    pub include_system_turns: bool,
+}
+
+/// How `classify` turns neighbours into a decision; calibration rewrites it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecisionConfig {
+    pub k: usize,
+    /// Rows whose confidence is below this are escalated.
+    pub threshold: f32,
+    /// Per-label thresholds (label → threshold) that override `threshold`.
+    #[serde(default)]
+    pub per_label: BTreeMap<String, f32>,
+    /// Which confidence signal the thresholds apply to.
+    #[serde(default = "default_signal")]
+    pub signal: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<serde_json::Value>,
+}
+
+fn default_signal() -> String {
+    "vote_sim".into()
+}
+
+impl Default for DecisionConfig {
+    fn default() -> Self {
+        DecisionConfig {
+            k: 10,
+            threshold: 0.4,
+            per_label: BTreeMap::new(),
+            signal: default_signal(),
+            calibration: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub semtel_version: String,
+    pub model: ModelInfo,
+    pub metric: String,
+    pub scalar: String,
+    pub count: usize,
+    /// Sorted label set.
+    pub labels: Vec<String>,
+    pub build: BuildInfo,
+    pub decision: DecisionConfig,
+}
+
+/// Where an exemplar's label came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exemplar {
+    pub id: String,
+    pub label: String,
+    /// `gold` for labelled input, `llm` for labels learned during a run.
+    pub source: String,
+    pub llm_model: Option<String>,
+    pub prompt_version: Option<String>,
+    pub text: String,
+}
+
+pub struct ExemplarIndex {
+    dir: PathBuf,
+    pub manifest: Manifest,
+    index: usearch::Index,
+    /// Indexed by key (keys are dense, 0..count).
+    exemplars: Vec<Exemplar>,
+    /// Label of each exemplar as an index into `manifest.labels`.
+    label_of: Vec<u32>,
+    read_only: bool,
+}
+
+fn new_usearch(dims: usize, b: &BuildInfo) -> Result<usearch::Index> {
+    let opts = IndexOptions {
+        dimensions: dims,
+        metric: MetricKind::Cos,
+        // f32 explicitly: the default quantizes to bf16, which perturbs scores.
+        quantization: ScalarKind::F32,
+        connectivity: b.connectivity,
+        expansion_add: b.expansion_add,
+        expansion_search: b.expansion_search,
+        multi: false,
+    };
+    usearch::Index::new(&opts).map_err(|e| Error::Other(format!("usearch: {e}")))
+}
+
+impl ExemplarIndex {
+    /// A new, empty index in `dir` (which must not hold an index already).
+    pub fn create(dir: &Path, model: ModelInfo, build: BuildInfo) -> Result<Self> {
+        if dir.join(MANIFEST).exists() {
+            return Err(Error::index(
+                dir,
+                "an index already exists here; use `semtel index add` to extend it or choose another --out",
+            ));
+        }
+        let mut build = build;
+        if build.connectivity == 0 {
+            build.connectivity = 16;
+        }
+        if build.expansion_add == 0 {
+            build.expansion_add = 128;
+        }
+        if build.expansion_search == 0 {
+            build.expansion_search = 128;
+        }
+        let index = new_usearch(model.dims, &build)?;
+        Ok(ExemplarIndex {
+            dir: dir.to_path_buf(),
+            manifest: Manifest {
+                format_version: FORMAT_VERSION,
+                semtel_version: crate::VERSION.to_string(),
+                model,
+                metric: "cos".into(),
+                scalar: "f32".into(),
+                count: 0,
+                labels: Vec::new(),
+                build,
+                decision: DecisionConfig::default(),
+            },
+            index,
+            exemplars: Vec::new(),
+            label_of: Vec::new(),
+            read_only: false,
+        })
+    }
+
+    /// Opens an index. `view` memory-maps the vectors read-only (shared between processes);
+    /// otherwise they are loaded so that exemplars can be added.
+    pub fn open(dir: &Path, view: bool) -> Result<Self> {
+        let mpath = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&mpath).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::index(
+                    dir,
+                    "no manifest.json: not a semtel index (build one with `semtel index build`)",
+                )
+            } else {
+                Error::io(&mpath, e)
+            }
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| Error::index(dir, format!("manifest.json is not valid ({e}); rebuild the index")))?;
+        if manifest.format_version > FORMAT_VERSION {
+            return Err(Error::index(
+                dir,
+                format!(
+                    "index format {} is newer than this semtel ({}) understands; upgrade semtel",
+                    manifest.format_version, FORMAT_VERSION
+                ),
+            ));
+        }
+        let vpath = dir.join(VECTORS);
+        let vpath_s = vpath.to_string_lossy().to_string();
+        let index = if view {
+            usearch::Index::restore_view(&vpath_s)
+        } else {
+            usearch::Index::restore(&vpath_s)
+        }
+        .map_err(|e| Error::index(dir, format!("cannot read {VECTORS} ({e}); rebuild the index")))?;
+        let exemplars = read_exemplars(&dir.join(EXEMPLARS))?;
+        if index.size() != manifest.count || exemplars.len() != manifest.count {
+            return Err(Error::index(
+                dir,
+                format!(
+                    "inconsistent index: manifest says {} exemplars, vectors hold {}, exemplars.parquet holds {} (an interrupted save?); rebuild it",
+                    manifest.count,
+                    index.size(),
+                    exemplars.len()
+                ),
+            ));
+        }
+        let label_pos: std::collections::HashMap<&str, u32> = manifest
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.as_str(), i as u32))
+            .collect();
+        let label_of = exemplars
+            .iter()
+            .map(|e| {
+                label_pos.get(e.label.as_str()).copied().ok_or_else(|| {
+                    Error::index(dir, format!("label `{}` missing from the manifest; rebuild", e.label))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let threads = rayon::current_num_threads().max(1);
+        if !view {
+            index
+                .reserve_capacity_and_threads(index.size().max(1), threads)
+                .map_err(|e| Error::index(dir, e.to_string()))?;
+        }
+        Ok(ExemplarIndex {
+            dir: dir.to_path_buf(),
+            manifest,
+            index,
+            exemplars,
+            label_of,
+            read_only: view,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn len(&self) -> usize {
+        self.exemplars.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exemplars.is_empty()
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.manifest.labels
+    }
+
+    pub fn exemplar(&self, key: u64) -> &Exemplar {
+        &self.exemplars[key as usize]
+    }
+
+    pub fn exemplars(&self) -> &[Exemplar] {
+        &self.exemplars
+    }
+
+    /// Label index (into [`labels`](Self::labels)) of every exemplar, by key.
+    pub fn label_indices(&self) -> &[u32] {
+        &self.label_of
+    }
+
+    /// Refuses to pair this index with vectors from another model.
+    pub fn check_model(&self, files: &ModelFiles, dims: usize) -> Result<()> {
+        let m = &self.manifest.model;
+        if m.weights_sha256 != files.weights_sha256 || m.dims != dims || m.pooling != files.pooling
+        {
+            return Err(Error::index(
+                &self.dir,
+                format!(
+                    "built with model `{}` (weights sha256 {}…, {} dims, {:?} pooling) but the loaded model is `{}` (sha256 {}…, {dims} dims, {:?} pooling); pass --model {} or rebuild the index with this model",
+                    m.id,
+                    &m.weights_sha256[..m.weights_sha256.len().min(12)],
+                    m.dims,
+                    m.pooling,
+                    files.id,
+                    &files.weights_sha256[..files.weights_sha256.len().min(12)],
+                    files.pooling,
+                    m.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds exemplars with their (L2-normalised) vectors, `vectors.len() == n * dims`.
+    pub fn add(&mut self, vectors: &[f32], exemplars: Vec<Exemplar>) -> Result<()> {
+        if self.read_only {
+            return Err(Error::index(&self.dir, "opened read-only; reopen for writing to add exemplars"));
+        }
+        let d = self.manifest.model.dims;
+        if vectors.len() != exemplars.len() * d {
+            return Err(Error::Other("vector count does not match exemplar count".into()));
+        }
+        // Grow the label set, keeping it sorted, and remap existing label indices.
+        let mut labels = self.manifest.labels.clone();
+        for e in &exemplars {
+            if let Err(pos) = labels.binary_search(&e.label) {
+                labels.insert(pos, e.label.clone());
+            }
+        }
+        if labels != self.manifest.labels {
+            let old = std::mem::replace(&mut self.manifest.labels, labels);
+            for l in self.label_of.iter_mut() {
+                *l = self.manifest.labels.binary_search(&old[*l as usize]).unwrap() as u32;
+            }
+        }
+        let start = self.exemplars.len();
+        let threads = rayon::current_num_threads().max(1);
+        // Reserve ahead (with headroom) and with a slot per thread: usearch refuses concurrent
+        // adds without them.
+        let need = start + exemplars.len();
+        if need > self.index.capacity() {
+            self.index
+                .reserve_capacity_and_threads(need.max(self.index.capacity() * 2), threads)
+                .map_err(|e| Error::index(&self.dir, e.to_string()))?;
+        }
+        vectors
+            .par_chunks(d)
+            .enumerate()
+            .try_for_each(|(j, v)| self.index.add((start + j) as u64, v))
+            .map_err(|e| Error::index(&self.dir, format!("usearch add: {e}")))?;
+        for e in exemplars {
+            self.label_of
+                .push(self.manifest.labels.binary_search(&e.label).unwrap() as u32);
+            let mut e = e;
+            truncate_chars(&mut e.text, MAX_STORED_TEXT);
+            self.exemplars.push(e);
+        }
+        self.manifest.count = self.exemplars.len();
+        Ok(())
+    }
+
+    /// The `k` most similar exemplars of each query (`queries.len() == n * dims`), as
+    /// (key, cosine similarity), best first.
+    pub fn search_batch(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(u64, f32)>>> {
+        let d = self.manifest.model.dims;
+        let exact = self.len() <= EXACT_SEARCH_LIMIT;
+        let k = k.min(self.len());
+        queries
+            .par_chunks(d)
+            .map(|q| {
+                let m = if exact {
+                    self.index.exact_search(q, k)
+                } else {
+                    self.index.search(q, k)
+                }
+                .map_err(|e| Error::index(&self.dir, format!("search: {e}")))?;
+                Ok(m.keys
+                    .iter()
+                    .zip(&m.distances)
+                    .map(|(&key, &dist)| (key, 1.0 - dist))
+                    .collect())
+            })
+            .collect()
+    }
+
+    /// Copies out all vectors in key order (`len() * dims` values).
+    pub fn vectors(&self) -> Result<Vec<f32>> {
+        let d = self.manifest.model.dims;
+        let mut out = vec![0f32; self.len() * d];
+        out.par_chunks_mut(d)
+            .enumerate()
+            .try_for_each(|(key, buf)| self.index.get(key as u64, buf).map(|_| ()))
+            .map_err(|e| Error::index(&self.dir, format!("reading vectors: {e}")))?;
+        Ok(out)
+    }
+
+    /// Writes every file of the index atomically, the manifest last.
+    pub fn save(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let vtmp = self.dir.join(format!("{VECTORS}.tmp"));
+        self.index
+            .save(&vtmp.to_string_lossy())
+            .map_err(|e| Error::index(&self.dir, format!("saving vectors: {e}")))?;
+        commit(&vtmp, &self.dir.join(VECTORS))?;
+        let etmp = self.dir.join(format!("{EXEMPLARS}.tmp"));
+        write_exemplars(&etmp, &self.exemplars)?;
+        commit(&etmp, &self.dir.join(EXEMPLARS))?;
+        self.save_manifest()
+    }
+
+    /// Rewrites only the manifest (decision settings changed, say).
+    pub fn save_manifest(&self) -> Result<()> {
+        let mtmp = self.dir.join(format!("{MANIFEST}.tmp"));
+        let json = serde_json::to_string_pretty(&self.manifest).expect("manifest serialises");
+        std::fs::write(&mtmp, json).map_err(|e| Error::io(&mtmp, e))?;
+        commit(&mtmp, &self.dir.join(MANIFEST))
+    }
+}
+
+fn truncate_chars(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut i = max;
+        while !s.is_char_boundary(i) {
+            i -= 1;
+        }
+        s.truncate(i);
+    }
+}
+
+/// fsync then rename, so a crash leaves either the old or the new file.
+pub fn commit(tmp: &Path, dest: &Path) -> Result<()> {
+    if let Ok(f) = std::fs::File::open(tmp) {
+        let _ = f.sync_all();
+    }
+    std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))
+}
+
+fn exemplar_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::UInt64, false),
+        Field::new("id", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, false),
+        Field::new("source", DataType::Utf8, false),
+        Field::new("llm_model", DataType::Utf8, true),
+        Field::new("prompt_version", DataType::Utf8, true),
+        Field::new("text", DataType::Utf8, false),
+    ]))
+}
+
+fn write_exemplars(path: &Path, ex: &[Exemplar]) -> Result<()> {
+    let schema = exemplar_schema();
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = ArrowWriter::try_new(f, schema.clone(), None)
+        .map_err(|e| Error::output(path, e.to_string()))?;
+    for (c, chunk) in ex.chunks(65536).enumerate() {
+        let base = (c * 65536) as u64;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt64Array::from_iter_values(
+                (0..chunk.len() as u64).map(|i| base + i),
+            )),
+            Arc::new(StringArray::from_iter_values(chunk.iter().map(|e| &e.id))),
+            Arc::new(StringArray::from_iter_values(chunk.iter().map(|e| &e.label))),
+            Arc::new(StringArray::from_iter_values(chunk.iter().map(|e| &e.source))),
+            Arc::new(StringArray::from_iter(chunk.iter().map(|e| e.llm_model.as_deref()))),
+            Arc::new(StringArray::from_iter(
+                chunk.iter().map(|e| e.prompt_version.as_deref()),
+            )),
+            Arc::new(StringArray::from_iter_values(chunk.iter().map(|e| &e.text))),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), cols)
+            .map_err(|e| Error::output(path, e.to_string()))?;
+        w.write(&batch).map_err(|e| Error::output(path, e.to_string()))?;
+    }
+    w.close().map_err(|e| Error::output(path, e.to_string()))?;
+    Ok(())
+}
+
+fn read_exemplars(path: &Path) -> Result<Vec<Exemplar>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+        .and_then(|b| b.build())
+        .map_err(|e| Error::index(path, format!("unreadable ({e}); rebuild the index")))?;
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.map_err(|e| Error::index(path, e.to_string()))?;
+        let s = |name: &str| -> Result<arrow::array::StringArray> {
+            b.column_by_name(name)
+                .map(|c| c.as_string::<i32>().clone())
+                .ok_or_else(|| Error::index(path, format!("missing column {name}")))
+        };
+        let (id, label, source, model, pv, text) = (
+            s("id")?,
+            s("label")?,
+            s("source")?,
+            s("llm_model")?,
+            s("prompt_version")?,
+            s("text")?,
+        );
+        for i in 0..b.num_rows() {
+            let opt = |a: &StringArray| (!a.is_null(i)).then(|| a.value(i).to_string());
+            out.push(Exemplar {
+                id: id.value(i).to_string(),
+                label: label.value(i).to_string(),
+                source: source.value(i).to_string(),
+                llm_model: opt(&model),
+                prompt_version: opt(&pv),
+                text: text.value(i).to_string(),
+            });
+        }
+    }
+    Ok(out)
+}

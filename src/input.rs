@@ -1,0 +1,841 @@
+//! Reading conversations from JSONL and Parquet in bounded batches (memory does not grow with
+//! the input). Column names are configurable; a row may carry a plain `text` or OpenAI-style
+//! `turns`/`messages` (`[{role, content}]`, content as a string or as a list of text parts).
+//!
+//! Per-row problems (broken JSON, invalid UTF-8, missing fields, oversize lines) become rows
+//! whose `content` is an error naming the file and line, so the run continues and the output
+//! accounts for every row. Problems with the whole file (missing, unreadable, no usable column)
+//! are errors. This module must never tokenize, embed or write anything.
+
+use crate::conversation::{Content, Role, Row, Turn};
+use crate::{Error, Result};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::DataType;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+use serde_json::Value;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+/// Which fields hold what.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Columns {
+    pub id: String,
+    pub text: String,
+    /// `None`: use `turns` or `messages` when present.
+    pub turns: Option<String>,
+    pub label: String,
+    pub split: String,
+    pub passthrough: Vec<String>,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            id: "id".into(),
+            text: "text".into(),
+            turns: None,
+            label: "label".into(),
+            split: "split".into(),
+            passthrough: Vec::new(),
+        }
+    }
+}
+
+const AUTO_TURNS: [&str; 3] = ["turns", "messages", "conversation"];
+
+#[derive(Debug, Clone)]
+pub struct InputOptions {
+    pub columns: Columns,
+    /// Keep only rows whose split column equals this.
+    pub split: Option<String>,
+    pub batch_rows: usize,
+    /// Longest accepted JSONL line; longer lines become error rows without being buffered whole.
+    pub max_line_bytes: usize,
+}
+
+impl Default for InputOptions {
+    fn default() -> Self {
+        InputOptions {
+            columns: Columns::default(),
+            split: None,
+            batch_rows: 1024,
+            max_line_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Jsonl,
+    Parquet,
+}
+
+impl Format {
+    pub fn from_path(p: &Path) -> Result<Format> {
+        let name = p.to_string_lossy().to_ascii_lowercase();
+        if name.ends_with(".parquet") || name.ends_with(".pq") {
+            Ok(Format::Parquet)
+        } else if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json")
+        {
+            Ok(Format::Jsonl)
+        } else {
+            Err(Error::input(
+                p,
+                "unknown format: name the file *.jsonl, *.ndjson or *.parquet",
+            ))
+        }
+    }
+}
+
+/// A source of row batches.
+pub trait RowReader: Send {
+    /// The next batch, or `None` at the end. Never returns an empty batch.
+    fn next_batch(&mut self) -> Result<Option<Vec<Row>>>;
+    /// Rows in the file before split filtering, when cheap to know.
+    fn total_rows(&self) -> Option<u64>;
+    /// Arrow types of the pass-through columns (JSONL: Utf8).
+    fn passthrough_types(&self) -> Vec<DataType>;
+}
+
+pub fn open(path: &Path, opts: &InputOptions) -> Result<Box<dyn RowReader>> {
+    if !path.exists() {
+        return Err(Error::input(path, "file not found"));
+    }
+    match Format::from_path(path)? {
+        Format::Jsonl => Ok(Box::new(JsonlReader::open(path, opts.clone())?)),
+        Format::Parquet => Ok(Box::new(ParquetReader::open(path, opts.clone())?)),
+    }
+}
+
+/// Reads every row of a file at once (for modest labelled sets: index building and eval).
+pub fn read_all(path: &Path, opts: &InputOptions) -> Result<Vec<Row>> {
+    let mut r = open(path, opts)?;
+    let mut all = Vec::new();
+    while let Some(b) = r.next_batch()? {
+        all.extend(b);
+    }
+    Ok(all)
+}
+
+fn stem(path: &Path) -> String {
+    path.file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "input".into())
+        .split('.')
+        .next()
+        .unwrap_or("input")
+        .to_string()
+}
+
+/// Stable generated id: the file's stem and the 0-based row position.
+pub fn generated_id(stem: &str, index: u64) -> String {
+    format!("{stem}:{index}")
+}
+
+fn value_to_string(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        other => Some(other.to_string()),
+    }
+}
+
+/// Text of a message `content`: a string, or OpenAI content parts (text parts joined).
+fn content_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => {
+            let texts: Vec<&str> = parts
+                .iter()
+                .filter_map(|p| match p {
+                    Value::String(s) => Some(s.as_str()),
+                    Value::Object(o) => o.get("text").and_then(Value::as_str),
+                    _ => None,
+                })
+                .collect();
+            Some(texts.join("\n"))
+        }
+        Value::Null => Some(String::new()),
+        _ => None,
+    }
+}
+
+fn parse_turns(v: &Value) -> std::result::Result<Vec<Turn>, String> {
+    let arr = v
+        .as_array()
+        .ok_or("turns must be a list of {role, content} objects")?;
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, t) in arr.iter().enumerate() {
+        let o = t
+            .as_object()
+            .ok_or_else(|| format!("turn {i} is not an object with role and content"))?;
+        let role = o
+            .get("role")
+            .or_else(|| o.get("from"))
+            .or_else(|| o.get("speaker"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("turn {i} has no `role`"))?;
+        let content = o
+            .get("content")
+            .or_else(|| o.get("value"))
+            .or_else(|| o.get("text"))
+            .and_then(content_text)
+            .ok_or_else(|| format!("turn {i} has no text `content`"))?;
+        out.push(Turn {
+            role: Role::parse(role),
+            content,
+        });
+    }
+    Ok(out)
+}
+
+/// Shared row construction from a JSON object (JSONL rows).
+fn row_from_object(
+    obj: &serde_json::Map<String, Value>,
+    index: u64,
+    stem: &str,
+    cols: &Columns,
+) -> Row {
+    let id = obj
+        .get(&cols.id)
+        .and_then(value_to_string)
+        .unwrap_or_else(|| generated_id(stem, index));
+    let label = obj.get(&cols.label).and_then(value_to_string);
+    let passthrough = cols
+        .passthrough
+        .iter()
+        .map(|c| obj.get(c).cloned().unwrap_or(Value::Null))
+        .collect();
+    let turns_field = match &cols.turns {
+        Some(c) => obj.get(c).map(|v| (c.as_str(), v)),
+        None => AUTO_TURNS
+            .iter()
+            .find_map(|c| obj.get(*c).filter(|v| v.is_array()).map(|v| (*c, v))),
+    };
+    let content = match (turns_field, obj.get(&cols.text)) {
+        (Some((_, v)), _) if !v.is_null() => parse_turns(v).map(Content::Turns),
+        (_, Some(Value::String(s))) => Ok(Content::Text(s.clone())),
+        (_, Some(Value::Null)) | (_, None) => Err(format!(
+            "no `{}` field and no turns field ({}); name the columns with --text-col / --turns-col",
+            cols.text,
+            cols.turns
+                .clone()
+                .unwrap_or_else(|| AUTO_TURNS.join("/"))
+        )),
+        (_, Some(_)) => Err(format!("`{}` is not a string", cols.text)),
+    };
+    Row {
+        index,
+        id,
+        content,
+        label,
+        passthrough,
+    }
+}
+
+fn error_row(index: u64, stem: &str, cols: &Columns, msg: String) -> Row {
+    Row {
+        index,
+        id: generated_id(stem, index),
+        content: Err(msg),
+        label: None,
+        passthrough: vec![Value::Null; cols.passthrough.len()],
+    }
+}
+
+pub struct JsonlReader {
+    path: PathBuf,
+    stem: String,
+    reader: BufReader<File>,
+    opts: InputOptions,
+    line: u64,
+    total: Option<u64>,
+    saw_content_column: bool,
+    buf: Vec<u8>,
+}
+
+impl JsonlReader {
+    pub fn open(path: &Path, opts: InputOptions) -> Result<Self> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let total = count_lines(path).ok();
+        Ok(JsonlReader {
+            path: path.to_path_buf(),
+            stem: stem(path),
+            reader: BufReader::with_capacity(1 << 20, f),
+            opts,
+            line: 0,
+            total,
+            saw_content_column: false,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Reads one line into `self.buf`, refusing to buffer more than `max_line_bytes`.
+    /// Returns Ok(None) at EOF, Ok(Some(false)) for an over-long line (skipped).
+    fn read_line(&mut self) -> Result<Option<bool>> {
+        self.buf.clear();
+        let max = self.opts.max_line_bytes;
+        let mut too_long = false;
+        loop {
+            let avail = match self.reader.fill_buf() {
+                Ok(a) => a,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(&self.path, e)),
+            };
+            if avail.is_empty() {
+                return Ok(if self.buf.is_empty() && !too_long {
+                    None
+                } else {
+                    Some(!too_long)
+                });
+            }
+            let (chunk, done) = match memchr_nl(avail) {
+                Some(p) => (&avail[..p], p + 1),
+                None => (avail, avail.len()),
+            };
+            if !too_long {
+                if self.buf.len() + chunk.len() > max {
+                    too_long = true;
+                    self.buf.clear();
+                } else {
+                    self.buf.extend_from_slice(chunk);
+                }
+            }
+            let found_nl = done <= avail.len() && done > chunk.len();
+            self.reader.consume(done);
+            if found_nl {
+                return Ok(Some(!too_long));
+            }
+        }
+    }
+}
+
+fn memchr_nl(b: &[u8]) -> Option<usize> {
+    b.iter().position(|&c| c == b'\n')
+}
+
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    let mut last = b'\n';
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += buf[..k].iter().filter(|&&c| c == b'\n').count() as u64;
+        last = buf[k - 1];
+    }
+    Ok(if last != b'\n' { n + 1 } else { n })
+}
+
+impl RowReader for JsonlReader {
+    fn total_rows(&self) -> Option<u64> {
+        self.total
+    }
+
+    fn passthrough_types(&self) -> Vec<DataType> {
+        vec![DataType::Utf8; self.opts.columns.passthrough.len()]
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Vec<Row>>> {
+        let mut rows = Vec::with_capacity(self.opts.batch_rows);
+        let cols = self.opts.columns.clone();
+        while rows.len() < self.opts.batch_rows {
+            let ok = match self.read_line()? {
+                None => break,
+                Some(ok) => ok,
+            };
+            let index = self.line;
+            self.line += 1;
+            let lineno = index + 1;
+            let where_ = format!("{} line {lineno}", self.path.display());
+            if !ok {
+                rows.push(error_row(
+                    index,
+                    &self.stem,
+                    &cols,
+                    format!(
+                        "{where_}: line longer than {} bytes; split the conversation or raise --max-line-bytes",
+                        self.opts.max_line_bytes
+                    ),
+                ));
+                continue;
+            }
+            let bytes = trim_ascii(&self.buf);
+            if bytes.is_empty() {
+                continue; // blank lines are not rows
+            }
+            let v: Value = match serde_json::from_slice(bytes) {
+                Ok(v) => v,
+                Err(e) => {
+                    let why = if std::str::from_utf8(bytes).is_err() {
+                        "invalid UTF-8; re-encode the file as UTF-8".to_string()
+                    } else {
+                        format!("broken JSON ({e}); fix or drop the line")
+                    };
+                    rows.push(error_row(index, &self.stem, &cols, format!("{where_}: {why}")));
+                    continue;
+                }
+            };
+            let Value::Object(obj) = v else {
+                rows.push(error_row(
+                    index,
+                    &self.stem,
+                    &cols,
+                    format!("{where_}: not a JSON object"),
+                ));
+                continue;
+            };
+            if let Some(want) = &self.opts.split {
+                if obj.get(&cols.split).and_then(Value::as_str) != Some(want.as_str()) {
+                    continue;
+                }
+            }
+            let mut row = row_from_object(&obj, index, &self.stem, &cols);
+            match &mut row.content {
+                Ok(_) => self.saw_content_column = true,
+                Err(e) => *e = format!("{where_}: {e}"),
+            }
+            rows.push(row);
+        }
+        if !self.saw_content_column && !rows.is_empty() && rows.iter().all(|r| r.content.is_err())
+        {
+            // Every row of the first batch failed: almost always a wrong column name or a file
+            // that is not conversations at all. Stop instead of writing thousands of errors.
+            let first = rows[0].content.as_ref().err().cloned().unwrap_or_default();
+            return Err(Error::input(
+                &self.path,
+                format!("no readable conversation in the first {} rows (first problem: {first})", rows.len()),
+            ));
+        }
+        Ok(if rows.is_empty() { None } else { Some(rows) })
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |p| p + 1);
+    &b[start..end]
+}
+
+/// Parquet input: read row group by row group; a batch that fails to decode (invalid UTF-8, a
+/// damaged page) is re-read row by row so that only the bad rows become error rows.
+pub struct ParquetReader {
+    path: PathBuf,
+    stem: String,
+    opts: InputOptions,
+    meta_rows: Vec<i64>,
+    group: usize,
+    /// Rows already emitted (or skipped) from the current group.
+    offset_in_group: usize,
+    reader: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
+    projection: Vec<String>,
+    text_col: Option<String>,
+    turns_col: Option<String>,
+    id_col: Option<String>,
+    label_col: Option<String>,
+    split_col: Option<String>,
+    pass_types: Vec<DataType>,
+    pass_present: Vec<bool>,
+    base_index: u64,
+}
+
+impl ParquetReader {
+    pub fn open(path: &Path, opts: InputOptions) -> Result<Self> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
+            Error::input(path, format!("not a readable Parquet file ({e})"))
+        })?;
+        let schema = builder.schema().clone();
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let has = |c: &str| names.iter().any(|n| n == c);
+        let cols = &opts.columns;
+        let turns_col = match &cols.turns {
+            Some(c) if has(c) => Some(c.clone()),
+            Some(c) => {
+                return Err(Error::input(
+                    path,
+                    format!("no column `{c}` (columns: {}); fix --turns-col", names.join(", ")),
+                ))
+            }
+            None => AUTO_TURNS.iter().find(|c| has(c)).map(|c| c.to_string()),
+        };
+        let text_col = has(&cols.text).then(|| cols.text.clone());
+        if text_col.is_none() && turns_col.is_none() {
+            return Err(Error::input(
+                path,
+                format!(
+                    "no `{}` column and no turns column ({}); its columns are: {}. Name them with --text-col / --turns-col",
+                    cols.text,
+                    AUTO_TURNS.join("/"),
+                    names.join(", ")
+                ),
+            ));
+        }
+        let id_col = has(&cols.id).then(|| cols.id.clone());
+        let label_col = has(&cols.label).then(|| cols.label.clone());
+        let split_col = if opts.split.is_some() {
+            if !has(&cols.split) {
+                return Err(Error::input(
+                    path,
+                    format!("--split needs a `{}` column; this file has none", cols.split),
+                ));
+            }
+            Some(cols.split.clone())
+        } else {
+            None
+        };
+        let mut pass_types = Vec::new();
+        let mut pass_present = Vec::new();
+        for c in &cols.passthrough {
+            match schema.field_with_name(c) {
+                Ok(f) => {
+                    pass_present.push(true);
+                    pass_types.push(match f.data_type() {
+                        t @ (DataType::Boolean
+                        | DataType::Int8
+                        | DataType::Int16
+                        | DataType::Int32
+                        | DataType::Int64
+                        | DataType::UInt8
+                        | DataType::UInt16
+                        | DataType::UInt32
+                        | DataType::UInt64
+                        | DataType::Float32
+                        | DataType::Float64) => t.clone(),
+                        _ => DataType::Utf8,
+                    })
+                }
+                Err(_) => {
+                    return Err(Error::input(
+                        path,
+                        format!("pass-through column `{c}` is not in the file (columns: {})", names.join(", ")),
+                    ))
+                }
+            }
+        }
+        let mut projection: Vec<String> = Vec::new();
+        for c in [&text_col, &turns_col, &id_col, &label_col, &split_col]
+            .into_iter()
+            .flatten()
+        {
+            if !projection.contains(c) {
+                projection.push(c.clone());
+            }
+        }
+        for c in &cols.passthrough {
+            if !projection.contains(c) {
+                projection.push(c.clone());
+            }
+        }
+        let meta_rows = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        Ok(ParquetReader {
+            path: path.to_path_buf(),
+            stem: stem(path),
+            opts,
+            meta_rows,
+            group: 0,
+            offset_in_group: 0,
+            reader: None,
+            projection,
+            text_col,
+            turns_col,
+            id_col,
+            label_col,
+            split_col,
+            pass_types,
+            pass_present,
+            base_index: 0,
+        })
+    }
+
+    fn build_reader(
+        &self,
+        group: usize,
+        skip: usize,
+        batch: usize,
+    ) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+        let f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(|e| Error::input(&self.path, e.to_string()))?;
+        let schema = builder.parquet_schema();
+        let roots: Vec<usize> = self
+            .projection
+            .iter()
+            .filter_map(|c| builder.schema().index_of(c).ok())
+            .collect();
+        let mask = parquet::arrow::ProjectionMask::roots(schema, roots);
+        let mut b = builder
+            .with_projection(mask)
+            .with_row_groups(vec![group])
+            .with_batch_size(batch);
+        if skip > 0 {
+            let total = self.meta_rows[group] as usize;
+            b = b.with_row_selection(RowSelection::from(vec![
+                RowSelector::skip(skip),
+                RowSelector::select(total - skip),
+            ]));
+        }
+        b.build().map_err(|e| Error::input(&self.path, e.to_string()))
+    }
+
+    fn convert(&self, batch: &RecordBatch, first_index: u64) -> Vec<Row> {
+        let cols = &self.opts.columns;
+        let get = |name: &Option<String>| -> Option<ArrayRef> {
+            name.as_ref().and_then(|n| batch.column_by_name(n).cloned())
+        };
+        let text = get(&self.text_col).map(as_utf8);
+        let turns = get(&self.turns_col);
+        let ids = get(&self.id_col).map(as_utf8);
+        let labels = get(&self.label_col).map(as_utf8);
+        let splits = get(&self.split_col).map(as_utf8);
+        let pass: Vec<Option<ArrayRef>> = cols
+            .passthrough
+            .iter()
+            .zip(&self.pass_present)
+            .map(|(c, &p)| if p { batch.column_by_name(c).cloned() } else { None })
+            .collect();
+        let mut rows = Vec::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            let index = first_index + i as u64;
+            if let (Some(want), Some(s)) = (&self.opts.split, &splits) {
+                if utf8_at(s, i).as_deref() != Some(want.as_str()) {
+                    continue;
+                }
+            }
+            let id = ids
+                .as_ref()
+                .and_then(|a| utf8_at(a, i))
+                .unwrap_or_else(|| generated_id(&self.stem, index));
+            let from_turns = turns
+                .as_ref()
+                .filter(|a| !a.is_null(i))
+                .map(|a| turns_at(a, i));
+            let content = match (from_turns, &text) {
+                (Some(t), _) => t.map(Content::Turns),
+                (None, Some(a)) => match utf8_at(a, i) {
+                    Some(s) => Ok(Content::Text(s)),
+                    None => Err(format!("`{}` is null", cols.text)),
+                },
+                (None, None) => Err("turns are null and there is no text column".to_string()),
+            }
+            .map_err(|e| format!("{} row {index}: {e}", self.path.display()));
+            let label = labels.as_ref().and_then(|a| utf8_at(a, i));
+            let passthrough = pass
+                .iter()
+                .map(|a| a.as_ref().map_or(Value::Null, |a| json_at(a, i)))
+                .collect();
+            rows.push(Row {
+                index,
+                id,
+                content,
+                label,
+                passthrough,
+            });
+        }
+        rows
+    }
+
+    /// Re-reads `n` rows starting at `skip` in `group` one at a time, turning undecodable rows
+    /// into error rows.
+    fn salvage(&self, group: usize, skip: usize, n: usize, first_index: u64) -> Result<Vec<Row>> {
+        let mut out = Vec::new();
+        for k in 0..n {
+            let index = first_index + k as u64;
+            let mut r = self.build_reader(group, skip + k, 1)?;
+            match r.next() {
+                Some(Ok(b)) => out.extend(self.convert(&b, index)),
+                Some(Err(e)) => out.push(error_row(
+                    index,
+                    &self.stem,
+                    &self.opts.columns,
+                    format!(
+                        "{} row {index}: cannot decode ({e}); fix the value (UTF-8 text expected) or drop the row",
+                        self.path.display()
+                    ),
+                )),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RowReader for ParquetReader {
+    fn total_rows(&self) -> Option<u64> {
+        Some(self.meta_rows.iter().sum::<i64>() as u64)
+    }
+
+    fn passthrough_types(&self) -> Vec<DataType> {
+        self.pass_types.clone()
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Vec<Row>>> {
+        loop {
+            if self.group >= self.meta_rows.len() {
+                return Ok(None);
+            }
+            let group_rows = self.meta_rows[self.group] as usize;
+            if self.offset_in_group >= group_rows {
+                self.base_index += group_rows as u64;
+                self.group += 1;
+                self.offset_in_group = 0;
+                self.reader = None;
+                continue;
+            }
+            if self.reader.is_none() {
+                self.reader =
+                    Some(self.build_reader(self.group, self.offset_in_group, self.opts.batch_rows)?);
+            }
+            let first_index = self.base_index + self.offset_in_group as u64;
+            match self.reader.as_mut().and_then(|r| r.next()) {
+                None => {
+                    self.offset_in_group = group_rows;
+                }
+                Some(Ok(batch)) => {
+                    self.offset_in_group += batch.num_rows();
+                    let rows = self.convert(&batch, first_index);
+                    if !rows.is_empty() {
+                        return Ok(Some(rows));
+                    }
+                }
+                Some(Err(_)) => {
+                    let n = self.opts.batch_rows.min(group_rows - self.offset_in_group);
+                    let rows = self.salvage(self.group, self.offset_in_group, n, first_index)?;
+                    self.offset_in_group += n;
+                    self.reader = None; // rebuild past the damaged stretch
+                    if !rows.is_empty() {
+                        return Ok(Some(rows));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn as_utf8(a: ArrayRef) -> ArrayRef {
+    match a.data_type() {
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => a,
+        _ => arrow::compute::cast(&a, &DataType::Utf8).unwrap_or(a),
+    }
+}
+
+fn utf8_at(a: &ArrayRef, i: usize) -> Option<String> {
+    if a.is_null(i) {
+        return None;
+    }
+    match a.data_type() {
+        DataType::Utf8 => Some(a.as_string::<i32>().value(i).to_string()),
+        DataType::LargeUtf8 => Some(a.as_string::<i64>().value(i).to_string()),
+        DataType::Utf8View => Some(a.as_string_view().value(i).to_string()),
+        _ => None,
+    }
+}
+
+fn json_at(a: &ArrayRef, i: usize) -> Value {
+    use arrow::datatypes::*;
+    if a.is_null(i) {
+        return Value::Null;
+    }
+    macro_rules! num {
+        ($t:ty) => {
+            Value::from(a.as_primitive::<$t>().value(i))
+        };
+    }
+    match a.data_type() {
+        DataType::Boolean => Value::Bool(a.as_boolean().value(i)),
+        DataType::Int8 => num!(Int8Type),
+        DataType::Int16 => num!(Int16Type),
+        DataType::Int32 => num!(Int32Type),
+        DataType::Int64 => num!(Int64Type),
+        DataType::UInt8 => num!(UInt8Type),
+        DataType::UInt16 => num!(UInt16Type),
+        DataType::UInt32 => num!(UInt32Type),
+        DataType::UInt64 => num!(UInt64Type),
+        DataType::Float32 => num!(Float32Type),
+        DataType::Float64 => num!(Float64Type),
+        _ => {
+            let s = as_utf8(a.slice(i, 1));
+            utf8_at(&s, 0).map_or(Value::Null, Value::String)
+        }
+    }
+}
+
+/// Turns from a `List<Struct{role, content}>` cell.
+fn turns_at(a: &ArrayRef, i: usize) -> std::result::Result<Vec<Turn>, String> {
+    let item = match a.data_type() {
+        DataType::List(_) => a.as_list::<i32>().value(i),
+        DataType::LargeList(_) => a.as_list::<i64>().value(i),
+        _ => return Err("turns column must be a list of {role, content} structs".into()),
+    };
+    let s = item
+        .as_struct_opt()
+        .ok_or("turns column must be a list of {role, content} structs")?;
+    let field = |names: &[&str]| names.iter().find_map(|n| s.column_by_name(n).cloned());
+    let roles = field(&["role", "from", "speaker"]).ok_or("turn structs have no `role` field")?;
+    let contents =
+        field(&["content", "value", "text"]).ok_or("turn structs have no `content` field")?;
+    let roles = as_utf8(roles);
+    let contents = as_utf8(contents);
+    let mut out = Vec::with_capacity(s.len());
+    for k in 0..s.len() {
+        let role = utf8_at(&roles, k).ok_or_else(|| format!("turn {k} has no role"))?;
+        out.push(Turn {
+            role: Role::parse(&role),
+            content: utf8_at(&contents, k).unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols() -> Columns {
+        Columns::default()
+    }
+
+    #[test]
+    fn parses_text_turns_and_messages() {
+        let v: Value = serde_json::from_str(
+            r#"{"id": 7, "messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": [{"type": "text", "text": "hello"}]}], "label": "greet"}"#,
+        )
+        .unwrap();
+        let r = row_from_object(v.as_object().unwrap(), 3, "f", &cols());
+        assert_eq!(r.id, "7");
+        assert_eq!(r.label.as_deref(), Some("greet"));
+        match r.content.unwrap() {
+            Content::Turns(t) => {
+                assert_eq!(t.len(), 2);
+                assert_eq!(t[0].role, Role::User);
+                assert_eq!(t[1].role, Role::Assistant);
+                assert_eq!(t[1].content, "hello");
+            }
+            _ => panic!("expected turns"),
+        }
+        let v: Value = serde_json::from_str(r#"{"text": "plain"}"#).unwrap();
+        let r = row_from_object(v.as_object().unwrap(), 3, "f", &cols());
+        assert_eq!(r.id, "f:3");
+        assert_eq!(r.content.unwrap(), Content::Text("plain".into()));
+    }
+
+    #[test]
+    fn missing_column_is_a_row_error() {
+        let v: Value = serde_json::from_str(r#"{"body": "x"}"#).unwrap();
+        let r = row_from_object(v.as_object().unwrap(), 0, "f", &cols());
+        assert!(r.content.unwrap_err().contains("--text-col"));
+    }
+}

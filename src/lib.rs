@@ -1,0 +1,28 @@
+//! semtel: embedding-first labelling of human–AI conversations.
+//!
+//! One data path, one direction:
+//! read ([`input`]) → render/truncate ([`render`]) → embed ([`embed`]) → search ([`index`])
+//! → decide ([`decide`]) → escalate (`llm`) → write ([`output`]), wired by [`pipeline`].
+//! Each stage is a module with a small public type; the stages never reach into one another's
+//! internals, and nothing here keeps global mutable state.
+
+pub mod calibrate;
+pub mod config;
+pub mod conversation;
+pub mod decide;
+pub mod embed;
+pub mod error;
+pub mod eval;
+pub mod index;
+pub mod input;
+pub mod model;
+pub mod output;
+pub mod ops;
+pub mod pipeline;
+pub mod progress;
+pub mod render;
+
+pub use error::{Error, Result};
+
+/// Version of this build, written into every index manifest.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

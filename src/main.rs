@@ -1,0 +1,614 @@
+//! The `semtel` command line: argument parsing, configuration merging and human-readable
+//! summaries. All work happens in the library; errors become `anyhow` reports here and exit 1.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use semtel::config::Config;
+use semtel::decide::Signal;
+use semtel::embed::{Device, Encoder, EncoderOptions};
+use semtel::index::ExemplarIndex;
+use semtel::input::{self, Columns, InputOptions};
+use semtel::output::{Existing, OutputSpec, OutputWriter};
+use semtel::pipeline::{self, Classifier, ClassifierOptions, NoEscalation};
+use semtel::progress::Progress;
+use std::path::{Path, PathBuf};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "semtel",
+    version,
+    about = "Label human–AI conversations embedding-first: kNN over labelled exemplars decides the confident rows, an LLM only the uncertain rest.",
+    after_help = "Start with `semtel demo`, then `semtel index build`, `semtel classify`, `semtel eval`."
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct Global {
+    /// TOML configuration file (flags override it).
+    #[arg(long, global = true, env = "SEMTEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Embedding model: a folder, or a Hugging Face id found in the local hf-hub cache.
+    /// Default: the model the index was built with, else all-MiniLM-L6-v2 from models/.
+    #[arg(long, global = true)]
+    model: Option<String>,
+    /// Where the model runs: auto, cpu or cuda (cuda needs a build with `--features cuda`).
+    #[arg(long, global = true)]
+    device: Option<Device>,
+    /// Worker threads (default: all cores; also honours RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    /// Keep system turns when embedding (by default they are dropped as boilerplate).
+    #[arg(long, global = true)]
+    include_system_turns: bool,
+    /// No progress bar.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Args, Clone, Default)]
+struct ColumnArgs {
+    /// Column holding a conversation id (generated as `<file>:<row>` when absent).
+    #[arg(long)]
+    id_col: Option<String>,
+    /// Column holding plain text.
+    #[arg(long)]
+    text_col: Option<String>,
+    /// Column holding `[{role, content}]` turns (default: `turns` or `messages` when present).
+    #[arg(long)]
+    turns_col: Option<String>,
+    /// Column holding the gold label.
+    #[arg(long)]
+    label_col: Option<String>,
+    /// Column holding the split name (used with --split).
+    #[arg(long)]
+    split_col: Option<String>,
+    /// Keep only rows of this split.
+    #[arg(long)]
+    split: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build, extend or inspect an exemplar index.
+    #[command(subcommand)]
+    Index(IndexCmd),
+    /// Label conversations (JSONL or Parquet) into JSONL or Parquet, streaming and resumable.
+    Classify(ClassifyArgs),
+    /// Score kNN decisions on a labelled split: accuracy, macro-F1, coverage at kept-accuracy.
+    Eval(EvalArgs),
+    /// Write embeddings (id, label, vector) of a file's conversations to Parquet.
+    Embed {
+        #[arg(long)]
+        input: PathBuf,
+        /// Parquet file to write.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
+    /// Run the whole job on the bundled sample (builds an index from data/, classifies, reports).
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// Embed a labelled set into a new index directory.
+    Build {
+        /// Labelled JSONL/Parquet file(s).
+        #[arg(long, required = true, num_args = 1..)]
+        exemplars: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        cols: ColumnArgs,
+        /// Neighbours per vote.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// Global confidence threshold below which rows escalate. Default: chosen by
+        /// leave-one-out over the exemplars for 95% kept-accuracy (see `semtel calibrate`).
+        #[arg(long)]
+        threshold: Option<f32>,
+        /// Replace an existing index at --out.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Add labelled rows to an existing index.
+    Add {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        exemplars: Vec<PathBuf>,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
+    /// Print an index's manifest.
+    Info {
+        #[arg(long)]
+        index: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    #[arg(long)]
+    index: PathBuf,
+    /// Conversations: JSONL or Parquet.
+    #[arg(long)]
+    input: PathBuf,
+    /// Results: *.jsonl, *.parquet, or a directory for a Parquet dataset.
+    #[arg(long)]
+    output: PathBuf,
+    #[command(flatten)]
+    cols: ColumnArgs,
+    /// Input columns to copy into the output (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    passthrough: Vec<String>,
+    /// Continue a previous run into the same output, skipping ids already written.
+    #[arg(long, conflicts_with = "overwrite")]
+    resume: bool,
+    /// Replace an existing output.
+    #[arg(long)]
+    overwrite: bool,
+    /// Neighbours per vote (default: the index's).
+    #[arg(long)]
+    k: Option<usize>,
+    /// Confidence threshold (default: the index's calibrated thresholds).
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// Confidence signal: vote_sim (default), vote, margin or top1.
+    #[arg(long)]
+    signal: Option<Signal>,
+    /// Rows per pipeline chunk.
+    #[arg(long, default_value_t = 1024)]
+    chunk_rows: usize,
+    /// Parquet outputs: close a part file (durable on disk) after this many rows.
+    #[arg(long, default_value_t = 20_000)]
+    part_rows: usize,
+    /// Print the run summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    index: PathBuf,
+    #[arg(long)]
+    input: PathBuf,
+    #[command(flatten)]
+    cols: ColumnArgs,
+    #[arg(long)]
+    k: Option<usize>,
+    #[arg(long)]
+    signal: Option<Signal>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where the demo writes its index and labels.
+    #[arg(long, default_value = "out/demo")]
+    out: PathBuf,
+}
+
+struct Ctx {
+    cfg: Config,
+    global: Global,
+}
+
+impl Ctx {
+    fn encoder_options(&self) -> EncoderOptions {
+        EncoderOptions {
+            model: self.global.model.clone().or(self.cfg.model.clone()),
+            device: self
+                .global
+                .device
+                .or_else(|| self.cfg.device.as_deref().and_then(|d| d.parse().ok()))
+                .unwrap_or_default(),
+            include_system_turns: self.global.include_system_turns
+                || self.cfg.include_system_turns.unwrap_or(false),
+        }
+    }
+
+    fn input_options(&self, a: &ColumnArgs) -> InputOptions {
+        let mut c: Columns = self.cfg.columns.clone().unwrap_or_default();
+        if let Some(v) = &a.id_col {
+            c.id = v.clone();
+        }
+        if let Some(v) = &a.text_col {
+            c.text = v.clone();
+        }
+        if let Some(v) = &a.turns_col {
+            c.turns = Some(v.clone());
+        }
+        if let Some(v) = &a.label_col {
+            c.label = v.clone();
+        }
+        if let Some(v) = &a.split_col {
+            c.split = v.clone();
+        }
+        InputOptions {
+            columns: c,
+            split: a.split.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn progress(&self, total: Option<u64>, what: &str) -> Progress {
+        Progress::new(total, what, self.global.quiet)
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEMTEL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cfg = match &cli.global.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let threads = cli.global.threads.or(cfg.threads);
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle reads RAYON_NUM_THREADS for its own matmul parallelism.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build_global();
+    let ctx = Ctx {
+        cfg,
+        global: cli.global.clone(),
+    };
+    match cli.cmd {
+        Cmd::Index(IndexCmd::Build {
+            exemplars,
+            out,
+            cols,
+            k,
+            threshold,
+            overwrite,
+        }) => index_build(&ctx, &exemplars, &out, &cols, k, threshold, overwrite),
+        Cmd::Index(IndexCmd::Add {
+            index,
+            exemplars,
+            cols,
+        }) => index_add(&ctx, &index, &exemplars, &cols),
+        Cmd::Index(IndexCmd::Info { index }) => {
+            let idx = ExemplarIndex::open(&index, true)?;
+            println!("{}", serde_json::to_string_pretty(&idx.manifest)?);
+            Ok(())
+        }
+        Cmd::Classify(a) => classify(&ctx, a),
+        Cmd::Eval(a) => eval(&ctx, a),
+        Cmd::Demo(a) => demo(&ctx, a),
+        Cmd::Embed { input, output, cols } => {
+            let encoder = Encoder::load(&ctx.encoder_options())?;
+            let opts = ctx.input_options(&cols);
+            let progress = ctx.progress(input::open(&input, &opts)?.total_rows(), "embed");
+            let s = semtel::ops::embed_file(&encoder, &input, &opts, &output, &progress)?;
+            progress.finish();
+            eprintln!(
+                "embedded {} rows into {} ({:.1}s, {:.0} rows/s)",
+                s.added,
+                output.display(),
+                s.seconds,
+                s.added as f64 / s.seconds.max(1e-9)
+            );
+            report_skips(&s);
+            Ok(())
+        }
+    }
+}
+
+fn index_build(
+    ctx: &Ctx,
+    files: &[PathBuf],
+    out: &Path,
+    cols: &ColumnArgs,
+    k: usize,
+    threshold: Option<f32>,
+    overwrite: bool,
+) -> Result<()> {
+    if out.join(semtel::index::MANIFEST).exists() {
+        if overwrite {
+            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+        } else {
+            bail!(
+                "{} already holds an index; pass --overwrite to replace it or use `semtel index add`",
+                out.display()
+            );
+        }
+    }
+    let encoder = Encoder::load(&ctx.encoder_options())?;
+    let opts = ctx.input_options(cols);
+    let sources: Vec<(PathBuf, InputOptions)> =
+        files.iter().map(|f| (f.clone(), opts.clone())).collect();
+    let total = files
+        .iter()
+        .filter_map(|f| input::open(f, &opts).ok().and_then(|r| r.total_rows()))
+        .sum();
+    let progress = ctx.progress(Some(total), "index");
+    let (index, s) = semtel::ops::build_index(&encoder, &sources, out, k, threshold, &progress)?;
+    progress.finish();
+    eprintln!(
+        "built {}: {} exemplars, {} labels, model {} ({:.1}s, {:.0} exemplars/s); threshold {:.3} ({})",
+        out.display(),
+        index.len(),
+        index.labels().len(),
+        index.manifest.model.id,
+        s.seconds,
+        s.added as f64 / s.seconds.max(1e-9),
+        index.manifest.decision.threshold,
+        if threshold.is_some() { "given" } else { "leave-one-out, 95% kept-accuracy" }
+    );
+    report_skips(&s);
+    Ok(())
+}
+
+fn report_skips(s: &semtel::ops::AddSummary) {
+    if s.skipped_errors + s.skipped_unlabelled > 0 {
+        eprintln!(
+            "skipped {} unreadable and {} unlabelled rows; first problems:",
+            s.skipped_errors, s.skipped_unlabelled
+        );
+        for p in s.problems.iter().take(5) {
+            eprintln!("  {p}");
+        }
+    }
+}
+
+fn index_add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Result<()> {
+    let mut index = ExemplarIndex::open(dir, false)?;
+    let mut eo = ctx.encoder_options();
+    if eo.model.is_none() {
+        eo.model = Some(index.manifest.model.id.clone());
+    }
+    let encoder = Encoder::load(&eo)?;
+    index.check_model(&encoder.files, encoder.dim())?;
+    let opts = ctx.input_options(cols);
+    let mut added = 0;
+    for f in files {
+        let progress = ctx.progress(input::open(f, &opts)?.total_rows(), "add");
+        let s = semtel::ops::add_exemplars(&encoder, &mut index, f, &opts, &progress)?;
+        progress.finish();
+        report_skips(&s);
+        added += s.added;
+    }
+    if index.manifest.decision.calibration.as_ref().is_some_and(|c| c["method"] == "leave-one-out over exemplars") {
+        semtel::calibrate::auto_calibrate(&mut index, semtel::calibrate::DEFAULT_TARGET)?;
+    }
+    index.save()?;
+    eprintln!(
+        "added {added} exemplars to {}: now {} exemplars, {} labels",
+        dir.display(),
+        index.len(),
+        index.labels().len()
+    );
+    Ok(())
+}
+
+fn classifier_options(ctx: &Ctx, k: Option<usize>, threshold: Option<f32>, signal: Option<Signal>) -> Result<ClassifierOptions> {
+    let c = &ctx.cfg.classify;
+    Ok(ClassifierOptions {
+        encoder: ctx.encoder_options(),
+        k: k.or(c.k),
+        threshold: threshold.or(c.threshold),
+        signal: match signal {
+            Some(s) => Some(s),
+            None => c
+                .signal
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+        },
+        writable: false,
+    })
+}
+
+fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
+    let classifier = Classifier::open(
+        &a.index,
+        &classifier_options(ctx, a.k, a.threshold, a.signal)?,
+    )?;
+    let mut opts = ctx.input_options(&a.cols);
+    opts.batch_rows = a.chunk_rows.max(1);
+    let mut passthrough = a.passthrough.clone();
+    if passthrough.is_empty() {
+        passthrough = ctx.cfg.classify.passthrough.clone().unwrap_or_default();
+    }
+    opts.columns.passthrough = passthrough.clone();
+    let reader = input::open(&a.input, &opts)?;
+    let mut spec = OutputSpec::new(
+        passthrough
+            .into_iter()
+            .zip(reader.passthrough_types())
+            .collect(),
+    );
+    spec.part_rows = a.part_rows.max(1);
+    let existing = if a.resume {
+        Existing::Resume
+    } else if a.overwrite {
+        Existing::Overwrite
+    } else {
+        Existing::Refuse
+    };
+    let (writer, done) = OutputWriter::open(&a.output, spec, existing)?;
+    if a.resume && !done.is_empty() {
+        eprintln!("resuming: {} rows already in {}", done.len(), a.output.display());
+    }
+    let progress = ctx.progress(reader.total_rows(), "classify");
+    let summary = pipeline::run(
+        &classifier,
+        reader,
+        writer,
+        done,
+        &mut NoEscalation,
+        &progress,
+    )?;
+    progress.finish();
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    eprintln!(
+        "wrote {} rows to {} in {:.1}s ({:.0} rows/s): knn {}, escalate {}, llm {}, errors {}{}",
+        summary.rows_written,
+        a.output.display(),
+        summary.seconds,
+        summary.rows_per_second,
+        summary.knn,
+        summary.escalated,
+        summary.llm,
+        summary.errors,
+        if summary.rows_skipped_resume > 0 {
+            format!(", {} skipped (already done)", summary.rows_skipped_resume)
+        } else {
+            String::new()
+        }
+    );
+    if summary.errors > 0 {
+        eprintln!("rows with decided_by=error carry the reason in their `error` column");
+    }
+    Ok(())
+}
+
+fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
+    let classifier = Classifier::open(&a.index, &classifier_options(ctx, a.k, None, a.signal)?)?;
+    let opts = ctx.input_options(&a.cols);
+    let progress = ctx.progress(input::open(&a.input, &opts)?.total_rows(), "eval");
+    let ev = semtel::ops::evaluate(&classifier, &a.input, &opts, &progress)?;
+    progress.finish();
+    let r = &ev.report;
+    if a.json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!(
+        "rows {}  accuracy {:.4}  macro-F1 {:.4}  errors {}  (k={}, signal {})",
+        r.rows, r.accuracy, r.macro_f1, r.errors, classifier.k, r.signal
+    );
+    if !r.unseen_gold_labels.is_empty() {
+        println!(
+            "gold labels missing from the index (always wrong): {}",
+            r.unseen_gold_labels.join(", ")
+        );
+    }
+    println!("\nkept-accuracy target → share kNN can keep (threshold)");
+    for t in &r.at_target {
+        println!(
+            "  {:>5.1}%  →  {:>5.1}%  ({})",
+            t.target * 100.0,
+            t.coverage * 100.0,
+            t.threshold.map_or("-".into(), |x| format!("{x:.3}"))
+        );
+    }
+    println!("\nthreshold  coverage  kept-accuracy");
+    for p in &r.coverage {
+        println!(
+            "  {:>5.2}    {:>6.1}%   {}",
+            p.threshold,
+            p.coverage * 100.0,
+            p.kept_accuracy.map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+        );
+    }
+    Ok(())
+}
+
+fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
+    let exemplars = PathBuf::from("data/exemplars.jsonl");
+    let conversations = PathBuf::from("data/conversations.jsonl");
+    if !exemplars.exists() || !conversations.exists() {
+        bail!("run the demo from the semtel repository root (data/exemplars.jsonl and data/conversations.jsonl are needed)");
+    }
+    let idx = a.out.join("index");
+    let labels = a.out.join("labels.jsonl");
+    if idx.exists() {
+        std::fs::remove_dir_all(&idx)?;
+    }
+    let encoder = Encoder::load(&ctx.encoder_options())?;
+    println!(
+        "model {} ({} dims, {:?} pooling, {} tokens), engine: {}",
+        encoder.files.id,
+        encoder.dim(),
+        encoder.pooling(),
+        encoder.files.max_tokens,
+        encoder.engine.describe()
+    );
+    let opts = ctx.input_options(&ColumnArgs::default());
+    let (index, s) = semtel::ops::build_index(
+        &encoder,
+        &[(exemplars.clone(), opts.clone())],
+        &idx,
+        10,
+        None,
+        &Progress::hidden(),
+    )?;
+    println!(
+        "index  {}: {} exemplars, {} labels ({:.2}s)",
+        idx.display(),
+        index.len(),
+        index.labels().len(),
+        s.seconds
+    );
+    let classifier = Classifier::new(encoder, index, &ClassifierOptions::default())?;
+    let reader = input::open(&conversations, &opts)?;
+    let (writer, done) = OutputWriter::open(&labels, OutputSpec::new(vec![]), Existing::Overwrite)?;
+    let summary = pipeline::run(&classifier, reader, writer, done, &mut NoEscalation, &Progress::hidden())?;
+    println!(
+        "classify {} → {}: {} rows in {:.2}s ({:.0} rows/s); kNN kept {}, escalated {}, errors {}",
+        conversations.display(),
+        labels.display(),
+        summary.rows_written,
+        summary.seconds,
+        summary.rows_per_second,
+        summary.knn,
+        summary.escalated,
+        summary.errors
+    );
+    let ev = semtel::ops::evaluate(&classifier, &conversations, &opts, &Progress::hidden())?;
+    let r = &ev.report;
+    let t = classifier.thresholds.global;
+    let kept_rows: Vec<_> = ev.scored.iter().filter(|x| x.pred.is_some() && x.confidence >= t).collect();
+    let kept = (
+        kept_rows.len() as f64 / ev.scored.len().max(1) as f64,
+        (!kept_rows.is_empty()).then(|| kept_rows.iter().filter(|x| x.correct()).count() as f64 / kept_rows.len() as f64),
+    );
+    println!(
+        "gold labels of the sample: kNN accuracy {:.1}% on all rows; at the calibrated threshold {:.3} kNN keeps {:.0}% of rows at {} accuracy",
+        r.accuracy * 100.0,
+        classifier.thresholds.global,
+        kept.0 * 100.0,
+        kept.1.map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+    );
+    println!("\nfirst rows of {}:", labels.display());
+    for (id, label, by) in semtel::output::read_ids_and_labels(&labels)?.iter().take(8) {
+        println!("  {id:<10} {:<22} {by}", label.as_deref().unwrap_or("-"));
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The user-level operations behind the CLI and the Python binding: build or extend an
+//! exemplar index from labelled files, evaluate on a labelled split. They compose the stage
+//! modules and own no format or model details of their own.
+
+use crate::conversation::Row;
+use crate::embed::Encoder;
+use crate::eval::{report, EvalReport, Scored};
+use crate::index::{BuildInfo, Exemplar, ExemplarIndex, ModelInfo};
+use crate::input::{self, InputOptions};
+use crate::pipeline::Classifier;
+use crate::progress::Progress;
+use crate::{Error, Result};
+use std::path::Path;
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct AddSummary {
+    pub added: usize,
+    pub skipped_unlabelled: usize,
+    /// First few row problems (file and line), for the user to fix.
+    pub problems: Vec<String>,
+    pub skipped_errors: usize,
+    pub total_exemplars: usize,
+    pub labels: usize,
+    pub seconds: f64,
+}
+
+/// Embeds the labelled rows of `path` and adds them to `index` (not saved).
+pub fn add_exemplars(
+    encoder: &Encoder,
+    index: &mut ExemplarIndex,
+    path: &Path,
+    opts: &InputOptions,
+    progress: &Progress,
+) -> Result<AddSummary> {
+    let start = std::time::Instant::now();
+    let mut reader = input::open(path, opts)?;
+    let mut s = AddSummary::default();
+    let existing: std::collections::HashSet<String> =
+        index.exemplars().iter().map(|e| e.id.clone()).collect();
+    while let Some(rows) = reader.next_batch()? {
+        progress.inc(rows.len() as u64);
+        let mut keep: Vec<Row> = Vec::with_capacity(rows.len());
+        for r in rows {
+            match (&r.content, &r.label) {
+                (Err(e), _) => {
+                    s.skipped_errors += 1;
+                    if s.problems.len() < 10 {
+                        s.problems.push(e.clone());
+                    }
+                }
+                (Ok(_), None) => {
+                    s.skipped_unlabelled += 1;
+                    if s.problems.len() < 10 {
+                        s.problems.push(format!(
+                            "{} row {}: no label (column `{}`)",
+                            path.display(),
+                            r.index,
+                            opts.columns.label
+                        ));
+                    }
+                }
+                (Ok(_), Some(_)) if existing.contains(&r.id) => {
+                    // Re-adding the same file must not duplicate exemplars.
+                }
+                _ => keep.push(r),
+            }
+        }
+        let rendered: Vec<_> = {
+            use rayon::prelude::*;
+            keep.par_iter()
+                .map(|r| encoder.renderer.render(r.content.as_ref().unwrap()))
+                .collect()
+        };
+        let mut ids = Vec::new();
+        let mut ex = Vec::new();
+        for (r, rd) in keep.into_iter().zip(rendered) {
+            match rd {
+                Ok(rd) => {
+                    ids.push(rd.ids);
+                    ex.push(Exemplar {
+                        id: r.id,
+                        label: r.label.unwrap(),
+                        source: "gold".into(),
+                        llm_model: None,
+                        prompt_version: None,
+                        text: r.content.unwrap().flatten(),
+                    });
+                }
+                Err(e) => {
+                    s.skipped_errors += 1;
+                    if s.problems.len() < 10 {
+                        s.problems.push(format!("{} row {}: {e}", path.display(), r.index));
+                    }
+                }
+            }
+        }
+        if ex.is_empty() {
+            continue;
+        }
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let vectors = encoder.embed_ids(&refs)?;
+        s.added += ex.len();
+        index.add(&vectors, ex)?;
+    }
+    s.total_exemplars = index.len();
+    s.labels = index.labels().len();
+    s.seconds = start.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+/// Builds a new index in `out` from labelled files.
+pub fn build_index(
+    encoder: &Encoder,
+    sources: &[(std::path::PathBuf, InputOptions)],
+    out: &Path,
+    k: usize,
+    threshold: Option<f32>,
+    progress: &Progress,
+) -> Result<(ExemplarIndex, AddSummary)> {
+    let build = BuildInfo {
+        sources: sources.iter().map(|(p, _)| p.display().to_string()).collect(),
+        split: sources.first().and_then(|(_, o)| o.split.clone()),
+        include_system_turns: false,
+        ..Default::default()
+    };
+    let mut index = ExemplarIndex::create(out, ModelInfo::of(&encoder.files, encoder.dim()), build)?;
+    index.manifest.decision.k = k;
+    let mut total = AddSummary::default();
+    for (p, o) in sources {
+        let s = add_exemplars(encoder, &mut index, p, o, progress)?;
+        total.added += s.added;
+        total.skipped_errors += s.skipped_errors;
+        total.skipped_unlabelled += s.skipped_unlabelled;
+        total.problems.extend(s.problems);
+        total.seconds += s.seconds;
+    }
+    if index.is_empty() {
+        return Err(Error::input(
+            &sources[0].0,
+            format!(
+                "no labelled rows to index (check --label-col and --split); first problems: {}",
+                total.problems.join("; ")
+            ),
+        ));
+    }
+    match threshold {
+        Some(t) => index.manifest.decision.threshold = t,
+        None => crate::calibrate::auto_calibrate(&mut index, crate::calibrate::DEFAULT_TARGET)?,
+    }
+    index.save()?;
+    total.total_exemplars = index.len();
+    total.labels = index.labels().len();
+    Ok((index, total))
+}
+
+/// Per-row evaluation results beside the aggregate report.
+pub struct Evaluation {
+    pub report: EvalReport,
+    pub scored: Vec<Scored>,
+    /// Row ids in the order of `scored`.
+    pub ids: Vec<String>,
+}
+
+/// Classifies a labelled file and scores the kNN decisions against the gold labels.
+pub fn evaluate(
+    classifier: &Classifier,
+    path: &Path,
+    opts: &InputOptions,
+    progress: &Progress,
+) -> Result<Evaluation> {
+    let mut reader = input::open(path, opts)?;
+    let labels = classifier.index.labels();
+    let mut unseen = std::collections::BTreeSet::new();
+    let mut scored = Vec::new();
+    let mut ids = Vec::new();
+    while let Some(rows) = reader.next_batch()? {
+        progress.inc(rows.len() as u64);
+        let golds: Vec<Option<String>> = rows.iter().map(|r| r.label.clone()).collect();
+        let out = classifier.classify(rows)?;
+        for (c, gold) in out.into_iter().zip(golds) {
+            let Some(gold) = gold else {
+                continue; // unlabelled rows say nothing about accuracy
+            };
+            let g = labels.binary_search(&gold).ok().map(|i| i as u32);
+            if g.is_none() {
+                unseen.insert(gold);
+            }
+            let pred = c
+                .out
+                .knn_label
+                .as_ref()
+                .and_then(|l| labels.binary_search(l).ok())
+                .map(|i| i as u32);
+            scored.push(Scored {
+                pred,
+                gold: g,
+                confidence: c.out.confidence.unwrap_or(f32::NEG_INFINITY),
+            });
+            ids.push(c.out.id);
+        }
+    }
+    if scored.is_empty() {
+        return Err(Error::input(
+            path,
+            format!("no labelled rows to evaluate (label column `{}`, split {:?})", opts.columns.label, opts.split),
+        ));
+    }
+    let signal = classifier.thresholds.signal.name().to_string();
+    let report = report(&scored, labels.len(), &signal, unseen.into_iter().collect());
+    Ok(Evaluation {
+        report,
+        scored,
+        ids,
+    })
+}
+
+/// Embeds every readable row of `path` into a Parquet file of `id`, `label`, `vector`
+/// (fixed-size list of f32). Rows that cannot be read or rendered are listed in the summary.
+pub fn embed_file(
+    encoder: &Encoder,
+    path: &Path,
+    opts: &InputOptions,
+    out: &Path,
+    progress: &Progress,
+) -> Result<AddSummary> {
+    use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let start = std::time::Instant::now();
+    let d = encoder.dim();
+    let item = Arc::new(Field::new("item", DataType::Float32, false));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("vector", DataType::FixedSizeList(item.clone(), d as i32), false),
+    ]));
+    let f = std::fs::File::create(out).map_err(|e| Error::io(out, e))?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None)
+        .map_err(|e| Error::output(out, e.to_string()))?;
+    let mut reader = input::open(path, opts)?;
+    let mut s = AddSummary::default();
+    while let Some(rows) = reader.next_batch()? {
+        progress.inc(rows.len() as u64);
+        let rendered: Vec<_> = {
+            use rayon::prelude::*;
+            rows.par_iter()
+                .map(|r| match &r.content {
+                    Ok(c) => encoder.renderer.render(c),
+                    Err(e) => Err(e.clone()),
+                })
+                .collect()
+        };
+        let mut ids = Vec::new();
+        let mut labels = Vec::new();
+        let mut seqs = Vec::new();
+        for (r, rd) in rows.iter().zip(rendered) {
+            match rd {
+                Ok(rd) => {
+                    ids.push(r.id.clone());
+                    labels.push(r.label.clone());
+                    seqs.push(rd.ids);
+                }
+                Err(e) => {
+                    s.skipped_errors += 1;
+                    if s.problems.len() < 10 {
+                        s.problems.push(e);
+                    }
+                }
+            }
+        }
+        if seqs.is_empty() {
+            continue;
+        }
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let v = encoder.embed_ids(&refs)?;
+        s.added += ids.len();
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(ids)),
+            Arc::new(StringArray::from_iter(labels)),
+            Arc::new(
+                FixedSizeListArray::try_new(item.clone(), d as i32, Arc::new(Float32Array::from(v)), None)
+                    .map_err(|e| Error::output(out, e.to_string()))?,
+            ),
+        ];
+        let batch = RecordBatch::try_new(schema.clone(), cols)
+            .map_err(|e| Error::output(out, e.to_string()))?;
+        w.write(&batch).map_err(|e| Error::output(out, e.to_string()))?;
+    }
+    w.close().map_err(|e| Error::output(out, e.to_string()))?;
+    s.seconds = start.elapsed().as_secs_f64();
+    Ok(s)
+}

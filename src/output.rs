@@ -1,0 +1,706 @@
+//! Writing results as the run goes, and resuming a killed run without duplicates or gaps.
+//!
+//! * JSONL: one line per row, flushed per batch; on resume a torn last line is cut off.
+//! * Parquet file (`*.parquet`): rows go to numbered part files in `<file>.parts/`, each written
+//!   to a `.tmp` name and renamed when closed (every few thousand rows or seconds), so a killed
+//!   run keeps every closed part; at the end the parts are merged into the one file.
+//! * Parquet dataset (a path without extension): the closed parts *are* the output.
+//!
+//! Resume reads the ids already written (complete file, closed parts) and the pipeline skips
+//! them. This module must never decide labels; it only stores what it is given.
+
+use crate::index::commit;
+use crate::{Error, Result};
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder,
+    RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use serde_json::{json, Map, Value};
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecidedBy {
+    Knn,
+    Escalate,
+    Llm,
+    Error,
+}
+
+impl DecidedBy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DecidedBy::Knn => "knn",
+            DecidedBy::Escalate => "escalate",
+            DecidedBy::Llm => "llm",
+            DecidedBy::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeighborOut {
+    pub id: String,
+    pub label: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LlmInfo {
+    pub model: String,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputRow {
+    pub id: String,
+    pub label: Option<String>,
+    pub confidence: Option<f32>,
+    pub margin: Option<f32>,
+    pub top1_sim: Option<f32>,
+    pub decided_by: DecidedBy,
+    /// The kNN vote's label, also for escalated rows (what an LLM-less run would have said).
+    pub knn_label: Option<String>,
+    pub neighbors: Vec<NeighborOut>,
+    pub error: Option<String>,
+    pub llm: Option<LlmInfo>,
+    pub passthrough: Vec<Value>,
+}
+
+impl OutputRow {
+    pub fn error(id: String, msg: String, passthrough: Vec<Value>) -> Self {
+        OutputRow {
+            id,
+            label: None,
+            confidence: None,
+            margin: None,
+            top1_sim: None,
+            decided_by: DecidedBy::Error,
+            knn_label: None,
+            neighbors: Vec::new(),
+            error: Some(msg),
+            llm: None,
+            passthrough,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutFormat {
+    Jsonl,
+    ParquetFile,
+    ParquetDir,
+}
+
+impl OutFormat {
+    pub fn of(path: &Path) -> OutFormat {
+        let name = path.to_string_lossy().to_ascii_lowercase();
+        if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
+            OutFormat::Jsonl
+        } else if name.ends_with(".parquet") || name.ends_with(".pq") {
+            OutFormat::ParquetFile
+        } else {
+            OutFormat::ParquetDir
+        }
+    }
+}
+
+/// What a run writes besides the fixed columns.
+#[derive(Debug, Clone, Default)]
+pub struct OutputSpec {
+    pub passthrough: Vec<(String, DataType)>,
+    /// Close a Parquet part after this many rows…
+    pub part_rows: usize,
+    /// …or this long after its first row, whichever comes first.
+    pub part_age: Duration,
+}
+
+/// Columns semtel writes itself; a pass-through column with one of these names is written as
+/// `input_<name>` instead.
+pub const RESERVED: &[&str] = &[
+    "id",
+    "label",
+    "confidence",
+    "margin",
+    "top1_sim",
+    "decided_by",
+    "knn_label",
+    "neighbors",
+    "neighbor_ids",
+    "neighbor_labels",
+    "neighbor_scores",
+    "error",
+    "llm_model",
+    "llm_tokens_in",
+    "llm_tokens_out",
+    "llm_cost_usd",
+];
+
+impl OutputSpec {
+    /// `passthrough`: input column names and types, in input order.
+    pub fn new(passthrough: Vec<(String, DataType)>) -> Self {
+        let passthrough = passthrough
+            .into_iter()
+            .map(|(n, t)| {
+                if RESERVED.contains(&n.as_str()) {
+                    (format!("input_{n}"), t)
+                } else {
+                    (n, t)
+                }
+            })
+            .collect();
+        OutputSpec {
+            passthrough,
+            part_rows: 20_000,
+            part_age: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Refuse to touch an existing output.
+    Refuse,
+    /// Keep what is there and skip its ids.
+    Resume,
+    /// Delete what is there.
+    Overwrite,
+}
+
+pub fn schema(spec: &OutputSpec) -> SchemaRef {
+    let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
+    let mut fields = vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("label", DataType::Utf8, true),
+        Field::new("confidence", DataType::Float32, true),
+        Field::new("margin", DataType::Float32, true),
+        Field::new("top1_sim", DataType::Float32, true),
+        Field::new("decided_by", DataType::Utf8, false),
+        Field::new("knn_label", DataType::Utf8, true),
+        Field::new("neighbor_ids", list(DataType::Utf8), true),
+        Field::new("neighbor_labels", list(DataType::Utf8), true),
+        Field::new("neighbor_scores", list(DataType::Float32), true),
+        Field::new("error", DataType::Utf8, true),
+        Field::new("llm_model", DataType::Utf8, true),
+        Field::new("llm_tokens_in", DataType::UInt32, true),
+        Field::new("llm_tokens_out", DataType::UInt32, true),
+        Field::new("llm_cost_usd", DataType::Float64, true),
+    ];
+    for (name, t) in &spec.passthrough {
+        fields.push(Field::new(name, t.clone(), true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Converts rows to one Arrow record batch in [`schema`]'s layout.
+pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBatch> {
+    let schema = schema(spec);
+    let n = rows.len();
+    let mut id = StringBuilder::with_capacity(n, n * 16);
+    let mut label = StringBuilder::new();
+    let mut conf = Float32Builder::with_capacity(n);
+    let mut margin = Float32Builder::with_capacity(n);
+    let mut top1 = Float32Builder::with_capacity(n);
+    let mut by = StringBuilder::new();
+    let mut knn = StringBuilder::new();
+    let mut nid = ListBuilder::new(StringBuilder::new());
+    let mut nlab = ListBuilder::new(StringBuilder::new());
+    let mut nsc = ListBuilder::new(Float32Builder::new());
+    let mut err = StringBuilder::new();
+    let mut lm = StringBuilder::new();
+    let mut tin = UInt32Builder::with_capacity(n);
+    let mut tout = UInt32Builder::with_capacity(n);
+    let mut cost = Float64Builder::with_capacity(n);
+    for r in rows {
+        id.append_value(&r.id);
+        label.append_option(r.label.as_deref());
+        conf.append_option(r.confidence);
+        margin.append_option(r.margin);
+        top1.append_option(r.top1_sim);
+        by.append_value(r.decided_by.as_str());
+        knn.append_option(r.knn_label.as_deref());
+        for nb in &r.neighbors {
+            nid.values().append_value(&nb.id);
+            nlab.values().append_value(&nb.label);
+            nsc.values().append_value(nb.score);
+        }
+        nid.append(true);
+        nlab.append(true);
+        nsc.append(true);
+        err.append_option(r.error.as_deref());
+        lm.append_option(r.llm.as_ref().map(|l| l.model.as_str()));
+        tin.append_option(r.llm.as_ref().map(|l| l.tokens_in));
+        tout.append_option(r.llm.as_ref().map(|l| l.tokens_out));
+        cost.append_option(r.llm.as_ref().map(|l| l.cost_usd));
+    }
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(id.finish()),
+        Arc::new(label.finish()),
+        Arc::new(conf.finish()),
+        Arc::new(margin.finish()),
+        Arc::new(top1.finish()),
+        Arc::new(by.finish()),
+        Arc::new(knn.finish()),
+        Arc::new(nid.finish()),
+        Arc::new(nlab.finish()),
+        Arc::new(nsc.finish()),
+        Arc::new(err.finish()),
+        Arc::new(lm.finish()),
+        Arc::new(tin.finish()),
+        Arc::new(tout.finish()),
+        Arc::new(cost.finish()),
+    ];
+    for (j, (_, t)) in spec.passthrough.iter().enumerate() {
+        cols.push(passthrough_array(rows.iter().map(|r| &r.passthrough[j]), t));
+    }
+    RecordBatch::try_new(schema, cols).map_err(|e| Error::Other(format!("building output: {e}")))
+}
+
+/// Builds a pass-through column of the input's type; values that do not fit become null
+/// (text columns hold JSON text for non-string values).
+fn passthrough_array<'a>(vals: impl Iterator<Item = &'a Value>, t: &DataType) -> ArrayRef {
+    match t {
+        DataType::Boolean => {
+            let mut b = BooleanBuilder::new();
+            vals.for_each(|v| b.append_option(v.as_bool()));
+            Arc::new(b.finish())
+        }
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => {
+            let mut b = Int64Builder::new();
+            vals.for_each(|v| b.append_option(v.as_i64()));
+            let a: ArrayRef = Arc::new(b.finish());
+            arrow::compute::cast(&a, t).unwrap_or(a)
+        }
+        DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => {
+            let mut b = UInt64Builder::new();
+            vals.for_each(|v| b.append_option(v.as_u64()));
+            let a: ArrayRef = Arc::new(b.finish());
+            arrow::compute::cast(&a, t).unwrap_or(a)
+        }
+        DataType::Float32 | DataType::Float64 => {
+            let mut b = Float64Builder::new();
+            vals.for_each(|v| b.append_option(v.as_f64()));
+            let a: ArrayRef = Arc::new(b.finish());
+            arrow::compute::cast(&a, t).unwrap_or(a)
+        }
+        _ => {
+            let mut b = StringBuilder::new();
+            vals.for_each(|v| match v {
+                Value::Null => b.append_null(),
+                Value::String(s) => b.append_value(s),
+                other => b.append_value(other.to_string()),
+            });
+            Arc::new(b.finish())
+        }
+    }
+}
+
+pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), json!(r.id));
+    m.insert("label".into(), json!(r.label));
+    m.insert("confidence".into(), json!(r.confidence));
+    m.insert("margin".into(), json!(r.margin));
+    m.insert("top1_sim".into(), json!(r.top1_sim));
+    m.insert("decided_by".into(), json!(r.decided_by.as_str()));
+    m.insert("knn_label".into(), json!(r.knn_label));
+    m.insert(
+        "neighbors".into(),
+        Value::Array(
+            r.neighbors
+                .iter()
+                .map(|n| json!({"id": n.id, "label": n.label, "score": n.score}))
+                .collect(),
+        ),
+    );
+    m.insert("error".into(), json!(r.error));
+    if let Some(l) = &r.llm {
+        m.insert("llm_model".into(), json!(l.model));
+        m.insert("llm_tokens_in".into(), json!(l.tokens_in));
+        m.insert("llm_tokens_out".into(), json!(l.tokens_out));
+        m.insert("llm_cost_usd".into(), json!(l.cost_usd));
+    }
+    for (j, (name, _)) in spec.passthrough.iter().enumerate() {
+        m.insert(name.clone(), r.passthrough[j].clone());
+    }
+    Value::Object(m)
+}
+
+fn parts_dir(path: &Path, fmt: OutFormat) -> PathBuf {
+    match fmt {
+        OutFormat::ParquetDir => path.to_path_buf(),
+        _ => {
+            let mut s = path.as_os_str().to_owned();
+            s.push(".parts");
+            PathBuf::from(s)
+        }
+    }
+}
+
+fn complete_parts(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut parts = Vec::new();
+    if !dir.is_dir() {
+        return Ok(parts);
+    }
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        if name.starts_with("part-") && name.ends_with(".parquet") {
+            parts.push(p);
+        }
+    }
+    parts.sort();
+    Ok(parts)
+}
+
+fn read_parquet_ids(path: &Path, into: &mut HashSet<String>) -> Result<()> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
+        Error::output(path, format!("cannot read for --resume ({e}); move it away and rerun"))
+    })?;
+    let mask = ProjectionMask::columns(b.parquet_schema(), ["id"]);
+    for batch in b
+        .with_projection(mask)
+        .build()
+        .map_err(|e| Error::output(path, e.to_string()))?
+    {
+        let batch = batch.map_err(|e| Error::output(path, e.to_string()))?;
+        let ids = batch.column(0).as_string::<i32>();
+        for i in 0..ids.len() {
+            into.insert(ids.value(i).to_string());
+        }
+    }
+    Ok(())
+}
+
+enum Sink {
+    Jsonl(BufWriter<File>),
+    Parquet {
+        dir: PathBuf,
+        next_part: usize,
+        current: Option<(ArrowWriter<File>, PathBuf, Instant)>,
+        rows_in_part: usize,
+    },
+}
+
+/// A results writer; see the module docs for the on-disk protocol.
+pub struct OutputWriter {
+    path: PathBuf,
+    fmt: OutFormat,
+    spec: OutputSpec,
+    sink: Sink,
+    written: u64,
+}
+
+impl OutputWriter {
+    /// Opens the output, honouring `existing`; returns the writer and the ids already written.
+    pub fn open(path: &Path, spec: OutputSpec, existing: Existing) -> Result<(Self, HashSet<String>)> {
+        let fmt = OutFormat::of(path);
+        let parts = parts_dir(path, fmt);
+        let exists = match fmt {
+            OutFormat::ParquetDir => !complete_parts(&parts)?.is_empty(),
+            _ => path.exists() || parts.exists(),
+        };
+        if exists {
+            match existing {
+                Existing::Refuse => {
+                    return Err(Error::output(
+                        path,
+                        "already exists; pass --resume to continue that run or --overwrite to replace it",
+                    ))
+                }
+                Existing::Overwrite => {
+                    if fmt != OutFormat::ParquetDir && path.exists() {
+                        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+                    }
+                    if parts.exists() {
+                        std::fs::remove_dir_all(&parts).map_err(|e| Error::io(&parts, e))?;
+                    }
+                }
+                Existing::Resume => {}
+            }
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let mut done = HashSet::new();
+        let sink = match fmt {
+            OutFormat::Jsonl => {
+                let f = if path.exists() {
+                    resume_jsonl(path, &mut done)?
+                } else {
+                    File::create(path).map_err(|e| Error::io(path, e))?
+                };
+                Sink::Jsonl(BufWriter::with_capacity(1 << 20, f))
+            }
+            OutFormat::ParquetFile | OutFormat::ParquetDir => {
+                if fmt == OutFormat::ParquetFile && path.exists() {
+                    read_parquet_ids(path, &mut done)?;
+                }
+                std::fs::create_dir_all(&parts).map_err(|e| Error::io(&parts, e))?;
+                // Parts still named .tmp were being written when the last run died: their rows
+                // are not in `done` and will be redone.
+                for e in std::fs::read_dir(&parts).map_err(|e| Error::io(&parts, e))? {
+                    let p = e.map_err(|e| Error::io(&parts, e))?.path();
+                    if p.extension().is_some_and(|x| x == "tmp") {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+                let existing_parts = complete_parts(&parts)?;
+                for p in &existing_parts {
+                    read_parquet_ids(p, &mut done)?;
+                }
+                let next_part = existing_parts
+                    .iter()
+                    .filter_map(|p| {
+                        p.file_stem()?
+                            .to_str()?
+                            .strip_prefix("part-")?
+                            .parse::<usize>()
+                            .ok()
+                    })
+                    .max()
+                    .map_or(0, |m| m + 1);
+                Sink::Parquet {
+                    dir: parts,
+                    next_part,
+                    current: None,
+                    rows_in_part: 0,
+                }
+            }
+        };
+        Ok((
+            OutputWriter {
+                path: path.to_path_buf(),
+                fmt,
+                spec,
+                sink,
+                written: 0,
+            },
+            done,
+        ))
+    }
+
+    pub fn rows_written(&self) -> u64 {
+        self.written
+    }
+
+    pub fn write(&mut self, rows: &[OutputRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        match &mut self.sink {
+            Sink::Jsonl(w) => {
+                for r in rows {
+                    let line = serde_json::to_string(&to_json(r, &self.spec)).expect("json");
+                    w.write_all(line.as_bytes())
+                        .and_then(|_| w.write_all(b"\n"))
+                        .map_err(|e| Error::io(&path, e))?;
+                }
+                w.flush().map_err(|e| Error::io(&path, e))?;
+            }
+            Sink::Parquet {
+                dir,
+                next_part,
+                current,
+                rows_in_part,
+            } => {
+                if current.is_none() {
+                    let tmp = dir.join(format!("part-{:06}.parquet.tmp", *next_part));
+                    let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                    let props = WriterProperties::builder()
+                        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                        .build();
+                    let w = ArrowWriter::try_new(f, schema(&self.spec), Some(props))
+                        .map_err(|e| Error::output(&tmp, e.to_string()))?;
+                    *current = Some((w, tmp, Instant::now()));
+                }
+                let batch = to_record_batch(rows, &self.spec)?;
+                let (w, tmp, _) = current.as_mut().unwrap();
+                w.write(&batch)
+                    .map_err(|e| Error::output(tmp.as_path(), e.to_string()))?;
+                *rows_in_part += rows.len();
+            }
+        }
+        self.written += rows.len() as u64;
+        self.maybe_close_part()?;
+        Ok(())
+    }
+
+    fn maybe_close_part(&mut self) -> Result<()> {
+        let due = match &self.sink {
+            Sink::Parquet {
+                current: Some((_, _, started)),
+                rows_in_part,
+                ..
+            } => *rows_in_part >= self.spec.part_rows || started.elapsed() >= self.spec.part_age,
+            _ => false,
+        };
+        if due {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (closes the current Parquet part, fsyncs JSONL).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        match &mut self.sink {
+            Sink::Jsonl(w) => {
+                w.flush().map_err(|e| Error::io(&self.path, e))?;
+                w.get_ref()
+                    .sync_data()
+                    .map_err(|e| Error::io(&self.path, e))?;
+            }
+            Sink::Parquet {
+                current,
+                next_part,
+                rows_in_part,
+                dir,
+            } => {
+                if let Some((w, tmp, _)) = current.take() {
+                    w.close().map_err(|e| Error::output(&tmp, e.to_string()))?;
+                    let dest = dir.join(format!("part-{:06}.parquet", *next_part));
+                    commit(&tmp, &dest)?;
+                    *next_part += 1;
+                    *rows_in_part = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the output; a single-file Parquet output is assembled from its parts here.
+    pub fn finish(mut self) -> Result<()> {
+        self.checkpoint()?;
+        if self.fmt != OutFormat::ParquetFile {
+            return Ok(());
+        }
+        let Sink::Parquet { dir, .. } = &self.sink else {
+            unreachable!()
+        };
+        let mut inputs = Vec::new();
+        if self.path.exists() {
+            inputs.push(self.path.clone());
+        }
+        inputs.extend(complete_parts(dir)?);
+        let mut tmp = self.path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .build();
+        let mut w = ArrowWriter::try_new(f, schema(&self.spec), Some(props))
+            .map_err(|e| Error::output(&tmp, e.to_string()))?;
+        for p in &inputs {
+            let f = File::open(p).map_err(|e| Error::io(p, e))?;
+            let r = ParquetRecordBatchReaderBuilder::try_new(f)
+                .and_then(|b| b.build())
+                .map_err(|e| Error::output(p, e.to_string()))?;
+            for b in r {
+                let b = b.map_err(|e| Error::output(p, e.to_string()))?;
+                w.write(&b).map_err(|e| Error::output(&tmp, e.to_string()))?;
+            }
+        }
+        w.close().map_err(|e| Error::output(&tmp, e.to_string()))?;
+        commit(&tmp, &self.path)?;
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        Ok(())
+    }
+}
+
+/// Collects the ids of a JSONL output and cuts off a torn last line.
+fn resume_jsonl(path: &Path, done: &mut HashSet<String>) -> Result<File> {
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut r = BufReader::new(f);
+    let mut good_end = 0u64;
+    let mut pos = 0u64;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = r.read_until(b'\n', &mut line).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        pos += n as u64;
+        if line.last() != Some(&b'\n') {
+            break; // torn write
+        }
+        match serde_json::from_slice::<Value>(&line) {
+            Ok(v) => {
+                if let Some(id) = v.get("id").and_then(Value::as_str) {
+                    done.insert(id.to_string());
+                }
+                good_end = pos;
+            }
+            Err(_) => break,
+        }
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.set_len(good_end).map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::End(0)).map_err(|e| Error::io(path, e))?;
+    Ok(f)
+}
+
+/// Reads a finished output back (for tests, eval and the Python binding).
+pub fn read_ids_and_labels(path: &Path) -> Result<Vec<(String, Option<String>, String)>> {
+    let mut out = Vec::new();
+    match OutFormat::of(path) {
+        OutFormat::Jsonl => {
+            let f = File::open(path).map_err(|e| Error::io(path, e))?;
+            for line in BufReader::new(f).lines() {
+                let line = line.map_err(|e| Error::io(path, e))?;
+                let v: Value = serde_json::from_str(&line)
+                    .map_err(|e| Error::output(path, e.to_string()))?;
+                out.push((
+                    v["id"].as_str().unwrap_or_default().to_string(),
+                    v["label"].as_str().map(str::to_string),
+                    v["decided_by"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+        }
+        fmt => {
+            let files = if fmt == OutFormat::ParquetDir {
+                complete_parts(path)?
+            } else {
+                vec![path.to_path_buf()]
+            };
+            for p in files {
+                let f = File::open(&p).map_err(|e| Error::io(&p, e))?;
+                let r = ParquetRecordBatchReaderBuilder::try_new(f)
+                    .and_then(|b| b.build())
+                    .map_err(|e| Error::output(&p, e.to_string()))?;
+                for b in r {
+                    let b = b.map_err(|e| Error::output(&p, e.to_string()))?;
+                    let id = b.column_by_name("id").unwrap().as_string::<i32>().clone();
+                    let lab = b.column_by_name("label").unwrap().as_string::<i32>().clone();
+                    let by = b.column_by_name("decided_by").unwrap().as_string::<i32>().clone();
+                    for i in 0..b.num_rows() {
+                        out.push((
+                            id.value(i).to_string(),
+                            (!lab.is_null(i)).then(|| lab.value(i).to_string()),
+                            by.value(i).to_string(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}

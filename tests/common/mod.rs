@@ -1,0 +1,73 @@
+//! Shared helpers for integration tests: the real model folder and the shared data sets.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub fn model_dir() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    assert!(
+        p.join("model.safetensors").is_file(),
+        "the default model is missing: run scripts/fetch-model (scripts/test does it for you)"
+    );
+    p
+}
+
+pub fn shared() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    assert!(
+        p.join("data").is_dir(),
+        "../shared (data sets beside the project) is missing"
+    );
+    p
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_semtel"))
+}
+
+pub fn tmpdir(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+/// Reference texts and sentence-transformers embeddings: our own fixture plus the shared one.
+pub fn reference_sets() -> Vec<(String, Vec<(String, usize, Vec<f32>)>)> {
+    let mut sets = Vec::new();
+    for path in [
+        repo().join("tests/fixtures/minilm_reference.jsonl"),
+        shared().join("reference/all-MiniLM-L6-v2.sentence-transformers.jsonl"),
+    ] {
+        let text = std::fs::read_to_string(&path).unwrap();
+        let rows = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["text"].as_str().unwrap().to_string(),
+                    v["tokens_untruncated"].as_u64().unwrap() as usize,
+                    v["embedding"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_f64().unwrap() as f32)
+                        .collect(),
+                )
+            })
+            .collect();
+        sets.push((path.display().to_string(), rows));
+    }
+    sets
+}
