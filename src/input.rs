@@ -75,6 +75,7 @@ pub enum Format {
 impl Format {
     pub fn from_path(p: &Path) -> Result<Format> {
         let name = p.to_string_lossy().to_ascii_lowercase();
+        let name = name.strip_suffix(".gz").unwrap_or(&name);
         if name.ends_with(".parquet") || name.ends_with(".pq") {
             Ok(Format::Parquet)
         } else if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json")
@@ -83,7 +84,7 @@ impl Format {
         } else {
             Err(Error::input(
                 p,
-                "unknown format: name the file *.jsonl, *.ndjson or *.parquet",
+                "unknown format: name the file *.jsonl, *.ndjson, *.jsonl.gz or *.parquet",
             ))
         }
     }
@@ -250,7 +251,7 @@ fn error_row(index: u64, stem: &str, cols: &Columns, msg: String) -> Row {
 pub struct JsonlReader {
     path: PathBuf,
     stem: String,
-    reader: BufReader<File>,
+    reader: Box<dyn BufRead + Send>,
     opts: InputOptions,
     line: u64,
     total: Option<u64>,
@@ -261,11 +262,21 @@ pub struct JsonlReader {
 impl JsonlReader {
     pub fn open(path: &Path, opts: InputOptions) -> Result<Self> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
-        let total = count_lines(path).ok();
+        let gz = path.extension().is_some_and(|x| x == "gz");
+        // Counting lines of a gzip file would mean decompressing it twice: no total then.
+        let total = if gz { None } else { count_lines(path).ok() };
+        let reader: Box<dyn BufRead + Send> = if gz {
+            Box::new(BufReader::with_capacity(
+                1 << 20,
+                flate2::read::MultiGzDecoder::new(BufReader::new(f)),
+            ))
+        } else {
+            Box::new(BufReader::with_capacity(1 << 20, f))
+        };
         Ok(JsonlReader {
             path: path.to_path_buf(),
             stem: stem(path),
-            reader: BufReader::with_capacity(1 << 20, f),
+            reader,
             opts,
             line: 0,
             total,

@@ -6,6 +6,7 @@
 //! Each stage is a module with a small public type; the stages never reach into one another's
 //! internals, and nothing here keeps global mutable state.
 
+pub mod bench;
 pub mod calibrate;
 pub mod config;
 pub mod conversation;

@@ -42,6 +42,9 @@ struct Global {
     /// Where the model runs: auto, cpu or cuda (cuda needs a build with `--features cuda`).
     #[arg(long, global = true)]
     device: Option<Device>,
+    /// CPU engine: auto (bf16 kernels where the CPU has AVX512-BF16, else candle), fast, candle.
+    #[arg(long, global = true)]
+    engine: Option<semtel::embed::Engine>,
     /// Worker threads (default: all cores; also honours RAYON_NUM_THREADS).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -94,6 +97,9 @@ enum Cmd {
         #[command(flatten)]
         cols: ColumnArgs,
     },
+    /// Benchmarks that print figures (speed goals live here, not in tests).
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Run the whole job on the bundled sample (builds an index from data/, classifies, reports).
     Demo(DemoArgs),
 }
@@ -195,6 +201,40 @@ struct EvalArgs {
     json: bool,
 }
 
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Embedding throughput of each engine on a fixed realistic text set, optionally against
+    /// sentence-transformers on the same texts in the same run.
+    Embed(BenchEmbedArgs),
+}
+
+#[derive(Args)]
+struct BenchEmbedArgs {
+    /// Folder with the shared data sets (the text set is drawn from it).
+    #[arg(long, default_value = "../shared")]
+    shared: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    texts: usize,
+    /// Timed passes per engine (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Engines to run, comma-separated: fast, candle.
+    #[arg(long, value_delimiter = ',', default_value = "fast,candle")]
+    engines: Vec<semtel::embed::Engine>,
+    /// Python interpreter with sentence-transformers (see benches/setup-st.sh) to compare with.
+    #[arg(long)]
+    st: Option<PathBuf>,
+    /// sentence-transformers dtypes to run.
+    #[arg(long, default_value = "f32,bf16")]
+    st_dtypes: String,
+    /// Padded-token budget per batch.
+    #[arg(long)]
+    batch_tokens: Option<usize>,
+    /// Print all results as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Args)]
 struct DemoArgs {
     /// Where the demo writes its index and labels.
@@ -216,6 +256,7 @@ impl Ctx {
                 .device
                 .or_else(|| self.cfg.device.as_deref().and_then(|d| d.parse().ok()))
                 .unwrap_or_default(),
+            engine: self.global.engine.unwrap_or_default(),
             include_system_turns: self.global.include_system_turns
                 || self.cfg.include_system_turns.unwrap_or(false),
         }
@@ -307,6 +348,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Classify(a) => classify(&ctx, a),
         Cmd::Eval(a) => eval(&ctx, a),
         Cmd::Demo(a) => demo(&ctx, a),
+        Cmd::Bench(BenchCmd::Embed(a)) => bench_embed(&ctx, a),
         Cmd::Embed { input, output, cols } => {
             let encoder = Encoder::load(&ctx.encoder_options())?;
             let opts = ctx.input_options(&cols);
@@ -609,6 +651,124 @@ fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     println!("\nfirst rows of {}:", labels.display());
     for (id, label, by) in semtel::output::read_ids_and_labels(&labels)?.iter().take(8) {
         println!("  {id:<10} {:<22} {by}", label.as_deref().unwrap_or("-"));
+    }
+    Ok(())
+}
+
+fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
+    use semtel::bench;
+    let threads = rayon::current_num_threads();
+    let texts = bench::embed_text_set(&a.shared, a.texts)?;
+    let peak = bench::f32_gemm_peak(threads);
+    eprintln!(
+        "{} texts, {threads} threads; measured f32 GEMM peak (gemm crate, {threads} threads): {peak:.0} GFLOP/s",
+        texts.len()
+    );
+    let mut results: Vec<serde_json::Value> = Vec::new();
+    let model_dir;
+    let mut runs = Vec::new();
+    {
+        let mut eo = ctx.encoder_options();
+        eo.engine = a.engines[0];
+        let probe = Encoder::load(&eo)?;
+        model_dir = probe.files.dir.clone();
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json"))?)?;
+    let dims = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
+    let model_dims = (dims("hidden_size"), dims("intermediate_size"), dims("num_hidden_layers"));
+    for &engine in &a.engines {
+        let mut eo = ctx.encoder_options();
+        eo.engine = engine;
+        let mut enc = Encoder::load(&eo)?;
+        if let Some(b) = a.batch_tokens {
+            enc.batch.max_batch_tokens = b;
+        }
+        let padded = enc.engine.describe().starts_with("candle");
+        let r = bench::bench_encoder(&enc, &texts, a.repeats, padded, model_dims, peak)?;
+        eprintln!(
+            "{:<52} {:>7.1} texts/s {:>8.0} tokens/s (padded {:>8.0}/s) {:>6.1} GFLOP/s = {:>4.0}% of f32 GEMM peak, peak RSS {:.0} MB",
+            r.engine,
+            r.texts_per_s,
+            r.tokens_per_s,
+            r.padded_tokens_per_s,
+            r.gflops,
+            r.share_of_f32_gemm_peak * 100.0,
+            r.peak_rss_mb
+        );
+        results.push(serde_json::to_value(&r)?);
+        runs.push(r);
+    }
+    let mut st_best: Option<(String, f64)> = None;
+    if let Some(py) = &a.st {
+        let dir = std::env::temp_dir().join(format!("semtel-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let tf = dir.join("texts.jsonl");
+        let mut body = String::new();
+        for t in &texts {
+            body.push_str(&serde_json::json!({ "text": t }).to_string());
+            body.push('\n');
+        }
+        std::fs::write(&tf, body)?;
+        let script = PathBuf::from("benches/st_embed.py");
+        let out = std::process::Command::new(py)
+            .arg(&script)
+            .arg(&tf)
+            .arg(&model_dir)
+            .args(["--threads", &threads.to_string(), "--repeats", &a.repeats.to_string(), "--dtypes", &a.st_dtypes])
+            .env("TOKENIZERS_PARALLELISM", "true")
+            .output()
+            .with_context(|| format!("running {} {}", py.display(), script.display()))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        if !out.status.success() {
+            bail!("sentence-transformers run failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let tps = v["tokens_per_s"].as_f64().unwrap_or(0.0);
+            eprintln!(
+                "{:<52} {:>7.1} texts/s {:>8.0} tokens/s",
+                v["engine"].as_str().unwrap_or("?"),
+                v["texts_per_s"].as_f64().unwrap_or(0.0),
+                tps
+            );
+            if st_best.as_ref().is_none_or(|b| tps > b.1) {
+                st_best = Some((v["engine"].as_str().unwrap_or("?").to_string(), tps));
+            }
+            results.push(v);
+        }
+        // Repeat semtel's first engine after the reference, so machine noise hits both sides.
+        let mut eo = ctx.encoder_options();
+        eo.engine = a.engines[0];
+        let mut enc = Encoder::load(&eo)?;
+        if let Some(b) = a.batch_tokens {
+            enc.batch.max_batch_tokens = b;
+        }
+        let again = bench::bench_encoder(&enc, &texts, a.repeats, false, model_dims, peak)?;
+        let mut all = runs[0].runs.clone();
+        all.extend(again.runs.iter());
+        let med = bench::median(&all);
+        runs[0].seconds = med;
+        runs[0].tokens_per_s = runs[0].real_tokens as f64 / med;
+        eprintln!(
+            "{:<52} {:>7.1} texts/s {:>8.0} tokens/s (median of {} runs before and after the reference)",
+            runs[0].engine,
+            texts.len() as f64 / med,
+            runs[0].tokens_per_s,
+            all.len()
+        );
+    }
+    if let Some((name, tps)) = &st_best {
+        eprintln!(
+            "\nratio: {} / {name} = {:.2}x (tokens/s, same texts, same {threads} threads)",
+            runs[0].engine,
+            runs[0].tokens_per_s / tps
+        );
+    }
+    if a.json {
+        for r in results {
+            println!("{r}");
+        }
     }
     Ok(())
 }

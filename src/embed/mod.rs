@@ -9,8 +9,10 @@
 //! This module must never tokenize or read files beyond the model weights.
 
 mod candle;
+pub mod fast;
 
 pub use self::candle::CandleBert;
+pub use self::fast::FastBert;
 
 use crate::model::{ModelFiles, Pooling};
 use crate::render::Renderer;
@@ -149,11 +151,46 @@ pub struct Encoder {
     pub batch: BatchOptions,
 }
 
+/// Which implementation runs the model on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// The bf16 kernels when the CPU has AVX512-BF16 and the model is a BERT they cover,
+    /// else candle.
+    #[default]
+    Auto,
+    /// Require the bf16 kernels (an error where they cannot run).
+    Fast,
+    /// candle's f32 BERT (the reference; also the CUDA path).
+    Candle,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Engine::Auto),
+            "fast" => Ok(Engine::Fast),
+            "candle" => Ok(Engine::Candle),
+            _ => Err(format!("unknown engine `{s}` (auto, fast, candle)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct EncoderOptions {
     pub model: Option<String>,
     pub device: Device,
+    pub engine: Engine,
     pub include_system_turns: bool,
+}
+
+fn cuda_wanted(device: Device) -> bool {
+    match device {
+        Device::Cuda => true,
+        Device::Cpu => false,
+        Device::Auto => candle_core::utils::cuda_is_available(),
+    }
 }
 
 impl Encoder {
@@ -165,7 +202,19 @@ impl Encoder {
     pub fn from_files(files: ModelFiles, opts: &EncoderOptions) -> Result<Self> {
         let renderer = Renderer::from_file(&files.dir.join("tokenizer.json"), files.max_tokens)?
             .with_system_turns(opts.include_system_turns);
-        let engine: Box<dyn Embedder> = Box::new(CandleBert::load(&files, opts.device)?);
+        let engine: Box<dyn Embedder> = if cuda_wanted(opts.device) || opts.engine == Engine::Candle {
+            Box::new(CandleBert::load(&files, opts.device)?)
+        } else {
+            match (FastBert::try_load(&files)?, opts.engine) {
+                (Some(f), _) => Box::new(f),
+                (None, Engine::Fast) => {
+                    return Err(Error::Embed(
+                        "--engine fast needs a CPU with AVX512-BF16 and a BERT model whose head size is a multiple of 32; use --engine auto".into(),
+                    ))
+                }
+                (None, _) => Box::new(CandleBert::load(&files, Device::Cpu)?),
+            }
+        };
         Ok(Encoder {
             files,
             renderer,

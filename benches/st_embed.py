@@ -1,0 +1,44 @@
+"""sentence-transformers side of `semtel bench embed --st`: embeds the same texts with PyTorch
+in f32 and bf16 and prints one JSON object per setting.
+
+Usage: python benches/st_embed.py TEXTS.jsonl MODEL_DIR [--threads N] [--repeats R] [--dtypes f32,bf16]
+Each line of TEXTS.jsonl is {"text": ...}. Not run in CI; `benches/setup-st.sh` makes its venv.
+"""
+import argparse, json, time, statistics, resource
+
+ap = argparse.ArgumentParser()
+ap.add_argument("texts"); ap.add_argument("model")
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--repeats", type=int, default=3)
+ap.add_argument("--batch-size", type=int, default=32)
+ap.add_argument("--dtypes", default="f32,bf16")
+ap.add_argument("--out", default=None, help="write the bf16/f32 vectors here (.npy prefix)")
+a = ap.parse_args()
+
+import torch
+torch.set_num_threads(a.threads)
+from sentence_transformers import SentenceTransformer
+
+texts = [json.loads(l)["text"] for l in open(a.texts)]
+for dt in a.dtypes.split(","):
+    m = SentenceTransformer(a.model, device="cpu")
+    m.max_seq_length = 256
+    if dt == "bf16":
+        m = m.to(torch.bfloat16)
+    tok = m.tokenizer
+    real = sum(min(len(tok(t, add_special_tokens=True)["input_ids"]), 256) for t in texts)
+    m.encode(texts[:64], batch_size=a.batch_size)  # warm-up
+    times = []
+    for _ in range(a.repeats):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            v = m.encode(texts, batch_size=a.batch_size, normalize_embeddings=True, convert_to_numpy=False)
+        times.append(time.perf_counter() - t0)
+    if a.out:
+        import numpy as np
+        np.save(f"{a.out}.{dt}.npy", torch.stack(v).float().numpy())
+    med = statistics.median(times)
+    print(json.dumps({"engine": f"sentence-transformers {dt}", "texts": len(texts), "real_tokens": real,
+                      "seconds": med, "runs": times, "texts_per_s": len(texts) / med,
+                      "tokens_per_s": real / med,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)

@@ -1,0 +1,361 @@
+//! The fast CPU engine: a BERT encoder written for this job instead of a general framework.
+//!
+//! * No padding: a batch is one flat `[tokens, hidden]` matrix with cumulative sequence
+//!   lengths; every linear layer is a single GEMM over all tokens of the batch, and attention
+//!   runs per sequence.
+//! * bf16 products with f32 accumulation on AVX512-BF16 (`vdpbf16ps`); LayerNorm, softmax,
+//!   GELU and the residual stream stay f32. Bias, residual, GELU and the f32→bf16 conversion are
+//!   fused into the GEMM's tile epilogue, so activations cross memory once per layer step.
+//! * One batch per thread, no intra-op threading: on few cores, parallel batches beat splitting
+//!   every matrix product.
+//!
+//! It is selected at run time only when the CPU has the instructions ([`kernels::supported`]);
+//! otherwise the candle engine runs. It must never be called on an unsupported CPU.
+
+pub mod kernels;
+
+use super::{normalize_rows, Embedder};
+use crate::model::{ModelFiles, Pooling};
+use crate::{Error, Result};
+use kernels::{AttnScratch, Epilogue, PackedB};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+struct Layer {
+    qkv: PackedB,
+    out: PackedB,
+    ln1: (Vec<f32>, Vec<f32>),
+    ffn1: PackedB,
+    ffn2: PackedB,
+    ln2: (Vec<f32>, Vec<f32>),
+}
+
+pub struct FastBert {
+    hidden: usize,
+    heads: usize,
+    inter: usize,
+    eps: f32,
+    word: Vec<f32>,
+    pos: Vec<f32>,
+    type0: Vec<f32>,
+    emb_ln: (Vec<f32>, Vec<f32>),
+    layers: Vec<Layer>,
+    pooling: Pooling,
+    max_pos: usize,
+}
+
+/// Per-thread activation buffers, grown on demand and reused between batches.
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    tmp: Vec<f32>,
+    xb: Vec<u16>,
+    qkv: Vec<u16>,
+    attn: Vec<u16>,
+    h: Vec<u16>,
+    attn_scratch: AttnScratch,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+fn resize<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
+impl FastBert {
+    /// Loads a BERT-family model when the CPU and the model's shape suit the kernels;
+    /// `Ok(None)` means "use another engine".
+    pub fn try_load(files: &ModelFiles) -> Result<Option<Self>> {
+        if !kernels::supported() {
+            return Ok(None);
+        }
+        let cfg_path = files.dir.join("config.json");
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?,
+        )
+        .map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
+        let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let (Some(hidden), Some(heads), Some(inter), Some(nl)) = (
+            get("hidden_size"),
+            get("num_attention_heads"),
+            get("intermediate_size"),
+            get("num_hidden_layers"),
+        ) else {
+            return Ok(None);
+        };
+        let act = cfg.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("gelu");
+        let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("bert");
+        let hd = hidden / heads;
+        if act != "gelu"
+            || model_type != "bert"
+            || hidden % 32 != 0
+            || inter % 32 != 0
+            || hd % kernels::NR != 0
+            || hd * heads != hidden
+        {
+            return Ok(None); // shapes the kernels do not cover: the candle engine handles them
+        }
+        let eps = cfg
+            .get("layer_norm_eps")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1e-12) as f32;
+        let max_pos = get("max_position_embeddings").unwrap_or(512);
+        let tensors = candle_core::safetensors::load(&files.weights, &candle_core::Device::Cpu)
+            .map_err(|e| Error::Model(format!("{}: {e}", files.weights.display())))?;
+        let w = Weights::new(tensors);
+        let emb = |n: &str| w.get(&format!("embeddings.{n}"));
+        let word = emb("word_embeddings.weight")?;
+        let pos = emb("position_embeddings.weight")?;
+        let types = emb("token_type_embeddings.weight")?;
+        let emb_ln = (emb("LayerNorm.weight")?, emb("LayerNorm.bias")?);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut layers = Vec::with_capacity(nl);
+        for i in 0..nl {
+            let p = |n: &str| w.get(&format!("encoder.layer.{i}.{n}"));
+            let (q, k, v) = (
+                p("attention.self.query.weight")?,
+                p("attention.self.key.weight")?,
+                p("attention.self.value.weight")?,
+            );
+            let (qb, kb, vb) = (
+                p("attention.self.query.bias")?,
+                p("attention.self.key.bias")?,
+                p("attention.self.value.bias")?,
+            );
+            // Fold 1/√d into Q so attention scores need no extra pass.
+            let qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
+            let qbs: Vec<f32> = qb.iter().map(|x| x * scale).collect();
+            let wqkv = [qs, k, v].concat();
+            let bqkv = [qbs, kb, vb].concat();
+            layers.push(Layer {
+                qkv: PackedB::from_out_in(&wqkv, &bqkv, 3 * hidden, hidden, 1.0),
+                out: PackedB::from_out_in(
+                    &p("attention.output.dense.weight")?,
+                    &p("attention.output.dense.bias")?,
+                    hidden,
+                    hidden,
+                    1.0,
+                ),
+                ln1: (
+                    p("attention.output.LayerNorm.weight")?,
+                    p("attention.output.LayerNorm.bias")?,
+                ),
+                ffn1: PackedB::from_out_in(
+                    &p("intermediate.dense.weight")?,
+                    &p("intermediate.dense.bias")?,
+                    inter,
+                    hidden,
+                    1.0,
+                ),
+                ffn2: PackedB::from_out_in(
+                    &p("output.dense.weight")?,
+                    &p("output.dense.bias")?,
+                    hidden,
+                    inter,
+                    1.0,
+                ),
+                ln2: (p("output.LayerNorm.weight")?, p("output.LayerNorm.bias")?),
+            });
+        }
+        Ok(Some(FastBert {
+            hidden,
+            heads,
+            inter,
+            eps,
+            word,
+            pos,
+            type0: types[..hidden].to_vec(),
+            emb_ln,
+            layers,
+            pooling: files.pooling,
+            max_pos,
+        }))
+    }
+
+    fn forward(&self, ids: &[u32], cu: &[usize], s: &mut Scratch) -> Result<Vec<f32>> {
+        let h = self.hidden;
+        let t = ids.len();
+        let n = cu.len() - 1;
+        resize(&mut s.x, t * h);
+        resize(&mut s.tmp, t * h);
+        resize(&mut s.xb, t * h);
+        resize(&mut s.qkv, t * 3 * h);
+        resize(&mut s.attn, t * h);
+        resize(&mut s.h, t * self.inter);
+        let vocab = self.word.len() / h;
+        // Embeddings: word + position + token type 0.
+        for i in 0..n {
+            let (a, b) = (cu[i], cu[i + 1]);
+            if b - a > self.max_pos {
+                return Err(Error::Embed(format!(
+                    "sequence of {} tokens exceeds the model's {} positions",
+                    b - a,
+                    self.max_pos
+                )));
+            }
+            for (p, tok) in (a..b).enumerate() {
+                let id = ids[tok] as usize;
+                if id >= vocab {
+                    return Err(Error::Embed(format!("token id {id} outside the vocabulary")));
+                }
+                let row = &mut s.x[tok * h..(tok + 1) * h];
+                let (we, pe) = (&self.word[id * h..(id + 1) * h], &self.pos[p * h..(p + 1) * h]);
+                for j in 0..h {
+                    row[j] = we[j] + pe[j] + self.type0[j];
+                }
+            }
+        }
+        let hd = h / self.heads;
+        // SAFETY: `try_load` returned an engine only on a CPU with the required features.
+        unsafe {
+            kernels::layernorm_rows(
+                &mut s.x[..t * h],
+                &mut s.xb[..t * h],
+                h,
+                &self.emb_ln.0,
+                &self.emb_ln.1,
+                self.eps,
+            );
+            for l in &self.layers {
+                kernels::gemm(
+                    &s.xb[..t * h],
+                    h,
+                    t,
+                    &l.qkv,
+                    &mut Epilogue::Bf16 {
+                        out: &mut s.qkv[..t * 3 * h],
+                        ld: 3 * h,
+                        gelu: false,
+                    },
+                );
+                for i in 0..n {
+                    let (a, b) = (cu[i], cu[i + 1]);
+                    for head in 0..self.heads {
+                        kernels::attention_head(
+                            &s.qkv[a * 3 * h..b * 3 * h],
+                            3 * h,
+                            b - a,
+                            hd,
+                            (head * hd, h + head * hd, 2 * h + head * hd),
+                            &mut s.attn[a * h..b * h],
+                            h,
+                            head * hd,
+                            &mut s.attn_scratch,
+                        );
+                    }
+                }
+                kernels::gemm(
+                    &s.attn[..t * h],
+                    h,
+                    t,
+                    &l.out,
+                    &mut Epilogue::F32 {
+                        out: &mut s.tmp[..t * h],
+                        ld: h,
+                        residual: Some(&s.x[..t * h]),
+                    },
+                );
+                kernels::layernorm_rows(&mut s.tmp[..t * h], &mut s.xb[..t * h], h, &l.ln1.0, &l.ln1.1, self.eps);
+                std::mem::swap(&mut s.x, &mut s.tmp);
+                kernels::gemm(
+                    &s.xb[..t * h],
+                    h,
+                    t,
+                    &l.ffn1,
+                    &mut Epilogue::Bf16 {
+                        out: &mut s.h[..t * self.inter],
+                        ld: self.inter,
+                        gelu: true,
+                    },
+                );
+                kernels::gemm(
+                    &s.h[..t * self.inter],
+                    self.inter,
+                    t,
+                    &l.ffn2,
+                    &mut Epilogue::F32 {
+                        out: &mut s.tmp[..t * h],
+                        ld: h,
+                        residual: Some(&s.x[..t * h]),
+                    },
+                );
+                kernels::layernorm_rows(&mut s.tmp[..t * h], &mut s.xb[..t * h], h, &l.ln2.0, &l.ln2.1, self.eps);
+                std::mem::swap(&mut s.x, &mut s.tmp);
+            }
+        }
+        let mut pooled = vec![0f32; n * h];
+        for i in 0..n {
+            let (a, b) = (cu[i], cu[i + 1]);
+            let out = &mut pooled[i * h..(i + 1) * h];
+            match self.pooling {
+                Pooling::Cls => out.copy_from_slice(&s.x[a * h..(a + 1) * h]),
+                Pooling::Mean => {
+                    for tok in a..b {
+                        for (o, x) in out.iter_mut().zip(&s.x[tok * h..(tok + 1) * h]) {
+                            *o += x;
+                        }
+                    }
+                    let inv = 1.0 / (b - a).max(1) as f32;
+                    out.iter_mut().for_each(|o| *o *= inv);
+                }
+            }
+        }
+        normalize_rows(&mut pooled, h);
+        Ok(pooled)
+    }
+}
+
+impl Embedder for FastBert {
+    fn dim(&self) -> usize {
+        self.hidden
+    }
+
+    fn describe(&self) -> String {
+        "semtel-bert bf16 (AVX512-BF16 kernels, no padding)".into()
+    }
+
+    fn embed(&self, ids: &[u32], cu: &[usize]) -> Result<Vec<f32>> {
+        if cu.len() < 2 {
+            return Ok(Vec::new());
+        }
+        SCRATCH.with(|s| self.forward(ids, cu, &mut s.borrow_mut()))
+    }
+}
+
+/// Named f32 tensors of a safetensors file, tolerant of a `bert.` prefix.
+struct Weights {
+    map: HashMap<String, candle_core::Tensor>,
+    prefix: String,
+}
+
+impl Weights {
+    fn new(map: HashMap<String, candle_core::Tensor>) -> Self {
+        let prefix = if map.contains_key("embeddings.word_embeddings.weight") {
+            String::new()
+        } else if map.contains_key("bert.embeddings.word_embeddings.weight") {
+            "bert.".into()
+        } else {
+            map.keys()
+                .find_map(|k| k.strip_suffix("embeddings.word_embeddings.weight"))
+                .unwrap_or("")
+                .to_string()
+        };
+        Weights { map, prefix }
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<f32>> {
+        let full = format!("{}{name}", self.prefix);
+        let t = self
+            .map
+            .get(&full)
+            .ok_or_else(|| Error::Model(format!("weights lack `{full}`: not a BERT checkpoint")))?;
+        t.to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| Error::Model(format!("{full}: {e}")))
+    }
+}
