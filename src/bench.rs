@@ -209,11 +209,23 @@ pub fn bench_encoder(
 ) -> Result<EmbedRun> {
     // Warm-up (page in weights, grow scratch buffers).
     let warm: Vec<String> = texts.iter().take(64).cloned().collect();
-    embed_once(&enc.renderer, enc.engine.as_ref(), &warm, enc.batch, padded_engine)?;
+    embed_once(
+        &enc.renderer,
+        enc.engine.as_ref(),
+        &warm,
+        enc.batch,
+        padded_engine,
+    )?;
     let mut runs = Vec::new();
     let (mut real, mut padded) = (0, 0);
     for _ in 0..repeats {
-        let (s, r, p) = embed_once(&enc.renderer, enc.engine.as_ref(), texts, enc.batch, padded_engine)?;
+        let (s, r, p) = embed_once(
+            &enc.renderer,
+            enc.engine.as_ref(),
+            texts,
+            enc.batch,
+            padded_engine,
+        )?;
         runs.push(s);
         real = r;
         padded = p;

@@ -53,7 +53,11 @@ pub fn auto_calibrate(index: &mut ExemplarIndex, target: f64) -> Result<()> {
     // With no threshold reaching the target, escalate everything rather than guess.
     let threshold = t.threshold.unwrap_or(f32::INFINITY);
     let d = &mut index.manifest.decision;
-    d.threshold = if threshold.is_finite() { threshold } else { 1e9 };
+    d.threshold = if threshold.is_finite() {
+        threshold
+    } else {
+        1e9
+    };
     d.calibration = Some(serde_json::json!({
         "method": "leave-one-out over exemplars",
         "signal": signal.name(),

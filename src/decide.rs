@@ -42,7 +42,9 @@ impl std::str::FromStr for Signal {
             "vote_sim" => Ok(Signal::VoteSim),
             "margin" => Ok(Signal::Margin),
             "top1" => Ok(Signal::Top1),
-            _ => Err(format!("unknown confidence signal `{s}` (vote, vote_sim, margin, top1)")),
+            _ => Err(format!(
+                "unknown confidence signal `{s}` (vote, vote_sim, margin, top1)"
+            )),
         }
     }
 }
@@ -139,7 +141,11 @@ impl Thresholds {
     }
 
     pub fn for_label(&self, label: u32) -> f32 {
-        let t = self.per_label.get(label as usize).copied().unwrap_or(f32::NAN);
+        let t = self
+            .per_label
+            .get(label as usize)
+            .copied()
+            .unwrap_or(f32::NAN);
         if t.is_nan() {
             self.global
         } else {

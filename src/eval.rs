@@ -119,7 +119,11 @@ pub fn coverage_at(rows: &[Scored], target: f64) -> TargetPoint {
     }
     TargetPoint {
         target,
-        coverage: if n == 0 { 0.0 } else { best.0 as f64 / n as f64 },
+        coverage: if n == 0 {
+            0.0
+        } else {
+            best.0 as f64 / n as f64
+        },
         threshold: best.1,
     }
 }
@@ -173,7 +177,11 @@ pub fn report(
     let thresholds: Vec<f32> = (0..=20).map(|i| i as f32 * 0.05).collect();
     EvalReport {
         rows: n,
-        accuracy: if n == 0 { 0.0 } else { correct as f64 / n as f64 },
+        accuracy: if n == 0 {
+            0.0
+        } else {
+            correct as f64 / n as f64
+        },
         macro_f1: macro_f1(rows, n_labels),
         signal: signal.to_string(),
         coverage: coverage_table(rows, &thresholds),

@@ -199,8 +199,12 @@ impl ExemplarIndex {
                 Error::io(&mpath, e)
             }
         })?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::index(dir, format!("manifest.json is not valid ({e}); rebuild the index")))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+            Error::index(
+                dir,
+                format!("manifest.json is not valid ({e}); rebuild the index"),
+            )
+        })?;
         if manifest.format_version > FORMAT_VERSION {
             return Err(Error::index(
                 dir,
@@ -217,7 +221,12 @@ impl ExemplarIndex {
         } else {
             usearch::Index::restore(&vpath_s)
         }
-        .map_err(|e| Error::index(dir, format!("cannot read {VECTORS} ({e}); rebuild the index")))?;
+        .map_err(|e| {
+            Error::index(
+                dir,
+                format!("cannot read {VECTORS} ({e}); rebuild the index"),
+            )
+        })?;
         let exemplars = read_exemplars(&dir.join(EXEMPLARS))?;
         if index.size() != manifest.count || exemplars.len() != manifest.count {
             return Err(Error::index(
@@ -240,7 +249,10 @@ impl ExemplarIndex {
             .iter()
             .map(|e| {
                 label_pos.get(e.label.as_str()).copied().ok_or_else(|| {
-                    Error::index(dir, format!("label `{}` missing from the manifest; rebuild", e.label))
+                    Error::index(
+                        dir,
+                        format!("label `{}` missing from the manifest; rebuild", e.label),
+                    )
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -315,11 +327,16 @@ impl ExemplarIndex {
     /// Adds exemplars with their (L2-normalised) vectors, `vectors.len() == n * dims`.
     pub fn add(&mut self, vectors: &[f32], exemplars: Vec<Exemplar>) -> Result<()> {
         if self.read_only {
-            return Err(Error::index(&self.dir, "opened read-only; reopen for writing to add exemplars"));
+            return Err(Error::index(
+                &self.dir,
+                "opened read-only; reopen for writing to add exemplars",
+            ));
         }
         let d = self.manifest.model.dims;
         if vectors.len() != exemplars.len() * d {
-            return Err(Error::Other("vector count does not match exemplar count".into()));
+            return Err(Error::Other(
+                "vector count does not match exemplar count".into(),
+            ));
         }
         // Grow the label set, keeping it sorted, and remap existing label indices.
         let mut labels = self.manifest.labels.clone();
@@ -331,7 +348,11 @@ impl ExemplarIndex {
         if labels != self.manifest.labels {
             let old = std::mem::replace(&mut self.manifest.labels, labels);
             for l in self.label_of.iter_mut() {
-                *l = self.manifest.labels.binary_search(&old[*l as usize]).unwrap() as u32;
+                *l = self
+                    .manifest
+                    .labels
+                    .binary_search(&old[*l as usize])
+                    .unwrap() as u32;
             }
         }
         let start = self.exemplars.len();
@@ -460,9 +481,15 @@ fn write_exemplars(path: &Path, ex: &[Exemplar]) -> Result<()> {
                 (0..chunk.len() as u64).map(|i| base + i),
             )),
             Arc::new(StringArray::from_iter_values(chunk.iter().map(|e| &e.id))),
-            Arc::new(StringArray::from_iter_values(chunk.iter().map(|e| &e.label))),
-            Arc::new(StringArray::from_iter_values(chunk.iter().map(|e| &e.source))),
-            Arc::new(StringArray::from_iter(chunk.iter().map(|e| e.llm_model.as_deref()))),
+            Arc::new(StringArray::from_iter_values(
+                chunk.iter().map(|e| &e.label),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                chunk.iter().map(|e| &e.source),
+            )),
+            Arc::new(StringArray::from_iter(
+                chunk.iter().map(|e| e.llm_model.as_deref()),
+            )),
             Arc::new(StringArray::from_iter(
                 chunk.iter().map(|e| e.prompt_version.as_deref()),
             )),
@@ -470,7 +497,8 @@ fn write_exemplars(path: &Path, ex: &[Exemplar]) -> Result<()> {
         ];
         let batch = RecordBatch::try_new(schema.clone(), cols)
             .map_err(|e| Error::output(path, e.to_string()))?;
-        w.write(&batch).map_err(|e| Error::output(path, e.to_string()))?;
+        w.write(&batch)
+            .map_err(|e| Error::output(path, e.to_string()))?;
     }
     w.close().map_err(|e| Error::output(path, e.to_string()))?;
     Ok(())

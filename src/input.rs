@@ -78,8 +78,7 @@ impl Format {
         let name = name.strip_suffix(".gz").unwrap_or(&name);
         if name.ends_with(".parquet") || name.ends_with(".pq") {
             Ok(Format::Parquet)
-        } else if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json")
-        {
+        } else if name.ends_with(".jsonl") || name.ends_with(".ndjson") || name.ends_with(".json") {
             Ok(Format::Jsonl)
         } else {
             Err(Error::input(
@@ -223,9 +222,7 @@ fn row_from_object(
         (_, Some(Value::Null)) | (_, None) => Err(format!(
             "no `{}` field and no turns field ({}); name the columns with --text-col / --turns-col",
             cols.text,
-            cols.turns
-                .clone()
-                .unwrap_or_else(|| AUTO_TURNS.join("/"))
+            cols.turns.clone().unwrap_or_else(|| AUTO_TURNS.join("/"))
         )),
         (_, Some(_)) => Err(format!("`{}` is not a string", cols.text)),
     };
@@ -391,7 +388,12 @@ impl RowReader for JsonlReader {
                     } else {
                         format!("broken JSON ({e}); fix or drop the line")
                     };
-                    rows.push(error_row(index, &self.stem, &cols, format!("{where_}: {why}")));
+                    rows.push(error_row(
+                        index,
+                        &self.stem,
+                        &cols,
+                        format!("{where_}: {why}"),
+                    ));
                     continue;
                 }
             };
@@ -416,14 +418,16 @@ impl RowReader for JsonlReader {
             }
             rows.push(row);
         }
-        if !self.saw_content_column && !rows.is_empty() && rows.iter().all(|r| r.content.is_err())
-        {
+        if !self.saw_content_column && !rows.is_empty() && rows.iter().all(|r| r.content.is_err()) {
             // Every row of the first batch failed: almost always a wrong column name or a file
             // that is not conversations at all. Stop instead of writing thousands of errors.
             let first = rows[0].content.as_ref().err().cloned().unwrap_or_default();
             return Err(Error::input(
                 &self.path,
-                format!("no readable conversation in the first {} rows (first problem: {first})", rows.len()),
+                format!(
+                    "no readable conversation in the first {} rows (first problem: {first})",
+                    rows.len()
+                ),
             ));
         }
         Ok(if rows.is_empty() { None } else { Some(rows) })
@@ -431,8 +435,14 @@ impl RowReader for JsonlReader {
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |p| p + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |p| p + 1);
     &b[start..end]
 }
 
@@ -461,9 +471,8 @@ pub struct ParquetReader {
 impl ParquetReader {
     pub fn open(path: &Path, opts: InputOptions) -> Result<Self> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
-            Error::input(path, format!("not a readable Parquet file ({e})"))
-        })?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+            .map_err(|e| Error::input(path, format!("not a readable Parquet file ({e})")))?;
         let schema = builder.schema().clone();
         let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let has = |c: &str| names.iter().any(|n| n == c);
@@ -473,7 +482,10 @@ impl ParquetReader {
             Some(c) => {
                 return Err(Error::input(
                     path,
-                    format!("no column `{c}` (columns: {}); fix --turns-col", names.join(", ")),
+                    format!(
+                        "no column `{c}` (columns: {}); fix --turns-col",
+                        names.join(", ")
+                    ),
                 ))
             }
             None => AUTO_TURNS.iter().find(|c| has(c)).map(|c| c.to_string()),
@@ -496,7 +508,10 @@ impl ParquetReader {
             if !has(&cols.split) {
                 return Err(Error::input(
                     path,
-                    format!("--split needs a `{}` column; this file has none", cols.split),
+                    format!(
+                        "--split needs a `{}` column; this file has none",
+                        cols.split
+                    ),
                 ));
             }
             Some(cols.split.clone())
@@ -527,7 +542,10 @@ impl ParquetReader {
                 Err(_) => {
                     return Err(Error::input(
                         path,
-                        format!("pass-through column `{c}` is not in the file (columns: {})", names.join(", ")),
+                        format!(
+                            "pass-through column `{c}` is not in the file (columns: {})",
+                            names.join(", ")
+                        ),
                     ))
                 }
             }
@@ -599,7 +617,8 @@ impl ParquetReader {
                 RowSelector::select(total - skip),
             ]));
         }
-        b.build().map_err(|e| Error::input(&self.path, e.to_string()))
+        b.build()
+            .map_err(|e| Error::input(&self.path, e.to_string()))
     }
 
     fn convert(&self, batch: &RecordBatch, first_index: u64) -> Vec<Row> {
@@ -616,7 +635,13 @@ impl ParquetReader {
             .passthrough
             .iter()
             .zip(&self.pass_present)
-            .map(|(c, &p)| if p { batch.column_by_name(c).cloned() } else { None })
+            .map(|(c, &p)| {
+                if p {
+                    batch.column_by_name(c).cloned()
+                } else {
+                    None
+                }
+            })
             .collect();
         let mut rows = Vec::with_capacity(batch.num_rows());
         for i in 0..batch.num_rows() {
@@ -707,8 +732,11 @@ impl RowReader for ParquetReader {
                 continue;
             }
             if self.reader.is_none() {
-                self.reader =
-                    Some(self.build_reader(self.group, self.offset_in_group, self.opts.batch_rows)?);
+                self.reader = Some(self.build_reader(
+                    self.group,
+                    self.offset_in_group,
+                    self.opts.batch_rows,
+                )?);
             }
             let first_index = self.base_index + self.offset_in_group as u64;
             match self.reader.as_mut().and_then(|r| r.next()) {

@@ -349,7 +349,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval(&ctx, a),
         Cmd::Demo(a) => demo(&ctx, a),
         Cmd::Bench(BenchCmd::Embed(a)) => bench_embed(&ctx, a),
-        Cmd::Embed { input, output, cols } => {
+        Cmd::Embed {
+            input,
+            output,
+            cols,
+        } => {
             let encoder = Encoder::load(&ctx.encoder_options())?;
             let opts = ctx.input_options(&cols);
             let progress = ctx.progress(input::open(&input, &opts)?.total_rows(), "embed");
@@ -442,7 +446,13 @@ fn index_add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Res
         report_skips(&s);
         added += s.added;
     }
-    if index.manifest.decision.calibration.as_ref().is_some_and(|c| c["method"] == "leave-one-out over exemplars") {
+    if index
+        .manifest
+        .decision
+        .calibration
+        .as_ref()
+        .is_some_and(|c| c["method"] == "leave-one-out over exemplars")
+    {
         semtel::calibrate::auto_calibrate(&mut index, semtel::calibrate::DEFAULT_TARGET)?;
     }
     index.save()?;
@@ -455,7 +465,12 @@ fn index_add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Res
     Ok(())
 }
 
-fn classifier_options(ctx: &Ctx, k: Option<usize>, threshold: Option<f32>, signal: Option<Signal>) -> Result<ClassifierOptions> {
+fn classifier_options(
+    ctx: &Ctx,
+    k: Option<usize>,
+    threshold: Option<f32>,
+    signal: Option<Signal>,
+) -> Result<ClassifierOptions> {
     let c = &ctx.cfg.classify;
     Ok(ClassifierOptions {
         encoder: ctx.encoder_options(),
@@ -503,7 +518,11 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
     };
     let (writer, done) = OutputWriter::open(&a.output, spec, existing)?;
     if a.resume && !done.is_empty() {
-        eprintln!("resuming: {} rows already in {}", done.len(), a.output.display());
+        eprintln!(
+            "resuming: {} rows already in {}",
+            done.len(),
+            a.output.display()
+        );
     }
     let progress = ctx.progress(reader.total_rows(), "classify");
     let summary = pipeline::run(
@@ -576,7 +595,8 @@ fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
             "  {:>5.2}    {:>6.1}%   {}",
             p.threshold,
             p.coverage * 100.0,
-            p.kept_accuracy.map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+            p.kept_accuracy
+                .map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
         );
     }
     Ok(())
@@ -621,7 +641,14 @@ fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     let classifier = Classifier::new(encoder, index, &ClassifierOptions::default())?;
     let reader = input::open(&conversations, &opts)?;
     let (writer, done) = OutputWriter::open(&labels, OutputSpec::new(vec![]), Existing::Overwrite)?;
-    let summary = pipeline::run(&classifier, reader, writer, done, &mut NoEscalation, &Progress::hidden())?;
+    let summary = pipeline::run(
+        &classifier,
+        reader,
+        writer,
+        done,
+        &mut NoEscalation,
+        &Progress::hidden(),
+    )?;
     println!(
         "classify {} → {}: {} rows in {:.2}s ({:.0} rows/s); kNN kept {}, escalated {}, errors {}",
         conversations.display(),
@@ -636,10 +663,16 @@ fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     let ev = semtel::ops::evaluate(&classifier, &conversations, &opts, &Progress::hidden())?;
     let r = &ev.report;
     let t = classifier.thresholds.global;
-    let kept_rows: Vec<_> = ev.scored.iter().filter(|x| x.pred.is_some() && x.confidence >= t).collect();
+    let kept_rows: Vec<_> = ev
+        .scored
+        .iter()
+        .filter(|x| x.pred.is_some() && x.confidence >= t)
+        .collect();
     let kept = (
         kept_rows.len() as f64 / ev.scored.len().max(1) as f64,
-        (!kept_rows.is_empty()).then(|| kept_rows.iter().filter(|x| x.correct()).count() as f64 / kept_rows.len() as f64),
+        (!kept_rows.is_empty()).then(|| {
+            kept_rows.iter().filter(|x| x.correct()).count() as f64 / kept_rows.len() as f64
+        }),
     );
     println!(
         "gold labels of the sample: kNN accuracy {:.1}% on all rows; at the calibrated threshold {:.3} kNN keeps {:.0}% of rows at {} accuracy",
@@ -676,7 +709,11 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json"))?)?;
     let dims = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
-    let model_dims = (dims("hidden_size"), dims("intermediate_size"), dims("num_hidden_layers"));
+    let model_dims = (
+        dims("hidden_size"),
+        dims("intermediate_size"),
+        dims("num_hidden_layers"),
+    );
     for &engine in &a.engines {
         let mut eo = ctx.encoder_options();
         eo.engine = engine;
@@ -715,16 +752,28 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
             .arg(&script)
             .arg(&tf)
             .arg(&model_dir)
-            .args(["--threads", &threads.to_string(), "--repeats", &a.repeats.to_string(), "--dtypes", &a.st_dtypes])
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--repeats",
+                &a.repeats.to_string(),
+                "--dtypes",
+                &a.st_dtypes,
+            ])
             .env("TOKENIZERS_PARALLELISM", "true")
             .output()
             .with_context(|| format!("running {} {}", py.display(), script.display()))?;
         let _ = std::fs::remove_dir_all(&dir);
         if !out.status.success() {
-            bail!("sentence-transformers run failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "sentence-transformers run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
             let tps = v["tokens_per_s"].as_f64().unwrap_or(0.0);
             eprintln!(
                 "{:<52} {:>7.1} texts/s {:>8.0} tokens/s",

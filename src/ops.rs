@@ -89,7 +89,8 @@ pub fn add_exemplars(
                 Err(e) => {
                     s.skipped_errors += 1;
                     if s.problems.len() < 10 {
-                        s.problems.push(format!("{} row {}: {e}", path.display(), r.index));
+                        s.problems
+                            .push(format!("{} row {}: {e}", path.display(), r.index));
                     }
                 }
             }
@@ -118,12 +119,16 @@ pub fn build_index(
     progress: &Progress,
 ) -> Result<(ExemplarIndex, AddSummary)> {
     let build = BuildInfo {
-        sources: sources.iter().map(|(p, _)| p.display().to_string()).collect(),
+        sources: sources
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect(),
         split: sources.first().and_then(|(_, o)| o.split.clone()),
         include_system_turns: false,
         ..Default::default()
     };
-    let mut index = ExemplarIndex::create(out, ModelInfo::of(&encoder.files, encoder.dim()), build)?;
+    let mut index =
+        ExemplarIndex::create(out, ModelInfo::of(&encoder.files, encoder.dim()), build)?;
     index.manifest.decision.k = k;
     let mut total = AddSummary::default();
     for (p, o) in sources {
@@ -155,10 +160,13 @@ pub fn build_index(
 
 /// Per-row evaluation results beside the aggregate report.
 pub struct Evaluation {
+    /// Report for the classifier's confidence signal.
     pub report: EvalReport,
     pub scored: Vec<Scored>,
     /// Row ids in the order of `scored`.
     pub ids: Vec<String>,
+    /// The same rows scored with every kNN confidence signal.
+    pub by_signal: Vec<(crate::decide::Signal, EvalReport)>,
 }
 
 /// Classifies a labelled file and scores the kNN decisions against the gold labels.
@@ -172,6 +180,7 @@ pub fn evaluate(
     let labels = classifier.index.labels();
     let mut unseen = std::collections::BTreeSet::new();
     let mut scored = Vec::new();
+    let mut votes = Vec::new();
     let mut ids = Vec::new();
     while let Some(rows) = reader.next_batch()? {
         progress.inc(rows.len() as u64);
@@ -196,21 +205,45 @@ pub fn evaluate(
                 gold: g,
                 confidence: c.out.confidence.unwrap_or(f32::NEG_INFINITY),
             });
+            votes.push(c.vote);
             ids.push(c.out.id);
         }
     }
     if scored.is_empty() {
         return Err(Error::input(
             path,
-            format!("no labelled rows to evaluate (label column `{}`, split {:?})", opts.columns.label, opts.split),
+            format!(
+                "no labelled rows to evaluate (label column `{}`, split {:?})",
+                opts.columns.label, opts.split
+            ),
         ));
     }
     let signal = classifier.thresholds.signal.name().to_string();
-    let report = report(&scored, labels.len(), &signal, unseen.into_iter().collect());
+    let unseen: Vec<String> = unseen.into_iter().collect();
+    let report = report(&scored, labels.len(), &signal, unseen.clone());
+    use crate::decide::Signal;
+    let by_signal = [Signal::VoteSim, Signal::Vote, Signal::Margin, Signal::Top1]
+        .into_iter()
+        .map(|sig| {
+            let rescored: Vec<Scored> = scored
+                .iter()
+                .zip(&votes)
+                .map(|(s, v)| Scored {
+                    confidence: v.as_ref().map_or(f32::NEG_INFINITY, |v| v.signal(sig)),
+                    ..*s
+                })
+                .collect();
+            (
+                sig,
+                crate::eval::report(&rescored, labels.len(), sig.name(), unseen.clone()),
+            )
+        })
+        .collect();
     Ok(Evaluation {
         report,
         scored,
         ids,
+        by_signal,
     })
 }
 
@@ -232,7 +265,11 @@ pub fn embed_file(
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),
         Field::new("label", DataType::Utf8, true),
-        Field::new("vector", DataType::FixedSizeList(item.clone(), d as i32), false),
+        Field::new(
+            "vector",
+            DataType::FixedSizeList(item.clone(), d as i32),
+            false,
+        ),
     ]));
     let f = std::fs::File::create(out).map_err(|e| Error::io(out, e))?;
     let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None)
@@ -278,13 +315,19 @@ pub fn embed_file(
             Arc::new(StringArray::from_iter_values(ids)),
             Arc::new(StringArray::from_iter(labels)),
             Arc::new(
-                FixedSizeListArray::try_new(item.clone(), d as i32, Arc::new(Float32Array::from(v)), None)
-                    .map_err(|e| Error::output(out, e.to_string()))?,
+                FixedSizeListArray::try_new(
+                    item.clone(),
+                    d as i32,
+                    Arc::new(Float32Array::from(v)),
+                    None,
+                )
+                .map_err(|e| Error::output(out, e.to_string()))?,
             ),
         ];
         let batch = RecordBatch::try_new(schema.clone(), cols)
             .map_err(|e| Error::output(out, e.to_string()))?;
-        w.write(&batch).map_err(|e| Error::output(out, e.to_string()))?;
+        w.write(&batch)
+            .map_err(|e| Error::output(out, e.to_string()))?;
     }
     w.close().map_err(|e| Error::output(out, e.to_string()))?;
     s.seconds = start.elapsed().as_secs_f64();

@@ -12,8 +12,8 @@
 use crate::index::commit;
 use crate::{Error, Result};
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder,
-    RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
+    Array, ArrayRef, AsArray, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder,
+    ListBuilder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -356,7 +356,11 @@ fn complete_parts(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let p = e.map_err(|e| Error::io(dir, e))?.path();
-        let name = p.file_name().unwrap_or_default().to_string_lossy().to_string();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
         if name.starts_with("part-") && name.ends_with(".parquet") {
             parts.push(p);
         }
@@ -368,7 +372,10 @@ fn complete_parts(dir: &Path) -> Result<Vec<PathBuf>> {
 fn read_parquet_ids(path: &Path, into: &mut HashSet<String>) -> Result<()> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
-        Error::output(path, format!("cannot read for --resume ({e}); move it away and rerun"))
+        Error::output(
+            path,
+            format!("cannot read for --resume ({e}); move it away and rerun"),
+        )
     })?;
     let mask = ProjectionMask::columns(b.parquet_schema(), ["id"]);
     for batch in b
@@ -406,7 +413,11 @@ pub struct OutputWriter {
 
 impl OutputWriter {
     /// Opens the output, honouring `existing`; returns the writer and the ids already written.
-    pub fn open(path: &Path, spec: OutputSpec, existing: Existing) -> Result<(Self, HashSet<String>)> {
+    pub fn open(
+        path: &Path,
+        spec: OutputSpec,
+        existing: Existing,
+    ) -> Result<(Self, HashSet<String>)> {
         let fmt = OutFormat::of(path);
         let parts = parts_dir(path, fmt);
         let exists = match fmt {
@@ -612,7 +623,8 @@ impl OutputWriter {
                 .map_err(|e| Error::output(p, e.to_string()))?;
             for b in r {
                 let b = b.map_err(|e| Error::output(p, e.to_string()))?;
-                w.write(&b).map_err(|e| Error::output(&tmp, e.to_string()))?;
+                w.write(&b)
+                    .map_err(|e| Error::output(&tmp, e.to_string()))?;
             }
         }
         w.close().map_err(|e| Error::output(&tmp, e.to_string()))?;
@@ -631,7 +643,9 @@ fn resume_jsonl(path: &Path, done: &mut HashSet<String>) -> Result<File> {
     let mut line = Vec::new();
     loop {
         line.clear();
-        let n = r.read_until(b'\n', &mut line).map_err(|e| Error::io(path, e))?;
+        let n = r
+            .read_until(b'\n', &mut line)
+            .map_err(|e| Error::io(path, e))?;
         if n == 0 {
             break;
         }
@@ -666,8 +680,8 @@ pub fn read_ids_and_labels(path: &Path) -> Result<Vec<(String, Option<String>, S
             let f = File::open(path).map_err(|e| Error::io(path, e))?;
             for line in BufReader::new(f).lines() {
                 let line = line.map_err(|e| Error::io(path, e))?;
-                let v: Value = serde_json::from_str(&line)
-                    .map_err(|e| Error::output(path, e.to_string()))?;
+                let v: Value =
+                    serde_json::from_str(&line).map_err(|e| Error::output(path, e.to_string()))?;
                 out.push((
                     v["id"].as_str().unwrap_or_default().to_string(),
                     v["label"].as_str().map(str::to_string),
@@ -689,8 +703,16 @@ pub fn read_ids_and_labels(path: &Path) -> Result<Vec<(String, Option<String>, S
                 for b in r {
                     let b = b.map_err(|e| Error::output(&p, e.to_string()))?;
                     let id = b.column_by_name("id").unwrap().as_string::<i32>().clone();
-                    let lab = b.column_by_name("label").unwrap().as_string::<i32>().clone();
-                    let by = b.column_by_name("decided_by").unwrap().as_string::<i32>().clone();
+                    let lab = b
+                        .column_by_name("label")
+                        .unwrap()
+                        .as_string::<i32>()
+                        .clone();
+                    let by = b
+                        .column_by_name("decided_by")
+                        .unwrap()
+                        .as_string::<i32>()
+                        .clone();
                     for i in 0..b.num_rows() {
                         out.push((
                             id.value(i).to_string(),

@@ -28,6 +28,8 @@ pub struct Classified {
     pub content: Option<Content>,
     /// Embedding of the row (present for escalated rows only; the exemplar index can grow from it).
     pub vector: Option<Vec<f32>>,
+    /// The kNN vote (absent for error rows).
+    pub vote: Option<crate::decide::Vote>,
 }
 
 /// Everything needed to classify: the encoder, the exemplar index and the decision settings.
@@ -106,7 +108,10 @@ impl Classifier {
     }
 
     /// Embeds rendered rows; rows that failed to render keep their error.
-    pub fn embed(&self, rendered: &[std::result::Result<Rendered, String>]) -> Result<Vec<RowVector>> {
+    pub fn embed(
+        &self,
+        rendered: &[std::result::Result<Rendered, String>],
+    ) -> Result<Vec<RowVector>> {
         let ok: Vec<&[u32]> = rendered
             .iter()
             .filter_map(|r| r.as_ref().ok().map(|r| r.ids.as_slice()))
@@ -153,9 +158,10 @@ impl Classifier {
                         format!("row {}: {msg}", row.id)
                     };
                     out.push(Classified {
-                    out: OutputRow::error(row.id, msg, row.passthrough),
-                    content: None,
+                        out: OutputRow::error(row.id, msg, row.passthrough),
+                        content: None,
                         vector: None,
+                        vote: None,
                     });
                     continue;
                 }
@@ -198,6 +204,7 @@ impl Classifier {
                 },
                 content: if escalate { row.content.ok() } else { None },
                 vector: if escalate { Some(vector) } else { None },
+                vote: Some(v),
             });
         }
         Ok(out)
@@ -269,7 +276,10 @@ pub fn run(
                 let todo: Vec<Row> = if done.is_empty() {
                     batch
                 } else {
-                    batch.into_iter().filter(|r| !done.contains(&r.id)).collect()
+                    batch
+                        .into_iter()
+                        .filter(|r| !done.contains(&r.id))
+                        .collect()
                 };
                 skipped += n - todo.len() as u64;
                 if todo.is_empty() {

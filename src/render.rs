@@ -75,7 +75,9 @@ impl Renderer {
         let pos = full
             .windows(plain.len())
             .position(|w| w == plain.as_slice())
-            .ok_or_else(|| Error::Tokenizer("cannot locate content inside special tokens".into()))?;
+            .ok_or_else(|| {
+                Error::Tokenizer("cannot locate content inside special tokens".into())
+            })?;
         let prefix = full[..pos].to_vec();
         let suffix = full[pos + plain.len()..].to_vec();
         if max_tokens <= prefix.len() + suffix.len() + MIN_PIECE {
@@ -164,7 +166,10 @@ impl Renderer {
         match content {
             Content::Text(t) => {
                 if t.trim().is_empty() {
-                    return Err("empty text: nothing to classify (fill the text column or drop the row)".into());
+                    return Err(
+                        "empty text: nothing to classify (fill the text column or drop the row)"
+                            .into(),
+                    );
                 }
                 let ids = self.encode_bounded(t)?;
                 let full = ids.len();
@@ -196,7 +201,9 @@ impl Renderer {
             kept = turns.iter().filter(non_blank).collect();
         }
         if kept.is_empty() {
-            return Err("empty conversation: no turn has any text (fill the turns or drop the row)".into());
+            return Err(
+                "empty conversation: no turn has any text (fill the turns or drop the row)".into(),
+            );
         }
         // Token ids of each turn: `role:` followed by its content.
         let mut pieces: Vec<(Vec<u32>, Vec<u32>)> = Vec::with_capacity(kept.len());

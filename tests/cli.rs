@@ -51,7 +51,12 @@ fn ids_of_input(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -63,8 +68,16 @@ fn assert_exactly_once(output: &Path, want: &[String]) {
     }
     let dups: Vec<_> = counts.iter().filter(|(_, &c)| c > 1).collect();
     assert!(dups.is_empty(), "duplicated ids: {dups:?}");
-    let missing: Vec<_> = want.iter().filter(|id| !counts.contains_key(id.as_str())).collect();
-    assert!(missing.is_empty(), "missing ids: {} e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
+    let missing: Vec<_> = want
+        .iter()
+        .filter(|id| !counts.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing ids: {} e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
     assert_eq!(rows.len(), want.len());
 }
 
@@ -85,14 +98,18 @@ fn classify_sample_to_parquet_and_jsonl() {
     assert_eq!(manifest["count"], 100);
     assert_eq!(manifest["model"]["dims"], 384);
     assert_eq!(manifest["labels"].as_array().unwrap().len(), 10);
-    let gold: HashMap<String, String> = std::fs::read_to_string(repo().join("data/conversations.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["id"].as_str().unwrap().into(), v["label"].as_str().unwrap().into())
-        })
-        .collect();
+    let gold: HashMap<String, String> =
+        std::fs::read_to_string(repo().join("data/conversations.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["id"].as_str().unwrap().into(),
+                    v["label"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
     for name in ["labels.parquet", "labels.jsonl", "labels-dataset"] {
         let out = dir.join(name);
         ok(semtel(&[
@@ -115,7 +132,11 @@ fn classify_sample_to_parquet_and_jsonl() {
             .iter()
             .filter(|(id, label, _)| label.as_deref() == Some(gold[id].as_str()))
             .count();
-        assert!(right as f64 >= 0.9 * knn.len() as f64, "{right}/{}", knn.len());
+        assert!(
+            right as f64 >= 0.9 * knn.len() as f64,
+            "{right}/{}",
+            knn.len()
+        );
         assert!(rows.iter().all(|r| r.2 == "knn" || r.2 == "escalate"));
     }
     // JSONL carries neighbours and the pass-through column.
@@ -123,7 +144,11 @@ fn classify_sample_to_parquet_and_jsonl() {
     let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     assert_eq!(v["neighbors"].as_array().unwrap().len(), 10);
     assert!(v["label"].is_string() || v["decided_by"] == "escalate");
-    assert!(gold.values().any(|g| v["label"].as_str() == Some(g.as_str())) || v["label"].is_null());
+    assert!(
+        gold.values()
+            .any(|g| v["label"].as_str() == Some(g.as_str()))
+            || v["label"].is_null()
+    );
     // A second run without --resume refuses to clobber the output.
     let err = fails(semtel(&[
         "classify",
@@ -134,7 +159,10 @@ fn classify_sample_to_parquet_and_jsonl() {
         "--output",
         dir.join("labels.jsonl").to_str().unwrap(),
     ]));
-    assert!(err.contains("--resume") && err.contains("--overwrite"), "{err}");
+    assert!(
+        err.contains("--resume") && err.contains("--overwrite"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -143,7 +171,9 @@ fn bad_input_is_reported_per_row_and_the_run_continues() {
     let idx = build_sample_index(&dir);
     let input = dir.join("bad.jsonl");
     let mut data = Vec::new();
-    data.extend_from_slice(b"{\"id\": \"good\", \"text\": \"How do I reverse a list in Python?\"}\n");
+    data.extend_from_slice(
+        b"{\"id\": \"good\", \"text\": \"How do I reverse a list in Python?\"}\n",
+    );
     data.extend_from_slice(b"{\"id\": \"broken\", \"text\": \"unterminated\n");
     data.extend_from_slice(b"{\"id\": \"empty\", \"text\": \"   \"}\n");
     data.extend_from_slice(b"{\"id\": \"nocol\", \"body\": \"no text column here\"}\n");
@@ -152,7 +182,9 @@ fn bad_input_is_reported_per_row_and_the_run_continues() {
     data.extend_from_slice(b"{\"id\": \"badutf8\", \"text\": \"caf\xff\xfe latte\"}\n");
     let big = "please help me plan a trip to Rome. ".repeat(150_000); // ~5 MB
     data.extend_from_slice(format!("{{\"id\": \"huge\", \"text\": \"{big}\"}}\n").as_bytes());
-    data.extend_from_slice(b"{\"id\": \"turns-empty\", \"turns\": [{\"role\": \"user\", \"content\": \"\"}]}\n");
+    data.extend_from_slice(
+        b"{\"id\": \"turns-empty\", \"turns\": [{\"role\": \"user\", \"content\": \"\"}]}\n",
+    );
     data.extend_from_slice(b"{\"id\": \"good2\", \"turns\": [{\"role\": \"user\", \"content\": \"my wifi keeps dropping\"}]}\n");
     std::fs::write(&input, data).unwrap();
     let out = dir.join("out.jsonl");
@@ -177,7 +209,11 @@ fn bad_input_is_reported_per_row_and_the_run_continues() {
     assert_eq!(rows.len(), 9, "{:?}", rows.keys());
     let err = |id: &str| rows[id]["error"].as_str().unwrap_or("").to_string();
     // Broken lines get positional ids and name the file and line.
-    assert!(err("bad:1").contains("line 2") && err("bad:1").contains("broken JSON"), "{}", err("bad:1"));
+    assert!(
+        err("bad:1").contains("line 2") && err("bad:1").contains("broken JSON"),
+        "{}",
+        err("bad:1")
+    );
     assert!(err("empty").contains("empty text"));
     assert!(err("nocol").contains("--text-col"));
     assert!(err("bad:4").contains("not a JSON object"));
@@ -205,7 +241,10 @@ fn wrong_columns_fail_fast_with_advice() {
         "--output",
         dir.join("o.jsonl").to_str().unwrap(),
     ]));
-    assert!(err.contains("nocols.jsonl") && err.contains("--text-col"), "{err}");
+    assert!(
+        err.contains("nocols.jsonl") && err.contains("--text-col"),
+        "{err}"
+    );
     // Naming the column fixes it.
     ok(semtel(&[
         "classify",
@@ -225,8 +264,10 @@ fn index_from_another_model_is_refused() {
     let dir = tmpdir("other-model");
     let idx = build_sample_index(&dir);
     let mpath = idx.join("manifest.json");
-    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
-    m["model"]["weights_sha256"] = "0000000000000000000000000000000000000000000000000000000000000000".into();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    m["model"]["weights_sha256"] =
+        "0000000000000000000000000000000000000000000000000000000000000000".into();
     m["model"]["id"] = "BAAI/bge-small-en-v1.5".into();
     std::fs::write(&mpath, serde_json::to_string(&m).unwrap()).unwrap();
     let err = fails(semtel(&[
@@ -238,8 +279,16 @@ fn index_from_another_model_is_refused() {
         "--output",
         dir.join("o.jsonl").to_str().unwrap(),
     ]));
-    assert!(err.contains("bge-small") && err.contains("rebuild the index"), "{err}");
-    assert!(!dir.join("o.jsonl").exists() || std::fs::read_to_string(dir.join("o.jsonl")).unwrap().is_empty());
+    assert!(
+        err.contains("bge-small") && err.contains("rebuild the index"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("o.jsonl").exists()
+            || std::fs::read_to_string(dir.join("o.jsonl"))
+                .unwrap()
+                .is_empty()
+    );
 }
 
 #[test]
@@ -274,7 +323,10 @@ fn resume_after_a_torn_jsonl_write() {
     let a = args("--resume");
     let log = ok(semtel(&a.iter().map(String::as_str).collect::<Vec<_>>()));
     assert!(log.contains("20 skipped"), "{log}");
-    assert_exactly_once(&out, &ids_of_input(&repo().join("data/conversations.jsonl")));
+    assert_exactly_once(
+        &out,
+        &ids_of_input(&repo().join("data/conversations.jsonl")),
+    );
 }
 
 fn kill_and_resume(output_name: &str) {
@@ -319,16 +371,27 @@ fn kill_and_resume(output_name: &str) {
         .current_dir(repo());
         c
     };
-    let mut child = run(&[]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = run(&[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // Kill as soon as some rows are durable.
     let parts = PathBuf::from(format!("{}.parts", out.display()));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let progressed = if output_name.ends_with(".jsonl") {
-            std::fs::metadata(&out).map(|m| m.len() > 20_000).unwrap_or(false)
+            std::fs::metadata(&out)
+                .map(|m| m.len() > 20_000)
+                .unwrap_or(false)
         } else {
             std::fs::read_dir(&parts)
-                .map(|d| d.filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "parquet")).count() >= 2)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+                        .count()
+                        >= 2
+                })
                 .unwrap_or(false)
         };
         if progressed || std::time::Instant::now() > deadline {
@@ -338,11 +401,21 @@ fn kill_and_resume(output_name: &str) {
     }
     child.kill().unwrap();
     let status = child.wait().unwrap();
-    assert!(!status.success(), "the run finished before it could be killed; make the input longer");
+    assert!(
+        !status.success(),
+        "the run finished before it could be killed; make the input longer"
+    );
     let out2 = run(&["--resume"]).output().unwrap();
-    assert!(out2.status.success(), "{}", String::from_utf8_lossy(&out2.stderr));
+    assert!(
+        out2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
     assert_exactly_once(&out, &ids);
-    assert!(!parts.exists(), "parts must be merged away after a finished run");
+    assert!(
+        !parts.exists(),
+        "parts must be merged away after a finished run"
+    );
 }
 
 #[test]
@@ -364,9 +437,30 @@ fn index_add_extends_without_duplicates() {
     std::fs::write(&a, lines[..60].join("\n")).unwrap();
     std::fs::write(&b, lines[60..].join("\n")).unwrap();
     let idx = dir.join("idx");
-    ok(semtel(&["index", "build", "--exemplars", a.to_str().unwrap(), "--out", idx.to_str().unwrap()]));
-    ok(semtel(&["index", "add", "--index", idx.to_str().unwrap(), "--exemplars", b.to_str().unwrap()]));
-    ok(semtel(&["index", "add", "--index", idx.to_str().unwrap(), "--exemplars", b.to_str().unwrap()]));
+    ok(semtel(&[
+        "index",
+        "build",
+        "--exemplars",
+        a.to_str().unwrap(),
+        "--out",
+        idx.to_str().unwrap(),
+    ]));
+    ok(semtel(&[
+        "index",
+        "add",
+        "--index",
+        idx.to_str().unwrap(),
+        "--exemplars",
+        b.to_str().unwrap(),
+    ]));
+    ok(semtel(&[
+        "index",
+        "add",
+        "--index",
+        idx.to_str().unwrap(),
+        "--exemplars",
+        b.to_str().unwrap(),
+    ]));
     let info = ok(semtel(&["index", "info", "--index", idx.to_str().unwrap()]));
     let m: serde_json::Value = serde_json::from_str(&info[..info.rfind('}').unwrap() + 1]).unwrap();
     assert_eq!(m["count"], 100);

@@ -85,7 +85,10 @@ fn refuses_tampered_default_model() {
     .err()
     .expect("tampered weights must be refused")
     .to_string();
-    assert!(err.contains("sha256") && err.contains("fetch-model"), "{err}");
+    assert!(
+        err.contains("sha256") && err.contains("fetch-model"),
+        "{err}"
+    );
 }
 
 #[test]

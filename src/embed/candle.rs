@@ -29,8 +29,7 @@ impl CandleBert {
             Device::Auto => candle_core::Device::cuda_if_available(0)?,
         };
         let cfg_path = files.dir.join("config.json");
-        let cfg_text =
-            std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config: Config = serde_json::from_str(&cfg_text).map_err(|e| {
             Error::Model(format!(
                 "{}: not a BERT-family config ({e}); semtel loads BERT, MiniLM, BGE and E5 models",

@@ -202,7 +202,8 @@ impl Encoder {
     pub fn from_files(files: ModelFiles, opts: &EncoderOptions) -> Result<Self> {
         let renderer = Renderer::from_file(&files.dir.join("tokenizer.json"), files.max_tokens)?
             .with_system_turns(opts.include_system_turns);
-        let engine: Box<dyn Embedder> = if cuda_wanted(opts.device) || opts.engine == Engine::Candle {
+        let engine: Box<dyn Embedder> = if cuda_wanted(opts.device) || opts.engine == Engine::Candle
+        {
             Box::new(CandleBert::load(&files, opts.device)?)
         } else {
             match (FastBert::try_load(&files)?, opts.engine) {

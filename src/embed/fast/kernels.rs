@@ -198,7 +198,15 @@ pub unsafe fn gemm(a: &[u16], lda: usize, m: usize, b: &PackedB, epi: &mut Epilo
             let mut r0 = m0;
             while r0 < m0 + mb {
                 let rows = MR.min(m0 + mb - r0);
-                kernel_dispatch(rows, kp, a32.add(r0 * lda32), lda32, bp, tile.as_mut_ptr() as *mut f32, NR);
+                kernel_dispatch(
+                    rows,
+                    kp,
+                    a32.add(r0 * lda32),
+                    lda32,
+                    bp,
+                    tile.as_mut_ptr() as *mut f32,
+                    NR,
+                );
                 finish_tile(&tile, rows, r0, col0, cols, &b.bias[col0..col0 + NR], epi);
                 r0 += rows;
             }
@@ -219,7 +227,11 @@ unsafe fn finish_tile(
     epi: &mut Epilogue,
 ) {
     let full = cols == NR;
-    let mask: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+    let mask: __mmask16 = if cols >= 16 {
+        0xffff
+    } else {
+        (1u32 << cols) as u16 - 1
+    };
     let mask_hi: __mmask16 = if cols >= 32 {
         0xffff
     } else if cols > 16 {
@@ -375,7 +387,11 @@ pub unsafe fn softmax_exp_bf16(row: &[f32], len: usize, out: &mut [u16]) -> f32 
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut j = 0;
     while j < len {
-        let m: __mmask16 = if len - j >= 16 { 0xffff } else { ((1u32 << (len - j)) - 1) as u16 };
+        let m: __mmask16 = if len - j >= 16 {
+            0xffff
+        } else {
+            ((1u32 << (len - j)) - 1) as u16
+        };
         mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(j)));
         j += 16;
     }
@@ -385,9 +401,17 @@ pub unsafe fn softmax_exp_bf16(row: &[f32], len: usize, out: &mut [u16]) -> f32 
     let mut j = 0;
     while j < padded {
         let valid = len.saturating_sub(j);
-        let m0: __mmask16 = if valid >= 16 { 0xffff } else { ((1u32 << valid) - 1) as u16 };
+        let m0: __mmask16 = if valid >= 16 {
+            0xffff
+        } else {
+            ((1u32 << valid) - 1) as u16
+        };
         let v1 = valid.saturating_sub(16);
-        let m1: __mmask16 = if v1 >= 16 { 0xffff } else { ((1u32 << v1) - 1) as u16 };
+        let m1: __mmask16 = if v1 >= 16 {
+            0xffff
+        } else {
+            ((1u32 << v1) - 1) as u16
+        };
         let e0 = _mm512_maskz_mov_ps(m0, exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(j)), mx)));
         let e1 = _mm512_maskz_mov_ps(m1, exp16(_mm512_sub_ps(_mm512_loadu_ps(p.add(j + 16)), mx)));
         sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
@@ -455,7 +479,10 @@ pub unsafe fn attention_head(
             };
             let dst = scratch.vpack.as_mut_ptr().add((vp * jp_n + jp) * NR);
             _mm512_storeu_si512(dst as *mut _, _mm512_permutex2var_epi16(r0, idx_lo, r1));
-            _mm512_storeu_si512(dst.add(16) as *mut _, _mm512_permutex2var_epi16(r0, idx_hi, r1));
+            _mm512_storeu_si512(
+                dst.add(16) as *mut _,
+                _mm512_permutex2var_epi16(r0, idx_hi, r1),
+            );
         }
     }
     scratch.scores.clear();
@@ -543,7 +570,8 @@ pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
     let n = src.len();
     let mut i = 0;
     while i + 16 <= n {
-        let y: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i))));
+        let y: __m256i =
+            std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(src.as_ptr().add(i))));
         _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, y);
         i += 16;
     }
@@ -576,7 +604,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect()
@@ -611,7 +641,10 @@ mod tests {
             };
             let want = naive(&a, &w, &bias, m, n, k);
             for (x, y) in out.iter().zip(&want) {
-                assert!((x - y).abs() < 1e-3 * (1.0 + y.abs()), "{m}x{n}x{k}: {x} vs {y}");
+                assert!(
+                    (x - y).abs() < 1e-3 * (1.0 + y.abs()),
+                    "{m}x{n}x{k}: {x} vs {y}"
+                );
             }
         }
     }
@@ -633,7 +666,11 @@ mod tests {
             for (i, &x) in chunk.iter().enumerate() {
                 let x64 = x as f64;
                 let want = 0.5 * x64 * (1.0 + erf(x64 / std::f64::consts::SQRT_2));
-                assert!((g[i] as f64 - want).abs() < 1e-5, "gelu({x}) = {} vs {want}", g[i]);
+                assert!(
+                    (g[i] as f64 - want).abs() < 1e-5,
+                    "gelu({x}) = {} vs {want}",
+                    g[i]
+                );
                 let we = x64.exp();
                 assert!(((e[i] as f64 - we) / we).abs() < 1e-6, "exp({x})");
             }
@@ -643,15 +680,17 @@ mod tests {
     fn erf(x: f64) -> f64 {
         // High-precision series/continued fraction is overkill; use a 1e-12 accurate expansion.
         let t = 1.0 / (1.0 + 0.5 * x.abs());
-        let y = t * (-x * x - 1.26551223
-            + t * (1.00002368
-                + t * (0.37409196
-                    + t * (0.09678418
-                        + t * (-0.18628806
-                            + t * (0.27886807
-                                + t * (-1.13520398
-                                    + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
-            .exp();
+        let y = t
+            * (-x * x - 1.26551223
+                + t * (1.00002368
+                    + t * (0.37409196
+                        + t * (0.09678418
+                            + t * (-0.18628806
+                                + t * (0.27886807
+                                    + t * (-1.13520398
+                                        + t * (1.48851587
+                                            + t * (-0.82215223 + t * 0.17087277)))))))))
+                .exp();
         if x >= 0.0 {
             1.0 - y
         } else {

@@ -87,8 +87,14 @@ impl FastBert {
         ) else {
             return Ok(None);
         };
-        let act = cfg.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("gelu");
-        let model_type = cfg.get("model_type").and_then(|v| v.as_str()).unwrap_or("bert");
+        let act = cfg
+            .get("hidden_act")
+            .and_then(|v| v.as_str())
+            .unwrap_or("gelu");
+        let model_type = cfg
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("bert");
         let hd = hidden / heads;
         if act != "gelu"
             || model_type != "bert"
@@ -200,10 +206,15 @@ impl FastBert {
             for (p, tok) in (a..b).enumerate() {
                 let id = ids[tok] as usize;
                 if id >= vocab {
-                    return Err(Error::Embed(format!("token id {id} outside the vocabulary")));
+                    return Err(Error::Embed(format!(
+                        "token id {id} outside the vocabulary"
+                    )));
                 }
                 let row = &mut s.x[tok * h..(tok + 1) * h];
-                let (we, pe) = (&self.word[id * h..(id + 1) * h], &self.pos[p * h..(p + 1) * h]);
+                let (we, pe) = (
+                    &self.word[id * h..(id + 1) * h],
+                    &self.pos[p * h..(p + 1) * h],
+                );
                 for j in 0..h {
                     row[j] = we[j] + pe[j] + self.type0[j];
                 }
@@ -259,7 +270,14 @@ impl FastBert {
                         residual: Some(&s.x[..t * h]),
                     },
                 );
-                kernels::layernorm_rows(&mut s.tmp[..t * h], &mut s.xb[..t * h], h, &l.ln1.0, &l.ln1.1, self.eps);
+                kernels::layernorm_rows(
+                    &mut s.tmp[..t * h],
+                    &mut s.xb[..t * h],
+                    h,
+                    &l.ln1.0,
+                    &l.ln1.1,
+                    self.eps,
+                );
                 std::mem::swap(&mut s.x, &mut s.tmp);
                 kernels::gemm(
                     &s.xb[..t * h],
@@ -283,7 +301,14 @@ impl FastBert {
                         residual: Some(&s.x[..t * h]),
                     },
                 );
-                kernels::layernorm_rows(&mut s.tmp[..t * h], &mut s.xb[..t * h], h, &l.ln2.0, &l.ln2.1, self.eps);
+                kernels::layernorm_rows(
+                    &mut s.tmp[..t * h],
+                    &mut s.xb[..t * h],
+                    h,
+                    &l.ln2.0,
+                    &l.ln2.1,
+                    self.eps,
+                );
                 std::mem::swap(&mut s.x, &mut s.tmp);
             }
         }
