@@ -16,6 +16,7 @@ pub mod error;
 pub mod eval;
 pub mod index;
 pub mod input;
+pub mod llm;
 pub mod model;
 pub mod ops;
 pub mod output;

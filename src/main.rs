@@ -100,6 +100,9 @@ enum Cmd {
     /// Benchmarks that print figures (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The LLM tier's tools: a loopback simulator, and the OpenAI Batch API path.
+    #[command(subcommand)]
+    Llm(LlmCmd),
     /// Run the whole job on the bundled sample (builds an index from data/, classifies, reports).
     Demo(DemoArgs),
 }
@@ -182,6 +185,9 @@ struct ClassifyArgs {
     /// Print the run summary as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// LLM tier configuration (TOML): escalated rows are labelled by these endpoints.
+    #[arg(long)]
+    llm: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -199,6 +205,93 @@ struct EvalArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum LlmCmd {
+    /// Serve an OpenAI-compatible simulator on 127.0.0.1 that answers from true labels.
+    Simulate(SimulateArgs),
+    /// Write the escalated rows of a classify output as an OpenAI Batch API request file.
+    ExportBatch {
+        #[arg(long)]
+        index: PathBuf,
+        /// The conversations that were classified.
+        #[arg(long)]
+        input: PathBuf,
+        /// The classify output holding `escalate` rows.
+        #[arg(long)]
+        labels: PathBuf,
+        #[arg(long)]
+        llm: PathBuf,
+        /// Batch API request file (JSONL) to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
+    /// Execute a Batch API request file against the configured endpoint (any OpenAI-compatible
+    /// server), writing a results file in the Batch API's format.
+    RunBatch {
+        #[arg(long)]
+        requests: PathBuf,
+        #[arg(long)]
+        llm: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Merge a Batch API results file into a classify output (through the strict parser).
+    ImportBatch {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        results: PathBuf,
+        #[arg(long)]
+        labels: PathBuf,
+        #[arg(long)]
+        llm: PathBuf,
+        /// Where to write the merged output (may equal --labels).
+        #[arg(long)]
+        output: PathBuf,
+        /// Price multiplier for batch calls (OpenAI's Batch API costs half).
+        #[arg(long, default_value_t = 0.5)]
+        price_factor: f64,
+    },
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    /// Labelled file (JSONL/Parquet) the simulator takes true labels from.
+    #[arg(long)]
+    truth: PathBuf,
+    #[command(flatten)]
+    cols: ColumnArgs,
+    /// Port on 127.0.0.1 (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    #[arg(long, default_value_t = 0)]
+    rpm: u64,
+    #[arg(long, default_value_t = 0)]
+    tpm: u64,
+    #[arg(long, default_value_t = 300.0)]
+    latency_ms: f64,
+    #[arg(long, default_value_t = 50.0)]
+    jitter_ms: f64,
+    /// Probability of a wrong (but valid) label per item.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Probability of an injected fault per request.
+    #[arg(long, default_value_t = 0.0)]
+    fault_rate: f64,
+    /// Fault kinds: all, or a list of 5xx, hang, malformed, out_of_schema, truncated, drop.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    faults: Vec<String>,
+    #[arg(long, default_value_t = 30.0)]
+    hang_s: f64,
+    /// Require this API key (as Bearer or api-key header).
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -349,6 +442,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval(&ctx, a),
         Cmd::Demo(a) => demo(&ctx, a),
         Cmd::Bench(BenchCmd::Embed(a)) => bench_embed(&ctx, a),
+        Cmd::Llm(c) => llm_cmd(&ctx, c),
         Cmd::Embed {
             input,
             output,
@@ -525,17 +619,30 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
         );
     }
     let progress = ctx.progress(reader.total_rows(), "classify");
-    let summary = pipeline::run(
-        &classifier,
-        reader,
-        writer,
-        done,
-        &mut NoEscalation,
-        &progress,
-    )?;
+    let llm_path = a.llm.clone().or(ctx.cfg.llm.clone().map(PathBuf::from));
+    let mut tier = match &llm_path {
+        Some(p) => Some(make_tier(ctx, &classifier, p)?),
+        None => None,
+    };
+    let summary = match tier.as_mut() {
+        Some(t) => pipeline::run(&classifier, reader, writer, done, t, &progress)?,
+        None => pipeline::run(
+            &classifier,
+            reader,
+            writer,
+            done,
+            &mut NoEscalation,
+            &progress,
+        )?,
+    };
     progress.finish();
+    let llm_stats = tier.as_ref().map(|t| t.stats.clone());
     if a.json {
-        println!("{}", serde_json::to_string(&summary)?);
+        let mut v = serde_json::to_value(&summary)?;
+        if let Some(s) = &llm_stats {
+            v["llm"] = serde_json::to_value(s)?;
+        }
+        println!("{v}");
     }
     eprintln!(
         "wrote {} rows to {} in {:.1}s ({:.0} rows/s): knn {}, escalate {}, llm {}, errors {}{}",
@@ -553,10 +660,167 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
             String::new()
         }
     );
+    if let Some(s) = &llm_stats {
+        print_llm_summary(s, &summary);
+    }
     if summary.errors > 0 {
         eprintln!("rows with decided_by=error carry the reason in their `error` column");
     }
     Ok(())
+}
+
+fn make_tier(ctx: &Ctx, classifier: &Classifier, path: &Path) -> Result<semtel::llm::LlmTier> {
+    let cfg = semtel::llm::LlmConfig::load(path)?;
+    let tok = std::sync::Arc::new(classifier.encoder.renderer.tokenizer().clone());
+    let counter: semtel::llm::tier::TokenCounter = std::sync::Arc::new(move |t: &str| {
+        tok.encode_fast(t, false)
+            .map(|e| e.len())
+            .unwrap_or(t.len() / 4)
+    });
+    let tier = semtel::llm::LlmTier::new(cfg, classifier.index.labels().to_vec(), counter)?;
+    Ok(tier.with_system_turns(ctx.encoder_options().include_system_turns))
+}
+
+fn print_llm_summary(s: &semtel::llm::LlmStats, run: &pipeline::RunSummary) {
+    eprintln!(
+        "LLM tier: {} rows escalated → {} labelled, {} still escalated after retries; {} calls ({} items sent), {} cache hits, {} duplicates shared",
+        s.rows_in, s.rows_labelled, s.rows_failed, s.calls, s.items_sent, s.cache_hits, s.deduplicated
+    );
+    eprintln!(
+        "          tokens in {} / out {}, cost ${:.4}; 429s {}, server errors {}, timeouts {}, flawed replies {}, items retried {}",
+        s.tokens_in, s.tokens_out, s.cost_usd, s.rate_limited, s.server_errors, s.timeouts, s.bad_replies, s.retried_items
+    );
+    let paid_items = s
+        .rows_labelled
+        .saturating_sub(s.cache_hits + s.deduplicated)
+        .max(1);
+    if s.cost_usd > 0.0 {
+        let per_item = s.cost_usd / paid_items as f64;
+        let classified = run.rows_written.saturating_sub(run.errors);
+        let llm_only = per_item * classified as f64;
+        eprintln!(
+            "          cost per LLM-labelled row ${:.6}; LLM-only for all {} rows ≈ ${:.4}; saved ≈ ${:.4} ({:.0}%)",
+            per_item,
+            classified,
+            llm_only,
+            llm_only - s.cost_usd,
+            100.0 * (1.0 - s.cost_usd / llm_only.max(1e-12))
+        );
+    }
+}
+
+fn llm_cmd(ctx: &Ctx, c: LlmCmd) -> Result<()> {
+    use semtel::llm::{simulator, tier::PromptBuilder, LlmConfig};
+    match c {
+        LlmCmd::Simulate(a) => {
+            let opts = ctx.input_options(&a.cols);
+            let rows = input::read_all(&a.truth, &opts)?;
+            let mut truth = std::collections::HashMap::new();
+            for r in rows {
+                if let (Ok(c), Some(l)) = (r.content, r.label) {
+                    truth.insert(simulator::truth_key(&c.flatten()), l);
+                }
+            }
+            let cfg = simulator::SimConfig {
+                rpm: a.rpm,
+                tpm: a.tpm,
+                latency_ms: a.latency_ms,
+                jitter_ms: a.jitter_ms,
+                error_rate: a.error_rate,
+                faults: simulator::Faults::spread(a.fault_rate, &a.faults)
+                    .map_err(anyhow::Error::msg)?,
+                hang_s: a.hang_s,
+                api_key: a.api_key,
+                truth,
+                ..Default::default()
+            };
+            let n = cfg.truth.len();
+            let h = simulator::start(cfg, a.port)?;
+            println!("listening on {} ({} true labels); Ctrl-C stops", h.url(), n);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        LlmCmd::ExportBatch {
+            index,
+            input: inp,
+            labels,
+            llm,
+            out,
+            cols,
+        } => {
+            let idx = ExemplarIndex::open(&index, true)?;
+            let cfg = LlmConfig::load(&llm)?;
+            let pb = PromptBuilder::new(
+                cfg,
+                idx.labels().to_vec(),
+                std::sync::Arc::new(|t: &str| t.len() / 4),
+            )?;
+            let s = semtel::llm::batch::export(
+                &pb,
+                &idx,
+                &inp,
+                &ctx.input_options(&cols),
+                &labels,
+                &out,
+                ctx.encoder_options().include_system_turns,
+            )?;
+            eprintln!(
+                "wrote {} Batch API requests to {} ({} escalated rows; {} not found in the input)",
+                s.requests,
+                out.display(),
+                s.escalated_rows,
+                s.missing_from_input
+            );
+            Ok(())
+        }
+        LlmCmd::RunBatch {
+            requests,
+            llm,
+            out,
+            concurrency,
+        } => {
+            let cfg = LlmConfig::load(&llm)?;
+            let s = semtel::llm::batch::run(&cfg, &requests, &out, concurrency)?;
+            eprintln!(
+                "ran {} requests against {}: {} ok, {} failed, {} retries; results in {}",
+                s.requests,
+                cfg.endpoints[0].name,
+                s.ok,
+                s.failed,
+                s.retries,
+                out.display()
+            );
+            Ok(())
+        }
+        LlmCmd::ImportBatch {
+            index,
+            results,
+            labels,
+            llm,
+            output,
+            price_factor,
+        } => {
+            let idx = ExemplarIndex::open(&index, true)?;
+            let cfg = LlmConfig::load(&llm)?;
+            let pb = PromptBuilder::new(
+                cfg,
+                idx.labels().to_vec(),
+                std::sync::Arc::new(|t: &str| t.len() / 4),
+            )?;
+            let s = semtel::llm::batch::import(&pb, &results, &labels, &output, price_factor)?;
+            eprintln!(
+                "merged {} results into {}: {} labelled, {} rejected (kept as escalate with the reason), {} ids not escalated in the output; {} rows written",
+                s.results,
+                output.display(),
+                s.labelled,
+                s.rejected,
+                s.unknown_ids,
+                s.rows_written
+            );
+            Ok(())
+        }
+    }
 }
 
 fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {

@@ -30,7 +30,14 @@ pub struct Classified {
     pub vector: Option<Vec<f32>>,
     /// The kNN vote (absent for error rows).
     pub vote: Option<crate::decide::Vote>,
+    /// (label, text) of the nearest exemplars, for escalated rows (few-shot prompts).
+    pub examples: Vec<(String, String)>,
 }
+
+/// Nearest exemplars attached to an escalated row as few-shot examples.
+const EXAMPLES_PER_ROW: usize = 4;
+/// Characters of each attached example.
+const EXAMPLE_CHARS: usize = 600;
 
 /// Everything needed to classify: the encoder, the exemplar index and the decision settings.
 pub struct Classifier {
@@ -162,6 +169,7 @@ impl Classifier {
                         content: None,
                         vector: None,
                         vote: None,
+                        examples: Vec::new(),
                     });
                     continue;
                 }
@@ -184,6 +192,25 @@ impl Classifier {
                 })
                 .collect();
             let escalate = !keep;
+            let examples = if escalate {
+                nb.iter()
+                    .take(EXAMPLES_PER_ROW)
+                    .map(|&(key, _)| {
+                        let e = self.index.exemplar(key);
+                        let mut t = e.text.clone();
+                        if t.len() > EXAMPLE_CHARS {
+                            let mut i = EXAMPLE_CHARS;
+                            while !t.is_char_boundary(i) {
+                                i -= 1;
+                            }
+                            t.truncate(i);
+                        }
+                        (e.label.clone(), t)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             out.push(Classified {
                 out: OutputRow {
                     id: row.id,
@@ -205,6 +232,7 @@ impl Classifier {
                 content: if escalate { row.content.ok() } else { None },
                 vector: if escalate { Some(vector) } else { None },
                 vote: Some(v),
+                examples,
             });
         }
         Ok(out)

@@ -1,0 +1,389 @@
+//! One OpenAI-compatible chat endpoint over HTTP (reqwest): request shapes for OpenAI-style
+//! servers and Azure OpenAI, and a classification of every failure (rate limited, server error,
+//! timeout, network, bad reply, fatal) with the rate-limit headers the orchestrator adapts to.
+//! It holds the API key but never prints or logs it; it never retries (the orchestrator does).
+
+use super::config::{EndpointConfig, EndpointKind};
+use super::prompty::Message;
+use crate::{Error, Result};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub messages: Vec<Message>,
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+    pub max_tokens: u32,
+}
+
+/// Rate-limit information a server sent back.
+#[derive(Debug, Clone, Default)]
+pub struct RateInfo {
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
+    pub retry_after: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatResponse {
+    pub content: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub latency: Duration,
+    pub rate: RateInfo,
+}
+
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// 429: slow down, retry later.
+    RateLimited(RateInfo),
+    /// 5xx or an overloaded server: retry, maybe elsewhere.
+    Server(u16, String),
+    /// No complete answer within the call's timeout.
+    Timeout,
+    /// Connection refused/reset and the like.
+    Network(String),
+    /// 200 but not a chat completion we can read.
+    BadResponse(String),
+    /// 4xx other than 429 (bad key, unknown model): retrying cannot help.
+    Fatal(u16, String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::RateLimited(_) => write!(f, "rate limited (429)"),
+            CallError::Server(s, m) => write!(f, "server error {s}: {m}"),
+            CallError::Timeout => write!(f, "timed out"),
+            CallError::Network(m) => write!(f, "network error: {m}"),
+            CallError::BadResponse(m) => write!(f, "unreadable response: {m}"),
+            CallError::Fatal(s, m) => write!(f, "request refused ({s}): {m}"),
+        }
+    }
+}
+
+/// The LLM behind one endpoint.
+pub trait LlmClient: Send + Sync {
+    fn name(&self) -> &str;
+    fn model(&self) -> &str;
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, std::result::Result<ChatResponse, CallError>>;
+}
+
+/// A key that refuses to show itself in debug output.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug)]
+pub struct HttpClient {
+    cfg: EndpointConfig,
+    url: String,
+    key: Option<Secret>,
+    http: reqwest::Client,
+}
+
+/// The request URL for an endpoint.
+pub fn chat_url(cfg: &EndpointConfig) -> String {
+    let base = cfg.url.trim_end_matches('/');
+    match cfg.kind {
+        EndpointKind::Openai => {
+            if base.ends_with("/chat/completions") {
+                base.to_string()
+            } else {
+                format!("{base}/chat/completions")
+            }
+        }
+        EndpointKind::Azure => {
+            let dep = cfg.deployment.as_deref().unwrap_or("");
+            let base = if base.contains("/openai/deployments/") {
+                base.to_string()
+            } else {
+                format!("{base}/openai/deployments/{dep}")
+            };
+            format!("{base}/chat/completions?api-version={}", cfg.api_version)
+        }
+    }
+}
+
+impl HttpClient {
+    pub fn new(cfg: &EndpointConfig) -> Result<Self> {
+        let key = match &cfg.api_key_env {
+            Some(var) => match std::env::var(var) {
+                Ok(k) if !k.is_empty() => Some(Secret(k)),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "endpoint `{}`: environment variable {var} (api_key_env) is not set",
+                        cfg.name
+                    )))
+                }
+            },
+            None => None,
+        };
+        // reqwest is built without a bundled crypto provider; use ring (ignore "already set").
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(cfg.max_concurrency.max(4))
+            .build()
+            .map_err(|e| Error::Llm(format!("building the HTTP client: {e}")))?;
+        Ok(HttpClient {
+            url: chat_url(cfg),
+            cfg: cfg.clone(),
+            key,
+            http,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn body(&self, req: &ChatRequest) -> serde_json::Value {
+        let mut body = serde_json::Map::new();
+        if self.cfg.kind == EndpointKind::Openai {
+            body.insert("model".into(), self.cfg.model.clone().into());
+        }
+        body.insert(
+            "messages".into(),
+            serde_json::to_value(&req.messages).expect("messages serialise"),
+        );
+        for (k, v) in &req.parameters {
+            body.insert(k.clone(), v.clone());
+        }
+        body.entry("max_tokens").or_insert(req.max_tokens.into());
+        serde_json::Value::Object(body)
+    }
+}
+
+fn header_u64(h: &reqwest::header::HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+/// Parses OpenAI's reset durations ("1s", "6m0s", "250ms", "1h2m3.5s") or plain seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return (secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let v: f64 = num.parse().ok()?;
+        num.clear();
+        let unit = match c {
+            'h' => 3600.0,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                0.001
+            }
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return None,
+        };
+        total += v * unit;
+        any = true;
+    }
+    (any && num.is_empty()).then(|| Duration::from_secs_f64(total))
+}
+
+pub fn rate_info(h: &reqwest::header::HeaderMap) -> RateInfo {
+    let dur = |n: &str| {
+        h.get(n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_duration)
+    };
+    RateInfo {
+        remaining_requests: header_u64(h, "x-ratelimit-remaining-requests"),
+        remaining_tokens: header_u64(h, "x-ratelimit-remaining-tokens"),
+        reset_requests: dur("x-ratelimit-reset-requests"),
+        reset_tokens: dur("x-ratelimit-reset-tokens"),
+        retry_after: dur("retry-after-ms")
+            .map(|d| d / 1000)
+            .or_else(|| dur("retry-after")),
+    }
+}
+
+impl HttpClient {
+    /// Posts a ready-made chat request body (a Batch API line's `body`), returning the HTTP
+    /// status and the parsed JSON reply. Used by `semtel llm run-batch`.
+    pub async fn post_raw(
+        &self,
+        mut body: serde_json::Value,
+        timeout: Duration,
+    ) -> std::result::Result<(u16, serde_json::Value, RateInfo), CallError> {
+        if self.cfg.kind == EndpointKind::Azure {
+            if let Some(o) = body.as_object_mut() {
+                o.remove("model");
+            }
+        }
+        let mut rb = self.http.post(&self.url).json(&body);
+        if let Some(k) = &self.key {
+            rb = match self.cfg.kind {
+                EndpointKind::Openai => rb.bearer_auth(&k.0),
+                EndpointKind::Azure => rb.header("api-key", &k.0),
+            };
+        }
+        let fut = async {
+            let resp = rb
+                .send()
+                .await
+                .map_err(|e| CallError::Network(e.to_string()))?;
+            let status = resp.status().as_u16();
+            let rate = rate_info(resp.headers());
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| CallError::Network(e.to_string()))?;
+            Ok::<_, CallError>((status, rate, text))
+        };
+        let (status, rate, text) = tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| CallError::Timeout)??;
+        let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        Ok((status, v, rate))
+    }
+}
+
+impl LlmClient for HttpClient {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn model(&self) -> &str {
+        &self.cfg.model
+    }
+
+    fn chat<'a>(
+        &'a self,
+        req: &'a ChatRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, std::result::Result<ChatResponse, CallError>> {
+        Box::pin(async move {
+            let start = Instant::now();
+            let mut rb = self.http.post(&self.url).json(&self.body(req));
+            if let Some(k) = &self.key {
+                rb = match self.cfg.kind {
+                    EndpointKind::Openai => rb.bearer_auth(&k.0),
+                    EndpointKind::Azure => rb.header("api-key", &k.0),
+                };
+            }
+            let fut = async {
+                let resp = rb.send().await.map_err(|e| {
+                    if e.is_timeout() {
+                        CallError::Timeout
+                    } else {
+                        CallError::Network(e.to_string())
+                    }
+                })?;
+                let status = resp.status().as_u16();
+                let rate = rate_info(resp.headers());
+                let text = resp
+                    .text()
+                    .await
+                    .map_err(|e| CallError::Network(e.to_string()))?;
+                Ok::<_, CallError>((status, rate, text))
+            };
+            let (status, rate, text) = match tokio::time::timeout(timeout, fut).await {
+                Err(_) => return Err(CallError::Timeout),
+                Ok(r) => r?,
+            };
+            let short = |t: &str| t.chars().take(300).collect::<String>();
+            match status {
+                200..=299 => {}
+                429 => return Err(CallError::RateLimited(rate)),
+                408 | 409 | 500..=599 => return Err(CallError::Server(status, short(&text))),
+                _ => return Err(CallError::Fatal(status, short(&text))),
+            }
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| CallError::BadResponse(format!("{e}: {}", short(&text))))?;
+            let content = v["choices"][0]["message"]["content"]
+                .as_str()
+                .ok_or_else(|| {
+                    CallError::BadResponse(format!(
+                        "no choices[0].message.content: {}",
+                        short(&text)
+                    ))
+                })?
+                .to_string();
+            Ok(ChatResponse {
+                content,
+                prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+                completion_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as u32,
+                latency: start.elapsed(),
+                rate,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(kind: EndpointKind, url: &str) -> EndpointConfig {
+        EndpointConfig {
+            name: "e".into(),
+            kind,
+            url: url.into(),
+            model: "m".into(),
+            deployment: Some("dep".into()),
+            api_version: "2024-10-21".into(),
+            api_key_env: None,
+            weight: 1.0,
+            rpm: 0,
+            tpm: 0,
+            price_in_per_1k: 0.0,
+            price_out_per_1k: 0.0,
+            max_concurrency: 8,
+        }
+    }
+
+    #[test]
+    fn url_shapes() {
+        assert_eq!(
+            chat_url(&ep(EndpointKind::Openai, "https://api.openai.com/v1/")),
+            "https://api.openai.com/v1/chat/completions"
+        );
+        assert_eq!(
+            chat_url(&ep(EndpointKind::Azure, "https://r.openai.azure.com")),
+            "https://r.openai.azure.com/openai/deployments/dep/chat/completions?api-version=2024-10-21"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(
+            parse_duration("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
+        assert_eq!(parse_duration("soon"), None);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret("sk-123".into())), "Secret(***)");
+    }
+}

@@ -1,0 +1,631 @@
+//! A loopback OpenAI-compatible chat server for tests and benchmarks (`semtel llm simulate`).
+//!
+//! It answers semtel's item-numbered prompts from a file of true labels (with a configurable
+//! error rate, so runs are checkable), enforces requests- and tokens-per-minute limits with real
+//! 429s and `x-ratelimit-*` / `Retry-After` headers, draws latency from a normal distribution,
+//! and injects faults on demand: 5xx, hangs past the client's timeout, malformed JSON, labels
+//! outside the schema, truncated replies, dropped items. It binds to 127.0.0.1 only and records
+//! the shape of every request (path, auth header kind) for protocol tests.
+
+use crate::Result;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Probabilities (per request) of each injected fault; at most one fault per request.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Faults {
+    pub server_error: f64,
+    pub hang: f64,
+    pub malformed: f64,
+    pub out_of_schema: f64,
+    pub truncated: f64,
+    pub drop_item: f64,
+}
+
+impl Faults {
+    /// `total` spread evenly over the named kinds (`5xx, hang, malformed, out_of_schema,
+    /// truncated, drop`; `all` for every kind).
+    pub fn spread(total: f64, kinds: &[String]) -> std::result::Result<Faults, String> {
+        let all = [
+            "5xx",
+            "hang",
+            "malformed",
+            "out_of_schema",
+            "truncated",
+            "drop",
+        ];
+        let kinds: Vec<&str> = if kinds.iter().any(|k| k == "all") || kinds.is_empty() {
+            all.to_vec()
+        } else {
+            kinds.iter().map(String::as_str).collect()
+        };
+        let p = total / kinds.len() as f64;
+        let mut f = Faults::default();
+        for k in kinds {
+            match k {
+                "5xx" => f.server_error = p,
+                "hang" => f.hang = p,
+                "malformed" => f.malformed = p,
+                "out_of_schema" => f.out_of_schema = p,
+                "truncated" => f.truncated = p,
+                "drop" => f.drop_item = p,
+                other => return Err(format!("unknown fault `{other}` (use {})", all.join(", "))),
+            }
+        }
+        Ok(f)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub rpm: u64,
+    pub tpm: u64,
+    pub latency_ms: f64,
+    pub jitter_ms: f64,
+    /// Probability that an item's answer is a wrong (but valid) label.
+    pub error_rate: f64,
+    pub faults: Faults,
+    /// How long a "hang" holds the request before answering.
+    pub hang_s: f64,
+    /// Truth: normalised text key → label.
+    pub truth: HashMap<String, String>,
+    /// When set, requests must carry this key (Bearer or `api-key`), else 401.
+    pub api_key: Option<String>,
+    /// Behave like a gullible model: an item saying "answer with X" gets X.
+    pub obey_injection: bool,
+    pub seed: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            rpm: 0,
+            tpm: 0,
+            latency_ms: 50.0,
+            jitter_ms: 10.0,
+            error_rate: 0.0,
+            faults: Faults::default(),
+            hang_s: 30.0,
+            truth: HashMap::new(),
+            api_key: None,
+            obey_injection: false,
+            seed: 7,
+        }
+    }
+}
+
+/// The key under which the simulator looks up an item's true label.
+pub fn truth_key(text: &str) -> String {
+    let mut s = String::new();
+    for w in text.split_whitespace() {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(&w.to_lowercase());
+        if s.len() >= 200 {
+            break;
+        }
+    }
+    s.chars().take(200).collect()
+}
+
+/// Shape of one request as the simulator saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeenRequest {
+    pub path: String,
+    /// `bearer`, `api-key` or `none`.
+    pub auth: String,
+    pub model: Option<String>,
+    pub items: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SimStats {
+    pub requests: AtomicU64,
+    pub ok: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub hangs: AtomicU64,
+    pub malformed: AtomicU64,
+    pub out_of_schema: AtomicU64,
+    pub truncated: AtomicU64,
+    pub dropped_items: AtomicU64,
+    pub items_answered: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+}
+
+struct Limits {
+    req: f64,
+    tok: f64,
+    last: Instant,
+}
+
+pub struct SimState {
+    cfg: SimConfig,
+    limits: Mutex<Limits>,
+    rng: Mutex<fastrand::Rng>,
+    pub stats: SimStats,
+    pub seen: Mutex<Vec<SeenRequest>>,
+}
+
+impl SimState {
+    fn cap(per_min: u64) -> f64 {
+        // The server tolerates 5 seconds of burst, like real providers' minute windows do.
+        (per_min as f64 / 60.0 * 5.0).max(1.0)
+    }
+
+    /// Takes capacity for a request, or says how long until there is some.
+    fn admit(&self, tokens: f64) -> std::result::Result<(f64, f64), Duration> {
+        let mut l = self.limits.lock().unwrap();
+        let now = Instant::now();
+        let dt = now.duration_since(l.last).as_secs_f64();
+        l.last = now;
+        let (rpm, tpm) = (self.cfg.rpm, self.cfg.tpm);
+        if rpm > 0 {
+            l.req = (l.req + dt * rpm as f64 / 60.0).min(Self::cap(rpm));
+        }
+        if tpm > 0 {
+            l.tok = (l.tok + dt * tpm as f64 / 60.0).min(Self::cap(tpm));
+        }
+        let mut wait = 0f64;
+        if rpm > 0 && l.req < 1.0 {
+            wait = wait.max((1.0 - l.req) / (rpm as f64 / 60.0));
+        }
+        let tokens = if tpm > 0 {
+            tokens.min(Self::cap(tpm))
+        } else {
+            tokens
+        };
+        if tpm > 0 && l.tok < tokens {
+            wait = wait.max((tokens - l.tok) / (tpm as f64 / 60.0));
+        }
+        if wait > 0.0 {
+            return Err(Duration::from_secs_f64(wait));
+        }
+        if rpm > 0 {
+            l.req -= 1.0;
+        }
+        if tpm > 0 {
+            l.tok -= tokens;
+        }
+        Ok((l.req, l.tok))
+    }
+}
+
+/// A running simulator; dropping it stops the server.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    pub state: Arc<SimState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SimHandle {
+    /// Base URL for an OpenAI-style endpoint config.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts a simulator on 127.0.0.1:`port` (0: any free port) in a thread of its own.
+pub fn start(cfg: SimConfig, port: u16) -> Result<SimHandle> {
+    let std_listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .map_err(|e| crate::Error::Llm(format!("simulator cannot bind 127.0.0.1:{port}: {e}")))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| crate::Error::Llm(e.to_string()))?;
+    let addr = std_listener
+        .local_addr()
+        .map_err(|e| crate::Error::Llm(e.to_string()))?;
+    let now = Instant::now();
+    let state = Arc::new(SimState {
+        limits: Mutex::new(Limits {
+            req: SimState::cap(cfg.rpm),
+            tok: SimState::cap(cfg.tpm),
+            last: now,
+        }),
+        rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)),
+        cfg,
+        stats: SimStats::default(),
+        seen: Mutex::new(Vec::new()),
+    });
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let st = state.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("simulator runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            loop {
+                tokio::select! {
+                    _ = &mut stop_rx => break,
+                    acc = listener.accept() => {
+                        let Ok((stream, _)) = acc else { continue };
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| handle(req, st.clone()));
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        });
+                    }
+                }
+            }
+        });
+        rt.shutdown_timeout(Duration::from_millis(100));
+    });
+    Ok(SimHandle {
+        addr,
+        state,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+fn json_response(
+    status: StatusCode,
+    body: String,
+    headers: &[(&str, String)],
+) -> Response<Full<Bytes>> {
+    let mut b = Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, v);
+    }
+    b.body(Full::new(Bytes::from(body))).expect("response")
+}
+
+struct ParsedItem {
+    n: usize,
+    text: String,
+    candidates: Vec<String>,
+}
+
+/// Reads semtel's prompt: the allowed labels, the escape label, and the numbered items.
+fn parse_prompt(user: &str) -> (Vec<String>, Option<String>, Vec<ParsedItem>) {
+    let mut labels = Vec::new();
+    let mut escape = None;
+    let mut in_labels = false;
+    for line in user.lines() {
+        if line.starts_with("Allowed labels:") {
+            in_labels = true;
+            continue;
+        }
+        if in_labels {
+            match line.strip_prefix("- ") {
+                Some(rest) => {
+                    let (name, desc) = rest.split_once(':').unwrap_or((rest, ""));
+                    if desc.contains("none of the item's candidates fits") {
+                        escape = Some(name.trim().to_string());
+                    } else {
+                        labels.push(name.trim().to_string());
+                    }
+                }
+                None => in_labels = false,
+            }
+        }
+    }
+    let mut items = Vec::new();
+    let mut rest = user;
+    while let Some(start) = rest.find("<item id=\"") {
+        let after = &rest[start + 10..];
+        let Some(q) = after.find('"') else { break };
+        let n: usize = after[..q].parse().unwrap_or(0);
+        let Some(gt) = after.find('>') else { break };
+        let attrs = &after[q + 1..gt];
+        let candidates = attrs
+            .split_once("candidates=\"")
+            .and_then(|(_, c)| c.split('"').next())
+            .map(|c| c.split('|').map(str::to_string).collect())
+            .unwrap_or_default();
+        let body = &after[gt + 1..];
+        let end = body.find("</item>").unwrap_or(body.len());
+        items.push(ParsedItem {
+            n,
+            text: body[..end].trim().to_string(),
+            candidates,
+        });
+        rest = &body[end..];
+    }
+    (labels, escape, items)
+}
+
+fn normal(rng: &mut fastrand::Rng, mean: f64, sd: f64) -> f64 {
+    let u1 = rng.f64().max(1e-12);
+    let u2 = rng.f64();
+    mean + sd * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    st: Arc<SimState>,
+) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let path = req.uri().to_string();
+    if req.method() == hyper::Method::GET && path.starts_with("/stats") {
+        let body = serde_json::to_string(&st.stats).unwrap_or_default();
+        return Ok(json_response(StatusCode::OK, body, &[]));
+    }
+    let headers = req.headers().clone();
+    let auth = if let Some(v) = headers.get("authorization") {
+        (
+            "bearer",
+            v.to_str()
+                .unwrap_or("")
+                .trim_start_matches("Bearer ")
+                .to_string(),
+        )
+    } else if let Some(v) = headers.get("api-key") {
+        ("api-key", v.to_str().unwrap_or("").to_string())
+    } else {
+        ("none", String::new())
+    };
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Ok(json_response(StatusCode::BAD_REQUEST, "{}".into(), &[])),
+    };
+    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let user = v["messages"]
+        .as_array()
+        .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("")
+        .to_string();
+    let (labels, escape, items) = parse_prompt(&user);
+    st.seen.lock().unwrap().push(SeenRequest {
+        path: path.clone(),
+        auth: auth.0.into(),
+        model: v["model"].as_str().map(str::to_string),
+        items: items.len(),
+    });
+    if !(path.starts_with("/v1/chat/completions")
+        || (path.starts_with("/openai/deployments/")
+            && path.contains("/chat/completions?api-version=")))
+    {
+        return Ok(json_response(
+            StatusCode::NOT_FOUND,
+            r#"{"error":{"message":"unknown path"}}"#.into(),
+            &[],
+        ));
+    }
+    if let Some(k) = &st.cfg.api_key {
+        if &auth.1 != k {
+            st.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return Ok(json_response(
+                StatusCode::UNAUTHORIZED,
+                r#"{"error":{"message":"invalid api key"}}"#.into(),
+                &[],
+            ));
+        }
+    }
+    let prompt_chars: usize = v["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .map(|x| x["content"].as_str().unwrap_or("").len())
+                .sum()
+        })
+        .unwrap_or(0);
+    let prompt_tokens = (prompt_chars / 4) as u64;
+    let max_tokens = v["max_tokens"].as_u64().unwrap_or(256);
+    let (rem_req, rem_tok) = match st.admit((prompt_tokens + max_tokens) as f64) {
+        Ok(r) => r,
+        Err(wait) => {
+            st.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let secs = wait.as_secs_f64();
+            return Ok(json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#.into(),
+                &[
+                    ("retry-after", format!("{}", secs.ceil() as u64)),
+                    (
+                        "retry-after-ms",
+                        format!("{}", (secs * 1000.0).ceil() as u64),
+                    ),
+                    ("x-ratelimit-remaining-requests", "0".into()),
+                    ("x-ratelimit-remaining-tokens", "0".into()),
+                    (
+                        "x-ratelimit-reset-requests",
+                        format!("{}ms", (secs * 1000.0).ceil() as u64),
+                    ),
+                    (
+                        "x-ratelimit-reset-tokens",
+                        format!("{}ms", (secs * 1000.0).ceil() as u64),
+                    ),
+                ],
+            ));
+        }
+    };
+    st.stats
+        .prompt_tokens
+        .fetch_add(prompt_tokens, Ordering::Relaxed);
+    let (latency, fault, style, answers) = {
+        let mut rng = st.rng.lock().unwrap();
+        let latency = normal(&mut rng, st.cfg.latency_ms, st.cfg.jitter_ms).max(1.0);
+        let f = &st.cfg.faults;
+        let r = rng.f64();
+        let mut acc = 0.0;
+        let mut fault = "";
+        for (name, p) in [
+            ("5xx", f.server_error),
+            ("hang", f.hang),
+            ("malformed", f.malformed),
+            ("out_of_schema", f.out_of_schema),
+            ("truncated", f.truncated),
+            ("drop", f.drop_item),
+        ] {
+            acc += p;
+            if fault.is_empty() && r < acc {
+                fault = name;
+            }
+        }
+        let style = rng.u8(0..3);
+        let mut answers: Vec<(usize, String)> = Vec::new();
+        for it in &items {
+            let truth = st.cfg.truth.get(&truth_key(&it.text)).cloned();
+            let pool: Vec<&String> = if it.candidates.is_empty() {
+                labels.iter().collect()
+            } else {
+                it.candidates.iter().collect()
+            };
+            let mut label = match truth {
+                Some(t) => t,
+                None if !pool.is_empty() => {
+                    // No truth for this text: a deterministic guess among the allowed labels.
+                    let h = crate::llm::cache::text_hash(&it.text);
+                    let k = usize::from_str_radix(&h[..8], 16).unwrap_or(0) % pool.len();
+                    pool[k].clone()
+                }
+                None => String::new(),
+            };
+            if st.cfg.error_rate > 0.0 && rng.f64() < st.cfg.error_rate && pool.len() > 1 {
+                let wrong: Vec<&&String> = pool.iter().filter(|l| ***l != label).collect();
+                label = wrong[rng.usize(0..wrong.len())].to_string();
+            }
+            if !it.candidates.is_empty() && !it.candidates.contains(&label) {
+                if let Some(e) = &escape {
+                    label = e.clone();
+                }
+            }
+            if st.cfg.obey_injection {
+                let lower = it.text.to_lowercase();
+                if let Some(p) = lower.find("answer with ") {
+                    let word: String = it.text[p + 12..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '.' && *c != '"')
+                        .collect();
+                    if !word.is_empty() {
+                        label = word;
+                    }
+                }
+            }
+            answers.push((it.n, label));
+        }
+        (latency, fault, style, answers)
+    };
+    if fault == "hang" {
+        st.stats.hangs.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs_f64(st.cfg.hang_s)).await;
+    } else {
+        tokio::time::sleep(Duration::from_secs_f64(latency / 1000.0)).await;
+    }
+    let rl = [
+        (
+            "x-ratelimit-remaining-requests",
+            format!("{}", rem_req.max(0.0) as u64),
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            format!("{}", rem_tok.max(0.0) as u64),
+        ),
+    ];
+    let rl: Vec<(&str, String)> = if st.cfg.rpm > 0 || st.cfg.tpm > 0 {
+        rl.to_vec()
+    } else {
+        Vec::new()
+    };
+    match fault {
+        "5xx" => {
+            st.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+            return Ok(json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":{"message":"The server is overloaded"}}"#.into(),
+                &rl,
+            ));
+        }
+        "malformed" => {
+            st.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            return Ok(json_response(
+                StatusCode::OK,
+                r#"{"id": "x", "choices": [{"mess"#.into(),
+                &rl,
+            ));
+        }
+        _ => {}
+    }
+    let mut answers = answers;
+    if fault == "drop" && !answers.is_empty() {
+        st.stats.dropped_items.fetch_add(1, Ordering::Relaxed);
+        let k = st.rng.lock().unwrap().usize(0..answers.len());
+        answers.remove(k);
+    }
+    if fault == "out_of_schema" && !answers.is_empty() {
+        st.stats.out_of_schema.fetch_add(1, Ordering::Relaxed);
+        answers[0].1 = "definitely_not_a_label".into();
+    }
+    st.stats
+        .items_answered
+        .fetch_add(answers.len() as u64, Ordering::Relaxed);
+    let obj: serde_json::Map<String, serde_json::Value> = answers
+        .into_iter()
+        .map(|(n, l)| (n.to_string(), serde_json::Value::String(l)))
+        .collect();
+    let json = serde_json::Value::Object(obj).to_string();
+    let mut content = match style {
+        0 => json,
+        1 => format!("```json\n{json}\n```"),
+        _ => format!(
+            "Here are the labels you asked for:\n{json}\nLet me know if you need anything else."
+        ),
+    };
+    if fault == "truncated" {
+        st.stats.truncated.fetch_add(1, Ordering::Relaxed);
+        let mut cut = content.len() * 6 / 10;
+        while !content.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        content.truncate(cut);
+    }
+    st.stats.ok.fetch_add(1, Ordering::Relaxed);
+    let completion_tokens = (content.len() / 4) as u64;
+    let body = serde_json::json!({
+        "id": "chatcmpl-sim",
+        "object": "chat.completion",
+        "model": v["model"].as_str().unwrap_or("simulated"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": if fault == "truncated" {"length"} else {"stop"}}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+    });
+    Ok(json_response(StatusCode::OK, body.to_string(), &rl))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_semtel_prompts() {
+        let user = "Allowed labels:\n- a: first\n- b\n- other: none of the item's candidates fits\n\nItems:\n<item id=\"1\" candidates=\"a|b\">\nuser: hi\nassistant: yo\n</item>\n<item id=\"2\">\nsecond\n</item>\n";
+        let (labels, esc, items) = parse_prompt(user);
+        assert_eq!(labels, vec!["a", "b"]);
+        assert_eq!(esc.as_deref(), Some("other"));
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].candidates, vec!["a", "b"]);
+        assert_eq!(items[0].text, "user: hi\nassistant: yo");
+        assert_eq!(items[1].n, 2);
+    }
+}
