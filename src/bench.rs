@@ -252,3 +252,135 @@ pub fn bench_encoder(
         peak_rss_mb: peak_rss_mb(),
     })
 }
+
+/// One scenario of `semtel bench llm`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LlmRun {
+    pub scenario: String,
+    pub items: usize,
+    pub items_per_call: usize,
+    pub narrowing: bool,
+    pub adaptive: bool,
+    pub seconds: f64,
+    /// Lower bound on wall time imposed by the rate limits for the work actually admitted.
+    pub floor_seconds: Option<f64>,
+    pub calls: u64,
+    pub http_429: u64,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub out_of_schema: usize,
+    pub labelled: usize,
+    pub accuracy_vs_truth: f64,
+    pub tokens_in_per_item: f64,
+    pub tokens_out_per_item: f64,
+    pub cost_per_1k_items_usd: f64,
+    pub server_faults_injected: u64,
+}
+
+/// Runs escalated rows through an LLM tier against a fresh simulator and checks the result.
+#[allow(clippy::too_many_arguments)]
+pub fn llm_scenario(
+    name: &str,
+    rows: &[crate::pipeline::Classified],
+    gold: &std::collections::HashMap<String, String>,
+    labels: &[String],
+    sim_cfg: crate::llm::simulator::SimConfig,
+    mut cfg: crate::llm::LlmConfig,
+    counter: crate::llm::tier::TokenCounter,
+) -> Result<LlmRun> {
+    use crate::pipeline::Escalation;
+    let (rpm, tpm) = (sim_cfg.rpm, sim_cfg.tpm);
+    let h = crate::llm::simulator::start(sim_cfg, 0)?;
+    for e in &mut cfg.endpoints {
+        e.url = h.url();
+    }
+    let (n, narrowing, adaptive) = (cfg.items_per_call, cfg.narrow_above > 0, cfg.adaptive);
+    let mut tier = crate::llm::LlmTier::new(cfg, labels.to_vec(), counter)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::output::OutputRow>>(1024);
+    let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
+    let t = Instant::now();
+    for chunk in rows.chunks(256) {
+        let part: Vec<crate::pipeline::Classified> = chunk
+            .iter()
+            .map(|c| crate::pipeline::Classified {
+                out: c.out.clone(),
+                content: c.content.clone(),
+                vector: None,
+                vote: c.vote.clone(),
+                examples: c.examples.clone(),
+            })
+            .collect();
+        tier.submit(part, &tx)?;
+    }
+    tier.finish(&tx)?;
+    let seconds = t.elapsed().as_secs_f64();
+    drop(tx);
+    let out = collector.join().expect("collector");
+    let schema: std::collections::HashSet<&String> = labels.iter().collect();
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for r in &out {
+        *seen.entry(r.id.as_str()).or_default() += 1;
+    }
+    let lost = rows
+        .iter()
+        .filter(|c| !seen.contains_key(c.out.id.as_str()))
+        .count();
+    let duplicated = seen.values().filter(|&&c| c > 1).count();
+    let out_of_schema = out
+        .iter()
+        .filter(|r| r.label.as_ref().is_some_and(|l| !schema.contains(l)))
+        .count();
+    let labelled: Vec<_> = out
+        .iter()
+        .filter(|r| r.decided_by == crate::output::DecidedBy::Llm)
+        .collect();
+    let right = labelled
+        .iter()
+        .filter(|r| gold.get(&r.id) == r.label.as_ref())
+        .count();
+    let st = &tier.stats;
+    let sim = &h.state.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    let admitted_tokens = sim.admitted_tokens.load(Relaxed) as f64;
+    let ok = sim.ok.load(Relaxed) + sim.server_errors.load(Relaxed) + sim.malformed.load(Relaxed);
+    let floor = (rpm > 0 || tpm > 0).then(|| {
+        let by_req = if rpm > 0 {
+            ok as f64 / (rpm as f64 / 60.0)
+        } else {
+            0.0
+        };
+        let by_tok = if tpm > 0 {
+            admitted_tokens / (tpm as f64 / 60.0)
+        } else {
+            0.0
+        };
+        // The server lets 5 s of traffic through at once before its limits bite.
+        (by_req.max(by_tok) - 5.0).max(0.0)
+    });
+    let items = rows.len();
+    Ok(LlmRun {
+        scenario: name.to_string(),
+        items,
+        items_per_call: n,
+        narrowing,
+        adaptive,
+        seconds,
+        floor_seconds: floor,
+        calls: st.calls,
+        http_429: sim.rate_limited.load(Relaxed),
+        lost,
+        duplicated,
+        out_of_schema,
+        labelled: labelled.len(),
+        accuracy_vs_truth: right as f64 / labelled.len().max(1) as f64,
+        tokens_in_per_item: st.tokens_in as f64 / items as f64,
+        tokens_out_per_item: st.tokens_out as f64 / items as f64,
+        cost_per_1k_items_usd: st.cost_usd / items as f64 * 1000.0,
+        server_faults_injected: sim.server_errors.load(Relaxed)
+            + sim.hangs.load(Relaxed)
+            + sim.malformed.load(Relaxed)
+            + sim.out_of_schema.load(Relaxed)
+            + sim.truncated.load(Relaxed)
+            + sim.dropped_items.load(Relaxed),
+    })
+}

@@ -299,6 +299,33 @@ enum BenchCmd {
     /// Embedding throughput of each engine on a fixed realistic text set, optionally against
     /// sentence-transformers on the same texts in the same run.
     Embed(BenchEmbedArgs),
+    /// The LLM tier against the loopback simulator: throughput at fixed limits (adaptive vs
+    /// fixed concurrency), tokens per item for 1/4/8/16 items per call with and without
+    /// candidate narrowing, and 30 % injected faults.
+    Llm(BenchLlmArgs),
+}
+
+#[derive(Args)]
+struct BenchLlmArgs {
+    /// Index whose neighbours feed candidate narrowing and few-shot examples.
+    #[arg(long)]
+    index: PathBuf,
+    /// Labelled file: the items and the simulator's truth.
+    #[arg(long)]
+    truth: PathBuf,
+    #[arg(long, default_value = "test")]
+    split: String,
+    #[arg(long, default_value_t = 2000)]
+    items: usize,
+    /// Scenarios: throughput, tokens, faults.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,tokens,faults"
+    )]
+    scenarios: Vec<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -442,6 +469,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => eval(&ctx, a),
         Cmd::Demo(a) => demo(&ctx, a),
         Cmd::Bench(BenchCmd::Embed(a)) => bench_embed(&ctx, a),
+        Cmd::Bench(BenchCmd::Llm(a)) => bench_llm(&ctx, a),
         Cmd::Llm(c) => llm_cmd(&ctx, c),
         Cmd::Embed {
             input,
@@ -1081,6 +1109,166 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
     if a.json {
         for r in results {
             println!("{r}");
+        }
+    }
+    Ok(())
+}
+
+fn bench_llm(ctx: &Ctx, a: BenchLlmArgs) -> Result<()> {
+    use semtel::llm::{config::EndpointConfig, simulator, LlmConfig};
+    let classifier = Classifier::open(
+        &a.index,
+        &classifier_options(ctx, None, Some(f32::INFINITY), None)?,
+    )?;
+    let mut opts = ctx.input_options(&ColumnArgs::default());
+    opts.split = Some(a.split.clone());
+    let mut rows = input::read_all(&a.truth, &opts)?;
+    rows.truncate(a.items);
+    let mut gold = std::collections::HashMap::new();
+    let mut truth = std::collections::HashMap::new();
+    for r in &rows {
+        if let (Ok(c), Some(l)) = (&r.content, &r.label) {
+            gold.insert(r.id.clone(), l.clone());
+            truth.insert(simulator::truth_key(&c.flatten()), l.clone());
+        }
+    }
+    let classified = classifier.classify(rows)?;
+    let labels = classifier.index.labels().to_vec();
+    let tok = std::sync::Arc::new(classifier.encoder.renderer.tokenizer().clone());
+    let counter: semtel::llm::tier::TokenCounter = std::sync::Arc::new(move |t: &str| {
+        tok.encode_fast(t, false)
+            .map(|e| e.len())
+            .unwrap_or(t.len() / 4)
+    });
+    let endpoint = |rpm: u64, tpm: u64, conc: usize| EndpointConfig {
+        name: "sim".into(),
+        kind: Default::default(),
+        url: String::new(),
+        model: "sim-1".into(),
+        deployment: None,
+        api_version: "2024-10-21".into(),
+        api_key_env: None,
+        weight: 1.0,
+        rpm,
+        tpm,
+        price_in_per_1k: 0.00015,
+        price_out_per_1k: 0.0006,
+        max_concurrency: conc,
+    };
+    let base_cfg = |n: usize, narrow: bool, ep: EndpointConfig| LlmConfig {
+        items_per_call: n,
+        narrow_above: if narrow { 20 } else { 0 },
+        cache: Some("off".into()),
+        endpoints: vec![ep],
+        ..Default::default()
+    };
+    let mut runs = Vec::new();
+    let print = |r: &semtel::bench::LlmRun| {
+        eprintln!(
+            "{:<34} N={:<2} narrow={:<5} {:>6.1}s (floor {:>6}) calls {:>4} 429s {:>4} lost {} dup {} out-of-schema {} acc {:.3} tokens/item in {:>6.1} out {:>4.1} ${:.4}/1k items",
+            r.scenario,
+            r.items_per_call,
+            r.narrowing,
+            r.seconds,
+            r.floor_seconds.map_or("-".into(), |f| format!("{f:.1}s")),
+            r.calls,
+            r.http_429,
+            r.lost,
+            r.duplicated,
+            r.out_of_schema,
+            r.accuracy_vs_truth,
+            r.tokens_in_per_item,
+            r.tokens_out_per_item,
+            r.cost_per_1k_items_usd
+        );
+    };
+    let limited = |sim_latency: f64| simulator::SimConfig {
+        rpm: 600,
+        tpm: 200_000,
+        latency_ms: sim_latency,
+        jitter_ms: 75.0,
+        truth: truth.clone(),
+        ..Default::default()
+    };
+    if a.scenarios.iter().any(|s| s == "throughput") {
+        let r = semtel::bench::llm_scenario(
+            "throughput adaptive (600 RPM, 200k TPM)",
+            &classified,
+            &gold,
+            &labels,
+            limited(300.0),
+            base_cfg(8, true, endpoint(600, 200_000, 64)),
+            counter.clone(),
+        )?;
+        print(&r);
+        runs.push(r);
+        let mut fixed = base_cfg(8, true, endpoint(0, 0, 32));
+        fixed.adaptive = false;
+        fixed.max_attempts = 30;
+        let r = semtel::bench::llm_scenario(
+            "throughput fixed concurrency 32",
+            &classified,
+            &gold,
+            &labels,
+            limited(300.0),
+            fixed,
+            counter.clone(),
+        )?;
+        print(&r);
+        runs.push(r);
+    }
+    if a.scenarios.iter().any(|s| s == "tokens") {
+        for narrow in [false, true] {
+            for n in [1, 4, 8, 16] {
+                let r = semtel::bench::llm_scenario(
+                    "tokens per item",
+                    &classified,
+                    &gold,
+                    &labels,
+                    simulator::SimConfig {
+                        latency_ms: 5.0,
+                        jitter_ms: 1.0,
+                        truth: truth.clone(),
+                        ..Default::default()
+                    },
+                    base_cfg(n, narrow, endpoint(0, 0, 16)),
+                    counter.clone(),
+                )?;
+                print(&r);
+                runs.push(r);
+            }
+        }
+    }
+    if a.scenarios.iter().any(|s| s == "faults") {
+        let mut cfg = base_cfg(8, true, endpoint(0, 0, 32));
+        cfg.timeout_base_s = 1.5;
+        cfg.timeout_per_1k_tokens_s = 0.0;
+        cfg.backoff_base_s = 0.1;
+        cfg.backoff_max_s = 2.0;
+        cfg.max_item_attempts = 8;
+        cfg.max_attempts = 10;
+        let r = semtel::bench::llm_scenario(
+            "30% injected faults (all kinds)",
+            &classified,
+            &gold,
+            &labels,
+            simulator::SimConfig {
+                latency_ms: 50.0,
+                jitter_ms: 10.0,
+                hang_s: 4.0,
+                faults: simulator::Faults::spread(0.3, &[]).map_err(anyhow::Error::msg)?,
+                truth: truth.clone(),
+                ..Default::default()
+            },
+            cfg,
+            counter.clone(),
+        )?;
+        print(&r);
+        runs.push(r);
+    }
+    if a.json {
+        for r in runs {
+            println!("{}", serde_json::to_string(&r)?);
         }
     }
     Ok(())

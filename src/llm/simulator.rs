@@ -142,6 +142,8 @@ pub struct SimStats {
     pub items_answered: AtomicU64,
     pub unauthorized: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Tokens charged against the TPM limit (prompt + max_tokens of admitted requests).
+    pub admitted_tokens: AtomicU64,
 }
 
 struct Limits {
