@@ -306,7 +306,7 @@ pub fn llm_scenario(
                 out: c.out.clone(),
                 content: c.content.clone(),
                 vector: None,
-                vote: c.vote.clone(),
+                scores: c.scores.clone(),
                 examples: c.examples.clone(),
             })
             .collect();
@@ -383,4 +383,34 @@ pub fn llm_scenario(
             + sim.truncated.load(Relaxed)
             + sim.dropped_items.load(Relaxed),
     })
+}
+
+/// Sends every row through an LLM tier (forced escalation) and returns the rows it produced.
+pub fn llm_label_all(
+    cfg: crate::llm::LlmConfig,
+    labels: &[String],
+    counter: crate::llm::tier::TokenCounter,
+    rows: &[crate::pipeline::Classified],
+) -> Result<(Vec<crate::output::OutputRow>, crate::llm::LlmStats)> {
+    use crate::pipeline::Escalation;
+    let mut tier = crate::llm::LlmTier::new(cfg, labels.to_vec(), counter)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::output::OutputRow>>(1024);
+    let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
+    for chunk in rows.chunks(256) {
+        let part = chunk
+            .iter()
+            .map(|c| crate::pipeline::Classified {
+                out: c.out.clone(),
+                content: c.content.clone(),
+                vector: None,
+                scores: c.scores.clone(),
+                examples: c.examples.clone(),
+            })
+            .collect();
+        tier.submit(part, &tx)?;
+    }
+    tier.finish(&tx)?;
+    drop(tx);
+    let out = collector.join().expect("collector");
+    Ok((out, tier.stats.clone()))
 }

@@ -21,7 +21,24 @@ pub enum Signal {
     Margin,
     /// Cosine similarity of the nearest exemplar.
     Top1,
+    /// The learned head's probability for its label (needs `semtel calibrate`).
+    Head,
+    /// The head's top-1 minus top-2 probability.
+    HeadMargin,
+    /// Mean of the head's probabilities and the kNN vote distribution.
+    HeadKnn,
 }
+
+/// Every signal an index can offer, in the order reports list them.
+pub const ALL_SIGNALS: [Signal; 7] = [
+    Signal::VoteSim,
+    Signal::Vote,
+    Signal::Margin,
+    Signal::Top1,
+    Signal::Head,
+    Signal::HeadMargin,
+    Signal::HeadKnn,
+];
 
 impl Signal {
     pub fn name(&self) -> &'static str {
@@ -30,7 +47,14 @@ impl Signal {
             Signal::VoteSim => "vote_sim",
             Signal::Margin => "margin",
             Signal::Top1 => "top1",
+            Signal::Head => "head",
+            Signal::HeadMargin => "head_margin",
+            Signal::HeadKnn => "head_knn",
         }
+    }
+
+    pub fn needs_head(&self) -> bool {
+        matches!(self, Signal::Head | Signal::HeadMargin | Signal::HeadKnn)
     }
 }
 
@@ -42,8 +66,11 @@ impl std::str::FromStr for Signal {
             "vote_sim" => Ok(Signal::VoteSim),
             "margin" => Ok(Signal::Margin),
             "top1" => Ok(Signal::Top1),
+            "head" => Ok(Signal::Head),
+            "head_margin" => Ok(Signal::HeadMargin),
+            "head_knn" => Ok(Signal::HeadKnn),
             _ => Err(format!(
-                "unknown confidence signal `{s}` (vote, vote_sim, margin, top1)"
+                "unknown confidence signal `{s}` (vote_sim, vote, margin, top1, head, head_margin, head_knn)"
             )),
         }
     }
@@ -59,19 +86,98 @@ pub struct Vote {
 }
 
 impl Vote {
+    /// The kNN signals (head signals are not the vote's: see [`Scores`]).
     pub fn signal(&self, s: Signal) -> f32 {
         match s {
             Signal::Vote => self.share,
             Signal::VoteSim => self.share * self.top1_sim.max(0.0),
             Signal::Margin => self.margin,
             Signal::Top1 => self.top1_sim,
+            Signal::Head | Signal::HeadMargin | Signal::HeadKnn => f32::NEG_INFINITY,
         }
     }
 }
 
-/// Similarity-weighted vote over `neighbors` (key, similarity), best first.
-/// `scratch` must have one slot per label and be all zeros; it is left all zeros.
+/// A label with a probability-like confidence and its gap to the runner-up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pick {
+    pub label: u32,
+    pub p: f32,
+    pub margin: f32,
+}
+
+impl Pick {
+    pub fn of(probs: &[f32]) -> Option<Pick> {
+        let mut best: Option<(usize, f32)> = None;
+        let mut second = 0f32;
+        for (i, &p) in probs.iter().enumerate() {
+            match best {
+                Some((_, bp)) if p <= bp => second = second.max(p),
+                Some((_, bp)) => {
+                    second = bp;
+                    best = Some((i, p));
+                }
+                None => best = Some((i, p)),
+            }
+        }
+        best.map(|(i, p)| Pick {
+            label: i as u32,
+            p,
+            margin: p - second,
+        })
+    }
+}
+
+/// Everything known about one row's label: the kNN vote and, with a head, its probabilities
+/// alone and mixed with the vote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    pub vote: Vote,
+    pub head: Option<Pick>,
+    pub mix: Option<Pick>,
+}
+
+impl Scores {
+    /// (label, confidence) under a signal; head signals fall back to the vote without a head.
+    pub fn decision(&self, s: Signal) -> (Option<u32>, f32) {
+        match (s, &self.head, &self.mix) {
+            (Signal::Head, Some(h), _) => (Some(h.label), h.p),
+            (Signal::HeadMargin, Some(h), _) => (Some(h.label), h.margin),
+            (Signal::HeadKnn, _, Some(m)) => (Some(m.label), m.p),
+            (s, _, _) if !s.needs_head() => (self.vote.label, self.vote.signal(s)),
+            _ => (self.vote.label, self.vote.signal(Signal::VoteSim)),
+        }
+    }
+}
+
+/// The vote as a distribution over labels (weights normalised to 1).
+pub fn vote_distribution(neighbors: &[(u32, f32)], n_labels: usize) -> Vec<f32> {
+    let mut d = vec![0f32; n_labels];
+    let mut total = 0.0;
+    for &(l, sim) in neighbors {
+        let w = sim.max(0.0);
+        d[l as usize] += w;
+        total += w;
+    }
+    if total > 0.0 {
+        d.iter_mut().for_each(|x| *x /= total);
+    }
+    d
+}
+
+/// Similarity-weighted vote over `neighbors` (key, similarity), best first, with each key's
+/// label from `label_of`. `scratch` must have one slot per label and be all zeros; it is left
+/// all zeros.
 pub fn vote(neighbors: &[(u64, f32)], label_of: &[u32], scratch: &mut [f32]) -> Vote {
+    let labeled: Vec<(u32, f32)> = neighbors
+        .iter()
+        .map(|&(k, s)| (label_of[k as usize], s))
+        .collect();
+    vote_labeled(&labeled, scratch)
+}
+
+/// The vote over (label, similarity) pairs, best first.
+pub fn vote_labeled(neighbors: &[(u32, f32)], scratch: &mut [f32]) -> Vote {
     let Some(&(_, top1)) = neighbors.first() else {
         return Vote {
             label: None,
@@ -81,16 +187,15 @@ pub fn vote(neighbors: &[(u64, f32)], label_of: &[u32], scratch: &mut [f32]) -> 
         };
     };
     let mut total = 0f32;
-    for &(key, sim) in neighbors {
+    for &(l, sim) in neighbors {
         let w = sim.max(0.0);
-        scratch[label_of[key as usize] as usize] += w;
+        scratch[l as usize] += w;
         total += w;
     }
     // Best and runner-up; ties go to the label of the nearer neighbour (visited first).
     let mut best: Option<(u32, f32)> = None;
     let mut second = 0f32;
-    for &(key, _) in neighbors {
-        let l = label_of[key as usize];
+    for &(l, _) in neighbors {
         let w = scratch[l as usize];
         if w < 0.0 {
             continue; // already visited (marked below)
@@ -105,8 +210,8 @@ pub fn vote(neighbors: &[(u64, f32)], label_of: &[u32], scratch: &mut [f32]) -> 
         }
         scratch[l as usize] = -1.0;
     }
-    for &(key, _) in neighbors {
-        scratch[label_of[key as usize] as usize] = 0.0;
+    for &(l, _) in neighbors {
+        scratch[l as usize] = 0.0;
     }
     let (label, w) = best.expect("non-empty neighbours");
     let (share, margin) = if total > 0.0 {

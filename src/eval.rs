@@ -38,6 +38,8 @@ pub struct EvalReport {
     pub unseen_gold_labels: Vec<String>,
     /// Area under the risk–coverage curve (lower is better).
     pub aurc: f64,
+    /// What the index's own (calibrated) thresholds keep: share of rows and their accuracy.
+    pub at_index_thresholds: Option<CoveragePoint>,
 }
 
 /// One evaluated row: predicted label index (None: error), gold label index (None: unseen),
@@ -192,6 +194,7 @@ pub fn report(
         errors: rows.iter().filter(|r| r.pred.is_none()).count(),
         unseen_gold_labels,
         aurc: aurc(rows),
+        at_index_thresholds: None,
     }
 }
 

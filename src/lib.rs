@@ -14,6 +14,8 @@ pub mod decide;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod grow;
+pub mod head;
 pub mod index;
 pub mod input;
 pub mod llm;
@@ -23,6 +25,7 @@ pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod render;
+pub mod report;
 
 pub use error::{Error, Result};
 

@@ -87,6 +87,9 @@ enum Cmd {
     Classify(ClassifyArgs),
     /// Score kNN decisions on a labelled split: accuracy, macro-F1, coverage at kept-accuracy.
     Eval(EvalArgs),
+    /// Choose the confidence signal and escalation thresholds (global and per label) from
+    /// labelled data, train the learned head, and store them in the index.
+    Calibrate(CalibrateArgs),
     /// Write embeddings (id, label, vector) of a file's conversations to Parquet.
     Embed {
         #[arg(long)]
@@ -188,6 +191,13 @@ struct ClassifyArgs {
     /// LLM tier configuration (TOML): escalated rows are labelled by these endpoints.
     #[arg(long)]
     llm: Option<PathBuf>,
+    /// Add LLM-labelled rows to the exemplar index as the run goes (and save them into the
+    /// index at the end), so fewer later rows need the LLM.
+    #[arg(long, requires = "llm")]
+    grow: bool,
+    /// With --grow: only rows whose kNN confidence was at least this are added.
+    #[arg(long, default_value_t = 0.0)]
+    grow_min_confidence: f32,
 }
 
 #[derive(Args)]
@@ -303,6 +313,35 @@ enum BenchCmd {
     /// fixed concurrency), tokens per item for 1/4/8/16 items per call with and without
     /// candidate narrowing, and 30 % injected faults.
     Llm(BenchLlmArgs),
+    /// Accuracy versus cost: from kNN-only to LLM-only, escalating the least confident rows
+    /// first; JSON, CSV, PNG and SVG plots and an HTML report.
+    AccuracyCost(BenchAccArgs),
+}
+
+#[derive(Args)]
+struct BenchAccArgs {
+    #[arg(long)]
+    index: PathBuf,
+    /// Labelled conversations to score.
+    #[arg(long)]
+    input: PathBuf,
+    #[command(flatten)]
+    cols: ColumnArgs,
+    /// `oracle:<accuracy>` (the gold label, replaced by a wrong one at 1 − accuracy; a
+    /// simulated LLM) or an LLM configuration file (every row is sent to its endpoints).
+    #[arg(long)]
+    llm: String,
+    /// Output folder for accuracy_cost.{json,csv,png,svg} and report.html.
+    #[arg(long)]
+    out: PathBuf,
+    /// Name shown in the report (default: the input's file name and split).
+    #[arg(long)]
+    set: Option<String>,
+    /// Prices for the oracle's cost estimate, USD per 1M input / output tokens.
+    #[arg(long, default_value_t = 0.15)]
+    price_in: f64,
+    #[arg(long, default_value_t = 0.60)]
+    price_out: f64,
 }
 
 #[derive(Args)]
@@ -351,6 +390,44 @@ struct BenchEmbedArgs {
     #[arg(long)]
     batch_tokens: Option<usize>,
     /// Print all results as JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[arg(long)]
+    index: PathBuf,
+    /// Wanted accuracy on the rows kNN keeps.
+    #[arg(long, default_value_t = 0.97, conflicts_with = "budget")]
+    target: f64,
+    /// Share of rows that may go to the LLM (instead of --target).
+    #[arg(long)]
+    budget: Option<f64>,
+    /// Confidence signal (default: the lowest risk–coverage area among all).
+    #[arg(long)]
+    signal: Option<Signal>,
+    /// Calibrate on this labelled file (e.g. a validation split) instead of cross-validating
+    /// over the exemplars.
+    #[arg(long)]
+    labelled: Option<PathBuf>,
+    #[command(flatten)]
+    cols: ColumnArgs,
+    /// Do not train the learned head (kNN signals only).
+    #[arg(long)]
+    no_head: bool,
+    /// One global threshold instead of per-label ones.
+    #[arg(long)]
+    no_per_label: bool,
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Head training: epochs, L2 penalty, learning rate.
+    #[arg(long)]
+    head_epochs: Option<usize>,
+    #[arg(long)]
+    head_l2: Option<f64>,
+    #[arg(long)]
+    head_lr: Option<f64>,
     #[arg(long)]
     json: bool,
 }
@@ -467,9 +544,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Classify(a) => classify(&ctx, a),
         Cmd::Eval(a) => eval(&ctx, a),
+        Cmd::Calibrate(a) => calibrate(&ctx, a),
         Cmd::Demo(a) => demo(&ctx, a),
         Cmd::Bench(BenchCmd::Embed(a)) => bench_embed(&ctx, a),
         Cmd::Bench(BenchCmd::Llm(a)) => bench_llm(&ctx, a),
+        Cmd::Bench(BenchCmd::AccuracyCost(a)) => bench_accuracy_cost(&ctx, a),
         Cmd::Llm(c) => llm_cmd(&ctx, c),
         Cmd::Embed {
             input,
@@ -612,10 +691,20 @@ fn classifier_options(
 }
 
 fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
-    let classifier = Classifier::open(
+    let mut classifier = Classifier::open(
         &a.index,
         &classifier_options(ctx, a.k, a.threshold, a.signal)?,
     )?;
+    let growth = if a.grow {
+        let g = std::sync::Arc::new(semtel::grow::Growth::new(
+            classifier.encoder.dim(),
+            a.grow_min_confidence,
+        )?);
+        classifier.growth = Some(g.clone());
+        Some(g)
+    } else {
+        None
+    };
     let mut opts = ctx.input_options(&a.cols);
     opts.batch_rows = a.chunk_rows.max(1);
     let mut passthrough = a.passthrough.clone();
@@ -652,6 +741,33 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
         Some(p) => Some(make_tier(ctx, &classifier, p)?),
         None => None,
     };
+    if let (Some(t), Some(g)) = (tier.as_mut(), &growth) {
+        let g = g.clone();
+        let labels = classifier.index.labels().to_vec();
+        let version = t.prompt_version().to_string();
+        t.on_label(Box::new(move |row, v, text| {
+            if row.confidence.unwrap_or(0.0) < g.min_confidence {
+                return;
+            }
+            let (Some(label), Some(llm)) = (&row.label, &row.llm) else {
+                return;
+            };
+            let Ok(l) = labels.binary_search(label) else {
+                return;
+            };
+            let ex = semtel::index::Exemplar {
+                id: row.id.clone(),
+                label: label.clone(),
+                source: "llm".into(),
+                llm_model: Some(llm.model.clone()),
+                prompt_version: Some(version.clone()),
+                text: text.to_string(),
+            };
+            if let Err(e) = g.add(v, ex, l as u32) {
+                tracing::warn!("growing the index: {e}");
+            }
+        }));
+    }
     let summary = match tier.as_mut() {
         Some(t) => pipeline::run(&classifier, reader, writer, done, t, &progress)?,
         None => pipeline::run(
@@ -690,6 +806,17 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
     );
     if let Some(s) = &llm_stats {
         print_llm_summary(s, &summary);
+    }
+    if let Some(g) = &growth {
+        let (vectors, ex) = g.take();
+        let n = ex.len();
+        drop(classifier);
+        if n > 0 {
+            let mut index = ExemplarIndex::open(&a.index, false)?;
+            index.add(&vectors, ex)?;
+            index.save()?;
+        }
+        eprintln!("grew {} by {n} LLM-labelled exemplars", a.index.display());
     }
     if summary.errors > 0 {
         eprintln!("rows with decided_by=error carry the reason in their `error` column");
@@ -870,6 +997,30 @@ fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
         println!(
             "gold labels missing from the index (always wrong): {}",
             r.unseen_gold_labels.join(", ")
+        );
+    }
+    if let Some(p) = &r.at_index_thresholds {
+        println!(
+            "index thresholds ({}): keep {:.1}% of rows at {} accuracy",
+            if classifier.index.manifest.decision.per_label.is_empty() {
+                "global"
+            } else {
+                "per label"
+            },
+            p.coverage * 100.0,
+            p.kept_accuracy
+                .map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+        );
+    }
+    println!("\nsignal      AURC    kept@95  kept@97  kept@98   (best thresholds on this split)");
+    for (s, rep) in &ev.by_signal {
+        println!(
+            "{:<11} {:.4}  {:>6.1}%  {:>6.1}%  {:>6.1}%",
+            s.name(),
+            rep.aurc,
+            rep.at_target[1].coverage * 100.0,
+            rep.at_target[2].coverage * 100.0,
+            rep.at_target[3].coverage * 100.0
         );
     }
     println!("\nkept-accuracy target → share kNN can keep (threshold)");
@@ -1271,5 +1422,273 @@ fn bench_llm(ctx: &Ctx, a: BenchLlmArgs) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
         }
     }
+    Ok(())
+}
+
+fn calibrate(ctx: &Ctx, a: CalibrateArgs) -> Result<()> {
+    use semtel::calibrate::{calibrate as run_cal, CalibrateOptions};
+    let mut classifier = Classifier::open(
+        &a.index,
+        &classifier_options(ctx, None, None, Some(Signal::VoteSim))?,
+    )?;
+    let mut opts = CalibrateOptions {
+        target: Some(a.target),
+        budget: a.budget,
+        signal: a.signal,
+        folds: a.folds,
+        train_head: !a.no_head,
+        per_label: !a.no_per_label,
+        ..Default::default()
+    };
+    if let Some(e) = a.head_epochs {
+        opts.head.epochs = e;
+    }
+    if let Some(l) = a.head_l2 {
+        opts.head.l2 = l;
+    }
+    if let Some(l) = a.head_lr {
+        opts.head.lr = l;
+    }
+    let in_opts = ctx.input_options(&a.cols);
+    let labelled = a.labelled.clone();
+    let held = |c: &Classifier| -> semtel::Result<Vec<(semtel::decide::Scores, Option<u32>)>> {
+        let path = labelled.as_ref().expect("labelled");
+        let mut reader = input::open(path, &in_opts)?;
+        let mut out = Vec::new();
+        while let Some(rows) = reader.next_batch()? {
+            let gold: Vec<Option<String>> = rows.iter().map(|r| r.label.clone()).collect();
+            for (x, g) in c.classify(rows)?.into_iter().zip(gold) {
+                if let (Some(s), Some(g)) = (x.scores, g) {
+                    out.push((s, c.index.labels().binary_search(&g).ok().map(|i| i as u32)));
+                }
+            }
+        }
+        Ok(out)
+    };
+    let t = std::time::Instant::now();
+    let report = if a.labelled.is_some() {
+        run_cal(&mut classifier, Some(&held), &opts)?
+    } else {
+        run_cal(&mut classifier, None, &opts)?
+    };
+    if let Some(h) = &classifier.head {
+        h.save(&a.index)?;
+    }
+    classifier.index.save_manifest()?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    eprintln!(
+        "calibrated {} on {} rows by {} ({:.1}s)",
+        a.index.display(),
+        report.rows,
+        report.method,
+        t.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "signal      AURC    accuracy  kept at {:.0}% (one threshold)",
+        a.target * 100.0
+    );
+    for s in &report.signals {
+        eprintln!(
+            "{:<11} {:.4}  {:.4}    {:.1}%",
+            s.signal,
+            s.aurc,
+            s.accuracy,
+            s.coverage_at_target * 100.0
+        );
+    }
+    let ci = |i: &semtel::calibrate::Interval| {
+        format!(
+            "{:.1}% [{:.1}–{:.1}]",
+            i.value * 100.0,
+            i.lo * 100.0,
+            i.hi * 100.0
+        )
+    };
+    eprintln!(
+        "chosen: {}; {} thresholds ({} labels stricter, {} looser than the global {:.3}); expected coverage {}, kept-accuracy {} (95% CI)",
+        report.signal,
+        if report.per_label { "per-label" } else { "one global" },
+        report.stricter_labels,
+        report.looser_labels,
+        classifier.index.manifest.decision.threshold,
+        ci(&report.expected_coverage),
+        ci(&report.expected_kept_accuracy)
+    );
+    Ok(())
+}
+
+fn bench_accuracy_cost(ctx: &Ctx, a: BenchAccArgs) -> Result<()> {
+    use semtel::llm::{tier::PromptBuilder, LlmConfig};
+    let classifier = Classifier::open(&a.index, &classifier_options(ctx, None, None, None)?)?;
+    let opts = ctx.input_options(&a.cols);
+    let mut reader = input::open(&a.input, &opts)?;
+    let labels = classifier.index.labels().to_vec();
+    let mut classified = Vec::new();
+    let mut gold = Vec::new();
+    while let Some(rows) = reader.next_batch()? {
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.label.is_some() && r.content.is_ok())
+            .collect();
+        gold.extend(rows.iter().map(|r| r.label.clone().unwrap()));
+        classified.extend(classifier.classify(rows)?);
+    }
+    if classified.is_empty() {
+        bail!("no labelled rows in {}", a.input.display());
+    }
+    let signal = classifier.thresholds.signal;
+    let mut knn_ok = Vec::new();
+    let mut conf = Vec::new();
+    let mut keep = Vec::new();
+    for (c, g) in classified.iter().zip(&gold) {
+        let (p, cf) = c
+            .scores
+            .as_ref()
+            .map_or((None, f32::NEG_INFINITY), |s| s.decision(signal));
+        knn_ok.push(p.map(|p| &labels[p as usize]) == Some(g));
+        conf.push(cf);
+        keep.push(classifier.thresholds.keep(p, cf));
+    }
+    let tok = std::sync::Arc::new(classifier.encoder.renderer.tokenizer().clone());
+    let counter: semtel::llm::tier::TokenCounter = std::sync::Arc::new(move |t: &str| {
+        tok.encode_fast(t, false)
+            .map(|e| e.len())
+            .unwrap_or(t.len() / 4)
+    });
+    let n = classified.len();
+    let (llm_ok, cost_per_row, llm_name, basis): (Vec<bool>, f64, String, String) = if let Some(
+        acc,
+    ) =
+        a.llm.strip_prefix("oracle:")
+    {
+        let acc: f64 = acc.parse().context("oracle:<accuracy>, e.g. oracle:0.95")?;
+        let ok: Vec<bool> = classified
+            .iter()
+            .map(|c| {
+                let h = semtel::llm::cache::text_hash(&c.out.id);
+                let u = u64::from_str_radix(&h[..12], 16).unwrap_or(0) as f64 / (1u64 << 48) as f64;
+                u < acc
+            })
+            .collect();
+        // Cost estimate: the prompts semtel would send (default settings: 8 rows per call,
+        // candidate narrowing, few-shot examples), counted with the tokenizer.
+        let pb = PromptBuilder::new(LlmConfig::default(), labels.clone(), counter.clone())?;
+        let items: Vec<semtel::llm::tier::PromptItem> = classified
+            .iter()
+            .map(|c| {
+                let candidates = pb.candidates(c.out.neighbors.iter().map(|x| x.label.as_str()));
+                semtel::llm::tier::PromptItem {
+                    text: semtel::llm::tier::head_tail_chars(
+                        &c.content.as_ref().map(|x| x.flatten()).unwrap_or_default(),
+                        pb.cfg.max_item_chars,
+                    ),
+                    full_schema: candidates.is_empty(),
+                    candidates,
+                    examples: c.examples.clone(),
+                }
+            })
+            .collect();
+        let (mut tin, mut tout) = (0f64, 0f64);
+        for chunk in items.chunks(pb.cfg.items_per_call) {
+            let refs: Vec<&semtel::llm::tier::PromptItem> = chunk.iter().collect();
+            let (req, est) = pb.request(&refs);
+            tin += est * 1.3; // WordPiece undercounts BPE tokens by ~30 % on this text
+            tout += chunk.len() as f64 * 8.0;
+            let _ = req;
+        }
+        let cost = (tin * a.price_in + tout * a.price_out) / 1e6 / n as f64;
+        (
+                ok,
+                cost,
+                format!("oracle:{acc} (simulated LLM: gold label, wrong at {:.0}%)", (1.0 - acc) * 100.0),
+                format!(
+                    "estimated from prompt token counts (8 rows per call, narrowing, few-shot) at ${}/1M input and ${}/1M output tokens",
+                    a.price_in, a.price_out
+                ),
+            )
+    } else {
+        let cfg = LlmConfig::load(Path::new(&a.llm))?;
+        let name = cfg
+            .endpoints
+            .iter()
+            .map(|e| e.model.clone())
+            .collect::<Vec<_>>()
+            .join("+");
+        let (out, stats) = semtel::bench::llm_label_all(cfg, &labels, counter, &classified)?;
+        let by_id: std::collections::HashMap<&str, Option<&String>> = out
+            .iter()
+            .map(|r| (r.id.as_str(), r.label.as_ref()))
+            .collect();
+        let ok = classified
+            .iter()
+            .zip(&gold)
+            .map(|(c, g)| by_id.get(c.out.id.as_str()).copied().flatten() == Some(g))
+            .collect();
+        (
+            ok,
+            stats.cost_usd / n as f64,
+            format!("endpoint {name}"),
+            format!(
+                "measured: {} calls, {} input and {} output tokens at the configured prices",
+                stats.calls, stats.tokens_in, stats.tokens_out
+            ),
+        )
+    };
+    let curve = semtel::report::curve(&knn_ok, &llm_ok, &conf, cost_per_row, 40);
+    let op_right = (0..n)
+        .filter(|&i| if keep[i] { knn_ok[i] } else { llm_ok[i] })
+        .count();
+    let op_esc = keep.iter().filter(|k| !**k).count();
+    let report = semtel::report::AccuracyCost {
+        set: a.set.clone().unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                a.input
+                    .file_name()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                a.cols
+                    .split
+                    .as_ref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            )
+        }),
+        rows: n,
+        llm: llm_name,
+        signal: signal.name().into(),
+        cost_basis: basis,
+        llm_cost_per_row_usd: cost_per_row,
+        knn_only: curve[0].clone(),
+        llm_only: curve.last().unwrap().clone(),
+        operating_point: semtel::report::CurvePoint {
+            escalated: op_esc as f64 / n as f64,
+            accuracy: op_right as f64 / n as f64,
+            cost_per_1k_usd: op_esc as f64 * cost_per_row / n as f64 * 1000.0,
+        },
+        curve,
+    };
+    semtel::report::write(&a.out, &report)?;
+    eprintln!("share to LLM  accuracy  cost/1k conversations");
+    for p in report.curve.iter().step_by(4) {
+        eprintln!(
+            "   {:>5.1}%    {:>6.2}%   ${:.4}",
+            p.escalated * 100.0,
+            p.accuracy * 100.0,
+            p.cost_per_1k_usd
+        );
+    }
+    eprintln!(
+        "kNN only {:.2}%; LLM only {:.2}% (${:.4}/1k); calibrated thresholds: {:.1}% to the LLM, {:.2}% accuracy, ${:.4}/1k; report in {}",
+        report.knn_only.accuracy * 100.0,
+        report.llm_only.accuracy * 100.0,
+        report.llm_only.cost_per_1k_usd,
+        report.operating_point.escalated * 100.0,
+        report.operating_point.accuracy * 100.0,
+        report.operating_point.cost_per_1k_usd,
+        a.out.join("report.html").display()
+    );
     Ok(())
 }

@@ -180,7 +180,7 @@ pub fn evaluate(
     let labels = classifier.index.labels();
     let mut unseen = std::collections::BTreeSet::new();
     let mut scored = Vec::new();
-    let mut votes = Vec::new();
+    let mut all_scores = Vec::new();
     let mut ids = Vec::new();
     while let Some(rows) = reader.next_batch()? {
         progress.inc(rows.len() as u64);
@@ -195,17 +195,15 @@ pub fn evaluate(
                 unseen.insert(gold);
             }
             let pred = c
-                .out
-                .knn_label
+                .scores
                 .as_ref()
-                .and_then(|l| labels.binary_search(l).ok())
-                .map(|i| i as u32);
+                .and_then(|s| s.decision(classifier.thresholds.signal).0);
             scored.push(Scored {
                 pred,
                 gold: g,
                 confidence: c.out.confidence.unwrap_or(f32::NEG_INFINITY),
             });
-            votes.push(c.vote);
+            all_scores.push(c.scores);
             ids.push(c.out.id);
         }
     }
@@ -220,17 +218,35 @@ pub fn evaluate(
     }
     let signal = classifier.thresholds.signal.name().to_string();
     let unseen: Vec<String> = unseen.into_iter().collect();
-    let report = report(&scored, labels.len(), &signal, unseen.clone());
-    use crate::decide::Signal;
-    let by_signal = [Signal::VoteSim, Signal::Vote, Signal::Margin, Signal::Top1]
+    let mut report = report(&scored, labels.len(), &signal, unseen.clone());
+    let kept: Vec<&Scored> = scored
+        .iter()
+        .filter(|s| classifier.thresholds.keep(s.pred, s.confidence))
+        .collect();
+    let ok = kept.iter().filter(|s| s.correct()).count();
+    report.at_index_thresholds = Some(crate::eval::CoveragePoint {
+        threshold: classifier.thresholds.global,
+        coverage: kept.len() as f64 / scored.len().max(1) as f64,
+        kept_accuracy: (!kept.is_empty()).then(|| ok as f64 / kept.len() as f64),
+        kept: kept.len(),
+    });
+    let by_signal = crate::decide::ALL_SIGNALS
         .into_iter()
+        .filter(|s| !s.needs_head() || classifier.head.is_some())
         .map(|sig| {
             let rescored: Vec<Scored> = scored
                 .iter()
-                .zip(&votes)
-                .map(|(s, v)| Scored {
-                    confidence: v.as_ref().map_or(f32::NEG_INFINITY, |v| v.signal(sig)),
-                    ..*s
+                .zip(&all_scores)
+                .map(|(s, v)| match v {
+                    Some(v) => {
+                        let (pred, confidence) = v.decision(sig);
+                        Scored {
+                            pred,
+                            gold: s.gold,
+                            confidence,
+                        }
+                    }
+                    None => *s,
                 })
                 .collect();
             (

@@ -4,7 +4,7 @@
 //! This module owns no format or model details; it only moves typed values between stages.
 
 use crate::conversation::{Content, Row};
-use crate::decide::{vote, Signal, Thresholds};
+use crate::decide::{vote_distribution, vote_labeled, Pick, Scores, Signal, Thresholds};
 use crate::embed::{Encoder, EncoderOptions};
 use crate::index::ExemplarIndex;
 use crate::input::RowReader;
@@ -28,8 +28,8 @@ pub struct Classified {
     pub content: Option<Content>,
     /// Embedding of the row (present for escalated rows only; the exemplar index can grow from it).
     pub vector: Option<Vec<f32>>,
-    /// The kNN vote (absent for error rows).
-    pub vote: Option<crate::decide::Vote>,
+    /// The kNN vote and head scores (absent for error rows).
+    pub scores: Option<Scores>,
     /// (label, text) of the nearest exemplars, for escalated rows (few-shot prompts).
     pub examples: Vec<(String, String)>,
 }
@@ -47,6 +47,10 @@ pub struct Classifier {
     pub thresholds: Thresholds,
     /// Neighbours reported per output row.
     pub report_neighbors: usize,
+    /// The learned head, when `semtel calibrate` trained one.
+    pub head: Option<crate::head::Head>,
+    /// Exemplars learned during this run (`classify --grow`).
+    pub growth: Option<std::sync::Arc<crate::grow::Growth>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -69,7 +73,33 @@ impl Classifier {
         }
         enc_opts.include_system_turns |= index.manifest.build.include_system_turns;
         let encoder = Encoder::load(&enc_opts)?;
-        Self::new(encoder, index, opts)
+        let head = crate::head::Head::load(index_dir)?;
+        let mut c = Self::new(encoder, index, opts)?;
+        c.set_head(head)?;
+        Ok(c)
+    }
+
+    /// Attaches (or removes) a learned head; refuses one trained for another label set.
+    pub fn set_head(&mut self, head: Option<crate::head::Head>) -> Result<()> {
+        if let Some(h) = &head {
+            if h.n_labels() != self.index.labels().len() {
+                return Err(Error::index(
+                    self.index.dir(),
+                    "the head was trained for another label set (exemplars were added since); rerun `semtel calibrate`",
+                ));
+            }
+        }
+        if head.is_none() && self.thresholds.signal.needs_head() {
+            return Err(Error::index(
+                self.index.dir(),
+                format!(
+                    "signal `{}` needs the learned head: run `semtel calibrate` or choose a kNN signal",
+                    self.thresholds.signal.name()
+                ),
+            ));
+        }
+        self.head = head;
+        Ok(())
     }
 
     pub fn new(encoder: Encoder, index: ExemplarIndex, opts: &ClassifierOptions) -> Result<Self> {
@@ -101,6 +131,8 @@ impl Classifier {
             k,
             thresholds,
             report_neighbors: k,
+            head: None,
+            growth: None,
         })
     }
 
@@ -139,11 +171,25 @@ impl Classifier {
     pub fn classify(&self, rows: Vec<Row>) -> Result<Vec<Classified>> {
         let rendered = self.render(&rows);
         let vectors = self.embed(&rendered)?;
-        self.decide(rows, vectors)
+        let ids: Vec<Vec<u32>> = rendered
+            .iter()
+            .map(|r| {
+                r.as_ref()
+                    .map(|r| self.encoder.renderer.content_ids(&r.ids).to_vec())
+                    .unwrap_or_default()
+            })
+            .collect();
+        self.decide(rows, vectors, &ids)
     }
 
-    /// Search and vote for rows whose vectors are known.
-    pub fn decide(&self, rows: Vec<Row>, vectors: Vec<RowVector>) -> Result<Vec<Classified>> {
+    /// Search and decide for rows whose vectors (and content token ids, for the head) are
+    /// known.
+    pub fn decide(
+        &self,
+        rows: Vec<Row>,
+        vectors: Vec<RowVector>,
+        ids: &[Vec<u32>],
+    ) -> Result<Vec<Classified>> {
         let d = self.encoder.dim();
         let mut flat = Vec::with_capacity(rows.len() * d);
         for v in vectors.iter().flatten() {
@@ -155,7 +201,7 @@ impl Classifier {
         let label_of = self.index.label_indices();
         let mut scratch = vec![0f32; labels.len()];
         let mut out = Vec::with_capacity(rows.len());
-        for (row, vec) in rows.into_iter().zip(vectors) {
+        for (i, (row, vec)) in rows.into_iter().zip(vectors).enumerate() {
             let vector = match vec {
                 Ok(v) => v,
                 Err(msg) => {
@@ -168,25 +214,59 @@ impl Classifier {
                         out: OutputRow::error(row.id, msg, row.passthrough),
                         content: None,
                         vector: None,
-                        vote: None,
+                        scores: None,
                         examples: Vec::new(),
                     });
                     continue;
                 }
             };
-            let nb = nb_iter.next().unwrap_or_default();
-            let v = vote(&nb, label_of, &mut scratch);
-            let conf = v.signal(self.thresholds.signal);
-            let keep = self.thresholds.keep(v.label, conf);
+            let mut nb: Vec<(u64, f32)> = nb_iter.next().unwrap_or_default();
+            let mut labeled: Vec<(u32, f32)> =
+                nb.iter().map(|&(k, s)| (label_of[k as usize], s)).collect();
+            if let Some(g) = self.growth.as_ref().filter(|g| !g.is_empty()) {
+                // Merge the base neighbours with the ones learned during this run.
+                let mut all: Vec<(u64, f32, u32)> = nb
+                    .iter()
+                    .zip(&labeled)
+                    .map(|(&(k, s), &(l, _))| (k, s, l))
+                    .collect();
+                all.extend(g.search(&vector, self.k));
+                all.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+                all.truncate(self.k);
+                nb = all.iter().map(|&(k, s, _)| (k, s)).collect();
+                labeled = all.iter().map(|&(_, s, l)| (l, s)).collect();
+            }
+            let exemplar = |key: u64| -> crate::index::Exemplar {
+                if key >= crate::grow::OVERLAY_KEY_BASE {
+                    self.growth.as_ref().expect("overlay key").exemplar(key)
+                } else {
+                    self.index.exemplar(key).clone()
+                }
+            };
+            let v = vote_labeled(&labeled, &mut scratch);
+            let (head, mix) = match &self.head {
+                Some(h) => {
+                    let p = h.predict(&vector, ids.get(i).map_or(&[][..], |x| x.as_slice()));
+                    let d = vote_distribution(&labeled, labels.len());
+                    let m: Vec<f32> = p.iter().zip(&d).map(|(a, b)| 0.5 * (a + b)).collect();
+                    (Pick::of(&p), Pick::of(&m))
+                }
+                None => (None, None),
+            };
+            let margin = v.margin;
+            let top1 = v.top1_sim;
             let knn_label = v.label.map(|l| labels[l as usize].clone());
+            let scores = Scores { vote: v, head, mix };
+            let (label, conf) = scores.decision(self.thresholds.signal);
+            let keep = self.thresholds.keep(label, conf);
             let neighbors = nb
                 .iter()
                 .take(self.report_neighbors)
                 .map(|&(key, score)| {
-                    let e = self.index.exemplar(key);
+                    let e = exemplar(key);
                     NeighborOut {
-                        id: e.id.clone(),
-                        label: e.label.clone(),
+                        id: e.id,
+                        label: e.label,
                         score,
                     }
                 })
@@ -196,8 +276,8 @@ impl Classifier {
                 nb.iter()
                     .take(EXAMPLES_PER_ROW)
                     .map(|&(key, _)| {
-                        let e = self.index.exemplar(key);
-                        let mut t = e.text.clone();
+                        let e = exemplar(key);
+                        let mut t = e.text;
                         if t.len() > EXAMPLE_CHARS {
                             let mut i = EXAMPLE_CHARS;
                             while !t.is_char_boundary(i) {
@@ -205,7 +285,7 @@ impl Classifier {
                             }
                             t.truncate(i);
                         }
-                        (e.label.clone(), t)
+                        (e.label, t)
                     })
                     .collect()
             } else {
@@ -214,10 +294,14 @@ impl Classifier {
             out.push(Classified {
                 out: OutputRow {
                     id: row.id,
-                    label: if keep { knn_label.clone() } else { None },
+                    label: if keep {
+                        label.map(|l| labels[l as usize].clone())
+                    } else {
+                        None
+                    },
                     confidence: Some(conf),
-                    margin: Some(v.margin),
-                    top1_sim: Some(v.top1_sim),
+                    margin: Some(margin),
+                    top1_sim: Some(top1),
                     decided_by: if keep {
                         DecidedBy::Knn
                     } else {
@@ -231,7 +315,7 @@ impl Classifier {
                 },
                 content: if escalate { row.content.ok() } else { None },
                 vector: if escalate { Some(vector) } else { None },
-                vote: Some(v),
+                scores: Some(scores),
                 examples,
             });
         }
@@ -251,6 +335,9 @@ pub struct RunSummary {
     pub errors: u64,
     pub seconds: f64,
     pub rows_per_second: f64,
+    /// Share of rows escalated by kNN in each input chunk, in input order (shows the effect of
+    /// `--grow`).
+    pub escalation_by_chunk: Vec<f64>,
 }
 
 /// What happens to escalated rows. The default keeps them as `escalate` in the output; the LLM
@@ -347,12 +434,15 @@ pub fn run(
             Ok((writer, counts))
         });
         // Compute on this thread: render → embed → search → decide → escalate.
+        let mut by_chunk = Vec::new();
         let compute = (|| -> Result<()> {
             for rows in row_rx.iter() {
                 let classified = classifier.classify(rows)?;
                 let (esc, decided): (Vec<Classified>, Vec<Classified>) = classified
                     .into_iter()
                     .partition(|c| c.out.decided_by == DecidedBy::Escalate);
+                let n = esc.len() + decided.len();
+                by_chunk.push(esc.len() as f64 / n.max(1) as f64);
                 if !decided.is_empty() {
                     out_tx
                         .send(decided.into_iter().map(|c| c.out).collect())
@@ -380,6 +470,7 @@ pub fn run(
         summary.escalated = counts[1];
         summary.llm = counts[2];
         summary.errors = counts[3];
+        summary.escalation_by_chunk = by_chunk;
         summary.seconds = start.elapsed().as_secs_f64();
         summary.rows_per_second = summary.rows_written as f64 / summary.seconds.max(1e-9);
         Ok(summary)

@@ -141,6 +141,15 @@ impl Renderer {
         Ok(self.wrap(&ids))
     }
 
+    /// The content part of rendered ids (without the model's special tokens).
+    pub fn content_ids<'a>(&self, ids: &'a [u32]) -> &'a [u32] {
+        let end = ids
+            .len()
+            .saturating_sub(self.suffix.len())
+            .max(self.prefix.len().min(ids.len()));
+        &ids[self.prefix.len().min(ids.len())..end]
+    }
+
     fn wrap(&self, content: &[u32]) -> Vec<u32> {
         let mut v = Vec::with_capacity(self.prefix.len() + content.len() + self.suffix.len());
         v.extend_from_slice(&self.prefix);

@@ -33,8 +33,9 @@ use tokio::task::JoinSet;
 /// the `usage` the server reports).
 pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
 
-/// Called with every row the LLM labelled (vector, label) — the hook exemplar growth uses.
-pub type OnLabel = Box<dyn FnMut(&OutputRow, &[f32]) + Send>;
+/// Called with every row the LLM labelled (its embedding and the text the LLM saw) — the hook
+/// exemplar growth uses.
+pub type OnLabel = Box<dyn FnMut(&OutputRow, &[f32], &str) + Send>;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LlmStats {
@@ -74,7 +75,10 @@ struct Call {
 struct Waiting {
     row: OutputRow,
     vector: Option<Vec<f32>>,
+    text: String,
 }
+
+type Finished = (OutputRow, Option<Vec<f32>>, String);
 
 struct Incoming {
     item: Item,
@@ -240,8 +244,8 @@ pub struct LlmTier {
     tx: Option<tokio::sync::mpsc::Sender<Vec<Incoming>>>,
     dispatcher: Option<tokio::task::JoinHandle<Result<LlmStats>>>,
     forwarder: Option<std::thread::JoinHandle<()>>,
-    results_tx: Option<std::sync::mpsc::Sender<(OutputRow, Option<Vec<f32>>)>>,
-    results_rx: Option<std::sync::mpsc::Receiver<(OutputRow, Option<Vec<f32>>)>>,
+    results_tx: Option<std::sync::mpsc::Sender<Finished>>,
+    results_rx: Option<std::sync::mpsc::Receiver<Finished>>,
     cache: Option<Cache>,
     on_label: Option<OnLabel>,
     include_system_turns: bool,
@@ -339,10 +343,10 @@ impl LlmTier {
             let mut buf: Vec<OutputRow> = Vec::new();
             loop {
                 let idle = match rrx.recv_timeout(Duration::from_millis(50)) {
-                    Ok((r, v)) => {
+                    Ok((r, v, text)) => {
                         if let (Some(h), Some(v)) = (hook.as_mut(), v) {
                             if r.decided_by == DecidedBy::Llm {
-                                h(&r, &v);
+                                h(&r, &v, &text);
                             }
                         }
                         buf.push(r);
@@ -433,6 +437,10 @@ impl Escalation for LlmTier {
                 waiting: Waiting {
                     row: c.out,
                     vector: c.vector,
+                    text: match &c.content {
+                        Some(c) => c.flatten(),
+                        None => String::new(),
+                    },
                 },
             });
         }
@@ -506,7 +514,7 @@ struct Dispatcher {
     pending: VecDeque<Item>,
     ready: VecDeque<Call>,
     waiting: HashMap<String, Vec<Waiting>>,
-    results: std::sync::mpsc::Sender<(OutputRow, Option<Vec<f32>>)>,
+    results: std::sync::mpsc::Sender<Finished>,
     cache: Cache,
     stats: LlmStats,
     token_ratio: f64,
@@ -517,7 +525,7 @@ struct Dispatcher {
 async fn dispatch(
     sh: Arc<Shared>,
     mut rx: tokio::sync::mpsc::Receiver<Vec<Incoming>>,
-    results: std::sync::mpsc::Sender<(OutputRow, Option<Vec<f32>>)>,
+    results: std::sync::mpsc::Sender<Finished>,
     cache: Cache,
 ) -> Result<LlmStats> {
     let now = Instant::now();
@@ -943,7 +951,7 @@ impl Dispatcher {
                     row.error = Some(why.clone());
                 }
             }
-            if self.results.send((row, w.vector)).is_err() {
+            if self.results.send((row, w.vector, w.text)).is_err() {
                 return;
             }
         }
