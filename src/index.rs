@@ -9,8 +9,9 @@
 
 use crate::model::{ModelFiles, Pooling};
 use crate::{Error, Result};
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt64Array};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt64Array};
+use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use rayon::prelude::*;
@@ -37,6 +38,10 @@ pub struct ModelInfo {
     pub dims: usize,
     pub pooling: Pooling,
     pub max_tokens: usize,
+    /// Absolute folder the model was loaded from at build time: a hint for processes that
+    /// run elsewhere (Spark workers); the digest is checked whatever folder is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_dir: Option<String>,
 }
 
 impl ModelInfo {
@@ -47,6 +52,9 @@ impl ModelInfo {
             dims,
             pooling: files.pooling,
             max_tokens: files.max_tokens,
+            source_dir: std::fs::canonicalize(&files.dir)
+                .ok()
+                .map(|p| p.display().to_string()),
         }
     }
 }
@@ -304,6 +312,7 @@ impl ExemplarIndex {
     /// Refuses to pair this index with vectors from another model.
     pub fn check_model(&self, files: &ModelFiles, dims: usize) -> Result<()> {
         let m = &self.manifest.model;
+        // (source_dir is a location hint, not part of the identity)
         if m.weights_sha256 != files.weights_sha256 || m.dims != dims || m.pooling != files.pooling
         {
             return Err(Error::index(
@@ -512,7 +521,7 @@ fn read_exemplars(path: &Path) -> Result<Vec<Exemplar>> {
     let mut out = Vec::new();
     for b in reader {
         let b = b.map_err(|e| Error::index(path, e.to_string()))?;
-        let s = |name: &str| -> Result<arrow::array::StringArray> {
+        let s = |name: &str| -> Result<arrow_array::StringArray> {
             b.column_by_name(name)
                 .map(|c| c.as_string::<i32>().clone())
                 .ok_or_else(|| Error::index(path, format!("missing column {name}")))

@@ -9,8 +9,9 @@
 
 use crate::conversation::{Content, Role, Row, Turn};
 use crate::{Error, Result};
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use arrow::datatypes::DataType;
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use serde_json::Value;
 use std::fs::File;
@@ -446,6 +447,183 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
+/// Which columns of an Arrow schema hold what (resolved once per file or stream).
+#[derive(Debug, Clone)]
+pub struct BatchColumns {
+    pub text: Option<String>,
+    pub turns: Option<String>,
+    pub id: Option<String>,
+    pub label: Option<String>,
+    pub split: Option<String>,
+    pub columns: Columns,
+    /// Arrow types of the pass-through columns (unsupported types become Utf8).
+    pub passthrough_types: Vec<DataType>,
+}
+
+impl BatchColumns {
+    /// Resolves `cols` against an Arrow schema; `origin` names the source in errors.
+    pub fn resolve(
+        schema: &arrow_schema::Schema,
+        cols: &Columns,
+        want_split: bool,
+        origin: &str,
+    ) -> std::result::Result<BatchColumns, String> {
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let has = |c: &str| names.iter().any(|n| n == c);
+        let turns = match &cols.turns {
+            Some(c) if has(c) => Some(c.clone()),
+            Some(c) => {
+                return Err(format!(
+                    "{origin}: no column `{c}` (columns: {}); fix --turns-col",
+                    names.join(", ")
+                ))
+            }
+            None => AUTO_TURNS.iter().find(|c| has(c)).map(|c| c.to_string()),
+        };
+        let text = has(&cols.text).then(|| cols.text.clone());
+        if text.is_none() && turns.is_none() {
+            return Err(format!(
+                "{origin}: no `{}` column and no turns column ({}); its columns are: {}. Name them with --text-col / --turns-col",
+                cols.text,
+                AUTO_TURNS.join("/"),
+                names.join(", ")
+            ));
+        }
+        let split = if want_split {
+            if !has(&cols.split) {
+                return Err(format!(
+                    "{origin}: --split needs a `{}` column; there is none",
+                    cols.split
+                ));
+            }
+            Some(cols.split.clone())
+        } else {
+            None
+        };
+        let mut passthrough_types = Vec::new();
+        for c in &cols.passthrough {
+            let f = schema.field_with_name(c).map_err(|_| {
+                format!(
+                    "{origin}: pass-through column `{c}` is missing (columns: {})",
+                    names.join(", ")
+                )
+            })?;
+            passthrough_types.push(match f.data_type() {
+                t @ (DataType::Boolean
+                | DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32
+                | DataType::UInt64
+                | DataType::Float32
+                | DataType::Float64) => t.clone(),
+                _ => DataType::Utf8,
+            });
+        }
+        Ok(BatchColumns {
+            text,
+            turns,
+            id: has(&cols.id).then(|| cols.id.clone()),
+            label: has(&cols.label).then(|| cols.label.clone()),
+            split,
+            columns: cols.clone(),
+            passthrough_types,
+        })
+    }
+
+    /// The columns a reader needs to load.
+    pub fn projection(&self) -> Vec<String> {
+        let mut p: Vec<String> = Vec::new();
+        for c in [&self.text, &self.turns, &self.id, &self.label, &self.split]
+            .into_iter()
+            .flatten()
+        {
+            if !p.contains(c) {
+                p.push(c.clone());
+            }
+        }
+        for c in &self.columns.passthrough {
+            if !p.contains(c) {
+                p.push(c.clone());
+            }
+        }
+        p
+    }
+
+    /// Converts a record batch to rows; rows are numbered from `first_index`, ids generated
+    /// from `stem` where absent, `origin` names the source in per-row errors.
+    pub fn rows(
+        &self,
+        batch: &RecordBatch,
+        split: Option<&str>,
+        first_index: u64,
+        stem: &str,
+        origin: &str,
+    ) -> Vec<Row> {
+        let cols = &self.columns;
+        let get = |name: &Option<String>| -> Option<ArrayRef> {
+            name.as_ref().and_then(|n| batch.column_by_name(n).cloned())
+        };
+        let text = get(&self.text).map(as_utf8);
+        let turns = get(&self.turns);
+        let ids = get(&self.id).map(as_utf8);
+        let labels = get(&self.label).map(as_utf8);
+        let splits = get(&self.split).map(as_utf8);
+        let pass: Vec<Option<ArrayRef>> = cols
+            .passthrough
+            .iter()
+            .map(|c| batch.column_by_name(c).cloned())
+            .collect();
+        let mut rows = Vec::with_capacity(batch.num_rows());
+        for i in 0..batch.num_rows() {
+            let index = first_index + i as u64;
+            if let (Some(want), Some(s)) = (split, &splits) {
+                if utf8_at(s, i).as_deref() != Some(want) {
+                    continue;
+                }
+            }
+            let id = ids
+                .as_ref()
+                .and_then(|a| utf8_at(a, i))
+                .unwrap_or_else(|| generated_id(stem, index));
+            let from_turns = turns
+                .as_ref()
+                .filter(|a| !a.is_null(i))
+                .map(|a| turns_at(a, i));
+            let content = match (from_turns, &text) {
+                (Some(t), _) => t.map(Content::Turns),
+                (None, Some(a)) => match utf8_at(a, i) {
+                    Some(s) => Ok(Content::Text(s)),
+                    None if a.data_type() == &DataType::Binary
+                        || a.data_type() == &DataType::LargeBinary =>
+                    {
+                        Err(format!("`{}` is not valid UTF-8 text", cols.text))
+                    }
+                    None => Err(format!("`{}` is null", cols.text)),
+                },
+                (None, None) => Err("turns are null and there is no text column".to_string()),
+            }
+            .map_err(|e| format!("{origin} row {index}: {e}"));
+            let label = labels.as_ref().and_then(|a| utf8_at(a, i));
+            let passthrough = pass
+                .iter()
+                .map(|a| a.as_ref().map_or(Value::Null, |a| json_at(a, i)))
+                .collect();
+            rows.push(Row {
+                index,
+                id,
+                content,
+                label,
+                passthrough,
+            });
+        }
+        rows
+    }
+}
+
 /// Parquet input: read row group by row group; a batch that fails to decode (invalid UTF-8, a
 /// damaged page) is re-read row by row so that only the bad rows become error rows.
 pub struct ParquetReader {
@@ -457,14 +635,7 @@ pub struct ParquetReader {
     /// Rows already emitted (or skipped) from the current group.
     offset_in_group: usize,
     reader: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
-    projection: Vec<String>,
-    text_col: Option<String>,
-    turns_col: Option<String>,
-    id_col: Option<String>,
-    label_col: Option<String>,
-    split_col: Option<String>,
-    pass_types: Vec<DataType>,
-    pass_present: Vec<bool>,
+    bc: BatchColumns,
     base_index: u64,
 }
 
@@ -473,97 +644,8 @@ impl ParquetReader {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(f)
             .map_err(|e| Error::input(path, format!("not a readable Parquet file ({e})")))?;
-        let schema = builder.schema().clone();
-        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        let has = |c: &str| names.iter().any(|n| n == c);
-        let cols = &opts.columns;
-        let turns_col = match &cols.turns {
-            Some(c) if has(c) => Some(c.clone()),
-            Some(c) => {
-                return Err(Error::input(
-                    path,
-                    format!(
-                        "no column `{c}` (columns: {}); fix --turns-col",
-                        names.join(", ")
-                    ),
-                ))
-            }
-            None => AUTO_TURNS.iter().find(|c| has(c)).map(|c| c.to_string()),
-        };
-        let text_col = has(&cols.text).then(|| cols.text.clone());
-        if text_col.is_none() && turns_col.is_none() {
-            return Err(Error::input(
-                path,
-                format!(
-                    "no `{}` column and no turns column ({}); its columns are: {}. Name them with --text-col / --turns-col",
-                    cols.text,
-                    AUTO_TURNS.join("/"),
-                    names.join(", ")
-                ),
-            ));
-        }
-        let id_col = has(&cols.id).then(|| cols.id.clone());
-        let label_col = has(&cols.label).then(|| cols.label.clone());
-        let split_col = if opts.split.is_some() {
-            if !has(&cols.split) {
-                return Err(Error::input(
-                    path,
-                    format!(
-                        "--split needs a `{}` column; this file has none",
-                        cols.split
-                    ),
-                ));
-            }
-            Some(cols.split.clone())
-        } else {
-            None
-        };
-        let mut pass_types = Vec::new();
-        let mut pass_present = Vec::new();
-        for c in &cols.passthrough {
-            match schema.field_with_name(c) {
-                Ok(f) => {
-                    pass_present.push(true);
-                    pass_types.push(match f.data_type() {
-                        t @ (DataType::Boolean
-                        | DataType::Int8
-                        | DataType::Int16
-                        | DataType::Int32
-                        | DataType::Int64
-                        | DataType::UInt8
-                        | DataType::UInt16
-                        | DataType::UInt32
-                        | DataType::UInt64
-                        | DataType::Float32
-                        | DataType::Float64) => t.clone(),
-                        _ => DataType::Utf8,
-                    })
-                }
-                Err(_) => {
-                    return Err(Error::input(
-                        path,
-                        format!(
-                            "pass-through column `{c}` is not in the file (columns: {})",
-                            names.join(", ")
-                        ),
-                    ))
-                }
-            }
-        }
-        let mut projection: Vec<String> = Vec::new();
-        for c in [&text_col, &turns_col, &id_col, &label_col, &split_col]
-            .into_iter()
-            .flatten()
-        {
-            if !projection.contains(c) {
-                projection.push(c.clone());
-            }
-        }
-        for c in &cols.passthrough {
-            if !projection.contains(c) {
-                projection.push(c.clone());
-            }
-        }
+        let bc = BatchColumns::resolve(builder.schema(), &opts.columns, opts.split.is_some(), "")
+            .map_err(|e| Error::input(path, e.trim_start_matches(": ").to_string()))?;
         let meta_rows = builder
             .metadata()
             .row_groups()
@@ -578,14 +660,7 @@ impl ParquetReader {
             group: 0,
             offset_in_group: 0,
             reader: None,
-            projection,
-            text_col,
-            turns_col,
-            id_col,
-            label_col,
-            split_col,
-            pass_types,
-            pass_present,
+            bc,
             base_index: 0,
         })
     }
@@ -601,7 +676,8 @@ impl ParquetReader {
             .map_err(|e| Error::input(&self.path, e.to_string()))?;
         let schema = builder.parquet_schema();
         let roots: Vec<usize> = self
-            .projection
+            .bc
+            .projection()
             .iter()
             .filter_map(|c| builder.schema().index_of(c).ok())
             .collect();
@@ -622,66 +698,14 @@ impl ParquetReader {
     }
 
     fn convert(&self, batch: &RecordBatch, first_index: u64) -> Vec<Row> {
-        let cols = &self.opts.columns;
-        let get = |name: &Option<String>| -> Option<ArrayRef> {
-            name.as_ref().and_then(|n| batch.column_by_name(n).cloned())
-        };
-        let text = get(&self.text_col).map(as_utf8);
-        let turns = get(&self.turns_col);
-        let ids = get(&self.id_col).map(as_utf8);
-        let labels = get(&self.label_col).map(as_utf8);
-        let splits = get(&self.split_col).map(as_utf8);
-        let pass: Vec<Option<ArrayRef>> = cols
-            .passthrough
-            .iter()
-            .zip(&self.pass_present)
-            .map(|(c, &p)| {
-                if p {
-                    batch.column_by_name(c).cloned()
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let mut rows = Vec::with_capacity(batch.num_rows());
-        for i in 0..batch.num_rows() {
-            let index = first_index + i as u64;
-            if let (Some(want), Some(s)) = (&self.opts.split, &splits) {
-                if utf8_at(s, i).as_deref() != Some(want.as_str()) {
-                    continue;
-                }
-            }
-            let id = ids
-                .as_ref()
-                .and_then(|a| utf8_at(a, i))
-                .unwrap_or_else(|| generated_id(&self.stem, index));
-            let from_turns = turns
-                .as_ref()
-                .filter(|a| !a.is_null(i))
-                .map(|a| turns_at(a, i));
-            let content = match (from_turns, &text) {
-                (Some(t), _) => t.map(Content::Turns),
-                (None, Some(a)) => match utf8_at(a, i) {
-                    Some(s) => Ok(Content::Text(s)),
-                    None => Err(format!("`{}` is null", cols.text)),
-                },
-                (None, None) => Err("turns are null and there is no text column".to_string()),
-            }
-            .map_err(|e| format!("{} row {index}: {e}", self.path.display()));
-            let label = labels.as_ref().and_then(|a| utf8_at(a, i));
-            let passthrough = pass
-                .iter()
-                .map(|a| a.as_ref().map_or(Value::Null, |a| json_at(a, i)))
-                .collect();
-            rows.push(Row {
-                index,
-                id,
-                content,
-                label,
-                passthrough,
-            });
-        }
-        rows
+        let origin = self.path.display().to_string();
+        self.bc.rows(
+            batch,
+            self.opts.split.as_deref(),
+            first_index,
+            &self.stem,
+            &origin,
+        )
     }
 
     /// Re-reads `n` rows starting at `skip` in `group` one at a time, turning undecodable rows
@@ -715,7 +739,7 @@ impl RowReader for ParquetReader {
     }
 
     fn passthrough_types(&self) -> Vec<DataType> {
-        self.pass_types.clone()
+        self.bc.passthrough_types.clone()
     }
 
     fn next_batch(&mut self) -> Result<Option<Vec<Row>>> {
@@ -766,8 +790,12 @@ impl RowReader for ParquetReader {
 
 fn as_utf8(a: ArrayRef) -> ArrayRef {
     match a.data_type() {
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => a,
-        _ => arrow::compute::cast(&a, &DataType::Utf8).unwrap_or(a),
+        DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::Utf8View
+        | DataType::Binary
+        | DataType::LargeBinary => a,
+        _ => arrow_cast::cast(&a, &DataType::Utf8).unwrap_or(a),
     }
 }
 
@@ -779,12 +807,18 @@ fn utf8_at(a: &ArrayRef, i: usize) -> Option<String> {
         DataType::Utf8 => Some(a.as_string::<i32>().value(i).to_string()),
         DataType::LargeUtf8 => Some(a.as_string::<i64>().value(i).to_string()),
         DataType::Utf8View => Some(a.as_string_view().value(i).to_string()),
+        DataType::Binary => std::str::from_utf8(a.as_binary::<i32>().value(i))
+            .ok()
+            .map(str::to_string),
+        DataType::LargeBinary => std::str::from_utf8(a.as_binary::<i64>().value(i))
+            .ok()
+            .map(str::to_string),
         _ => None,
     }
 }
 
 fn json_at(a: &ArrayRef, i: usize) -> Value {
-    use arrow::datatypes::*;
+    use arrow_array::types::*;
     if a.is_null(i) {
         return Value::Null;
     }

@@ -140,7 +140,7 @@ fn load_files(spec: &str, dir: &Path) -> Result<ModelFiles> {
     };
     let pooling = read_pooling(dir)?;
     let max_tokens = read_max_tokens(dir)?;
-    let id = if is_default_name(spec) {
+    let id = if is_default_name(spec) || is_default_name(&dir.to_string_lossy()) {
         DEFAULT_MODEL.to_string()
     } else {
         spec.to_string()

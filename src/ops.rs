@@ -272,8 +272,8 @@ pub fn embed_file(
     out: &Path,
     progress: &Progress,
 ) -> Result<AddSummary> {
-    use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
     use std::sync::Arc;
     let start = std::time::Instant::now();
     let d = encoder.dim();

@@ -11,11 +11,13 @@
 
 use crate::index::commit;
 use crate::{Error, Result};
-use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanBuilder, Float32Builder, Float64Builder, Int64Builder,
-    ListBuilder, RecordBatch, StringBuilder, UInt32Builder, UInt64Builder,
+use arrow_array::builder::{
+    BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
+    UInt64Builder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
@@ -194,8 +196,9 @@ pub fn schema(spec: &OutputSpec) -> SchemaRef {
         Field::new("neighbor_scores", list(DataType::Float32), true),
         Field::new("error", DataType::Utf8, true),
         Field::new("llm_model", DataType::Utf8, true),
-        Field::new("llm_tokens_in", DataType::UInt32, true),
-        Field::new("llm_tokens_out", DataType::UInt32, true),
+        // Int64 rather than UInt32: Spark has no unsigned types.
+        Field::new("llm_tokens_in", DataType::Int64, true),
+        Field::new("llm_tokens_out", DataType::Int64, true),
         Field::new("llm_cost_usd", DataType::Float64, true),
     ];
     for (name, t) in &spec.passthrough {
@@ -220,8 +223,8 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
     let mut nsc = ListBuilder::new(Float32Builder::new());
     let mut err = StringBuilder::new();
     let mut lm = StringBuilder::new();
-    let mut tin = UInt32Builder::with_capacity(n);
-    let mut tout = UInt32Builder::with_capacity(n);
+    let mut tin = Int64Builder::with_capacity(n);
+    let mut tout = Int64Builder::with_capacity(n);
     let mut cost = Float64Builder::with_capacity(n);
     for r in rows {
         id.append_value(&r.id);
@@ -241,8 +244,8 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
         nsc.append(true);
         err.append_option(r.error.as_deref());
         lm.append_option(r.llm.as_ref().map(|l| l.model.as_str()));
-        tin.append_option(r.llm.as_ref().map(|l| l.tokens_in));
-        tout.append_option(r.llm.as_ref().map(|l| l.tokens_out));
+        tin.append_option(r.llm.as_ref().map(|l| l.tokens_in as i64));
+        tout.append_option(r.llm.as_ref().map(|l| l.tokens_out as i64));
         cost.append_option(r.llm.as_ref().map(|l| l.cost_usd));
     }
     let mut cols: Vec<ArrayRef> = vec![
@@ -281,19 +284,19 @@ fn passthrough_array<'a>(vals: impl Iterator<Item = &'a Value>, t: &DataType) ->
             let mut b = Int64Builder::new();
             vals.for_each(|v| b.append_option(v.as_i64()));
             let a: ArrayRef = Arc::new(b.finish());
-            arrow::compute::cast(&a, t).unwrap_or(a)
+            arrow_cast::cast(&a, t).unwrap_or(a)
         }
         DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => {
             let mut b = UInt64Builder::new();
             vals.for_each(|v| b.append_option(v.as_u64()));
             let a: ArrayRef = Arc::new(b.finish());
-            arrow::compute::cast(&a, t).unwrap_or(a)
+            arrow_cast::cast(&a, t).unwrap_or(a)
         }
         DataType::Float32 | DataType::Float64 => {
             let mut b = Float64Builder::new();
             vals.for_each(|v| b.append_option(v.as_f64()));
             let a: ArrayRef = Arc::new(b.finish());
-            arrow::compute::cast(&a, t).unwrap_or(a)
+            arrow_cast::cast(&a, t).unwrap_or(a)
         }
         _ => {
             let mut b = StringBuilder::new();

@@ -68,8 +68,17 @@ impl Classifier {
         let index = ExemplarIndex::open(index_dir, !opts.writable)?;
         let mut enc_opts = opts.encoder.clone();
         if enc_opts.model.is_none() {
-            // Default to the model the index was built with.
-            enc_opts.model = Some(index.manifest.model.id.clone());
+            // Default to the model the index was built with: $SEMTEL_MODEL, else the folder it
+            // was built from (when this machine has it), else its id (models/<name>, hf-hub).
+            let m = &index.manifest.model;
+            enc_opts.model = std::env::var("SEMTEL_MODEL").ok().or_else(|| {
+                m.source_dir
+                    .clone()
+                    .filter(|d| std::path::Path::new(d).join("config.json").is_file())
+            });
+            if enc_opts.model.is_none() {
+                enc_opts.model = Some(m.id.clone());
+            }
         }
         enc_opts.include_system_turns |= index.manifest.build.include_system_turns;
         let encoder = Encoder::load(&enc_opts)?;
@@ -475,4 +484,79 @@ pub fn run(
         summary.rows_per_second = summary.rows_written as f64 / summary.seconds.max(1e-9);
         Ok(summary)
     })
+}
+
+/// Arrow in, Arrow out: classification of record batches with a fixed input schema. This is
+/// what the Python binding (Spark, Polars, Ray) calls; it holds the resolved columns and the
+/// output layout.
+pub struct ArrowJob {
+    pub columns: crate::input::BatchColumns,
+    pub spec: crate::output::OutputSpec,
+    stem: String,
+}
+
+impl ArrowJob {
+    pub fn new(schema: &arrow_schema::Schema, cols: &crate::input::Columns) -> Result<ArrowJob> {
+        let bc = crate::input::BatchColumns::resolve(schema, cols, false, "record batch")
+            .map_err(Error::Config)?;
+        let spec = crate::output::OutputSpec::new(
+            cols.passthrough
+                .iter()
+                .cloned()
+                .zip(bc.passthrough_types.iter().cloned())
+                .collect(),
+        );
+        Ok(ArrowJob {
+            columns: bc,
+            spec,
+            stem: "batch".into(),
+        })
+    }
+
+    pub fn output_schema(&self) -> arrow_schema::SchemaRef {
+        crate::output::schema(&self.spec)
+    }
+
+    /// Classifies one batch (rows numbered from `first_index` for generated ids). Escalated
+    /// rows go through `escalation` when given (the LLM tier), else stay `escalate`. Output rows
+    /// keep the input order.
+    pub fn classify(
+        &self,
+        c: &Classifier,
+        batch: &arrow_array::RecordBatch,
+        first_index: u64,
+        escalation: Option<&mut dyn Escalation>,
+    ) -> Result<arrow_array::RecordBatch> {
+        let rows = self
+            .columns
+            .rows(batch, None, first_index, &self.stem, "record batch");
+        let order: std::collections::HashMap<String, usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.clone(), i))
+            .collect();
+        let classified = c.classify(rows)?;
+        let mut out: Vec<OutputRow> = Vec::with_capacity(classified.len());
+        match escalation {
+            None => out.extend(classified.into_iter().map(|c| c.out)),
+            Some(esc) => {
+                let (e, d): (Vec<Classified>, Vec<Classified>) = classified
+                    .into_iter()
+                    .partition(|c| c.out.decided_by == DecidedBy::Escalate);
+                // Every result arrives as its own send at worst: room for all of them, so the
+                // tier never blocks on this (unread until it finishes) channel.
+                let (tx, rx) = sync_channel::<Vec<OutputRow>>(e.len() + 1);
+                out.extend(d.into_iter().map(|c| c.out));
+                if !e.is_empty() {
+                    esc.submit(e, &tx)?;
+                }
+                esc.finish(&tx)?;
+                drop(tx);
+                out.extend(rx.try_iter().flatten());
+            }
+        }
+        // Ids are unique within a batch in sane inputs; duplicates keep their relative order.
+        out.sort_by_key(|r| order.get(&r.id).copied().unwrap_or(usize::MAX));
+        crate::output::to_record_batch(&out, &self.spec)
+    }
 }

@@ -10,7 +10,8 @@ use crate::index::ExemplarIndex;
 use crate::input::{self, InputOptions};
 use crate::output::OutFormat;
 use crate::{Error, Result};
-use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, UInt32Array};
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
@@ -62,7 +63,7 @@ fn read_out_rows(path: &Path) -> Result<HashMap<String, OutRow>> {
                 let list = |n: &str| b.column_by_name(n).map(|c| c.as_list::<i32>().clone());
                 let (nid, nlab) = (list("neighbor_ids"), list("neighbor_labels"));
                 for i in 0..b.num_rows() {
-                    let strs = |l: &Option<arrow::array::ListArray>| -> Vec<String> {
+                    let strs = |l: &Option<arrow_array::ListArray>| -> Vec<String> {
                         l.as_ref()
                             .map(|l| {
                                 let v = l.value(i);
@@ -358,11 +359,11 @@ pub fn import(
                 let (label, error, model) =
                     (str_col("label"), str_col("error"), str_col("llm_model"));
                 let tin = col("llm_tokens_in");
-                let tin = tin.as_primitive::<arrow::datatypes::UInt32Type>();
+                let tin = tin.as_primitive::<arrow_array::types::Int64Type>();
                 let tout = col("llm_tokens_out");
-                let tout = tout.as_primitive::<arrow::datatypes::UInt32Type>();
+                let tout = tout.as_primitive::<arrow_array::types::Int64Type>();
                 let costc = col("llm_cost_usd");
-                let costc = costc.as_primitive::<arrow::datatypes::Float64Type>();
+                let costc = costc.as_primitive::<arrow_array::types::Float64Type>();
                 let n = b.num_rows();
                 let opt =
                     |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
@@ -401,8 +402,8 @@ pub fn import(
                                     "llm".into(),
                                     None,
                                     Some(model.clone()),
-                                    Some(*tokens_in),
-                                    Some(*tokens_out),
+                                    Some(*tokens_in as i64),
+                                    Some(*tokens_out as i64),
                                     Some(cost(*tokens_in, *tokens_out)),
                                 );
                             }
@@ -427,8 +428,8 @@ pub fn import(
                 cols[idx("decided_by")] = Arc::new(StringArray::from(nb));
                 cols[idx("error")] = Arc::new(StringArray::from(ne));
                 cols[idx("llm_model")] = Arc::new(StringArray::from(nm));
-                cols[idx("llm_tokens_in")] = Arc::new(UInt32Array::from(ni));
-                cols[idx("llm_tokens_out")] = Arc::new(UInt32Array::from(no));
+                cols[idx("llm_tokens_in")] = Arc::new(Int64Array::from(ni));
+                cols[idx("llm_tokens_out")] = Arc::new(Int64Array::from(no));
                 cols[idx("llm_cost_usd")] = Arc::new(Float64Array::from(nc));
                 let nbatch = RecordBatch::try_new(schema.clone(), cols)
                     .map_err(|e| Error::output(&tmp, e.to_string()))?;

@@ -1,0 +1,53 @@
+import pyarrow as pa
+import pytest
+
+import semtel
+
+
+def _batch(rows):
+    return pa.RecordBatch.from_pylist(
+        [{"id": r["id"], "turns": r["turns"], "gold": r["label"]} for r in rows]
+    )
+
+
+def test_classify_batch_keeps_every_row_in_order(sample_index, conversations, schema_labels):
+    clf = semtel.Classifier(sample_index, passthrough=["gold"])
+    out = clf.classify_batch(_batch(conversations))
+    assert isinstance(out, pa.RecordBatch)
+    d = out.to_pydict()
+    assert d["id"] == [r["id"] for r in conversations]
+    assert set(d["decided_by"]) <= {"knn", "escalate"}
+    kept = [(l, g) for l, g, by in zip(d["label"], d["gold"], d["decided_by"]) if by == "knn"]
+    assert len(kept) >= 15
+    assert sum(l == g for l, g in kept) >= 0.9 * len(kept)
+    assert all(l in schema_labels for l in d["knn_label"])
+    assert out.schema.field("neighbor_scores").type == pa.list_(pa.float32())
+    assert sorted(clf.labels) == schema_labels
+
+
+def test_stream_matches_batches(sample_index, conversations):
+    clf = semtel.Classifier(sample_index)
+    table = pa.Table.from_batches([_batch(conversations)]).drop_columns(["gold"])
+    reader = pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=7))
+    streamed = clf.classify_stream(reader).read_all()
+    whole = clf.classify_batch(table.to_batches()[0])
+    assert streamed.column("id").to_pylist() == whole.column("id").to_pylist()
+    assert streamed.column("knn_label").to_pylist() == whole.column("knn_label").to_pylist()
+
+
+def test_model_loads_once_per_process(sample_index):
+    before = semtel.model_loads()
+    a = semtel.Classifier(sample_index)
+    b = semtel.Classifier(sample_index, passthrough=["x"])  # same heavy state, other columns
+    assert semtel.model_loads() - before <= 1
+    assert a.engine == b.engine
+
+
+def test_plain_text_column_and_clear_errors(sample_index):
+    clf = semtel.Classifier(sample_index, text_col="body")
+    out = clf.classify_batch(pa.record_batch({"id": ["x"], "body": ["how do I make pancakes without eggs"]}))
+    assert out.column("knn_label").to_pylist() == ["cooking"]
+    with pytest.raises(ValueError, match="text-col"):
+        clf.classify_batch(pa.record_batch({"id": ["x"], "other": ["?"]}))
+    with pytest.raises(RuntimeError, match="manifest"):
+        semtel.Classifier("/nonexistent/index")
