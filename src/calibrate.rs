@@ -39,6 +39,77 @@ pub fn leave_one_out(index: &ExemplarIndex, k: usize, signal: Signal) -> Result<
         .collect())
 }
 
+/// Leave-one-out for a multi-label index: each row (group of exemplars sharing an id) is
+/// predicted from the other rows; correct means the exact label set.
+pub fn leave_one_out_multi(index: &ExemplarIndex, k: usize) -> Result<Vec<Scored>> {
+    let vectors = index.vectors()?;
+    let label_of = index.label_indices();
+    let ex = index.exemplars();
+    // One query per row: its first exemplar.
+    let mut first: Vec<usize> = Vec::new();
+    let mut gold: std::collections::HashMap<&str, Vec<u32>> = Default::default();
+    for (i, e) in ex.iter().enumerate() {
+        let g = gold.entry(e.id.as_str()).or_default();
+        if g.is_empty() {
+            first.push(i);
+        }
+        g.push(label_of[i]);
+    }
+    let d = index.manifest.model.dims;
+    let mut q = Vec::with_capacity(first.len() * d);
+    for &i in &first {
+        q.extend_from_slice(&vectors[i * d..(i + 1) * d]);
+    }
+    let hits = index.search_batch(&q, (k + 1) * 4)?;
+    let group_of = |key: u64| -> u64 {
+        let id = &ex[key as usize].id;
+        let h = crate::llm::cache::text_hash(id);
+        u64::from_str_radix(&h[..15], 16).unwrap_or(key)
+    };
+    Ok(first
+        .iter()
+        .zip(hits)
+        .map(|(&i, nb)| {
+            let me = &ex[i].id;
+            let labeled: Vec<(u64, u32, f32)> = nb
+                .into_iter()
+                .filter(|&(kk, _)| &ex[kk as usize].id != me)
+                .map(|(kk, s)| (group_of(kk), label_of[kk as usize], s))
+                .collect();
+            let v = crate::decide::multi_vote(&labeled, k);
+            let mut g = gold[me.as_str()].clone();
+            g.sort_unstable();
+            let ok = v.labels == g;
+            Scored {
+                pred: Some(0),
+                gold: Some(if ok { 0 } else { 1 }),
+                confidence: v.confidence,
+            }
+        })
+        .collect())
+}
+
+/// [`auto_calibrate`] for multi-label indexes (exact-set accuracy).
+pub fn auto_calibrate_multi(index: &mut ExemplarIndex, target: f64) -> Result<()> {
+    let k = index.manifest.decision.k;
+    if index.len() < 2 {
+        return Ok(());
+    }
+    let scored = leave_one_out_multi(index, k)?;
+    let t = coverage_at(&scored, target);
+    let d = &mut index.manifest.decision;
+    d.threshold = t.threshold.unwrap_or(1e9);
+    d.signal = "multi".into();
+    d.calibration = Some(serde_json::json!({
+        "method": "leave-one-out over exemplar rows (exact label set)",
+        "k": k,
+        "target_kept_accuracy": target,
+        "expected_coverage": t.coverage,
+        "rows": scored.len(),
+    }));
+    Ok(())
+}
+
 /// Sets the index's global threshold from leave-one-out at `target` kept-accuracy and records
 /// how it was chosen in the manifest.
 pub fn auto_calibrate(index: &mut ExemplarIndex, target: f64) -> Result<()> {

@@ -227,6 +227,66 @@ pub fn vote_labeled(neighbors: &[(u32, f32)], scratch: &mut [f32]) -> Vote {
     }
 }
 
+/// A multi-label decision: the labels at least half of the (distinct) neighbours' weight
+/// supports, and how decisive the vote was.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiVote {
+    pub labels: Vec<u32>,
+    /// min over labels that got any weight of max(share, 1 − share): 1.0 when every label
+    /// is unanimously in or out.
+    pub confidence: f32,
+    pub top1_sim: f32,
+}
+
+/// Multi-label vote: `neighbors` are (group, label, similarity) with one entry per label of a
+/// neighbour (a group is one exemplar row), best first; the first `k` groups vote.
+pub fn multi_vote(neighbors: &[(u64, u32, f32)], k: usize) -> MultiVote {
+    let mut groups: Vec<u64> = Vec::new();
+    let mut total = 0f32;
+    let mut weight: std::collections::BTreeMap<u32, f32> = Default::default();
+    for &(g, l, sim) in neighbors {
+        let new = !groups.contains(&g);
+        if new {
+            if groups.len() == k {
+                continue;
+            }
+            groups.push(g);
+            total += sim.max(0.0);
+        }
+        *weight.entry(l).or_default() += sim.max(0.0);
+    }
+    let top1_sim = neighbors.first().map_or(0.0, |x| x.2);
+    if total <= 0.0 {
+        return MultiVote {
+            labels: Vec::new(),
+            confidence: 0.0,
+            top1_sim,
+        };
+    }
+    let mut labels: Vec<u32> = weight
+        .iter()
+        .filter(|(_, w)| **w / total >= 0.5)
+        .map(|(l, _)| *l)
+        .collect();
+    if labels.is_empty() {
+        if let Some((l, _)) = weight.iter().max_by(|a, b| a.1.partial_cmp(b.1).unwrap()) {
+            labels.push(*l);
+        }
+    }
+    let confidence = weight
+        .values()
+        .map(|w| {
+            let s = w / total;
+            s.max(1.0 - s)
+        })
+        .fold(1.0f32, f32::min);
+    MultiVote {
+        labels,
+        confidence,
+        top1_sim,
+    }
+}
+
 /// Thresholds that turn a confidence into keep-or-escalate.
 #[derive(Debug, Clone)]
 pub struct Thresholds {

@@ -68,6 +68,9 @@ pub struct BuildInfo {
     pub expansion_add: usize,
     pub expansion_search: usize,
     pub include_system_turns: bool,
+    /// Each labelled row carries a set of labels (stored as one exemplar per label).
+    #[serde(default)]
+    pub multi_label: bool,
 }
 
 /// How `classify` turns neighbours into a decision; calibration rewrites it.

@@ -103,6 +103,9 @@ enum Cmd {
     /// Benchmarks that print figures (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The static-embedding tier: distil a token table from the transformer.
+    #[command(subcommand)]
+    Static(StaticCmd),
     /// The LLM tier's tools: a loopback simulator, and the OpenAI Batch API path.
     #[command(subcommand)]
     Llm(LlmCmd),
@@ -132,6 +135,9 @@ enum IndexCmd {
         /// Replace an existing index at --out.
         #[arg(long)]
         overwrite: bool,
+        /// The label column holds a set of labels per row (a JSON list or `a|b`).
+        #[arg(long)]
+        multi_label: bool,
     },
     /// Add labelled rows to an existing index.
     Add {
@@ -164,6 +170,10 @@ struct ClassifyArgs {
     /// Input columns to copy into the output (comma-separated).
     #[arg(long, value_delimiter = ',')]
     passthrough: Vec<String>,
+    /// Apply another taxonomy from the same embeddings: NAME=INDEX_DIR (repeatable). Adds
+    /// NAME_label (NAME_labels for multi-label indexes), NAME_confidence, NAME_decided_by.
+    #[arg(long, value_name = "NAME=DIR")]
+    also: Vec<String>,
     /// Continue a previous run into the same output, skipping ids already written.
     #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
@@ -212,9 +222,31 @@ struct EvalArgs {
     k: Option<usize>,
     #[arg(long)]
     signal: Option<Signal>,
+    /// Also report what happened to rows of these gold labels (e.g. `oos`): escalated, kept
+    /// right, kept wrong.
+    #[arg(long, value_delimiter = ',')]
+    report_label: Vec<String>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum StaticCmd {
+    /// Distil a static token table (model2vec-style) from the model into a new model folder,
+    /// usable anywhere --model is (embedding becomes a lookup and a mean).
+    Distill {
+        #[arg(long)]
+        out: PathBuf,
+        /// Output dimensions (PCA).
+        #[arg(long, default_value_t = 256)]
+        dims: usize,
+        /// Texts (JSONL/Parquet) to count token frequencies on, for SIF weights.
+        #[arg(long)]
+        corpus: Vec<PathBuf>,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -531,7 +563,17 @@ fn run(cli: Cli) -> Result<()> {
             k,
             threshold,
             overwrite,
-        }) => index_build(&ctx, &exemplars, &out, &cols, k, threshold, overwrite),
+            multi_label,
+        }) => index_build(
+            &ctx,
+            &exemplars,
+            &out,
+            &cols,
+            k,
+            threshold,
+            overwrite,
+            multi_label,
+        ),
         Cmd::Index(IndexCmd::Add {
             index,
             exemplars,
@@ -550,6 +592,36 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Llm(a)) => bench_llm(&ctx, a),
         Cmd::Bench(BenchCmd::AccuracyCost(a)) => bench_accuracy_cost(&ctx, a),
         Cmd::Llm(c) => llm_cmd(&ctx, c),
+        Cmd::Static(StaticCmd::Distill {
+            out,
+            dims,
+            corpus,
+            cols,
+        }) => {
+            let encoder = Encoder::load(&ctx.encoder_options())?;
+            let opts = ctx.input_options(&cols);
+            let mut docs = Vec::new();
+            for c in &corpus {
+                for r in input::read_all(c, &opts)? {
+                    if let Ok(content) = r.content {
+                        if let Ok(rd) = encoder.renderer.render(&content) {
+                            docs.push(encoder.renderer.content_ids(&rd.ids).to_vec());
+                        }
+                    }
+                }
+            }
+            let s = semtel::embed::static_model::distill(&encoder, &out, dims, &docs)?;
+            eprintln!(
+                "distilled {} tokens × {} dims into {} ({:.0}% of the variance kept; weights: {}; {:.1}s)",
+                s.vocab,
+                s.dims,
+                out.display(),
+                s.explained_variance * 100.0,
+                s.weighting,
+                s.seconds
+            );
+            Ok(())
+        }
         Cmd::Embed {
             input,
             output,
@@ -581,6 +653,7 @@ fn index_build(
     k: usize,
     threshold: Option<f32>,
     overwrite: bool,
+    multi_label: bool,
 ) -> Result<()> {
     if out.join(semtel::index::MANIFEST).exists() {
         if overwrite {
@@ -601,7 +674,15 @@ fn index_build(
         .filter_map(|f| input::open(f, &opts).ok().and_then(|r| r.total_rows()))
         .sum();
     let progress = ctx.progress(Some(total), "index");
-    let (index, s) = semtel::ops::build_index(&encoder, &sources, out, k, threshold, &progress)?;
+    let (index, s) = semtel::ops::build_index_with(
+        &encoder,
+        &sources,
+        out,
+        k,
+        threshold,
+        multi_label,
+        &progress,
+    )?;
     progress.finish();
     eprintln!(
         "built {}: {} exemplars, {} labels, model {} ({:.1}s, {:.0} exemplars/s); threshold {:.3} ({})",
@@ -695,6 +776,13 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
         &a.index,
         &classifier_options(ctx, a.k, a.threshold, a.signal)?,
     )?;
+    for spec in &a.also {
+        let (name, dir) = spec
+            .split_once('=')
+            .with_context(|| format!("--also {spec}: expected NAME=INDEX_DIR"))?;
+        let t = semtel::pipeline::Taxonomy::open(name, Path::new(dir), &classifier.encoder)?;
+        classifier.extra.push(t);
+    }
     let growth = if a.grow {
         let g = std::sync::Arc::new(semtel::grow::Growth::new(
             classifier.encoder.dim(),
@@ -720,6 +808,7 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
             .collect(),
     );
     spec.part_rows = a.part_rows.max(1);
+    spec.taxonomies = classifier.taxonomy_columns();
     let existing = if a.resume {
         Existing::Resume
     } else if a.overwrite {
@@ -979,15 +1068,82 @@ fn llm_cmd(ctx: &Ctx, c: LlmCmd) -> Result<()> {
 }
 
 fn eval(ctx: &Ctx, a: EvalArgs) -> Result<()> {
+    let manifest = ExemplarIndex::open(&a.index, true)?.manifest;
+    if manifest.build.multi_label {
+        let mut eo = ctx.encoder_options();
+        if eo.model.is_none() {
+            eo.model = manifest
+                .model
+                .source_dir
+                .clone()
+                .filter(|d| Path::new(d).exists())
+                .or(Some(manifest.model.id.clone()));
+        }
+        let encoder = Encoder::load(&eo)?;
+        let tax = semtel::pipeline::Taxonomy::open("eval", &a.index, &encoder)?;
+        let opts = ctx.input_options(&a.cols);
+        let progress = ctx.progress(input::open(&a.input, &opts)?.total_rows(), "eval");
+        let r = semtel::ops::evaluate_multi(&encoder, &tax, &a.input, &opts, &progress)?;
+        progress.finish();
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
+        println!(
+            "multi-label: rows {}  exact-set accuracy {:.4}  micro-F1 {:.4}  macro-F1 {:.4}",
+            r.rows, r.subset_accuracy, r.micro_f1, r.macro_f1
+        );
+        let p = &r.at_index_threshold;
+        println!(
+            "index threshold {:.3}: keep {:.1}% at {} exact-set accuracy",
+            p.threshold,
+            p.coverage * 100.0,
+            p.kept_accuracy
+                .map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
+        );
+        for t in &r.at_target {
+            println!(
+                "  {:>5.1}% exact-set accuracy → keep {:>5.1}%",
+                t.target * 100.0,
+                t.coverage * 100.0
+            );
+        }
+        return Ok(());
+    }
     let classifier = Classifier::open(&a.index, &classifier_options(ctx, a.k, None, a.signal)?)?;
     let opts = ctx.input_options(&a.cols);
     let progress = ctx.progress(input::open(&a.input, &opts)?.total_rows(), "eval");
     let ev = semtel::ops::evaluate(&classifier, &a.input, &opts, &progress)?;
     progress.finish();
     let r = &ev.report;
+    let picked: Vec<(String, [usize; 4])> = a
+        .report_label
+        .iter()
+        .map(|l| (l.clone(), ev.by_gold.get(l).copied().unwrap_or_default()))
+        .collect();
     if a.json {
-        println!("{}", serde_json::to_string(r)?);
+        let mut v = serde_json::to_value(r)?;
+        v["by_signal"] = serde_json::to_value(
+            ev.by_signal
+                .iter()
+                .map(|(s, r)| (s.name(), r))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )?;
+        for (l, c) in &picked {
+            v["report_labels"][l] = serde_json::json!({"rows": c[0], "escalated": c[1], "kept_right": c[2], "kept_wrong": c[3]});
+        }
+        println!("{v}");
         return Ok(());
+    }
+    for (l, c) in &picked {
+        let n = c[0].max(1) as f64;
+        println!(
+            "gold `{l}`: {} rows — {:.1}% escalated, {:.1}% kept and right, {:.1}% kept and wrong",
+            c[0],
+            100.0 * c[1] as f64 / n,
+            100.0 * c[2] as f64 / n,
+            100.0 * c[3] as f64 / n
+        );
     }
     println!(
         "rows {}  accuracy {:.4}  macro-F1 {:.4}  errors {}  (k={}, signal {})",
@@ -1149,8 +1305,11 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         let probe = Encoder::load(&eo)?;
         model_dir = probe.files.dir.clone();
     }
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model_dir.join("config.json"))?)?;
+    // FLOP counts need the transformer's shape (a static table has none: zeros).
+    let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     let dims = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
     let model_dims = (
         dims("hidden_size"),

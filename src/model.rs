@@ -33,9 +33,18 @@ pub enum Pooling {
     Cls,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A BERT-family transformer (config.json + model.safetensors).
+    Transformer,
+    /// A static token table distilled by `semtel static distill` (static.json).
+    Static,
+}
+
 /// A model folder that passed verification.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
+    pub kind: ModelKind,
     /// A short, stable name for manifests and logs (the hub id, or the folder name).
     pub id: String,
     pub dir: PathBuf,
@@ -80,7 +89,9 @@ pub fn resolve(spec: Option<&str>) -> Result<ModelFiles> {
         || spec.starts_with('~')
         || spec.matches('/').count() > 1
         || as_path.is_dir();
-    let dir = if as_path.join("config.json").is_file() {
+    let is_model =
+        |p: &Path| p.join("config.json").is_file() || p.join(crate::embed::STATIC_META).is_file();
+    let dir = if is_model(&as_path) {
         as_path
     } else if looks_like_path {
         let hint = if is_default_name(&spec) {
@@ -94,7 +105,7 @@ pub fn resolve(spec: Option<&str>) -> Result<ModelFiles> {
     } else {
         let name = spec.rsplit('/').next().unwrap_or(&spec);
         let local = PathBuf::from("models").join(name);
-        if local.join("config.json").is_file() {
+        if is_model(&local) {
             local
         } else if let Some(d) = hub_cache_dir(&spec) {
             d
@@ -124,6 +135,18 @@ fn hub_cache_dir(id: &str) -> Option<PathBuf> {
 }
 
 fn load_files(spec: &str, dir: &Path) -> Result<ModelFiles> {
+    if dir.join(crate::embed::STATIC_META).is_file() {
+        let weights = dir.join(crate::embed::STATIC_TABLE);
+        return Ok(ModelFiles {
+            kind: ModelKind::Static,
+            id: spec.to_string(),
+            dir: dir.to_path_buf(),
+            weights_sha256: sha256_file(&weights)?,
+            weights,
+            pooling: Pooling::Mean,
+            max_tokens: 512,
+        });
+    }
     for f in ["config.json", "tokenizer.json", "model.safetensors"] {
         if !dir.join(f).is_file() {
             return Err(Error::Model(format!(
@@ -146,6 +169,7 @@ fn load_files(spec: &str, dir: &Path) -> Result<ModelFiles> {
         spec.to_string()
     };
     Ok(ModelFiles {
+        kind: ModelKind::Transformer,
         id,
         dir: dir.to_path_buf(),
         weights,

@@ -71,20 +71,31 @@ pub fn add_exemplars(
                 .map(|r| encoder.renderer.render(r.content.as_ref().unwrap()))
                 .collect()
         };
+        let multi = index.manifest.build.multi_label;
         let mut ids = Vec::new();
         let mut ex = Vec::new();
         for (r, rd) in keep.into_iter().zip(rendered) {
             match rd {
                 Ok(rd) => {
-                    ids.push(rd.ids);
-                    ex.push(Exemplar {
-                        id: r.id,
-                        label: r.label.unwrap(),
-                        source: "gold".into(),
-                        llm_model: None,
-                        prompt_version: None,
-                        text: r.content.unwrap().flatten(),
-                    });
+                    let text = r.content.unwrap().flatten();
+                    let label = r.label.unwrap();
+                    // A multi-label row becomes one exemplar per label (same vector, same id).
+                    let labels = if multi {
+                        parse_label_set(&label)
+                    } else {
+                        vec![label]
+                    };
+                    for l in labels {
+                        ids.push(rd.ids.clone());
+                        ex.push(Exemplar {
+                            id: r.id.clone(),
+                            label: l,
+                            source: "gold".into(),
+                            llm_model: None,
+                            prompt_version: None,
+                            text: text.clone(),
+                        });
+                    }
                 }
                 Err(e) => {
                     s.skipped_errors += 1;
@@ -109,6 +120,30 @@ pub fn add_exemplars(
     Ok(s)
 }
 
+/// The labels of a multi-label cell: a JSON list (`["a", "b"]`) or `a|b`.
+pub fn parse_label_set(s: &str) -> Vec<String> {
+    let t = s.trim();
+    let mut v: Vec<String> = if t.starts_with('[') {
+        serde_json::from_str::<Vec<serde_json::Value>>(t)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| match x {
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        serde_json::Value::Null => None,
+                        other => Some(other.to_string()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|_| vec![t.to_string()])
+    } else {
+        t.split('|').map(|x| x.trim().to_string()).collect()
+    };
+    v.retain(|x| !x.is_empty());
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// Builds a new index in `out` from labelled files.
 pub fn build_index(
     encoder: &Encoder,
@@ -118,6 +153,19 @@ pub fn build_index(
     threshold: Option<f32>,
     progress: &Progress,
 ) -> Result<(ExemplarIndex, AddSummary)> {
+    build_index_with(encoder, sources, out, k, threshold, false, progress)
+}
+
+/// [`build_index`] with the multi-label choice.
+pub fn build_index_with(
+    encoder: &Encoder,
+    sources: &[(std::path::PathBuf, InputOptions)],
+    out: &Path,
+    k: usize,
+    threshold: Option<f32>,
+    multi_label: bool,
+    progress: &Progress,
+) -> Result<(ExemplarIndex, AddSummary)> {
     let build = BuildInfo {
         sources: sources
             .iter()
@@ -125,6 +173,7 @@ pub fn build_index(
             .collect(),
         split: sources.first().and_then(|(_, o)| o.split.clone()),
         include_system_turns: false,
+        multi_label,
         ..Default::default()
     };
     let mut index =
@@ -150,6 +199,9 @@ pub fn build_index(
     }
     match threshold {
         Some(t) => index.manifest.decision.threshold = t,
+        None if multi_label => {
+            crate::calibrate::auto_calibrate_multi(&mut index, crate::calibrate::DEFAULT_TARGET)?
+        }
         None => crate::calibrate::auto_calibrate(&mut index, crate::calibrate::DEFAULT_TARGET)?,
     }
     index.save()?;
@@ -167,6 +219,8 @@ pub struct Evaluation {
     pub ids: Vec<String>,
     /// The same rows scored with every kNN confidence signal.
     pub by_signal: Vec<(crate::decide::Signal, EvalReport)>,
+    /// Per gold label, at the index's thresholds: [rows, escalated, kept right, kept wrong].
+    pub by_gold: std::collections::BTreeMap<String, [usize; 4]>,
 }
 
 /// Classifies a labelled file and scores the kNN decisions against the gold labels.
@@ -181,6 +235,7 @@ pub fn evaluate(
     let mut unseen = std::collections::BTreeSet::new();
     let mut scored = Vec::new();
     let mut all_scores = Vec::new();
+    let mut by_gold: std::collections::BTreeMap<String, [usize; 4]> = Default::default();
     let mut ids = Vec::new();
     while let Some(rows) = reader.next_batch()? {
         progress.inc(rows.len() as u64);
@@ -191,6 +246,13 @@ pub fn evaluate(
                 continue; // unlabelled rows say nothing about accuracy
             };
             let g = labels.binary_search(&gold).ok().map(|i| i as u32);
+            let e = by_gold.entry(gold.clone()).or_default();
+            e[0] += 1;
+            match (c.out.decided_by, c.out.label.as_ref() == Some(&gold)) {
+                (crate::output::DecidedBy::Knn, true) => e[2] += 1,
+                (crate::output::DecidedBy::Knn, false) => e[3] += 1,
+                _ => e[1] += 1,
+            }
             if g.is_none() {
                 unseen.insert(gold);
             }
@@ -260,6 +322,7 @@ pub fn evaluate(
         scored,
         ids,
         by_signal,
+        by_gold,
     })
 }
 
@@ -348,4 +411,114 @@ pub fn embed_file(
     w.close().map_err(|e| Error::output(out, e.to_string()))?;
     s.seconds = start.elapsed().as_secs_f64();
     Ok(s)
+}
+
+/// Multi-label evaluation: exact-set accuracy, micro- and macro-F1 over labels, and how much
+/// can be kept at a target exact-set accuracy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MultiReport {
+    pub rows: usize,
+    pub subset_accuracy: f64,
+    pub micro_f1: f64,
+    pub macro_f1: f64,
+    pub at_target: Vec<crate::eval::TargetPoint>,
+    pub at_index_threshold: crate::eval::CoveragePoint,
+}
+
+pub fn evaluate_multi(
+    encoder: &Encoder,
+    tax: &crate::pipeline::Taxonomy,
+    path: &Path,
+    opts: &InputOptions,
+    progress: &Progress,
+) -> Result<MultiReport> {
+    use rayon::prelude::*;
+    let labels = tax.index.labels();
+    let mut reader = input::open(path, opts)?;
+    let mut scored = Vec::new();
+    let (mut tp, mut fp, mut fnn) = (
+        vec![0usize; labels.len()],
+        vec![0usize; labels.len()],
+        vec![0usize; labels.len()],
+    );
+    let mut exact = 0usize;
+    let mut n = 0usize;
+    while let Some(rows) = reader.next_batch()? {
+        progress.inc(rows.len() as u64);
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.content.is_ok() && r.label.is_some())
+            .collect();
+        let rendered: Vec<_> = rows
+            .par_iter()
+            .map(|r| encoder.renderer.render(r.content.as_ref().unwrap()))
+            .collect();
+        let ok: Vec<(usize, Vec<u32>)> = rendered
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.ok().map(|r| (i, r.ids)))
+            .collect();
+        let refs: Vec<&[u32]> = ok.iter().map(|(_, v)| v.as_slice()).collect();
+        let vecs = encoder.embed_ids(&refs)?;
+        let hits = tax.index.search_batch(&vecs, tax.k * 4)?;
+        let d = encoder.dim();
+        let mut scratch = vec![0f32; labels.len()];
+        for (j, ((i, ids), h)) in ok.iter().zip(hits).enumerate() {
+            let out = tax.decide(
+                &h,
+                &vecs[j * d..(j + 1) * d],
+                encoder.renderer.content_ids(ids),
+                &mut scratch,
+            );
+            let pred: Vec<String> = out.labels.unwrap_or_default();
+            let gold = parse_label_set(rows[*i].label.as_ref().unwrap());
+            for (l, name) in labels.iter().enumerate() {
+                match (pred.contains(name), gold.contains(name)) {
+                    (true, true) => tp[l] += 1,
+                    (true, false) => fp[l] += 1,
+                    (false, true) => fnn[l] += 1,
+                    _ => {}
+                }
+            }
+            let right = pred == gold;
+            exact += usize::from(right);
+            n += 1;
+            scored.push(Scored {
+                pred: Some(0),
+                gold: Some(if right { 0 } else { 1 }),
+                confidence: out.confidence.unwrap_or(0.0),
+            });
+        }
+    }
+    if n == 0 {
+        return Err(Error::input(path, "no labelled rows to evaluate"));
+    }
+    let (stp, sfp, sfn): (usize, usize, usize) =
+        (tp.iter().sum(), fp.iter().sum(), fnn.iter().sum());
+    let micro = 2.0 * stp as f64 / (2 * stp + sfp + sfn).max(1) as f64;
+    let per: Vec<f64> = (0..labels.len())
+        .filter(|&l| tp[l] + fp[l] + fnn[l] > 0)
+        .map(|l| 2.0 * tp[l] as f64 / (2 * tp[l] + fp[l] + fnn[l]) as f64)
+        .collect();
+    let kept: Vec<&Scored> = scored
+        .iter()
+        .filter(|s| s.confidence >= tax.thresholds.global)
+        .collect();
+    let kept_ok = kept.iter().filter(|s| s.correct()).count();
+    Ok(MultiReport {
+        rows: n,
+        subset_accuracy: exact as f64 / n as f64,
+        micro_f1: micro,
+        macro_f1: per.iter().sum::<f64>() / per.len().max(1) as f64,
+        at_target: [0.90, 0.95, 0.97, 0.98]
+            .iter()
+            .map(|&t| crate::eval::coverage_at(&scored, t))
+            .collect(),
+        at_index_threshold: crate::eval::CoveragePoint {
+            threshold: tax.thresholds.global,
+            coverage: kept.len() as f64 / n as f64,
+            kept_accuracy: (!kept.is_empty()).then(|| kept_ok as f64 / kept.len() as f64),
+            kept: kept.len(),
+        },
+    })
 }

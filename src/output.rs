@@ -65,6 +65,16 @@ pub struct LlmInfo {
     pub cost_usd: f64,
 }
 
+/// A row's result under an additional taxonomy (`classify --also`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaxOut {
+    pub label: Option<String>,
+    /// Multi-label taxonomies: the label set.
+    pub labels: Option<Vec<String>>,
+    pub confidence: Option<f32>,
+    pub decided_by: DecidedBy,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputRow {
     pub id: String,
@@ -79,6 +89,9 @@ pub struct OutputRow {
     pub error: Option<String>,
     pub llm: Option<LlmInfo>,
     pub passthrough: Vec<Value>,
+    /// One entry per additional taxonomy, in [`OutputSpec::taxonomies`] order (empty for
+    /// error rows).
+    pub extra: Vec<TaxOut>,
 }
 
 impl OutputRow {
@@ -95,6 +108,7 @@ impl OutputRow {
             error: Some(msg),
             llm: None,
             passthrough,
+            extra: Vec::new(),
         }
     }
 }
@@ -123,6 +137,9 @@ impl OutFormat {
 #[derive(Debug, Clone, Default)]
 pub struct OutputSpec {
     pub passthrough: Vec<(String, DataType)>,
+    /// Additional taxonomies: (name, multi-label). Each adds `<name>_label` (or
+    /// `<name>_labels`), `<name>_confidence` and `<name>_decided_by`.
+    pub taxonomies: Vec<(String, bool)>,
     /// Close a Parquet part after this many rows…
     pub part_rows: usize,
     /// …or this long after its first row, whichever comes first.
@@ -165,6 +182,7 @@ impl OutputSpec {
             .collect();
         OutputSpec {
             passthrough,
+            taxonomies: Vec::new(),
             part_rows: 20_000,
             part_age: Duration::from_secs(5),
         }
@@ -201,6 +219,27 @@ pub fn schema(spec: &OutputSpec) -> SchemaRef {
         Field::new("llm_tokens_out", DataType::Int64, true),
         Field::new("llm_cost_usd", DataType::Float64, true),
     ];
+    for (name, multi) in &spec.taxonomies {
+        if *multi {
+            fields.push(Field::new(
+                format!("{name}_labels"),
+                list(DataType::Utf8),
+                true,
+            ));
+        } else {
+            fields.push(Field::new(format!("{name}_label"), DataType::Utf8, true));
+        }
+        fields.push(Field::new(
+            format!("{name}_confidence"),
+            DataType::Float32,
+            true,
+        ));
+        fields.push(Field::new(
+            format!("{name}_decided_by"),
+            DataType::Utf8,
+            true,
+        ));
+    }
     for (name, t) in &spec.passthrough {
         fields.push(Field::new(name, t.clone(), true));
     }
@@ -265,6 +304,39 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
         Arc::new(tout.finish()),
         Arc::new(cost.finish()),
     ];
+    for (j, (_, multi)) in spec.taxonomies.iter().enumerate() {
+        fn get(r: &OutputRow, j: usize) -> Option<&TaxOut> {
+            r.extra.get(j)
+        }
+        if *multi {
+            let mut b = ListBuilder::new(StringBuilder::new());
+            for r in rows {
+                match get(r, j).and_then(|t| t.labels.as_ref()) {
+                    Some(ls) => {
+                        for l in ls {
+                            b.values().append_value(l);
+                        }
+                        b.append(true);
+                    }
+                    None => b.append(false),
+                }
+            }
+            cols.push(Arc::new(b.finish()));
+        } else {
+            let mut b = StringBuilder::new();
+            rows.iter()
+                .for_each(|r| b.append_option(get(r, j).and_then(|t| t.label.as_deref())));
+            cols.push(Arc::new(b.finish()));
+        }
+        let mut c = Float32Builder::new();
+        rows.iter()
+            .for_each(|r| c.append_option(get(r, j).and_then(|t| t.confidence)));
+        cols.push(Arc::new(c.finish()));
+        let mut d = StringBuilder::new();
+        rows.iter()
+            .for_each(|r| d.append_option(get(r, j).map(|t| t.decided_by.as_str())));
+        cols.push(Arc::new(d.finish()));
+    }
     for (j, (_, t)) in spec.passthrough.iter().enumerate() {
         cols.push(passthrough_array(rows.iter().map(|r| &r.passthrough[j]), t));
     }
@@ -334,6 +406,28 @@ pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
         m.insert("llm_tokens_in".into(), json!(l.tokens_in));
         m.insert("llm_tokens_out".into(), json!(l.tokens_out));
         m.insert("llm_cost_usd".into(), json!(l.cost_usd));
+    }
+    for (j, (name, multi)) in spec.taxonomies.iter().enumerate() {
+        let t = r.extra.get(j);
+        if *multi {
+            m.insert(
+                format!("{name}_labels"),
+                json!(t.and_then(|t| t.labels.clone())),
+            );
+        } else {
+            m.insert(
+                format!("{name}_label"),
+                json!(t.and_then(|t| t.label.clone())),
+            );
+        }
+        m.insert(
+            format!("{name}_confidence"),
+            json!(t.and_then(|t| t.confidence)),
+        );
+        m.insert(
+            format!("{name}_decided_by"),
+            json!(t.map(|t| t.decided_by.as_str())),
+        );
     }
     for (j, (name, _)) in spec.passthrough.iter().enumerate() {
         m.insert(name.clone(), r.passthrough[j].clone());

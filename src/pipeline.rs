@@ -39,6 +39,123 @@ const EXAMPLES_PER_ROW: usize = 4;
 /// Characters of each attached example.
 const EXAMPLE_CHARS: usize = 600;
 
+/// An additional label set applied from the same embedding pass (`classify --also`).
+pub struct Taxonomy {
+    pub name: String,
+    pub index: ExemplarIndex,
+    pub k: usize,
+    pub thresholds: Thresholds,
+    pub head: Option<crate::head::Head>,
+    pub multi_label: bool,
+}
+
+impl Taxonomy {
+    /// Opens an index as a taxonomy for `encoder` (it must share the encoder's model).
+    pub fn open(name: &str, dir: &Path, encoder: &Encoder) -> Result<Taxonomy> {
+        let index = ExemplarIndex::open(dir, true)?;
+        index.check_model(&encoder.files, encoder.dim())?;
+        let d = &index.manifest.decision;
+        let multi_label = index.manifest.build.multi_label;
+        let signal: Signal = if multi_label {
+            Signal::Vote
+        } else {
+            d.signal.parse().map_err(Error::Config)?
+        };
+        let mut thresholds = Thresholds::global(signal, d.threshold, index.labels().len());
+        for (label, t) in &d.per_label {
+            if let Ok(i) = index.labels().binary_search(label) {
+                thresholds.per_label[i] = *t;
+            }
+        }
+        let head = if multi_label {
+            None
+        } else {
+            crate::head::Head::load(dir)?
+        };
+        if signal.needs_head() && head.is_none() {
+            return Err(Error::index(
+                dir,
+                "its signal needs the learned head, which is missing; rerun `semtel calibrate`",
+            ));
+        }
+        Ok(Taxonomy {
+            name: name.to_string(),
+            k: d.k,
+            index,
+            thresholds,
+            head,
+            multi_label,
+        })
+    }
+
+    /// Decides one row under this taxonomy from its `hits` (key, similarity).
+    pub fn decide(
+        &self,
+        hits: &[(u64, f32)],
+        vector: &[f32],
+        ids: &[u32],
+        scratch: &mut [f32],
+    ) -> crate::output::TaxOut {
+        let labels = self.index.labels();
+        let label_of = self.index.label_indices();
+        if self.multi_label {
+            let group = |key: u64| -> u64 {
+                let h = crate::llm::cache::text_hash(&self.index.exemplar(key).id);
+                u64::from_str_radix(&h[..15], 16).unwrap_or(key)
+            };
+            let labeled: Vec<(u64, u32, f32)> = hits
+                .iter()
+                .map(|&(k, s)| (group(k), label_of[k as usize], s))
+                .collect();
+            let v = crate::decide::multi_vote(&labeled, self.k);
+            let keep = v.confidence >= self.thresholds.global && !v.labels.is_empty();
+            return crate::output::TaxOut {
+                label: None,
+                labels: Some(
+                    v.labels
+                        .iter()
+                        .map(|&l| labels[l as usize].clone())
+                        .collect(),
+                ),
+                confidence: Some(v.confidence),
+                decided_by: if keep {
+                    DecidedBy::Knn
+                } else {
+                    DecidedBy::Escalate
+                },
+            };
+        }
+        let top: Vec<(u32, f32)> = hits
+            .iter()
+            .take(self.k)
+            .map(|&(k, s)| (label_of[k as usize], s))
+            .collect();
+        let v = vote_labeled(&top, scratch);
+        let (head, mix) = match &self.head {
+            Some(h) => {
+                let p = h.predict(vector, ids);
+                let d = vote_distribution(&top, labels.len());
+                let m: Vec<f32> = p.iter().zip(&d).map(|(a, b)| 0.5 * (a + b)).collect();
+                (Pick::of(&p), Pick::of(&m))
+            }
+            None => (None, None),
+        };
+        let scores = Scores { vote: v, head, mix };
+        let (label, conf) = scores.decision(self.thresholds.signal);
+        let keep = self.thresholds.keep(label, conf);
+        crate::output::TaxOut {
+            label: label.map(|l| labels[l as usize].clone()),
+            labels: None,
+            confidence: Some(conf),
+            decided_by: if keep {
+                DecidedBy::Knn
+            } else {
+                DecidedBy::Escalate
+            },
+        }
+    }
+}
+
 /// Everything needed to classify: the encoder, the exemplar index and the decision settings.
 pub struct Classifier {
     pub encoder: Encoder,
@@ -51,6 +168,8 @@ pub struct Classifier {
     pub head: Option<crate::head::Head>,
     /// Exemplars learned during this run (`classify --grow`).
     pub growth: Option<std::sync::Arc<crate::grow::Growth>>,
+    /// Additional taxonomies decided from the same embeddings.
+    pub extra: Vec<Taxonomy>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -86,6 +205,14 @@ impl Classifier {
         let mut c = Self::new(encoder, index, opts)?;
         c.set_head(head)?;
         Ok(c)
+    }
+
+    /// (name, multi-label) of the additional taxonomies, for the output layout.
+    pub fn taxonomy_columns(&self) -> Vec<(String, bool)> {
+        self.extra
+            .iter()
+            .map(|t| (t.name.clone(), t.multi_label))
+            .collect()
     }
 
     /// Attaches (or removes) a learned head; refuses one trained for another label set.
@@ -142,6 +269,7 @@ impl Classifier {
             report_neighbors: k,
             head: None,
             growth: None,
+            extra: Vec::new(),
         })
     }
 
@@ -206,6 +334,21 @@ impl Classifier {
         }
         let neighbors = self.index.search_batch(&flat, self.k)?;
         let mut nb_iter = neighbors.into_iter();
+        // Additional taxonomies: one search per taxonomy over the same vectors.
+        let extra_hits: Vec<Vec<Vec<(u64, f32)>>> = self
+            .extra
+            .iter()
+            .map(|t| {
+                t.index
+                    .search_batch(&flat, if t.multi_label { t.k * 4 } else { t.k })
+            })
+            .collect::<Result<_>>()?;
+        let mut extra_scratch: Vec<Vec<f32>> = self
+            .extra
+            .iter()
+            .map(|t| vec![0f32; t.index.labels().len()])
+            .collect();
+        let mut vec_no = 0usize;
         let labels = self.index.labels();
         let label_of = self.index.label_indices();
         let mut scratch = vec![0f32; labels.len()];
@@ -229,6 +372,20 @@ impl Classifier {
                     continue;
                 }
             };
+            let extra: Vec<crate::output::TaxOut> = self
+                .extra
+                .iter()
+                .enumerate()
+                .map(|(t, tax)| {
+                    tax.decide(
+                        &extra_hits[t][vec_no],
+                        &vector,
+                        ids.get(i).map_or(&[][..], |x| x.as_slice()),
+                        &mut extra_scratch[t],
+                    )
+                })
+                .collect();
+            vec_no += 1;
             let mut nb: Vec<(u64, f32)> = nb_iter.next().unwrap_or_default();
             let mut labeled: Vec<(u32, f32)> =
                 nb.iter().map(|&(k, s)| (label_of[k as usize], s)).collect();
@@ -321,6 +478,7 @@ impl Classifier {
                     error: None,
                     llm: None,
                     passthrough: row.passthrough,
+                    extra,
                 },
                 content: if escalate { row.content.ok() } else { None },
                 vector: if escalate { Some(vector) } else { None },
@@ -496,16 +654,21 @@ pub struct ArrowJob {
 }
 
 impl ArrowJob {
-    pub fn new(schema: &arrow_schema::Schema, cols: &crate::input::Columns) -> Result<ArrowJob> {
+    pub fn new(
+        schema: &arrow_schema::Schema,
+        cols: &crate::input::Columns,
+        c: &Classifier,
+    ) -> Result<ArrowJob> {
         let bc = crate::input::BatchColumns::resolve(schema, cols, false, "record batch")
             .map_err(Error::Config)?;
-        let spec = crate::output::OutputSpec::new(
+        let mut spec = crate::output::OutputSpec::new(
             cols.passthrough
                 .iter()
                 .cloned()
                 .zip(bc.passthrough_types.iter().cloned())
                 .collect(),
         );
+        spec.taxonomies = c.taxonomy_columns();
         Ok(ArrowJob {
             columns: bc,
             spec,

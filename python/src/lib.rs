@@ -52,7 +52,8 @@ impl Classifier {
     /// the LLM tier inside `classify_batch` (default: they come back as `escalate`).
     #[new]
     #[pyo3(signature = (index_dir, model=None, threshold=None, signal=None, llm_config=None,
-        text_col="text", turns_col=None, id_col="id", passthrough=None, threads=None, engine=None))]
+        text_col="text", turns_col=None, id_col="id", passthrough=None, threads=None, engine=None,
+        also=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -67,6 +68,7 @@ impl Classifier {
         passthrough: Option<Vec<String>>,
         threads: Option<usize>,
         engine: Option<String>,
+        also: Option<Vec<(String, String)>>,
     ) -> PyResult<Self> {
         if let Some(n) = threads {
             // The pool is per process and fixed at first use; later requests cannot resize it.
@@ -83,7 +85,8 @@ impl Classifier {
             .transpose()
             .map_err(PyValueError::new_err)?
             .unwrap_or_default();
-        let key = format!("{index_dir}|{model:?}|{threshold:?}|{signal:?}|{engine:?}");
+        let also = also.unwrap_or_default();
+        let key = format!("{index_dir}|{model:?}|{threshold:?}|{signal:?}|{engine:?}|{also:?}");
         let core = {
             let mut c = cache().lock().map_err(err)?;
             match c.get(&key) {
@@ -101,7 +104,18 @@ impl Classifier {
                     };
                     let dir = std::path::PathBuf::from(index_dir);
                     let loaded = py
-                        .detach(|| semtel::pipeline::Classifier::open(&dir, &opts))
+                        .detach(|| -> semtel::Result<semtel::pipeline::Classifier> {
+                            let mut c = semtel::pipeline::Classifier::open(&dir, &opts)?;
+                            for (name, d) in &also {
+                                let t = semtel::pipeline::Taxonomy::open(
+                                    name,
+                                    std::path::Path::new(d),
+                                    &c.encoder,
+                                )?;
+                                c.extra.push(t);
+                            }
+                            Ok(c)
+                        })
                         .map_err(err)?;
                     LOADS.fetch_add(1, Ordering::SeqCst);
                     let a = Arc::new(loaded);
@@ -135,7 +149,7 @@ impl Classifier {
         batch: PyArrowType<RecordBatch>,
     ) -> PyResult<PyArrowType<RecordBatch>> {
         let batch = batch.0;
-        let job = semtel::pipeline::ArrowJob::new(&batch.schema(), &self.columns)
+        let job = semtel::pipeline::ArrowJob::new(&batch.schema(), &self.columns, &self.core)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let first = self
             .next_index
@@ -153,7 +167,7 @@ impl Classifier {
         reader: PyArrowType<ArrowArrayStreamReader>,
     ) -> PyResult<PyArrowType<Box<dyn RecordBatchReader + Send>>> {
         let input = reader.0;
-        let job = semtel::pipeline::ArrowJob::new(&input.schema(), &self.columns)
+        let job = semtel::pipeline::ArrowJob::new(&input.schema(), &self.columns, &self.core)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let schema = job.output_schema();
         let start = self.next_index.fetch_add(1 << 40, Ordering::SeqCst);
@@ -169,7 +183,7 @@ impl Classifier {
 
     /// The output schema for an input schema (what Spark's `mapInArrow` needs up front).
     fn output_schema(&self, input_schema: PyArrowType<Schema>) -> PyResult<PyArrowType<Schema>> {
-        let job = semtel::pipeline::ArrowJob::new(&input_schema.0, &self.columns)
+        let job = semtel::pipeline::ArrowJob::new(&input_schema.0, &self.columns, &self.core)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(PyArrowType(job.output_schema().as_ref().clone()))
     }

@@ -10,9 +10,11 @@
 
 mod candle;
 pub mod fast;
+pub mod static_model;
 
 pub use self::candle::CandleBert;
 pub use self::fast::FastBert;
+pub use self::static_model::{StaticEmbedder, STATIC_META, STATIC_TABLE};
 
 use crate::model::{ModelFiles, Pooling};
 use crate::render::Renderer;
@@ -202,8 +204,9 @@ impl Encoder {
     pub fn from_files(files: ModelFiles, opts: &EncoderOptions) -> Result<Self> {
         let renderer = Renderer::from_file(&files.dir.join("tokenizer.json"), files.max_tokens)?
             .with_system_turns(opts.include_system_turns);
-        let engine: Box<dyn Embedder> = if cuda_wanted(opts.device) || opts.engine == Engine::Candle
-        {
+        let engine: Box<dyn Embedder> = if files.kind == crate::model::ModelKind::Static {
+            Box::new(StaticEmbedder::load(&files.dir)?)
+        } else if cuda_wanted(opts.device) || opts.engine == Engine::Candle {
             Box::new(CandleBert::load(&files, opts.device)?)
         } else {
             match (FastBert::try_load(&files)?, opts.engine) {

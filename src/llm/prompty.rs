@@ -216,7 +216,7 @@ mod tests {
         let e = Prompty::parse("---\nname: x\n---\nhello", "d.prompty")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("no `system:` or `user:`"), "{e}");
+        assert!(e.contains("start with `system:`"), "{e}");
         let e = Prompty::parse("---\nname: x\n", "e.prompty")
             .unwrap_err()
             .to_string();
