@@ -362,7 +362,7 @@ fn out_of_fold(
             }
             f
         };
-        let results: Vec<Result<Vec<(usize, Vec<f32>)>>> = (0..opts.folds)
+        let results: Vec<Result<FoldScores>> = (0..opts.folds)
             .into_par_iter()
             .map(|fold| {
                 let train: Vec<usize> = (0..n).filter(|&i| fold_of[i] != fold).collect();
@@ -406,12 +406,17 @@ fn out_of_fold(
         .collect())
 }
 
+/// Out-of-fold head probabilities: (row, probabilities) for one fold.
+type FoldScores = Vec<(usize, Vec<f32>)>;
+/// Scores a held-out labelled split with the final classifier: (scores, gold label).
+pub type HeldOutScorer<'a> = dyn Fn(&Classifier) -> Result<Vec<(Scores, Option<u32>)>> + 'a;
+
 /// Chooses the signal and thresholds, trains the head, and records everything in the index
 /// (saved by the caller). `held_out`: scores and gold labels of a separate labelled split to
 /// calibrate on (computed by the caller with the final head); otherwise cross-validation.
 pub fn calibrate(
     c: &mut Classifier,
-    held_out: Option<&dyn Fn(&Classifier) -> Result<Vec<(Scores, Option<u32>)>>>,
+    held_out: Option<&HeldOutScorer<'_>>,
     opts: &CalibrateOptions,
 ) -> Result<CalibrationReport> {
     let vectors = c.index.vectors()?;

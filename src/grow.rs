@@ -57,6 +57,9 @@ impl Growth {
             return Err(Error::Other("growth: wrong vector size".into()));
         }
         let mut meta = self.meta.write().unwrap();
+        // usearch takes `&self` even to grow its storage, but a reserve must not overlap a
+        // search, so growth takes the lock exclusively.
+        #[allow(clippy::readonly_write_lock)]
         let idx = self.index.write().unwrap();
         let key = meta.len();
         if key + 1 > idx.capacity() {

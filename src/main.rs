@@ -645,6 +645,7 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // mirrors the CLI flags one to one
 fn index_build(
     ctx: &Ctx,
     files: &[PathBuf],

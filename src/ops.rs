@@ -74,6 +74,7 @@ pub fn add_exemplars(
         let multi = index.manifest.build.multi_label;
         let mut ids = Vec::new();
         let mut ex = Vec::new();
+        let mut owner: Vec<usize> = Vec::new();
         for (r, rd) in keep.into_iter().zip(rendered) {
             match rd {
                 Ok(rd) => {
@@ -85,8 +86,10 @@ pub fn add_exemplars(
                     } else {
                         vec![label]
                     };
+                    // Embedded once; the vector is repeated per label below.
+                    ids.push(rd.ids);
                     for l in labels {
-                        ids.push(rd.ids.clone());
+                        owner.push(ids.len() - 1);
                         ex.push(Exemplar {
                             id: r.id.clone(),
                             label: l,
@@ -110,7 +113,12 @@ pub fn add_exemplars(
             continue;
         }
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let vectors = encoder.embed_ids(&refs)?;
+        let unique = encoder.embed_ids(&refs)?;
+        let d = encoder.dim();
+        let mut vectors = Vec::with_capacity(owner.len() * d);
+        for &o in &owner {
+            vectors.extend_from_slice(&unique[o * d..(o + 1) * d]);
+        }
         s.added += ex.len();
         index.add(&vectors, ex)?;
     }

@@ -9,8 +9,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Gold label by simulator key, and (id, text, label) rows.
+type Truth = (HashMap<String, String>, Vec<(String, String, String)>);
+
 /// Gold labels of the bundled conversations, keyed the way the simulator looks them up.
-fn sample_truth() -> (HashMap<String, String>, Vec<(String, String, String)>) {
+fn sample_truth() -> Truth {
     let mut truth = HashMap::new();
     let mut rows = Vec::new();
     for l in std::fs::read_to_string(repo().join("data/conversations.jsonl"))
@@ -565,7 +568,7 @@ fn kill_during_the_llm_phase_and_resume() {
     assert!(!child.wait().unwrap().success(), "finished before the kill");
     let before = rows_of_lenient(&out);
     assert!(
-        before >= 100 && before < 600,
+        (100..600).contains(&before),
         "{before} rows before the kill"
     );
     let s = summary(&classify(&idx, &input, &out, &cfg, &["--resume"]));

@@ -43,8 +43,11 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     dot / (na * nb)
 }
 
+/// One reference row: text, token count, reference embedding.
+pub type Reference = (String, usize, Vec<f32>);
+
 /// Reference texts and sentence-transformers embeddings: our own fixture plus the shared one.
-pub fn reference_sets() -> Vec<(String, Vec<(String, usize, Vec<f32>)>)> {
+pub fn reference_sets() -> Vec<(String, Vec<Reference>)> {
     let mut sets = Vec::new();
     for path in [
         repo().join("tests/fixtures/minilm_reference.jsonl"),

@@ -62,7 +62,7 @@ impl PackedB {
     pub fn from_out_in(w: &[f32], bias: &[f32], n: usize, k: usize, scale: f32) -> Self {
         assert_eq!(w.len(), n * k);
         assert_eq!(bias.len(), n);
-        assert!(k % 2 == 0, "input width must be even");
+        assert!(k.is_multiple_of(2), "input width must be even");
         let panels = n.div_ceil(NR);
         let kp = k / 2;
         let mut data = vec![0u32; panels * kp * NR];
@@ -182,7 +182,7 @@ unsafe fn kernel_dispatch(
 /// thread.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn gemm(a: &[u16], lda: usize, m: usize, b: &PackedB, epi: &mut Epilogue) {
-    debug_assert!(lda % 2 == 0 && lda >= b.k);
+    debug_assert!(lda.is_multiple_of(2) && lda >= b.k);
     debug_assert!(m == 0 || a.len() >= (m - 1) * lda + b.k);
     let kp = b.k / 2;
     let a32 = a.as_ptr() as *const u32;
@@ -344,7 +344,7 @@ pub unsafe fn layernorm_rows(
     beta: &[f32],
     eps: f32,
 ) {
-    debug_assert!(n % 16 == 0);
+    debug_assert!(n.is_multiple_of(16));
     let rows = x.len() / n;
     let inv_n = 1.0 / n as f32;
     for r in 0..rows {
@@ -382,7 +382,7 @@ pub unsafe fn layernorm_rows(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn softmax_exp_bf16(row: &[f32], len: usize, out: &mut [u16]) -> f32 {
     let padded = row.len();
-    debug_assert!(padded % 32 == 0 && len <= padded && out.len() >= padded);
+    debug_assert!(padded.is_multiple_of(32) && len <= padded && out.len() >= padded);
     let p = row.as_ptr();
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut j = 0;
@@ -439,7 +439,7 @@ pub unsafe fn attention_head(
     ooff: usize,
     scratch: &mut AttnScratch,
 ) {
-    debug_assert!(hd % NR == 0);
+    debug_assert!(hd.is_multiple_of(NR));
     let lpad = len.div_ceil(NR) * NR;
     // Pack Kᵀ: panels of 32 keys; for each pair of head dims kp, the 32 keys' (k[2kp], k[2kp+1]).
     let kp_n = hd / 2;
