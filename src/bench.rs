@@ -55,6 +55,28 @@ pub fn embed_text_set(shared: &Path, n_texts: usize) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// The `text` field of every line of a JSONL file (a saved benchmark text set).
+pub fn read_text_file(p: &Path) -> Result<Vec<String>> {
+    let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+    let mut out = Vec::new();
+    for (i, l) in std::io::BufReader::new(f).lines().enumerate() {
+        let l = l.map_err(|e| Error::io(p, e))?;
+        let v: serde_json::Value = serde_json::from_str(&l)
+            .map_err(|e| Error::Other(format!("{} line {}: {e}", p.display(), i + 1)))?;
+        match v["text"].as_str() {
+            Some(t) => out.push(t.to_string()),
+            None => {
+                return Err(Error::Other(format!(
+                    "{} line {}: no string field `text`",
+                    p.display(),
+                    i + 1
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn read_gz_texts(p: &Path) -> Result<Vec<String>> {
     use std::io::Read;
     let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;

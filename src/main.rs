@@ -45,6 +45,9 @@ struct Global {
     /// CPU engine: auto (bf16 kernels where the CPU has AVX512-BF16, else candle), fast, candle.
     #[arg(long, global = true)]
     engine: Option<semtel::embed::Engine>,
+    /// Run the CUDA engine in f32 instead of f16.
+    #[arg(long, global = true)]
+    gpu_f32: bool,
     /// Worker threads (default: all cores; also honours RAYON_NUM_THREADS).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -406,6 +409,13 @@ struct BenchEmbedArgs {
     shared: PathBuf,
     #[arg(long, default_value_t = 2000)]
     texts: usize,
+    /// Embed the texts of this JSONL file (`{"text": ...}` per line) instead of the set drawn
+    /// from --shared (for machines without the data sets, e.g. a GPU box).
+    #[arg(long)]
+    texts_file: Option<PathBuf>,
+    /// Write the text set used to this JSONL file (to rerun the same texts elsewhere).
+    #[arg(long)]
+    save_texts: Option<PathBuf>,
     /// Timed passes per engine (medians are reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -415,12 +425,18 @@ struct BenchEmbedArgs {
     /// Python interpreter with sentence-transformers (see benches/setup-st.sh) to compare with.
     #[arg(long)]
     st: Option<PathBuf>,
-    /// sentence-transformers dtypes to run.
+    /// sentence-transformers dtypes to run (f32, bf16, f16).
     #[arg(long, default_value = "f32,bf16")]
     st_dtypes: String,
+    /// sentence-transformers batch size (its default is 32; GPUs want more).
+    #[arg(long, default_value_t = 32)]
+    st_batch_size: usize,
     /// Padded-token budget per batch.
     #[arg(long)]
     batch_tokens: Option<usize>,
+    /// Most rows per batch.
+    #[arg(long)]
+    batch_rows: Option<usize>,
     /// Print all results as JSON lines.
     #[arg(long)]
     json: bool,
@@ -488,6 +504,7 @@ impl Ctx {
             engine: self.global.engine.unwrap_or_default(),
             include_system_turns: self.global.include_system_turns
                 || self.cfg.include_system_turns.unwrap_or(false),
+            gpu_f32: self.global.gpu_f32,
         }
     }
 
@@ -1291,7 +1308,18 @@ fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
 fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
     use semtel::bench;
     let threads = rayon::current_num_threads();
-    let texts = bench::embed_text_set(&a.shared, a.texts)?;
+    let texts = match &a.texts_file {
+        Some(f) => bench::read_text_file(f)?,
+        None => bench::embed_text_set(&a.shared, a.texts)?,
+    };
+    if let Some(f) = &a.save_texts {
+        let mut body = String::new();
+        for t in &texts {
+            body.push_str(&serde_json::json!({ "text": t }).to_string());
+            body.push('\n');
+        }
+        std::fs::write(f, body).with_context(|| format!("writing {}", f.display()))?;
+    }
     let peak = bench::f32_gemm_peak(threads);
     eprintln!(
         "{} texts, {threads} threads; measured f32 GEMM peak (gemm crate, {threads} threads): {peak:.0} GFLOP/s",
@@ -1323,6 +1351,9 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         let mut enc = Encoder::load(&eo)?;
         if let Some(b) = a.batch_tokens {
             enc.batch.max_batch_tokens = b;
+        }
+        if let Some(r) = a.batch_rows {
+            enc.batch.max_batch_rows = r;
         }
         let padded = enc.engine.describe().starts_with("candle");
         let r = bench::bench_encoder(&enc, &texts, a.repeats, padded, model_dims, peak)?;
@@ -1362,6 +1393,15 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
                 &a.repeats.to_string(),
                 "--dtypes",
                 &a.st_dtypes,
+                "--batch-size",
+                &a.st_batch_size.to_string(),
+                "--device",
+                // The reference runs where semtel's first engine runs.
+                if runs[0].engine.contains("on CUDA") {
+                    "cuda"
+                } else {
+                    "cpu"
+                },
             ])
             .env("TOKENIZERS_PARALLELISM", "true")
             .output()
@@ -1395,6 +1435,9 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         let mut enc = Encoder::load(&eo)?;
         if let Some(b) = a.batch_tokens {
             enc.batch.max_batch_tokens = b;
+        }
+        if let Some(r) = a.batch_rows {
+            enc.batch.max_batch_rows = r;
         }
         let again = bench::bench_encoder(&enc, &texts, a.repeats, false, model_dims, peak)?;
         let mut all = runs[0].runs.clone();

@@ -1,24 +1,66 @@
-//! The candle BERT engine: candle-transformers' `BertModel` in f32, padded per batch.
-//! It is the portable engine (any CPU) and the CUDA engine (`--features cuda`).
-//! It must stay numerically faithful to the reference: f32 only (candle's BERT gives NaN in
-//! f16/bf16 as shipped).
+//! The candle BERT engine: candle-transformers' BERT encoder layers, padded per batch.
+//! It is the portable engine (any CPU, f32) and the CUDA engine (`--features cuda`, f16 by
+//! default there, f32 with `--gpu-dtype f32`).
+//! It must stay numerically faithful to the reference (cosine ≥ 0.999): the CPU path is f32
+//! only. candle's `BertModel` gives NaN in f16 because its attention mask multiplies 0 by
+//! `f32::MIN` cast to f16 (= -inf); this engine builds the embeddings and a finite mask itself
+//! and runs candle's `BertEncoder` on them, so half precision works on the GPU.
 
 use super::{normalize_rows, Device, Embedder};
 use crate::model::{ModelFiles, Pooling};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_transformers::models::bert::{BertEncoder, Config};
+
+/// Word + token-type + position embeddings and their LayerNorm (BERT's input layer).
+struct Embeddings {
+    word: Embedding,
+    token_type: Embedding,
+    position: Embedding,
+    norm: LayerNorm,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Self> {
+        Ok(Embeddings {
+            word: candle_nn::embedding(c.vocab_size, c.hidden_size, vb.pp("word_embeddings"))?,
+            token_type: candle_nn::embedding(
+                c.type_vocab_size,
+                c.hidden_size,
+                vb.pp("token_type_embeddings"),
+            )?,
+            position: candle_nn::embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                vb.pp("position_embeddings"),
+            )?,
+            norm: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, len) = ids.dims2()?;
+        let types = ids.zeros_like()?;
+        let x = (self.word.forward(ids)? + self.token_type.forward(&types)?)?;
+        let pos = Tensor::arange(0u32, len as u32, ids.device())?;
+        let x = x.broadcast_add(&self.position.forward(&pos)?)?;
+        self.norm.forward(&x)
+    }
+}
 
 pub struct CandleBert {
-    model: BertModel,
+    embeddings: Embeddings,
+    encoder: BertEncoder,
     device: candle_core::Device,
+    dtype: DType,
     pooling: Pooling,
     dim: usize,
 }
 
 impl CandleBert {
-    pub fn load(files: &ModelFiles, device: Device) -> Result<Self> {
+    /// `half`: run in f16 (CUDA only; the CPU path is always f32).
+    pub fn load(files: &ModelFiles, device: Device, half: bool) -> Result<Self> {
         let device = match device {
             Device::Cpu => candle_core::Device::Cpu,
             Device::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
@@ -38,22 +80,40 @@ impl CandleBert {
         })?;
         // SAFETY: the weights file is memory-mapped read-only; semtel never writes to it and
         // verified its digest just before.
+        let dtype = if half && device.is_cuda() {
+            DType::F16
+        } else {
+            DType::F32
+        };
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(
                 std::slice::from_ref(&files.weights),
-                DType::F32,
+                dtype,
                 &device,
             )?
         };
-        let model = BertModel::load(vb, &config).map_err(|e| {
+        // sentence-transformers folders name tensors `embeddings.…`; full checkpoints prefix
+        // them with the model type (`bert.embeddings.…`).
+        let vb = match &config.model_type {
+            Some(t) if vb.contains_tensor(&format!("{t}.embeddings.word_embeddings.weight")) => {
+                vb.pp(t)
+            }
+            _ if vb.contains_tensor("bert.embeddings.word_embeddings.weight") => vb.pp("bert"),
+            _ => vb,
+        };
+        let loaded = Embeddings::load(vb.pp("embeddings"), &config)
+            .and_then(|e| Ok((e, BertEncoder::load(vb.pp("encoder"), &config)?)));
+        let (embeddings, encoder) = loaded.map_err(|e| {
             Error::Model(format!(
                 "{}: cannot load BERT weights ({e})",
                 files.weights.display()
             ))
         })?;
         Ok(CandleBert {
-            model,
+            embeddings,
+            encoder,
             device,
+            dtype,
             pooling: files.pooling,
             dim: config.hidden_size,
         })
@@ -66,7 +126,13 @@ impl Embedder for CandleBert {
     }
 
     fn describe(&self) -> String {
-        format!("candle-bert f32 on {:?}", self.device)
+        let on = if self.device.is_cuda() { "CUDA" } else { "CPU" };
+        let dt = if self.dtype == DType::F16 {
+            "f16"
+        } else {
+            "f32"
+        };
+        format!("candle-bert {dt} on {on}")
     }
 
     fn embed(&self, ids: &[u32], cu: &[usize]) -> Result<Vec<f32>> {
@@ -82,10 +148,25 @@ impl Embedder for CandleBert {
             padded[i * max_len..i * max_len + s.len()].copy_from_slice(s);
             mask[i * max_len..i * max_len + s.len()].fill(1.0);
         }
+        // Additive attention mask: 0 for real keys, a large negative for padding. f32 uses
+        // f32::MIN like the reference; half precision a finite -1e4 (exp underflows to 0 all
+        // the same, and 0 · -inf can no longer make NaN).
+        let neg = if self.dtype == DType::F32 {
+            f32::MIN
+        } else {
+            -1.0e4
+        };
+        let additive: Vec<f32> = mask
+            .iter()
+            .map(|&m| if m > 0.0 { 0.0 } else { neg })
+            .collect();
         let input = Tensor::from_vec(padded, (n, max_len), &self.device)?;
         let mask_t = Tensor::from_vec(mask, (n, max_len), &self.device)?;
-        let types = input.zeros_like()?;
-        let hidden = self.model.forward(&input, &types, Some(&mask_t))?; // (n, L, H)
+        let additive =
+            Tensor::from_vec(additive, (n, 1, 1, max_len), &self.device)?.to_dtype(self.dtype)?;
+        let x = self.embeddings.forward(&input)?;
+        // Pooling in f32 whatever the compute precision.
+        let hidden = self.encoder.forward(&x, &additive)?.to_dtype(DType::F32)?; // (n, L, H)
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
             Pooling::Mean => {

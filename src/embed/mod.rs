@@ -185,6 +185,8 @@ pub struct EncoderOptions {
     pub device: Device,
     pub engine: Engine,
     pub include_system_turns: bool,
+    /// Keep the CUDA engine in f32 (default: f16 on the GPU; CPUs always use their own path).
+    pub gpu_f32: bool,
 }
 
 fn cuda_wanted(device: Device) -> bool {
@@ -207,7 +209,7 @@ impl Encoder {
         let engine: Box<dyn Embedder> = if files.kind == crate::model::ModelKind::Static {
             Box::new(StaticEmbedder::load(&files.dir)?)
         } else if cuda_wanted(opts.device) || opts.engine == Engine::Candle {
-            Box::new(CandleBert::load(&files, opts.device)?)
+            Box::new(CandleBert::load(&files, opts.device, !opts.gpu_f32)?)
         } else {
             match (FastBert::try_load(&files)?, opts.engine) {
                 (Some(f), _) => Box::new(f),
@@ -216,14 +218,21 @@ impl Encoder {
                         "--engine fast needs a CPU with AVX512-BF16 and a BERT model whose head size is a multiple of 32; use --engine auto".into(),
                     ))
                 }
-                (None, _) => Box::new(CandleBert::load(&files, Device::Cpu)?),
+                (None, _) => Box::new(CandleBert::load(&files, Device::Cpu, false)?),
             }
         };
+        let mut batch = BatchOptions::default();
+        if engine.describe().contains("on CUDA") {
+            // A GPU needs far larger batches than a CPU core to be busy; 16k padded tokens
+            // (a few MB of activations per layer) is still small for any CUDA card.
+            batch.max_batch_tokens = 16_384;
+            batch.max_batch_rows = 512;
+        }
         Ok(Encoder {
             files,
             renderer,
             engine,
-            batch: BatchOptions::default(),
+            batch,
         })
     }
 
