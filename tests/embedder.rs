@@ -3,11 +3,16 @@
 
 mod common;
 use common::*;
-use semtel::embed::{Encoder, EncoderOptions};
+use semtel::embed::{Encoder, EncoderOptions, Engine};
 
 fn encoder() -> Encoder {
+    encoder_with(Engine::Auto)
+}
+
+fn encoder_with(engine: Engine) -> Encoder {
     Encoder::load(&EncoderOptions {
         model: Some(model_dir().display().to_string()),
+        engine,
         ..Default::default()
     })
     .unwrap()
@@ -15,7 +20,18 @@ fn encoder() -> Encoder {
 
 #[test]
 fn matches_sentence_transformers_reference() {
-    let enc = encoder();
+    check_reference(&encoder());
+}
+
+/// The portable engine is checked whatever engine `auto` picks on this CPU.
+#[test]
+fn candle_engine_matches_sentence_transformers_reference() {
+    let enc = encoder_with(Engine::Candle);
+    assert!(enc.engine.describe().starts_with("candle-bert f32"));
+    check_reference(&enc);
+}
+
+fn check_reference(enc: &Encoder) {
     let mut min_cos = f32::MAX;
     let mut n = 0;
     for (name, rows) in reference_sets() {
