@@ -77,6 +77,16 @@ pub fn read_text_file(p: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Writes texts as JSONL (`{"text": ...}` per line), the format `read_text_file` reads.
+pub fn write_text_file(p: &Path, texts: &[String]) -> Result<()> {
+    let mut body = String::new();
+    for t in texts {
+        body.push_str(&serde_json::json!({ "text": t }).to_string());
+        body.push('\n');
+    }
+    std::fs::write(p, body).map_err(|e| Error::io(p, e))
+}
+
 fn read_gz_texts(p: &Path) -> Result<Vec<String>> {
     use std::io::Read;
     let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
@@ -196,7 +206,6 @@ pub fn embed_once(
     engine: &dyn Embedder,
     texts: &[String],
     batch: BatchOptions,
-    padded_engine: bool,
 ) -> Result<(f64, usize, usize)> {
     let t = Instant::now();
     let ids: Vec<Vec<u32>> = texts
@@ -209,7 +218,7 @@ pub fn embed_once(
     std::hint::black_box(v);
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();
     let real = lens.iter().sum();
-    let padded = if padded_engine {
+    let padded = if engine.pads() {
         crate::embed::plan_batches(&lens, batch)
             .iter()
             .map(|b| b.len() * b.iter().map(|&i| lens[i]).max().unwrap_or(0))
@@ -225,29 +234,16 @@ pub fn bench_encoder(
     enc: &Encoder,
     texts: &[String],
     repeats: usize,
-    padded_engine: bool,
     model_dims: (usize, usize, usize),
     f32_peak: f64,
 ) -> Result<EmbedRun> {
     // Warm-up (page in weights, grow scratch buffers).
     let warm: Vec<String> = texts.iter().take(64).cloned().collect();
-    embed_once(
-        &enc.renderer,
-        enc.engine.as_ref(),
-        &warm,
-        enc.batch,
-        padded_engine,
-    )?;
+    embed_once(&enc.renderer, enc.engine.as_ref(), &warm, enc.batch)?;
     let mut runs = Vec::new();
     let (mut real, mut padded) = (0, 0);
     for _ in 0..repeats {
-        let (s, r, p) = embed_once(
-            &enc.renderer,
-            enc.engine.as_ref(),
-            texts,
-            enc.batch,
-            padded_engine,
-        )?;
+        let (s, r, p) = embed_once(&enc.renderer, enc.engine.as_ref(), texts, enc.batch)?;
         runs.push(s);
         real = r;
         padded = p;
@@ -310,34 +306,15 @@ pub fn llm_scenario(
     mut cfg: crate::llm::LlmConfig,
     counter: crate::llm::tier::TokenCounter,
 ) -> Result<LlmRun> {
-    use crate::pipeline::Escalation;
     let (rpm, tpm) = (sim_cfg.rpm, sim_cfg.tpm);
     let h = crate::llm::simulator::start(sim_cfg, 0)?;
     for e in &mut cfg.endpoints {
         e.url = h.url();
     }
     let (n, narrowing, adaptive) = (cfg.items_per_call, cfg.narrow_above > 0, cfg.adaptive);
-    let mut tier = crate::llm::LlmTier::new(cfg, labels.to_vec(), counter)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::output::OutputRow>>(1024);
-    let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
     let t = Instant::now();
-    for chunk in rows.chunks(256) {
-        let part: Vec<crate::pipeline::Classified> = chunk
-            .iter()
-            .map(|c| crate::pipeline::Classified {
-                out: c.out.clone(),
-                content: c.content.clone(),
-                vector: None,
-                scores: c.scores.clone(),
-                examples: c.examples.clone(),
-            })
-            .collect();
-        tier.submit(part, &tx)?;
-    }
-    tier.finish(&tx)?;
+    let (out, st) = llm_label_all(cfg, labels, counter, rows)?;
     let seconds = t.elapsed().as_secs_f64();
-    drop(tx);
-    let out = collector.join().expect("collector");
     let schema: std::collections::HashSet<&String> = labels.iter().collect();
     let mut seen = std::collections::HashMap::<&str, usize>::new();
     for r in &out {
@@ -360,7 +337,6 @@ pub fn llm_scenario(
         .iter()
         .filter(|r| gold.get(&r.id) == r.label.as_ref())
         .count();
-    let st = &tier.stats;
     let sim = &h.state.stats;
     use std::sync::atomic::Ordering::Relaxed;
     let admitted_tokens = sim.admitted_tokens.load(Relaxed) as f64;

@@ -972,7 +972,7 @@ fn print_llm_summary(s: &semtel::llm::LlmStats, run: &pipeline::RunSummary) {
 }
 
 fn llm_cmd(ctx: &Ctx, c: LlmCmd) -> Result<()> {
-    use semtel::llm::{simulator, tier::PromptBuilder, LlmConfig};
+    use semtel::llm::{simulator, LlmConfig};
     match c {
         LlmCmd::Simulate(a) => {
             let opts = ctx.input_options(&a.cols);
@@ -1011,13 +1011,7 @@ fn llm_cmd(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             out,
             cols,
         } => {
-            let idx = ExemplarIndex::open(&index, true)?;
-            let cfg = LlmConfig::load(&llm)?;
-            let pb = PromptBuilder::new(
-                cfg,
-                idx.labels().to_vec(),
-                std::sync::Arc::new(|t: &str| t.len() / 4),
-            )?;
+            let (idx, pb) = batch_prompts(&index, &llm)?;
             let s = semtel::llm::batch::export(
                 &pb,
                 &idx,
@@ -1063,13 +1057,7 @@ fn llm_cmd(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             output,
             price_factor,
         } => {
-            let idx = ExemplarIndex::open(&index, true)?;
-            let cfg = LlmConfig::load(&llm)?;
-            let pb = PromptBuilder::new(
-                cfg,
-                idx.labels().to_vec(),
-                std::sync::Arc::new(|t: &str| t.len() / 4),
-            )?;
+            let (_, pb) = batch_prompts(&index, &llm)?;
             let s = semtel::llm::batch::import(&pb, &results, &labels, &output, price_factor)?;
             eprintln!(
                 "merged {} results into {}: {} labelled, {} rejected (kept as escalate with the reason), {} ids not escalated in the output; {} rows written",
@@ -1305,6 +1293,21 @@ fn demo(ctx: &Ctx, a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// The index and prompt builder of a Batch API export or import. Token counts only size
+/// requests here (nothing is rate-limited), so a length estimate stands in for the tokenizer.
+fn batch_prompts(
+    index: &Path,
+    llm: &Path,
+) -> Result<(ExemplarIndex, semtel::llm::tier::PromptBuilder)> {
+    let idx = ExemplarIndex::open(index, true)?;
+    let pb = semtel::llm::tier::PromptBuilder::new(
+        semtel::llm::LlmConfig::load(llm)?,
+        idx.labels().to_vec(),
+        std::sync::Arc::new(|t: &str| t.len() / 4),
+    )?;
+    Ok((idx, pb))
+}
+
 fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
     use semtel::bench;
     let threads = rayon::current_num_threads();
@@ -1313,12 +1316,7 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         None => bench::embed_text_set(&a.shared, a.texts)?,
     };
     if let Some(f) = &a.save_texts {
-        let mut body = String::new();
-        for t in &texts {
-            body.push_str(&serde_json::json!({ "text": t }).to_string());
-            body.push('\n');
-        }
-        std::fs::write(f, body).with_context(|| format!("writing {}", f.display()))?;
+        bench::write_text_file(f, &texts)?;
     }
     let peak = bench::f32_gemm_peak(threads);
     eprintln!(
@@ -1326,14 +1324,22 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         texts.len()
     );
     let mut results: Vec<serde_json::Value> = Vec::new();
-    let model_dir;
     let mut runs = Vec::new();
-    {
+    let load = |engine| -> Result<Encoder> {
         let mut eo = ctx.encoder_options();
-        eo.engine = a.engines[0];
-        let probe = Encoder::load(&eo)?;
-        model_dir = probe.files.dir.clone();
-    }
+        eo.engine = engine;
+        let mut enc = Encoder::load(&eo)?;
+        if let Some(b) = a.batch_tokens {
+            enc.batch.max_batch_tokens = b;
+        }
+        if let Some(r) = a.batch_rows {
+            enc.batch.max_batch_rows = r;
+        }
+        Ok(enc)
+    };
+    // The first engine is kept loaded: it runs again after the reference.
+    let first = load(a.engines[0])?;
+    let model_dir = first.files.dir.clone();
     // FLOP counts need the transformer's shape (a static table has none: zeros).
     let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("config.json"))
         .ok()
@@ -1345,18 +1351,15 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         dims("intermediate_size"),
         dims("num_hidden_layers"),
     );
-    for &engine in &a.engines {
-        let mut eo = ctx.encoder_options();
-        eo.engine = engine;
-        let mut enc = Encoder::load(&eo)?;
-        if let Some(b) = a.batch_tokens {
-            enc.batch.max_batch_tokens = b;
-        }
-        if let Some(r) = a.batch_rows {
-            enc.batch.max_batch_rows = r;
-        }
-        let padded = enc.engine.describe().starts_with("candle");
-        let r = bench::bench_encoder(&enc, &texts, a.repeats, padded, model_dims, peak)?;
+    for (i, &engine) in a.engines.iter().enumerate() {
+        let other;
+        let enc = if i == 0 {
+            &first
+        } else {
+            other = load(engine)?;
+            &other
+        };
+        let r = bench::bench_encoder(enc, &texts, a.repeats, model_dims, peak)?;
         eprintln!(
             "{:<52} {:>7.1} texts/s {:>8.0} tokens/s (padded {:>8.0}/s) {:>6.1} GFLOP/s = {:>4.0}% of f32 GEMM peak, peak RSS {:.0} MB",
             r.engine,
@@ -1375,12 +1378,7 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         let dir = std::env::temp_dir().join(format!("semtel-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let tf = dir.join("texts.jsonl");
-        let mut body = String::new();
-        for t in &texts {
-            body.push_str(&serde_json::json!({ "text": t }).to_string());
-            body.push('\n');
-        }
-        std::fs::write(&tf, body)?;
+        bench::write_text_file(&tf, &texts)?;
         let script = PathBuf::from("benches/st_embed.py");
         let out = std::process::Command::new(py)
             .arg(&script)
@@ -1397,11 +1395,7 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
                 &a.st_batch_size.to_string(),
                 "--device",
                 // The reference runs where semtel's first engine runs.
-                if runs[0].engine.contains("on CUDA") {
-                    "cuda"
-                } else {
-                    "cpu"
-                },
+                if first.engine.on_gpu() { "cuda" } else { "cpu" },
             ])
             .env("TOKENIZERS_PARALLELISM", "true")
             .output()
@@ -1430,16 +1424,7 @@ fn bench_embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
             results.push(v);
         }
         // Repeat semtel's first engine after the reference, so machine noise hits both sides.
-        let mut eo = ctx.encoder_options();
-        eo.engine = a.engines[0];
-        let mut enc = Encoder::load(&eo)?;
-        if let Some(b) = a.batch_tokens {
-            enc.batch.max_batch_tokens = b;
-        }
-        if let Some(r) = a.batch_rows {
-            enc.batch.max_batch_rows = r;
-        }
-        let again = bench::bench_encoder(&enc, &texts, a.repeats, false, model_dims, peak)?;
+        let again = bench::bench_encoder(&first, &texts, a.repeats, model_dims, peak)?;
         let mut all = runs[0].runs.clone();
         all.extend(again.runs.iter());
         let med = bench::median(&all);

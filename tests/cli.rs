@@ -8,24 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn semtel(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
+    semtel_cmd(args)
         .arg("--model")
         .arg(model_dir())
-        .arg("-q")
-        .current_dir(repo())
         .output()
         .expect("run semtel")
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "semtel failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
 fn fails(out: Output) -> String {

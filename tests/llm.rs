@@ -178,14 +178,7 @@ fn every_fault_kind_is_survived() {
     let (truth, rows) = sample_truth();
     let dir = tmpdir("llm-faults");
     let idx = index(&dir);
-    for kind in [
-        "5xx",
-        "hang",
-        "malformed",
-        "out_of_schema",
-        "truncated",
-        "drop",
-    ] {
+    for kind in semtel::llm::simulator::FAULT_KINDS {
         let h = sim(SimConfig {
             truth: truth.clone(),
             latency_ms: 20.0,

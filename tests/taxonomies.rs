@@ -7,17 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn semtel(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .arg("-q")
-        .current_dir(repo())
-        .output()
-        .expect("run semtel")
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+    semtel_cmd(args).output().expect("run semtel")
 }
 
 fn group_of(label: &str) -> &'static str {
@@ -125,41 +115,23 @@ fn several_taxonomies_from_one_embedding_pass() {
     let ex = derived(&dir, "exemplars.jsonl");
     let conv = derived(&dir, "conversations.jsonl");
     let (task, group, tags) = (dir.join("task"), dir.join("group"), dir.join("tags"));
-    ok(semtel(&[
-        "index",
-        "build",
-        "--exemplars",
-        ex.to_str().unwrap(),
-        "--out",
-        task.to_str().unwrap(),
-        "--model",
-        md,
-    ]));
-    ok(semtel(&[
-        "index",
-        "build",
-        "--exemplars",
-        ex.to_str().unwrap(),
-        "--out",
-        group.to_str().unwrap(),
-        "--label-col",
-        "group",
-        "--model",
-        md,
-    ]));
-    ok(semtel(&[
-        "index",
-        "build",
-        "--exemplars",
-        ex.to_str().unwrap(),
-        "--out",
-        tags.to_str().unwrap(),
-        "--label-col",
-        "tags",
-        "--multi-label",
-        "--model",
-        md,
-    ]));
+    let build = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "index",
+            "build",
+            "--exemplars",
+            ex.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--model",
+            md,
+        ];
+        args.extend_from_slice(extra);
+        ok(semtel(&args))
+    };
+    build(&task, &[]);
+    build(&group, &["--label-col", "group"]);
+    build(&tags, &["--label-col", "tags", "--multi-label"]);
     let out = dir.join("out.jsonl");
     ok(semtel(&[
         "classify",

@@ -6,7 +6,7 @@
 //! `f32::MIN` cast to f16 (= -inf); this engine builds the embeddings and a finite mask itself
 //! and runs candle's `BertEncoder` on them, so half precision works on the GPU.
 
-use super::{normalize_rows, Device, Embedder};
+use super::{normalize_rows, BatchOptions, Device, Embedder};
 use crate::model::{ModelFiles, Pooling};
 use crate::{Error, Result};
 use candle_core::{DType, Module, Tensor};
@@ -125,8 +125,29 @@ impl Embedder for CandleBert {
         self.dim
     }
 
+    fn pads(&self) -> bool {
+        true
+    }
+
+    fn on_gpu(&self) -> bool {
+        self.device.is_cuda()
+    }
+
+    fn batch_options(&self) -> BatchOptions {
+        if self.on_gpu() {
+            // A GPU needs far larger batches than a CPU core to be busy; 16k padded tokens
+            // (a few MB of activations per layer) measured best on an H100 (benches/NOTES.md).
+            BatchOptions {
+                max_batch_tokens: 16_384,
+                max_batch_rows: 512,
+            }
+        } else {
+            BatchOptions::default()
+        }
+    }
+
     fn describe(&self) -> String {
-        let on = if self.device.is_cuda() { "CUDA" } else { "CPU" };
+        let on = if self.on_gpu() { "CUDA" } else { "CPU" };
         let dt = if self.dtype == DType::F16 {
             "f16"
         } else {

@@ -31,6 +31,18 @@ pub trait Embedder: Send + Sync {
     fn embed(&self, ids: &[u32], cu_seqlens: &[usize]) -> Result<Vec<f32>>;
     /// A short description of the engine (for logs and benchmarks).
     fn describe(&self) -> String;
+    /// Whether batches are padded to their longest row (the cost `BatchOptions` bounds).
+    fn pads(&self) -> bool {
+        false
+    }
+    /// Whether the engine runs on a GPU.
+    fn on_gpu(&self) -> bool {
+        false
+    }
+    /// The batch sizes this engine wants (a GPU wants far larger ones than a CPU core).
+    fn batch_options(&self) -> BatchOptions {
+        BatchOptions::default()
+    }
 }
 
 /// How sequences are grouped into batches.
@@ -221,13 +233,7 @@ impl Encoder {
                 (None, _) => Box::new(CandleBert::load(&files, Device::Cpu, false)?),
             }
         };
-        let mut batch = BatchOptions::default();
-        if engine.describe().contains("on CUDA") {
-            // A GPU needs far larger batches than a CPU core to be busy; 16k padded tokens
-            // (a few MB of activations per layer) is still small for any CUDA card.
-            batch.max_batch_tokens = 16_384;
-            batch.max_batch_rows = 512;
-        }
+        let batch = engine.batch_options();
         Ok(Encoder {
             files,
             renderer,

@@ -345,12 +345,35 @@ pub fn import(
                 .first()
                 .map(|b| b.schema())
                 .ok_or_else(|| Error::output(labels, "empty output"))?;
+            // Checked once here, so the per-batch column accesses below cannot fail.
+            {
+                use arrow_schema::DataType::{Float64, Int64, Utf8};
+                for (name, ty) in [
+                    ("id", Utf8),
+                    ("decided_by", Utf8),
+                    ("label", Utf8),
+                    ("error", Utf8),
+                    ("llm_model", Utf8),
+                    ("llm_tokens_in", Int64),
+                    ("llm_tokens_out", Int64),
+                    ("llm_cost_usd", Float64),
+                ] {
+                    if schema.field_with_name(name).ok().map(|f| f.data_type()) != Some(&ty) {
+                        return Err(Error::output(
+                            labels,
+                            format!(
+                                "no {ty} column `{name}`: pass the output that `semtel classify` wrote for these rows"
+                            ),
+                        ));
+                    }
+                }
+            }
             let tmp = merged.with_extension("parquet.tmp");
             let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
             let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None)
                 .map_err(|e| Error::output(&tmp, e.to_string()))?;
             for b in batches {
-                let col = |n: &str| b.column_by_name(n).expect("semtel output column").clone();
+                let col = |n: &str| b.column_by_name(n).expect("checked above").clone();
                 let ids = col("id");
                 let ids = ids.as_string::<i32>();
                 let by_col = col("decided_by");

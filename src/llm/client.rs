@@ -223,6 +223,41 @@ pub fn rate_info(h: &reqwest::header::HeaderMap) -> RateInfo {
 }
 
 impl HttpClient {
+    /// Posts a JSON body with the endpoint's auth header within `timeout`: (status, rate-limit
+    /// headers, reply text). The one place a request leaves semtel.
+    async fn send(
+        &self,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> std::result::Result<(u16, RateInfo, String), CallError> {
+        let mut rb = self.http.post(&self.url).json(body);
+        if let Some(k) = &self.key {
+            rb = match self.cfg.kind {
+                EndpointKind::Openai => rb.bearer_auth(&k.0),
+                EndpointKind::Azure => rb.header("api-key", &k.0),
+            };
+        }
+        let fut = async {
+            let resp = rb.send().await.map_err(|e| {
+                if e.is_timeout() {
+                    CallError::Timeout
+                } else {
+                    CallError::Network(e.to_string())
+                }
+            })?;
+            let status = resp.status().as_u16();
+            let rate = rate_info(resp.headers());
+            let text = resp
+                .text()
+                .await
+                .map_err(|e| CallError::Network(e.to_string()))?;
+            Ok::<_, CallError>((status, rate, text))
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| CallError::Timeout)?
+    }
+
     /// Posts a ready-made chat request body (a Batch API line's `body`), returning the HTTP
     /// status and the parsed JSON reply. Used by `semtel llm run-batch`.
     pub async fn post_raw(
@@ -235,29 +270,7 @@ impl HttpClient {
                 o.remove("model");
             }
         }
-        let mut rb = self.http.post(&self.url).json(&body);
-        if let Some(k) = &self.key {
-            rb = match self.cfg.kind {
-                EndpointKind::Openai => rb.bearer_auth(&k.0),
-                EndpointKind::Azure => rb.header("api-key", &k.0),
-            };
-        }
-        let fut = async {
-            let resp = rb
-                .send()
-                .await
-                .map_err(|e| CallError::Network(e.to_string()))?;
-            let status = resp.status().as_u16();
-            let rate = rate_info(resp.headers());
-            let text = resp
-                .text()
-                .await
-                .map_err(|e| CallError::Network(e.to_string()))?;
-            Ok::<_, CallError>((status, rate, text))
-        };
-        let (status, rate, text) = tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| CallError::Timeout)??;
+        let (status, rate, text) = self.send(&body, timeout).await?;
         let v = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
         Ok((status, v, rate))
     }
@@ -279,33 +292,7 @@ impl LlmClient for HttpClient {
     ) -> BoxFuture<'a, std::result::Result<ChatResponse, CallError>> {
         Box::pin(async move {
             let start = Instant::now();
-            let mut rb = self.http.post(&self.url).json(&self.body(req));
-            if let Some(k) = &self.key {
-                rb = match self.cfg.kind {
-                    EndpointKind::Openai => rb.bearer_auth(&k.0),
-                    EndpointKind::Azure => rb.header("api-key", &k.0),
-                };
-            }
-            let fut = async {
-                let resp = rb.send().await.map_err(|e| {
-                    if e.is_timeout() {
-                        CallError::Timeout
-                    } else {
-                        CallError::Network(e.to_string())
-                    }
-                })?;
-                let status = resp.status().as_u16();
-                let rate = rate_info(resp.headers());
-                let text = resp
-                    .text()
-                    .await
-                    .map_err(|e| CallError::Network(e.to_string()))?;
-                Ok::<_, CallError>((status, rate, text))
-            };
-            let (status, rate, text) = match tokio::time::timeout(timeout, fut).await {
-                Err(_) => return Err(CallError::Timeout),
-                Ok(r) => r?,
-            };
+            let (status, rate, text) = self.send(&self.body(req), timeout).await?;
             let short = |t: &str| t.chars().take(300).collect::<String>();
             match status {
                 200..=299 => {}

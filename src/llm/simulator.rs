@@ -31,20 +31,22 @@ pub struct Faults {
     pub drop_item: f64,
 }
 
+/// Every fault kind the simulator can inject, by the name `Faults::spread` takes.
+pub const FAULT_KINDS: [&str; 6] = [
+    "5xx",
+    "hang",
+    "malformed",
+    "out_of_schema",
+    "truncated",
+    "drop",
+];
+
 impl Faults {
     /// `total` spread evenly over the named kinds (`5xx, hang, malformed, out_of_schema,
     /// truncated, drop`; `all` for every kind).
     pub fn spread(total: f64, kinds: &[String]) -> std::result::Result<Faults, String> {
-        let all = [
-            "5xx",
-            "hang",
-            "malformed",
-            "out_of_schema",
-            "truncated",
-            "drop",
-        ];
         let kinds: Vec<&str> = if kinds.iter().any(|k| k == "all") || kinds.is_empty() {
-            all.to_vec()
+            FAULT_KINDS.to_vec()
         } else {
             kinds.iter().map(String::as_str).collect()
         };
@@ -58,7 +60,12 @@ impl Faults {
                 "out_of_schema" => f.out_of_schema = p,
                 "truncated" => f.truncated = p,
                 "drop" => f.drop_item = p,
-                other => return Err(format!("unknown fault `{other}` (use {})", all.join(", "))),
+                other => {
+                    return Err(format!(
+                        "unknown fault `{other}` (use {})",
+                        FAULT_KINDS.join(", ")
+                    ))
+                }
             }
         }
         Ok(f)

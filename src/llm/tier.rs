@@ -823,6 +823,17 @@ impl Dispatcher {
         }
     }
 
+    /// Queues one item as a call of its own, now.
+    fn retry_alone(&mut self, it: Item) {
+        self.stats.retried_items += 1;
+        self.ready.push_back(Call {
+            items: vec![it],
+            attempts: 0,
+            not_before: Instant::now(),
+            avoid: None,
+        });
+    }
+
     /// Items of a call that failed too often go on alone (each a fresh chance) or fail.
     fn split_or_fail(&mut self, items: Vec<Item>, why: &str) {
         let single = items.len() == 1;
@@ -831,13 +842,7 @@ impl Dispatcher {
             if single || it.attempts >= self.sh.pb.cfg.max_item_attempts {
                 self.resolve(&it.hash.clone(), Resolution::Failed(why.to_string()));
             } else {
-                self.stats.retried_items += 1;
-                self.ready.push_back(Call {
-                    items: vec![it],
-                    attempts: 0,
-                    not_before: Instant::now(),
-                    avoid: None,
-                });
+                self.retry_alone(it);
             }
         }
     }
@@ -880,13 +885,7 @@ impl Dispatcher {
                     // None of the neighbours' labels fits: ask again with the whole schema.
                     it.p.full_schema = true;
                     it.attempts += 1;
-                    self.stats.retried_items += 1;
-                    self.ready.push_back(Call {
-                        items: vec![it],
-                        attempts: 0,
-                        not_before: Instant::now(),
-                        avoid: None,
-                    });
+                    self.retry_alone(it);
                 }
                 other => {
                     flawed = true;
@@ -905,13 +904,7 @@ impl Dispatcher {
                         );
                         self.resolve(&it.hash.clone(), Resolution::Failed(why));
                     } else {
-                        self.stats.retried_items += 1;
-                        self.ready.push_back(Call {
-                            items: vec![it],
-                            attempts: 0,
-                            not_before: Instant::now(),
-                            avoid: None,
-                        });
+                        self.retry_alone(it);
                     }
                 }
             }

@@ -2,6 +2,25 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The `semtel` binary with `args` and `-q`, run from the repository root.
+pub fn semtel_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.args(args).arg("-q").current_dir(repo());
+    c
+}
+
+/// Asserts that a run succeeded; returns its stdout followed by its stderr.
+pub fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "semtel failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
 
 pub fn model_dir() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");

@@ -60,6 +60,39 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
+/// BERT's sub-layer tail: `x ← LayerNorm(a·W + b + x)` for `t` rows (W packed in `w`), with
+/// the bf16 copy of the result in `xb` for the next product. `tmp` is scratch of `x`'s size.
+///
+/// # Safety
+/// Needs the CPU features `kernels::gemm` needs (checked once when the engine loads).
+#[allow(clippy::too_many_arguments)]
+unsafe fn residual_norm(
+    a: &[u16],
+    lda: usize,
+    t: usize,
+    w: &PackedB,
+    ln: &(Vec<f32>, Vec<f32>),
+    eps: f32,
+    x: &mut Vec<f32>,
+    tmp: &mut Vec<f32>,
+    xb: &mut [u16],
+) {
+    let h = w.n;
+    kernels::gemm(
+        a,
+        lda,
+        t,
+        w,
+        &mut Epilogue::F32 {
+            out: &mut tmp[..t * h],
+            ld: h,
+            residual: Some(&x[..t * h]),
+        },
+    );
+    kernels::layernorm_rows(&mut tmp[..t * h], xb, h, &ln.0, &ln.1, eps);
+    std::mem::swap(x, tmp);
+}
+
 fn resize<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
     if v.len() < n {
         v.resize(n, T::default());
@@ -259,26 +292,17 @@ impl FastBert {
                         );
                     }
                 }
-                kernels::gemm(
+                residual_norm(
                     &s.attn[..t * h],
                     h,
                     t,
                     &l.out,
-                    &mut Epilogue::F32 {
-                        out: &mut s.tmp[..t * h],
-                        ld: h,
-                        residual: Some(&s.x[..t * h]),
-                    },
-                );
-                kernels::layernorm_rows(
-                    &mut s.tmp[..t * h],
-                    &mut s.xb[..t * h],
-                    h,
-                    &l.ln1.0,
-                    &l.ln1.1,
+                    &l.ln1,
                     self.eps,
+                    &mut s.x,
+                    &mut s.tmp,
+                    &mut s.xb[..t * h],
                 );
-                std::mem::swap(&mut s.x, &mut s.tmp);
                 kernels::gemm(
                     &s.xb[..t * h],
                     h,
@@ -290,26 +314,17 @@ impl FastBert {
                         gelu: true,
                     },
                 );
-                kernels::gemm(
+                residual_norm(
                     &s.h[..t * self.inter],
                     self.inter,
                     t,
                     &l.ffn2,
-                    &mut Epilogue::F32 {
-                        out: &mut s.tmp[..t * h],
-                        ld: h,
-                        residual: Some(&s.x[..t * h]),
-                    },
-                );
-                kernels::layernorm_rows(
-                    &mut s.tmp[..t * h],
-                    &mut s.xb[..t * h],
-                    h,
-                    &l.ln2.0,
-                    &l.ln2.1,
+                    &l.ln2,
                     self.eps,
+                    &mut s.x,
+                    &mut s.tmp,
+                    &mut s.xb[..t * h],
                 );
-                std::mem::swap(&mut s.x, &mut s.tmp);
             }
         }
         let mut pooled = vec![0f32; n * h];
