@@ -686,3 +686,75 @@ fn batch_api_export_run_import() {
         assert_eq!(label.as_deref(), Some(gold[id.as_str()]));
     }
 }
+
+/// `--grow` writes the LLM's labels into the index (flagged with model and prompt version, no
+/// row twice), and a later run finds them as neighbours: kNN keeps more rows than before.
+#[test]
+fn grow_adds_llm_labels_to_the_index() {
+    let (truth, rows) = sample_truth();
+    let dir = tmpdir("llm-grow");
+    let idx = index(&dir);
+    let h = sim(SimConfig {
+        truth,
+        ..Default::default()
+    });
+    let cfg = write_config(
+        &dir,
+        "g.toml",
+        &format!("cache = \"off\"\n{}", endpoint(&h.url(), "")),
+    );
+    let input = repo().join("data/conversations.jsonl");
+    let kept_by_knn = |out: &str| -> u64 {
+        let o = Command::new(bin())
+            .args(["classify", "--index"])
+            .arg(&idx)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(dir.join(out))
+            .args(["--json", "-q", "--model"])
+            .arg(model_dir())
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        summary(&o)["knn"].as_u64().unwrap()
+    };
+    let before = kept_by_knn("before.jsonl");
+    let base = semtel::index::ExemplarIndex::open(&idx, true)
+        .unwrap()
+        .len();
+
+    let s = summary(&classify(
+        &idx,
+        &input,
+        &dir.join("grow.jsonl"),
+        &cfg,
+        &["--grow"],
+    ));
+    assert_eq!(s["llm"]["rows_labelled"], rows.len() as u64, "{s}");
+    let grown = semtel::index::ExemplarIndex::open(&idx, true).unwrap();
+    let learned: Vec<_> = grown
+        .exemplars()
+        .iter()
+        .filter(|e| e.source == "llm")
+        .collect();
+    assert_eq!(grown.len(), base + rows.len());
+    assert_eq!(learned.len(), rows.len());
+    let ids: HashSet<&str> = learned.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), rows.len(), "a row was added twice");
+    let gold: std::collections::HashMap<&str, &str> = rows
+        .iter()
+        .map(|(id, _, l)| (id.as_str(), l.as_str()))
+        .collect();
+    for e in &learned {
+        assert_eq!(e.llm_model.as_deref(), Some("sim-1"));
+        assert!(e.prompt_version.is_some());
+        assert_eq!(Some(&e.label.as_str()), gold.get(e.id.as_str()), "{e:?}");
+    }
+
+    let after = kept_by_knn("after.jsonl");
+    assert!(
+        after > before,
+        "the grown index should keep more rows: {before} → {after}"
+    );
+}

@@ -1,6 +1,6 @@
 //! The candle BERT engine: candle-transformers' BERT encoder layers, padded per batch.
 //! It is the portable engine (any CPU, f32) and the CUDA engine (`--features cuda`, f16 by
-//! default there, f32 with `--gpu-dtype f32`).
+//! default there, f32 with `--gpu-f32`).
 //! It must stay numerically faithful to the reference (cosine ≥ 0.999): the CPU path is f32
 //! only. candle's `BertModel` gives NaN in f16 because its attention mask multiplies 0 by
 //! `f32::MIN` cast to f16 (= -inf); this engine builds the embeddings and a finite mask itself
@@ -78,13 +78,13 @@ impl CandleBert {
                 cfg_path.display()
             ))
         })?;
-        // SAFETY: the weights file is memory-mapped read-only; semtel never writes to it and
-        // verified its digest just before.
         let dtype = if half && device.is_cuda() {
             DType::F16
         } else {
             DType::F32
         };
+        // SAFETY: the weights file is memory-mapped read-only; semtel never writes to it and
+        // verified its digest just before.
         let vb = unsafe {
             VarBuilder::from_mmaped_safetensors(
                 std::slice::from_ref(&files.weights),

@@ -443,7 +443,12 @@ async fn handle(
     let prompt_tokens = (prompt_chars / 4) as u64;
     let max_tokens = v["max_tokens"].as_u64().unwrap_or(256);
     let (rem_req, rem_tok) = match st.admit((prompt_tokens + max_tokens) as f64) {
-        Ok(r) => r,
+        Ok(r) => {
+            st.stats
+                .admitted_tokens
+                .fetch_add(prompt_tokens + max_tokens, Ordering::Relaxed);
+            r
+        }
         Err(wait) => {
             st.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             let secs = wait.as_secs_f64();
