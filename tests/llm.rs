@@ -105,6 +105,33 @@ fn classify(idx: &Path, input: &Path, out: &Path, cfg: &Path, extra: &[&str]) ->
         .unwrap()
 }
 
+/// (id, text, label) rows, folder, index, simulator handle, LLM config.
+type Setup = (
+    Vec<(String, String, String)>,
+    PathBuf,
+    PathBuf,
+    SimHandle,
+    PathBuf,
+);
+
+/// The sample's truth, an index of the sample exemplars in a fresh folder, a simulator that
+/// answers from the truth (keep the handle alive) and a config for it without a cache.
+fn uncached_setup(name: &str) -> Setup {
+    let (truth, rows) = sample_truth();
+    let dir = tmpdir(name);
+    let idx = index(&dir);
+    let h = sim(SimConfig {
+        truth,
+        ..Default::default()
+    });
+    let cfg = write_config(
+        &dir,
+        "llm.toml",
+        &format!("cache = \"off\"\n{}", endpoint(&h.url(), "")),
+    );
+    (rows, dir, idx, h, cfg)
+}
+
 fn rows_of(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out)
         .unwrap()
@@ -583,18 +610,7 @@ fn rows_of_lenient(out: &Path) -> usize {
 
 #[test]
 fn batch_api_export_run_import() {
-    let (truth, rows) = sample_truth();
-    let dir = tmpdir("llm-batch");
-    let idx = index(&dir);
-    let h = sim(SimConfig {
-        truth,
-        ..Default::default()
-    });
-    let cfg = write_config(
-        &dir,
-        "b.toml",
-        &format!("cache = \"off\"\n{}", endpoint(&h.url(), "")),
-    );
+    let (rows, dir, idx, _h, cfg) = uncached_setup("llm-batch");
     // kNN only, everything escalated.
     let labels = dir.join("labels.parquet");
     let o = Command::new(bin())
@@ -691,18 +707,7 @@ fn batch_api_export_run_import() {
 /// row twice), and a later run finds them as neighbours: kNN keeps more rows than before.
 #[test]
 fn grow_adds_llm_labels_to_the_index() {
-    let (truth, rows) = sample_truth();
-    let dir = tmpdir("llm-grow");
-    let idx = index(&dir);
-    let h = sim(SimConfig {
-        truth,
-        ..Default::default()
-    });
-    let cfg = write_config(
-        &dir,
-        "g.toml",
-        &format!("cache = \"off\"\n{}", endpoint(&h.url(), "")),
-    );
+    let (rows, dir, idx, _h, cfg) = uncached_setup("llm-grow");
     let input = repo().join("data/conversations.jsonl");
     let kept_by_knn = |out: &str| -> u64 {
         let o = Command::new(bin())
