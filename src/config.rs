@@ -15,6 +15,8 @@ pub struct Config {
     pub threads: Option<usize>,
     pub include_system_turns: Option<bool>,
     pub columns: Option<Columns>,
+    /// `--max-line-bytes`.
+    pub max_line_bytes: Option<usize>,
     pub classify: ClassifySection,
     /// Path of the LLM tier's configuration (see `semtel llm --help`).
     pub llm: Option<String>,

@@ -117,6 +117,10 @@ pub struct Manifest {
     pub labels: Vec<String>,
     pub build: BuildInfo,
     pub decision: DecisionConfig,
+    /// sha256 of each data file (name → hex digest), verified when the index is opened: a
+    /// damaged file is refused instead of silently changing labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, String>,
 }
 
 /// Where an exemplar's label came from.
@@ -188,6 +192,7 @@ impl ExemplarIndex {
                 labels: Vec::new(),
                 build,
                 decision: DecisionConfig::default(),
+                checksums: BTreeMap::new(),
             },
             index,
             exemplars: Vec::new(),
@@ -199,6 +204,7 @@ impl ExemplarIndex {
     /// Opens an index. `view` memory-maps the vectors read-only (shared between processes);
     /// otherwise they are loaded so that exemplars can be added.
     pub fn open(dir: &Path, view: bool) -> Result<Self> {
+        recover_save(dir)?;
         let mpath = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&mpath).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -225,6 +231,13 @@ impl ExemplarIndex {
                 ),
             ));
         }
+        if manifest.decision.k == 0 {
+            return Err(Error::index(
+                dir,
+                "manifest.json has decision.k = 0; set it to the number of neighbours to vote (10 is the default) or rebuild the index",
+            ));
+        }
+        verify_checksums(dir, &manifest)?;
         let vpath = dir.join(VECTORS);
         let vpath_s = vpath.to_string_lossy().to_string();
         let index = if view {
@@ -408,6 +421,15 @@ impl ExemplarIndex {
                     self.index.search(q, k)
                 }
                 .map_err(|e| Error::index(&self.dir, format!("search: {e}")))?;
+                let n = self.len() as u64;
+                if let Some(&bad) = m.keys.iter().find(|&&key| key >= n) {
+                    // Only a damaged vectors file (or a bug) can produce this; never index past
+                    // the exemplars with it.
+                    return Err(Error::index(
+                        &self.dir,
+                        format!("search returned key {bad} but the index holds {n} exemplars: {VECTORS} is damaged; rebuild the index"),
+                    ));
+                }
                 Ok(m.keys
                     .iter()
                     .zip(&m.distances)
@@ -428,26 +450,163 @@ impl ExemplarIndex {
         Ok(out)
     }
 
-    /// Writes every file of the index atomically, the manifest last.
-    pub fn save(&self) -> Result<()> {
+    /// Writes every file of the index as one atomic step: all files are written to `.tmp`
+    /// names and synced, then a `SAVING` journal marker is written, then the files are renamed
+    /// into place (the manifest last) and the marker removed. A crash before the marker leaves
+    /// the old index; after it, the next open finishes the renames ([`recover_save`]).
+    pub fn save(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let _lock = crate::output::PathLock::acquire(&self.dir)?;
         let vtmp = self.dir.join(format!("{VECTORS}.tmp"));
         self.index
             .save(&vtmp.to_string_lossy())
             .map_err(|e| Error::index(&self.dir, format!("saving vectors: {e}")))?;
-        commit(&vtmp, &self.dir.join(VECTORS))?;
         let etmp = self.dir.join(format!("{EXEMPLARS}.tmp"));
         write_exemplars(&etmp, &self.exemplars)?;
-        commit(&etmp, &self.dir.join(EXEMPLARS))?;
-        self.save_manifest()
+        for (name, tmp) in [(VECTORS, &vtmp), (EXEMPLARS, &etmp)] {
+            sync_file(tmp)?;
+            self.manifest
+                .checksums
+                .insert(name.to_string(), sha256_file(tmp)?);
+        }
+        self.refresh_head_checksums()?;
+        let mtmp = self.write_manifest_tmp()?;
+        let marker = self.dir.join(SAVE_MARKER);
+        std::fs::File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&marker, e))?;
+        sync_path(&self.dir);
+        for (tmp, name) in [(&vtmp, VECTORS), (&etmp, EXEMPLARS), (&mtmp, MANIFEST)] {
+            std::fs::rename(tmp, self.dir.join(name)).map_err(|e| Error::io(tmp, e))?;
+            crate::failpoint::hit("index-save");
+        }
+        sync_path(&self.dir);
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+        Ok(())
     }
 
-    /// Rewrites only the manifest (decision settings changed, say).
-    pub fn save_manifest(&self) -> Result<()> {
-        let mtmp = self.dir.join(format!("{MANIFEST}.tmp"));
-        let json = serde_json::to_string_pretty(&self.manifest).expect("manifest serialises");
-        std::fs::write(&mtmp, json).map_err(|e| Error::io(&mtmp, e))?;
+    /// Rewrites only the manifest (decision settings changed, a head trained, say).
+    pub fn save_manifest(&mut self) -> Result<()> {
+        self.refresh_head_checksums()?;
+        let mtmp = self.write_manifest_tmp()?;
         commit(&mtmp, &self.dir.join(MANIFEST))
+    }
+
+    /// The learned head's files are written by `semtel calibrate` next to the index; their
+    /// digests join the manifest whenever it is written.
+    fn refresh_head_checksums(&mut self) -> Result<()> {
+        for name in [crate::head::HEAD_FILE, crate::head::HEAD_META] {
+            let p = self.dir.join(name);
+            if p.is_file() {
+                self.manifest
+                    .checksums
+                    .insert(name.to_string(), sha256_file(&p)?);
+            } else {
+                self.manifest.checksums.remove(name);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_manifest_tmp(&self) -> Result<PathBuf> {
+        let mtmp = self.dir.join(format!("{MANIFEST}.tmp"));
+        let json = serde_json::to_string_pretty(&self.manifest)
+            .map_err(|e| Error::index(&self.dir, format!("manifest: {e}")))?;
+        std::fs::write(&mtmp, json).map_err(|e| Error::io(&mtmp, e))?;
+        sync_file(&mtmp)?;
+        Ok(mtmp)
+    }
+}
+
+/// Journal marker of an index save in progress (see [`ExemplarIndex::save`]).
+pub const SAVE_MARKER: &str = "SAVING";
+
+/// Finishes an index save that a crash interrupted after its journal marker was written.
+fn recover_save(dir: &Path) -> Result<()> {
+    let marker = dir.join(SAVE_MARKER);
+    if !marker.exists() {
+        return Ok(());
+    }
+    for name in [VECTORS, EXEMPLARS, MANIFEST] {
+        let tmp = dir.join(format!("{name}.tmp"));
+        match std::fs::rename(&tmp, dir.join(name)) {
+            Ok(()) => {}
+            // Renamed before the crash (or by a concurrent opener): nothing to do.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&tmp, e)),
+        }
+    }
+    sync_path(dir);
+    match std::fs::remove_file(&marker) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(&marker, e)),
+    }
+}
+
+/// Streams every file the manifest has a digest for through sha256 and refuses the index on a
+/// mismatch. Indexes written before digests existed open with a warning.
+fn verify_checksums(dir: &Path, manifest: &Manifest) -> Result<()> {
+    if manifest.checksums.is_empty() {
+        tracing::warn!(
+            "index {} has no checksums (built by an older semtel): damage cannot be detected; rebuild it to add them",
+            dir.display()
+        );
+        return Ok(());
+    }
+    for (name, want) in &manifest.checksums {
+        let p = dir.join(name);
+        let got = sha256_file(&p).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Error::index(dir, format!("{name} is missing; rebuild the index"))
+            }
+            other => other,
+        })?;
+        if &got != want {
+            let advice = if name.starts_with("head") {
+                "rerun `semtel calibrate` to retrain the head"
+            } else {
+                "rebuild the index (`semtel index build --overwrite`)"
+            };
+            return Err(Error::index(
+                dir,
+                format!(
+                    "{name} is damaged (sha256 {}… but the manifest recorded {}…); {advice}",
+                    &got[..12],
+                    &want[..want.len().min(12)]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Hex sha256 of a file, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn sync_path(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 

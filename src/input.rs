@@ -255,6 +255,9 @@ pub struct JsonlReader {
     total: Option<u64>,
     saw_content_column: bool,
     buf: Vec<u8>,
+    /// Set once the file cannot be read further (a truncated gzip stream, an I/O error): the
+    /// rows before it were returned, the failure became an error row, and reading stops.
+    ended: bool,
 }
 
 impl JsonlReader {
@@ -280,6 +283,7 @@ impl JsonlReader {
             total,
             saw_content_column: false,
             buf: Vec::new(),
+            ended: false,
         })
     }
 
@@ -356,10 +360,37 @@ impl RowReader for JsonlReader {
     fn next_batch(&mut self) -> Result<Option<Vec<Row>>> {
         let mut rows = Vec::with_capacity(self.opts.batch_rows);
         let cols = self.opts.columns.clone();
-        while rows.len() < self.opts.batch_rows {
-            let ok = match self.read_line()? {
-                None => break,
-                Some(ok) => ok,
+        while rows.len() < self.opts.batch_rows && !self.ended {
+            let ok = match self.read_line() {
+                Ok(None) => break,
+                Ok(Some(ok)) => ok,
+                Err(e) => {
+                    // Keep every row read so far; the unreadable rest becomes one error row.
+                    self.ended = true;
+                    let index = self.line;
+                    self.line += 1;
+                    let gz = self.path.extension().is_some_and(|x| x == "gz");
+                    let advice = if gz {
+                        "the gzip stream is truncated or damaged"
+                    } else {
+                        "the file could not be read further"
+                    };
+                    rows.push(error_row(
+                        index,
+                        &self.stem,
+                        &cols,
+                        format!(
+                            "{} line {}: {advice} ({}); the {index} lines before it were read; re-fetch or repair the file, then rerun with --resume to classify the rest",
+                            self.path.display(),
+                            index + 1,
+                            match &e {
+                                Error::Io { source, .. } => source.to_string(),
+                                other => other.to_string(),
+                            }
+                        ),
+                    ));
+                    break;
+                }
             };
             let index = self.line;
             self.line += 1;
@@ -377,7 +408,10 @@ impl RowReader for JsonlReader {
                 ));
                 continue;
             }
+            // A UTF-8 byte-order mark (Windows editors write one at the start of a file, and
+            // concatenated files carry them mid-stream) is not part of the JSON.
             let bytes = trim_ascii(&self.buf);
+            let bytes = trim_ascii(bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes));
             if bytes.is_empty() {
                 continue; // blank lines are not rows
             }
@@ -413,26 +447,34 @@ impl RowReader for JsonlReader {
                 }
             }
             let mut row = row_from_object(&obj, index, &self.stem, &cols);
-            match &mut row.content {
-                Ok(_) => self.saw_content_column = true,
-                Err(e) => *e = format!("{where_}: {e}"),
+            if let Err(e) = &mut row.content {
+                *e = format!("{where_}: {e}");
             }
             rows.push(row);
         }
-        if !self.saw_content_column && !rows.is_empty() && rows.iter().all(|r| r.content.is_err()) {
-            // Every row of the first batch failed: almost always a wrong column name or a file
-            // that is not conversations at all. Stop instead of writing thousands of errors.
-            let first = rows[0].content.as_ref().err().cloned().unwrap_or_default();
-            return Err(Error::input(
-                &self.path,
-                format!(
-                    "no readable conversation in the first {} rows (first problem: {first})",
-                    rows.len()
-                ),
-            ));
-        }
+        first_batch_check(&self.path, &mut self.saw_content_column, &rows)?;
         Ok(if rows.is_empty() { None } else { Some(rows) })
     }
+}
+
+/// Every row of the first batch failed: almost always a wrong column name or a file that is
+/// not conversations at all. Stop instead of writing thousands of errors (JSONL and Parquet
+/// alike). Once a readable row was seen, bad rows are per-row errors.
+fn first_batch_check(path: &Path, saw_content: &mut bool, rows: &[Row]) -> Result<()> {
+    if rows.iter().any(|r| r.content.is_ok()) {
+        *saw_content = true;
+    }
+    if !*saw_content && !rows.is_empty() {
+        let first = rows[0].content.as_ref().err().cloned().unwrap_or_default();
+        return Err(Error::input(
+            path,
+            format!(
+                "no readable conversation in the first {} rows (first problem: {first})",
+                rows.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
@@ -567,7 +609,7 @@ impl BatchColumns {
         let get = |name: &Option<String>| -> Option<ArrayRef> {
             name.as_ref().and_then(|n| batch.column_by_name(n).cloned())
         };
-        let text = get(&self.text).map(as_utf8);
+        let text = get(&self.text);
         let turns = get(&self.turns);
         let ids = get(&self.id).map(as_utf8);
         let labels = get(&self.label).map(as_utf8);
@@ -595,6 +637,12 @@ impl BatchColumns {
                 .map(|a| turns_at(a, i));
             let content = match (from_turns, &text) {
                 (Some(t), _) => t.map(Content::Turns),
+                // As in JSONL, a number or a list is not a conversation: no silent stringify.
+                (None, Some(a)) if !is_text_type(a.data_type()) => Err(format!(
+                    "`{}` is not text (column type {}); name the text column with --text-col",
+                    cols.text,
+                    a.data_type()
+                )),
                 (None, Some(a)) => match utf8_at(a, i) {
                     Some(s) => Ok(Content::Text(s)),
                     None if a.data_type() == &DataType::Binary
@@ -637,6 +685,7 @@ pub struct ParquetReader {
     reader: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
     bc: BatchColumns,
     base_index: u64,
+    saw_content: bool,
 }
 
 impl ParquetReader {
@@ -662,6 +711,7 @@ impl ParquetReader {
             reader: None,
             bc,
             base_index: 0,
+            saw_content: false,
         })
     }
 
@@ -771,6 +821,7 @@ impl RowReader for ParquetReader {
                     self.offset_in_group += batch.num_rows();
                     let rows = self.convert(&batch, first_index);
                     if !rows.is_empty() {
+                        first_batch_check(&self.path, &mut self.saw_content, &rows)?;
                         return Ok(Some(rows));
                     }
                 }
@@ -786,6 +837,18 @@ impl RowReader for ParquetReader {
             }
         }
     }
+}
+
+fn is_text_type(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::Null
+    )
 }
 
 fn as_utf8(a: ArrayRef) -> ArrayRef {
@@ -860,6 +923,12 @@ fn turns_at(a: &ArrayRef, i: usize) -> std::result::Result<Vec<Turn>, String> {
     let roles = field(&["role", "from", "speaker"]).ok_or("turn structs have no `role` field")?;
     let contents =
         field(&["content", "value", "text"]).ok_or("turn structs have no `content` field")?;
+    if !is_text_type(contents.data_type()) {
+        return Err(format!(
+            "turn `content` is not text (type {})",
+            contents.data_type()
+        ));
+    }
     let roles = as_utf8(roles);
     let contents = as_utf8(contents);
     let mut out = Vec::with_capacity(s.len());

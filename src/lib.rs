@@ -14,6 +14,7 @@ pub mod decide;
 pub mod embed;
 pub mod error;
 pub mod eval;
+pub mod failpoint;
 pub mod grow;
 pub mod head;
 pub mod index;

@@ -79,6 +79,10 @@ struct ColumnArgs {
     /// Keep only rows of this split.
     #[arg(long)]
     split: Option<String>,
+    /// Longest JSONL line read (bytes); a longer line becomes an error row without being held
+    /// in memory. Default 64 MiB.
+    #[arg(long)]
+    max_line_bytes: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -525,10 +529,16 @@ impl Ctx {
         if let Some(v) = &a.split_col {
             c.split = v.clone();
         }
+        let defaults = InputOptions::default();
         InputOptions {
             columns: c,
             split: a.split.clone(),
-            ..Default::default()
+            max_line_bytes: a
+                .max_line_bytes
+                .or(self.cfg.max_line_bytes)
+                .unwrap_or(defaults.max_line_bytes)
+                .max(1),
+            ..defaults
         }
     }
 
@@ -548,7 +558,12 @@ fn main() {
         .init();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let code = if e.downcast_ref::<RunHadErrors>().is_some() {
+            3
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
 }
 
@@ -928,8 +943,34 @@ fn classify(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
     if summary.errors > 0 {
         eprintln!("rows with decided_by=error carry the reason in their `error` column");
     }
+    if summary.duplicate_ids > 0 {
+        eprintln!(
+            "warning: {} rows repeat an id of an earlier row; each was classified and written as its own row (check --id-col if ids should be unique)",
+            summary.duplicate_ids
+        );
+    }
+    if summary.internal_errors > 0 {
+        return Err(RunHadErrors(format!(
+            "{} rows hit an internal error (a semtel bug) and were written as error rows; every other row was classified",
+            summary.internal_errors
+        ))
+        .into());
+    }
     Ok(())
 }
+
+/// A run that finished and wrote every row, but some rows hit internal failures: exit code 3,
+/// so scripts can tell it from a run that stopped (exit 1).
+#[derive(Debug)]
+struct RunHadErrors(String);
+
+impl std::fmt::Display for RunHadErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RunHadErrors {}
 
 fn make_tier(ctx: &Ctx, classifier: &Classifier, path: &Path) -> Result<semtel::llm::LlmTier> {
     let cfg = semtel::llm::LlmConfig::load(path)?;

@@ -7,7 +7,19 @@
 //! * Parquet dataset (a path without extension): the closed parts *are* the output.
 //!
 //! Resume reads the ids already written (complete file, closed parts) and the pipeline skips
-//! them. This module must never decide labels; it only stores what it is given.
+//! them. Ids need not be unique: [`Done`] counts the rows written per id, and a resumed run skips
+//! that many occurrences of the id, so an uninterrupted and a killed-and-resumed run write the
+//! same number of rows for every id.
+//!
+//! One process at a time: an output is locked (an advisory lock on a hidden sibling file,
+//! released by the OS when the process dies) for as long as its writer lives.
+//!
+//! Assembling a Parquet file is rolled forward after a crash: the merged file is written to
+//! `<file>.tmp` and synced, then a `MERGED` marker is written into the parts folder, then the
+//! file is renamed into place and the parts folder removed. A run that finds the marker finishes
+//! that sequence instead of reading the parts again.
+//!
+//! This module must never decide labels; it only stores what it is given.
 
 use crate::index::commit;
 use crate::{Error, Result};
@@ -23,7 +35,7 @@ use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde_json::{json, Map, Value};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -435,6 +447,131 @@ pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
     Value::Object(m)
 }
 
+/// Rows an earlier run already wrote, counted per id (ids may repeat in the input).
+#[derive(Debug, Default, Clone)]
+pub struct Done {
+    counts: HashMap<String, u32>,
+    rows: u64,
+}
+
+impl Done {
+    pub fn add(&mut self, id: &str) {
+        *self.counts.entry(id.to_string()).or_insert(0) += 1;
+        self.rows += 1;
+    }
+    /// Rows already written.
+    pub fn len(&self) -> u64 {
+        self.rows
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+    /// Whether an input row with `id` was already written; consumes one written occurrence.
+    pub fn take(&mut self, id: &str) -> bool {
+        match self.counts.get_mut(id) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                if *n == 0 {
+                    self.counts.remove(id);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+    pub fn contains(&self, id: &str) -> bool {
+        self.counts.contains_key(id)
+    }
+}
+
+/// Marker written into a Parquet file output's parts folder once the merged file is complete.
+const MERGED_MARKER: &str = "MERGED";
+
+/// An exclusive advisory lock held while an output (or an index) is being written. The OS drops
+/// it when the process dies, so a killed run never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct PathLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl PathLock {
+    /// Locks `target` through the hidden sibling `.<name>.lock`; fails at once (no waiting) when
+    /// another process holds it.
+    pub fn acquire(target: &Path) -> Result<PathLock> {
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "output".into());
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        let path = parent.join(format!(".{name}.lock"));
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = std::io::Read::read_to_string(&mut f, &mut holder);
+                let holder = holder.trim();
+                return Err(Error::Locked {
+                    path: target.to_path_buf(),
+                    holder: if holder.is_empty() {
+                        "unknown pid".into()
+                    } else {
+                        holder.to_string()
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        // Who holds it, for the message another process prints; best effort.
+        let _ = f.set_len(0);
+        let _ = f.write_all(format!("pid {}", std::process::id()).as_bytes());
+        let _ = f.flush();
+        Ok(PathLock { _file: f, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Finishes an interrupted Parquet file assembly (see the module docs), or throws away a
+/// half-written merged file when the marker was never written.
+fn recover_merge(path: &Path, parts: &Path) -> Result<()> {
+    let tmp = merge_tmp(path);
+    if parts.join(MERGED_MARKER).exists() {
+        if tmp.exists() {
+            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        }
+        std::fs::remove_dir_all(parts).map_err(|e| Error::io(parts, e))?;
+    } else if tmp.exists() {
+        std::fs::remove_file(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    Ok(())
+}
+
+fn merge_tmp(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
 fn parts_dir(path: &Path, fmt: OutFormat) -> PathBuf {
     match fmt {
         OutFormat::ParquetDir => path.to_path_buf(),
@@ -466,7 +603,7 @@ fn complete_parts(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(parts)
 }
 
-fn read_parquet_ids(path: &Path, into: &mut HashSet<String>) -> Result<()> {
+fn read_parquet_ids(path: &Path, into: &mut Done) -> Result<()> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| {
         Error::output(
@@ -483,7 +620,7 @@ fn read_parquet_ids(path: &Path, into: &mut HashSet<String>) -> Result<()> {
         let batch = batch.map_err(|e| Error::output(path, e.to_string()))?;
         let ids = batch.column(0).as_string::<i32>();
         for i in 0..ids.len() {
-            into.insert(ids.value(i).to_string());
+            into.add(ids.value(i));
         }
     }
     Ok(())
@@ -508,17 +645,20 @@ pub struct OutputWriter {
     spec: OutputSpec,
     sink: Sink,
     written: u64,
+    _lock: PathLock,
 }
 
 impl OutputWriter {
     /// Opens the output, honouring `existing`; returns the writer and the ids already written.
-    pub fn open(
-        path: &Path,
-        spec: OutputSpec,
-        existing: Existing,
-    ) -> Result<(Self, HashSet<String>)> {
+    pub fn open(path: &Path, spec: OutputSpec, existing: Existing) -> Result<(Self, Done)> {
         let fmt = OutFormat::of(path);
         let parts = parts_dir(path, fmt);
+        // Before looking at anything: a second process on the same output would interleave
+        // its rows with ours and destroy Parquet parts.
+        let lock = PathLock::acquire(path)?;
+        if fmt == OutFormat::ParquetFile {
+            recover_merge(path, &parts)?;
+        }
         let exists = match fmt {
             OutFormat::ParquetDir => !complete_parts(&parts)?.is_empty(),
             _ => path.exists() || parts.exists(),
@@ -545,7 +685,7 @@ impl OutputWriter {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        let mut done = HashSet::new();
+        let mut done = Done::default();
         let sink = match fmt {
             OutFormat::Jsonl => {
                 let f = if path.exists() {
@@ -598,6 +738,7 @@ impl OutputWriter {
                 spec,
                 sink,
                 written: 0,
+                _lock: lock,
             },
             done,
         ))
@@ -615,7 +756,8 @@ impl OutputWriter {
         match &mut self.sink {
             Sink::Jsonl(w) => {
                 for r in rows {
-                    let line = serde_json::to_string(&to_json(r, &self.spec)).expect("json");
+                    let line = serde_json::to_string(&to_json(r, &self.spec))
+                        .map_err(|e| Error::output(&path, e.to_string()))?;
                     w.write_all(line.as_bytes())
                         .and_then(|_| w.write_all(b"\n"))
                         .map_err(|e| Error::io(&path, e))?;
@@ -635,17 +777,18 @@ impl OutputWriter {
                         .set_compression(Compression::ZSTD(ZstdLevel::default()))
                         .build();
                     let w = ArrowWriter::try_new(f, schema(&self.spec), Some(props))
-                        .map_err(|e| Error::output(&tmp, e.to_string()))?;
+                        .map_err(|e| Error::write_failed(&tmp, e))?;
                     *current = Some((w, tmp, Instant::now()));
                 }
                 let batch = to_record_batch(rows, &self.spec)?;
-                let (w, tmp, _) = current.as_mut().unwrap();
+                let (w, tmp, _) = current.as_mut().expect("a part was opened above");
                 w.write(&batch)
-                    .map_err(|e| Error::output(tmp.as_path(), e.to_string()))?;
+                    .map_err(|e| Error::write_failed(tmp.as_path(), e))?;
                 *rows_in_part += rows.len();
             }
         }
         self.written += rows.len() as u64;
+        crate::failpoint::hit("batch-written");
         self.maybe_close_part()?;
         Ok(())
     }
@@ -681,11 +824,12 @@ impl OutputWriter {
                 dir,
             } => {
                 if let Some((w, tmp, _)) = current.take() {
-                    w.close().map_err(|e| Error::output(&tmp, e.to_string()))?;
+                    w.close().map_err(|e| Error::write_failed(&tmp, e))?;
                     let dest = dir.join(format!("part-{:06}.parquet", *next_part));
                     commit(&tmp, &dest)?;
                     *next_part += 1;
                     *rows_in_part = 0;
+                    crate::failpoint::hit("part-closed");
                 }
             }
         }
@@ -706,15 +850,13 @@ impl OutputWriter {
             inputs.push(self.path.clone());
         }
         inputs.extend(complete_parts(dir)?);
-        let mut tmp = self.path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
+        let tmp = merge_tmp(&self.path);
         let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .build();
         let mut w = ArrowWriter::try_new(f, schema(&self.spec), Some(props))
-            .map_err(|e| Error::output(&tmp, e.to_string()))?;
+            .map_err(|e| Error::write_failed(&tmp, e))?;
         for p in &inputs {
             let f = File::open(p).map_err(|e| Error::io(p, e))?;
             let r = ParquetRecordBatchReaderBuilder::try_new(f)
@@ -722,19 +864,37 @@ impl OutputWriter {
                 .map_err(|e| Error::output(p, e.to_string()))?;
             for b in r {
                 let b = b.map_err(|e| Error::output(p, e.to_string()))?;
-                w.write(&b)
-                    .map_err(|e| Error::output(&tmp, e.to_string()))?;
+                w.write(&b).map_err(|e| Error::write_failed(&tmp, e))?;
             }
         }
-        w.close().map_err(|e| Error::output(&tmp, e.to_string()))?;
-        commit(&tmp, &self.path)?;
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let f = w.into_inner().map_err(|e| Error::write_failed(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        // From here on the merged file is complete: the marker makes a crash roll forward
+        // (rename, remove the parts) instead of merging the parts a second time.
+        let marker = dir.join(MERGED_MARKER);
+        File::create(&marker)
+            .and_then(|m| m.sync_all())
+            .map_err(|e| Error::io(&marker, e))?;
+        sync_dir(dir);
+        crate::failpoint::hit("before-final-commit");
+        std::fs::rename(&tmp, &self.path).map_err(|e| Error::io(&self.path, e))?;
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent);
+        }
+        crate::failpoint::hit("final-commit");
+        std::fs::remove_dir_all(dir).map_err(|e| {
+            Error::output(
+                dir,
+                format!("{e}; the output is complete: remove this folder by hand, or rerun with --resume, which does it"),
+            )
+        })?;
         Ok(())
     }
 }
 
 /// Collects the ids of a JSONL output and cuts off a torn last line.
-fn resume_jsonl(path: &Path, done: &mut HashSet<String>) -> Result<File> {
+fn resume_jsonl(path: &Path, done: &mut Done) -> Result<File> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut r = BufReader::new(f);
     let mut good_end = 0u64;
@@ -755,7 +915,7 @@ fn resume_jsonl(path: &Path, done: &mut HashSet<String>) -> Result<File> {
         match serde_json::from_slice::<Value>(&line) {
             Ok(v) => {
                 if let Some(id) = v.get("id").and_then(Value::as_str) {
-                    done.insert(id.to_string());
+                    done.add(id);
                 }
                 good_end = pos;
             }

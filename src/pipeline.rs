@@ -8,12 +8,13 @@ use crate::decide::{vote_distribution, vote_labeled, Pick, Scores, Signal, Thres
 use crate::embed::{Encoder, EncoderOptions};
 use crate::index::ExemplarIndex;
 use crate::input::RowReader;
-use crate::output::{DecidedBy, NeighborOut, OutputRow, OutputWriter};
+use crate::output::{DecidedBy, Done, NeighborOut, OutputRow, OutputWriter};
 use crate::progress::Progress;
 use crate::render::Rendered;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
@@ -319,6 +320,45 @@ impl Classifier {
         self.decide(rows, vectors, &ids)
     }
 
+    /// [`classify`](Self::classify) as the last line of defence against bugs: a panic while
+    /// classifying the chunk is retried row by row, and each row that panics again becomes an
+    /// error row (the panic's message, and advice to report it) while the others are classified.
+    /// Returns the rows and how many of them panicked.
+    pub fn classify_guarded(&self, rows: Vec<Row>) -> Result<(Vec<Classified>, u64)> {
+        let backup = rows.clone();
+        match catch_unwind(AssertUnwindSafe(|| self.classify(rows))) {
+            Ok(r) => return r.map(|v| (v, 0)),
+            Err(p) => tracing::warn!(
+                "internal error in a chunk of {} rows ({}); isolating the row(s) that cause it",
+                backup.len(),
+                panic_message(&p)
+            ),
+        }
+        let mut out = Vec::with_capacity(backup.len());
+        let mut panics = 0;
+        for row in backup {
+            let (id, passthrough) = (row.id.clone(), row.passthrough.clone());
+            match catch_unwind(AssertUnwindSafe(|| self.classify(vec![row]))) {
+                Ok(r) => out.extend(r?),
+                Err(p) => {
+                    panics += 1;
+                    let msg = format!(
+                        "internal error while classifying this row ({}); the run went on without it; please report this as a semtel bug",
+                        panic_message(&p)
+                    );
+                    out.push(Classified {
+                        out: OutputRow::error(id, msg, passthrough),
+                        content: None,
+                        vector: None,
+                        scores: None,
+                        examples: Vec::new(),
+                    });
+                }
+            }
+        }
+        Ok((out, panics))
+    }
+
     /// Search and decide for rows whose vectors (and content token ids, for the head) are
     /// known.
     pub fn decide(
@@ -490,6 +530,17 @@ impl Classifier {
     }
 }
 
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
 /// Totals of a run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RunSummary {
@@ -500,6 +551,12 @@ pub struct RunSummary {
     pub escalated: u64,
     pub llm: u64,
     pub errors: u64,
+    /// Error rows caused by an internal failure (a bug) rather than by the input; the CLI exits
+    /// non-zero when there are any.
+    pub internal_errors: u64,
+    /// Input rows whose id an earlier row of the same input already had. Each is classified
+    /// and written as its own row (and resume counts occurrences), but ids are not unique.
+    pub duplicate_ids: u64,
     pub seconds: f64,
     pub rows_per_second: f64,
     /// Share of rows escalated by kNN in each input chunk, in input order (shows the effect of
@@ -527,19 +584,20 @@ pub struct NoEscalation;
 impl Escalation for NoEscalation {
     fn submit(&mut self, rows: Vec<Classified>, out: &SyncSender<Vec<OutputRow>>) -> Result<()> {
         out.send(rows.into_iter().map(|c| c.out).collect())
-            .map_err(|_| Error::Other("writer stopped".into()))
+            .map_err(|_| Error::WriterStopped)
     }
     fn finish(&mut self, _out: &SyncSender<Vec<OutputRow>>) -> Result<()> {
         Ok(())
     }
 }
 
-/// Streams `reader` through `classifier` into `writer`, skipping ids in `done`.
+/// Streams `reader` through `classifier` into `writer`, skipping rows already `done` (as many
+/// occurrences of each id as were written).
 pub fn run(
     classifier: &Classifier,
     mut reader: Box<dyn RowReader>,
     mut writer: OutputWriter,
-    done: HashSet<String>,
+    mut done: Done,
     escalation: &mut dyn Escalation,
     progress: &Progress,
 ) -> Result<RunSummary> {
@@ -549,19 +607,23 @@ pub fn run(
     let (out_tx, out_rx): (SyncSender<Vec<OutputRow>>, Receiver<Vec<OutputRow>>) = sync_channel(4);
     std::thread::scope(|s| -> Result<RunSummary> {
         // Reader: file → chunks of rows still to do.
-        let reader_h = s.spawn(move || -> Result<(u64, u64)> {
-            let (mut read, mut skipped) = (0u64, 0u64);
+        let reader_h = s.spawn(move || -> Result<(u64, u64, u64)> {
+            let (mut read, mut skipped, mut dups) = (0u64, 0u64, 0u64);
+            // 64-bit hashes of the ids seen, to count repeated ids in bounded memory.
+            let mut seen: HashSet<u64> = HashSet::new();
             while let Some(batch) = reader.next_batch()? {
                 read += batch.len() as u64;
                 progress.inc(batch.len() as u64);
                 let n = batch.len() as u64;
+                for r in &batch {
+                    if !seen.insert(id_hash(&r.id)) {
+                        dups += 1;
+                    }
+                }
                 let todo: Vec<Row> = if done.is_empty() {
                     batch
                 } else {
-                    batch
-                        .into_iter()
-                        .filter(|r| !done.contains(&r.id))
-                        .collect()
+                    batch.into_iter().filter(|r| !done.take(&r.id)).collect()
                 };
                 skipped += n - todo.len() as u64;
                 if todo.is_empty() {
@@ -571,7 +633,7 @@ pub fn run(
                     break; // compute stage stopped; its error is reported there
                 }
             }
-            Ok((read, skipped))
+            Ok((read, skipped, dups))
         });
         // Writer: rows → disk, checkpointing at least every few seconds.
         let writer_h = s.spawn(move || -> Result<(OutputWriter, [u64; 4])> {
@@ -602,9 +664,11 @@ pub fn run(
         });
         // Compute on this thread: render → embed → search → decide → escalate.
         let mut by_chunk = Vec::new();
+        let mut internal_errors = 0u64;
         let compute = (|| -> Result<()> {
             for rows in row_rx.iter() {
-                let classified = classifier.classify(rows)?;
+                let (classified, panics) = classifier.classify_guarded(rows)?;
+                internal_errors += panics;
                 let (esc, decided): (Vec<Classified>, Vec<Classified>) = classified
                     .into_iter()
                     .partition(|c| c.out.decided_by == DecidedBy::Escalate);
@@ -613,7 +677,7 @@ pub fn run(
                 if !decided.is_empty() {
                     out_tx
                         .send(decided.into_iter().map(|c| c.out).collect())
-                        .map_err(|_| Error::Other("writer stopped".into()))?;
+                        .map_err(|_| Error::WriterStopped)?;
                 }
                 if !esc.is_empty() {
                     escalation.submit(esc, &out_tx)?;
@@ -623,12 +687,31 @@ pub fn run(
         })();
         drop(row_rx);
         drop(out_tx);
-        let read_res = reader_h.join().expect("reader thread panicked");
-        let write_res = writer_h.join().expect("writer thread panicked");
-        // Report the first real failure: compute, then writer, then reader.
-        compute?;
+        let read_res = reader_h.join().unwrap_or_else(|p| {
+            Err(Error::Other(format!(
+                "internal error in the input reader ({}); rerun with --resume; please report this as a semtel bug",
+                panic_message(&p)
+            )))
+        });
+        let write_res = writer_h.join().unwrap_or_else(|p| {
+            Err(Error::Other(format!(
+                "internal error in the output writer ({}); rerun with --resume; please report this as a semtel bug",
+                panic_message(&p)
+            )))
+        });
+        // Report the first real failure: compute, then writer, then reader. When compute only
+        // saw the writer go away, the writer's own error (a full disk, say) is the real one.
+        match compute {
+            Err(Error::WriterStopped) => {
+                write_res?;
+                return Err(Error::WriterStopped);
+            }
+            other => other?,
+        }
         let (writer, counts) = write_res?;
-        let (read, skipped) = read_res?;
+        let (read, skipped, dups) = read_res?;
+        summary.duplicate_ids = dups;
+        summary.internal_errors = internal_errors;
         summary.rows_read = read;
         summary.rows_written = writer.rows_written();
         summary.rows_skipped_resume = skipped;
@@ -642,6 +725,13 @@ pub fn run(
         summary.rows_per_second = summary.rows_written as f64 / summary.seconds.max(1e-9);
         Ok(summary)
     })
+}
+
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 /// Arrow in, Arrow out: classification of record batches with a fixed input schema. This is
@@ -698,7 +788,7 @@ impl ArrowJob {
             .enumerate()
             .map(|(i, r)| (r.id.clone(), i))
             .collect();
-        let classified = c.classify(rows)?;
+        let (classified, _panics) = c.classify_guarded(rows)?;
         let mut out: Vec<OutputRow> = Vec::with_capacity(classified.len());
         match escalation {
             None => out.extend(classified.into_iter().map(|c| c.out)),

@@ -346,7 +346,12 @@ fn cut_back(s: &str, at: usize) -> usize {
     while !s.is_char_boundary(i) {
         i -= 1;
     }
-    let window = i.saturating_sub(64);
+    // The look-back window must itself start on a char boundary: 64 bytes back from a CJK,
+    // Arabic or emoji text usually lands inside a character.
+    let mut window = i.saturating_sub(64);
+    while !s.is_char_boundary(window) {
+        window += 1;
+    }
     match s[window..i].rfind(char::is_whitespace) {
         Some(p) => window + p,
         None => i,

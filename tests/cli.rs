@@ -1,5 +1,6 @@
 //! End-to-end runs of the `semtel` binary on the bundled sample: build, classify to JSONL and
-//! Parquet, resume after a torn write and after a kill, and every kind of bad input.
+//! Parquet, resume after a torn write, and every kind of bad input. (Kills at every crash
+//! point are tests/kill_points.rs.)
 
 mod common;
 use common::*;
@@ -314,105 +315,6 @@ fn resume_after_a_torn_jsonl_write() {
         &out,
         &ids_of_input(&repo().join("data/conversations.jsonl")),
     );
-}
-
-fn kill_and_resume(output_name: &str) {
-    let dir = tmpdir(&format!("kill-{output_name}"));
-    let idx = build_sample_index(&dir);
-    // A longer input: the bundled conversations repeated under fresh ids.
-    let input = dir.join("many.jsonl");
-    let base = std::fs::read_to_string(repo().join("data/conversations.jsonl")).unwrap();
-    let mut text = String::new();
-    let mut ids = Vec::new();
-    for rep in 0..60 {
-        for l in base.lines() {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let id = format!("{}-{rep}", v["id"].as_str().unwrap());
-            v["id"] = id.clone().into();
-            ids.push(id);
-            text.push_str(&v.to_string());
-            text.push('\n');
-        }
-    }
-    std::fs::write(&input, text).unwrap();
-    let out = dir.join(output_name);
-    let run = |extra: &[&str]| {
-        let mut c = Command::new(bin());
-        c.args([
-            "classify",
-            "--index",
-            idx.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--chunk-rows",
-            "64",
-            "--part-rows",
-            "128",
-            "-q",
-            "--model",
-        ])
-        .arg(model_dir())
-        .args(extra)
-        .current_dir(repo());
-        c
-    };
-    let mut child = run(&[])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill as soon as some rows are durable.
-    let parts = PathBuf::from(format!("{}.parts", out.display()));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let progressed = if output_name.ends_with(".jsonl") {
-            std::fs::metadata(&out)
-                .map(|m| m.len() > 20_000)
-                .unwrap_or(false)
-        } else {
-            std::fs::read_dir(&parts)
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .filter(|e| e.path().extension().is_some_and(|x| x == "parquet"))
-                        .count()
-                        >= 2
-                })
-                .unwrap_or(false)
-        };
-        if progressed || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    assert!(
-        !status.success(),
-        "the run finished before it could be killed; make the input longer"
-    );
-    let out2 = run(&["--resume"]).output().unwrap();
-    assert!(
-        out2.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out2.stderr)
-    );
-    assert_exactly_once(&out, &ids);
-    assert!(
-        !parts.exists(),
-        "parts must be merged away after a finished run"
-    );
-}
-
-#[test]
-fn kill_and_resume_jsonl() {
-    kill_and_resume("labels.jsonl");
-}
-
-#[test]
-fn kill_and_resume_parquet() {
-    kill_and_resume("labels.parquet");
 }
 
 #[test]

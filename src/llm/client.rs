@@ -88,24 +88,49 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-#[derive(Debug)]
 pub struct HttpClient {
     cfg: EndpointConfig,
     url: String,
     key: Option<Secret>,
     http: reqwest::Client,
+    /// Every credential this client knows (the key, credential values in the URL): scrubbed
+    /// from each error message it returns.
+    secrets: Vec<String>,
 }
 
-/// The request URL for an endpoint.
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("endpoint", &self.cfg.name)
+            .field("url", &super::redact::redact(&self.url, &self.secrets))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The request URL for an endpoint. A query string in the configured URL (some gateways take
+/// their key or routing there) stays a query string: the path is extended before it.
 pub fn chat_url(cfg: &EndpointConfig) -> String {
-    let base = cfg.url.trim_end_matches('/');
+    let (path, query) = match cfg.url.split_once('?') {
+        Some((p, q)) => (p, Some(q).filter(|q| !q.is_empty())),
+        None => (cfg.url.as_str(), None),
+    };
+    let base = path.trim_end_matches('/');
+    let with_query = |url: String, extra: Option<String>| -> String {
+        let parts: Vec<String> = query.map(str::to_string).into_iter().chain(extra).collect();
+        if parts.is_empty() {
+            url
+        } else {
+            format!("{url}?{}", parts.join("&"))
+        }
+    };
     match cfg.kind {
         EndpointKind::Openai => {
-            if base.ends_with("/chat/completions") {
+            let url = if base.ends_with("/chat/completions") {
                 base.to_string()
             } else {
                 format!("{base}/chat/completions")
-            }
+            };
+            with_query(url, None)
         }
         EndpointKind::Azure => {
             let dep = cfg.deployment.as_deref().unwrap_or("");
@@ -114,7 +139,17 @@ pub fn chat_url(cfg: &EndpointConfig) -> String {
             } else {
                 format!("{base}/openai/deployments/{dep}")
             };
-            format!("{base}/chat/completions?api-version={}", cfg.api_version)
+            let url = if base.ends_with("/chat/completions") {
+                base
+            } else {
+                format!("{base}/chat/completions")
+            };
+            let has_version =
+                query.is_some_and(|q| q.split('&').any(|kv| kv.starts_with("api-version=")));
+            with_query(
+                url,
+                (!has_version).then(|| format!("api-version={}", cfg.api_version)),
+            )
         }
     }
 }
@@ -139,16 +174,34 @@ impl HttpClient {
             .pool_max_idle_per_host(cfg.max_concurrency.max(4))
             .build()
             .map_err(|e| Error::Llm(format!("building the HTTP client: {e}")))?;
+        let url = chat_url(cfg);
+        let mut secrets = super::redact::url_secrets(&url);
+        if let Some(k) = &key {
+            secrets.push(k.0.clone());
+        }
         Ok(HttpClient {
-            url: chat_url(cfg),
+            url,
             cfg: cfg.clone(),
             key,
             http,
+            secrets,
         })
     }
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// `e` with this client's credentials (and anything that looks like one) masked.
+    fn scrub(&self, e: CallError) -> CallError {
+        let r = |m: String| super::redact::redact(&m, &self.secrets);
+        match e {
+            CallError::Server(s, m) => CallError::Server(s, r(m)),
+            CallError::Network(m) => CallError::Network(r(m)),
+            CallError::BadResponse(m) => CallError::BadResponse(r(m)),
+            CallError::Fatal(s, m) => CallError::Fatal(s, r(m)),
+            other => other,
+        }
     }
 
     fn body(&self, req: &ChatRequest) -> serde_json::Value {
@@ -256,6 +309,7 @@ impl HttpClient {
         tokio::time::timeout(timeout, fut)
             .await
             .map_err(|_| CallError::Timeout)?
+            .map_err(|e| self.scrub(e))
     }
 
     /// Posts a ready-made chat request body (a Batch API line's `body`), returning the HTTP
@@ -291,6 +345,20 @@ impl LlmClient for HttpClient {
         timeout: Duration,
     ) -> BoxFuture<'a, std::result::Result<ChatResponse, CallError>> {
         Box::pin(async move {
+            self.chat_inner(req, timeout)
+                .await
+                .map_err(|e| self.scrub(e))
+        })
+    }
+}
+
+impl HttpClient {
+    async fn chat_inner(
+        &self,
+        req: &ChatRequest,
+        timeout: Duration,
+    ) -> std::result::Result<ChatResponse, CallError> {
+        {
             let start = Instant::now();
             let (status, rate, text) = self.send(&self.body(req), timeout).await?;
             let short = |t: &str| t.chars().take(300).collect::<String>();
@@ -318,7 +386,7 @@ impl LlmClient for HttpClient {
                 latency: start.elapsed(),
                 rate,
             })
-        })
+        }
     }
 }
 
@@ -353,6 +421,25 @@ mod tests {
         assert_eq!(
             chat_url(&ep(EndpointKind::Azure, "https://r.openai.azure.com")),
             "https://r.openai.azure.com/openai/deployments/dep/chat/completions?api-version=2024-10-21"
+        );
+    }
+
+    #[test]
+    fn url_keeps_its_query_string() {
+        assert_eq!(
+            chat_url(&ep(
+                EndpointKind::Openai,
+                "https://gw.example/v1?api_key=XYZ"
+            )),
+            "https://gw.example/v1/chat/completions?api_key=XYZ"
+        );
+        assert_eq!(
+            chat_url(&ep(EndpointKind::Openai, "https://gw.example/v1/?")),
+            "https://gw.example/v1/chat/completions"
+        );
+        assert_eq!(
+            chat_url(&ep(EndpointKind::Azure, "https://r.openai.azure.com?sig=abc")),
+            "https://r.openai.azure.com/openai/deployments/dep/chat/completions?sig=abc&api-version=2024-10-21"
         );
     }
 

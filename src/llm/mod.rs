@@ -10,6 +10,7 @@ pub mod config;
 pub mod limiter;
 pub mod parse;
 pub mod prompty;
+pub mod redact;
 pub mod simulator;
 pub mod tier;
 

@@ -356,7 +356,13 @@ fn parse_prompt(user: &str) -> (Vec<String>, Option<String>, Vec<ParsedItem>) {
         let end = body.find("</item>").unwrap_or(body.len());
         items.push(ParsedItem {
             n,
-            text: body[..end].trim().to_string(),
+            // semtel escapes item text (see `tier::escape_text`); a model reads the entities
+            // as the characters they stand for, and so does the simulator.
+            text: body[..end]
+                .trim()
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&amp;", "&"),
             candidates,
         });
         rest = &body[end..];
@@ -527,9 +533,10 @@ async fn handle(
                 }
             }
             if st.cfg.obey_injection {
+                // (Sliced from the lowercased text itself: lowercasing can change byte lengths.)
                 let lower = it.text.to_lowercase();
                 if let Some(p) = lower.find("answer with ") {
-                    let word: String = it.text[p + 12..]
+                    let word: String = lower[p + 12..]
                         .chars()
                         .take_while(|c| !c.is_whitespace() && *c != '.' && *c != '"')
                         .collect();
@@ -595,10 +602,13 @@ async fn handle(
     st.stats
         .items_answered
         .fetch_add(answers.len() as u64, Ordering::Relaxed);
-    let obj: serde_json::Map<String, serde_json::Value> = answers
-        .into_iter()
-        .map(|(n, l)| (n.to_string(), serde_json::Value::String(l)))
-        .collect();
+    // When two items claim one number (a conversation forged an item), a gullible model
+    // answers the first one it read: that is the cross-item injection semtel must withstand.
+    let mut obj = serde_json::Map::new();
+    for (n, l) in answers {
+        obj.entry(n.to_string())
+            .or_insert(serde_json::Value::String(l));
+    }
     let json = serde_json::Value::Object(obj).to_string();
     let mut content = match style {
         0 => json,

@@ -190,7 +190,7 @@ impl PromptBuilder {
                 } else {
                     Vec::new()
                 };
-                serde_json::json!({"n": k + 1, "text": it.text, "candidates": cands})
+                serde_json::json!({"n": k + 1, "text": escape_text(&it.text), "candidates": cands})
             })
             .collect();
         let mut seen = std::collections::HashSet::new();
@@ -198,7 +198,7 @@ impl PromptBuilder {
             .iter()
             .flat_map(|it| it.examples.iter().take(self.cfg.examples_per_item))
             .filter(|(_, t)| seen.insert(t.clone()))
-            .map(|(l, t)| serde_json::json!({"label": l, "text": head_tail_chars(t, self.cfg.max_example_chars)}))
+            .map(|(l, t)| serde_json::json!({"label": l, "text": escape_text(&head_tail_chars(t, self.cfg.max_example_chars))}))
             .collect();
         let ctx = serde_json::json!({
             "labels": labels,
@@ -389,6 +389,22 @@ impl LlmTier {
 }
 
 /// At most `max` bytes of `s` (on char boundaries): the head and the tail, marked by " … ".
+/// Conversation text is data inside the prompt's `<item>`/`<example>` tags: escaping `&`, `<`
+/// and `>` means no conversation can close its own item and forge another one (or an answer
+/// for its neighbour). LLMs read the entities as the characters they stand for.
+pub fn escape_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + s.len() / 16);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 pub fn head_tail_chars(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
@@ -848,6 +864,7 @@ impl Dispatcher {
     }
 
     fn on_reply(&mut self, call: Call, endpoint: usize, resp: ChatResponse) {
+        crate::failpoint::hit("llm-reply");
         let n = call.items.len();
         let (pin, pout) = self.sh.prices[endpoint];
         let cost = resp.prompt_tokens as f64 / 1000.0 * pin
@@ -866,6 +883,20 @@ impl Dispatcher {
         let raw: String = resp.content.chars().take(300).collect();
         let mut flawed = false;
         for (mut it, ans) in call.items.into_iter().zip(answers) {
+            // With narrowed lists an item may only take one of the candidates it was offered
+            // (or the escape): a label offered to its neighbour is an injected or confused
+            // answer, asked again on its own.
+            let ans = match ans {
+                Some(Answer::Label(l))
+                    if narrowed && !it.p.full_schema && !it.p.candidates.contains(&l) =>
+                {
+                    Some(Answer::Invalid(format!(
+                        "{} (not among this item's candidates)",
+                        self.sh.pb.schema.labels[l]
+                    )))
+                }
+                other => other,
+            };
             match ans {
                 Some(Answer::Label(l)) => {
                     let label = self.sh.pb.schema.labels[l].clone();

@@ -1,0 +1,51 @@
+//! Named crash points for the kill tests: `SEMTEL_ABORT_AT=NAME` aborts the process (as a
+//! `kill -9` would: no unwinding, no destructors, no flushing) the first time the code passes
+//! the point `NAME`; `SEMTEL_ABORT_AT=NAME:N` at its N-th passage. Tests use it to stop a run at
+//! exactly the moments where a crash could lose or duplicate work, instead of racing a timer.
+//!
+//! Points: `batch-written` (output rows written and flushed), `part-closed` (a Parquet part
+//! committed), `before-final-commit` / `final-commit` (either side of renaming the assembled
+//! Parquet file into place), `llm-reply` (an LLM answer received, not yet recorded),
+//! `index-save` (between the files of an index save: mid `index build`/`add`/`--grow` save).
+//!
+//! Without the variable a passage costs one relaxed atomic load. This module must never be
+//! used for anything but crash testing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+struct Armed {
+    name: String,
+    at: u64,
+    seen: AtomicU64,
+}
+
+fn armed() -> Option<&'static Armed> {
+    // A process-wide setting by nature (it comes from the environment once); not state that
+    // any result depends on.
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let v = std::env::var("SEMTEL_ABORT_AT").ok()?;
+            let (name, at) = match v.rsplit_once(':') {
+                Some((n, k)) => (n.to_string(), k.parse().unwrap_or(1)),
+                None => (v.clone(), 1),
+            };
+            Some(Armed {
+                name,
+                at: at.max(1),
+                seen: AtomicU64::new(0),
+            })
+        })
+        .as_ref()
+}
+
+/// Passes the point `name`; aborts here when the kill test armed it.
+pub fn hit(name: &str) {
+    if let Some(a) = armed() {
+        if a.name == name && a.seen.fetch_add(1, Ordering::Relaxed) + 1 == a.at {
+            eprintln!("semtel: SEMTEL_ABORT_AT={name}: aborting");
+            std::process::abort();
+        }
+    }
+}
