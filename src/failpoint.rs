@@ -8,7 +8,10 @@
 //! Parquet file into place), `llm-reply` (an LLM answer received, not yet recorded),
 //! `index-save` (between the files of an index save: mid `index build`/`add`/`--grow` save).
 //!
-//! Without the variable a passage costs one relaxed atomic load. This module must never be
+//! `SEMTEL_PANIC_ON_ROW=ID` makes classifying the row with that id panic, to test that a bug
+//! costs one row (an error row) and never the run.
+//!
+//! Without the variables a passage costs one relaxed atomic load. This module must never be
 //! used for anything but crash testing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,5 +50,17 @@ pub fn hit(name: &str) {
             eprintln!("semtel: SEMTEL_ABORT_AT={name}: aborting");
             std::process::abort();
         }
+    }
+}
+
+/// Panics when the test armed `SEMTEL_PANIC_ON_ROW` with this row's id.
+pub fn panic_on_row(id: &str) {
+    static ROW: OnceLock<Option<String>> = OnceLock::new();
+    if ROW
+        .get_or_init(|| std::env::var("SEMTEL_PANIC_ON_ROW").ok())
+        .as_deref()
+        == Some(id)
+    {
+        panic!("SEMTEL_PANIC_ON_ROW={id}: injected panic");
     }
 }

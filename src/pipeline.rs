@@ -278,7 +278,10 @@ impl Classifier {
     pub fn render(&self, rows: &[Row]) -> Vec<std::result::Result<Rendered, String>> {
         rows.par_iter()
             .map(|r| match &r.content {
-                Ok(c) => self.encoder.renderer.render(c),
+                Ok(c) => {
+                    crate::failpoint::panic_on_row(&r.id);
+                    self.encoder.renderer.render(c)
+                }
                 Err(e) => Err(e.clone()),
             })
             .collect()

@@ -584,14 +584,6 @@ fn malformed_prompty_is_a_clear_error() {
     assert_eq!(check_exactly_once(&dir.join("g.jsonl"), &rows).0, 50);
 }
 
-fn rows_of_lenient(out: &Path) -> usize {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
-        .count()
-}
-
 #[test]
 fn batch_api_export_run_import() {
     let (rows, dir, idx, _h, cfg) = uncached_setup("llm-batch");

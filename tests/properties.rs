@@ -176,6 +176,47 @@ proptest! {
     }
 
     #[test]
+    fn parquet_reader_turns_every_row_into_one_row(
+        texts in proptest::collection::vec(
+            prop_oneof![
+                text().prop_map(|t| Some(t.into_bytes())),
+                // Invalid UTF-8 in a binary text column, and nulls.
+                proptest::collection::vec(any::<u8>(), 0..300).prop_map(Some),
+                Just(None),
+            ],
+            1..40,
+        ),
+        batch_rows in 1usize..9,
+    ) {
+        use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
+        let dir = std::env::temp_dir().join(format!("semtel-prop-pq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.parquet");
+        let n = texts.len() + 1;
+        let mut all: Vec<Option<Vec<u8>>> = vec![Some(b"a readable first row".to_vec())];
+        all.extend(texts);
+        let ids: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+        let batch = RecordBatch::try_from_iter(vec![
+            ("id", std::sync::Arc::new(StringArray::from(ids)) as ArrayRef),
+            ("text", std::sync::Arc::new(BinaryArray::from_iter(all.iter().map(|b| b.as_deref()))) as ArrayRef),
+        ]).unwrap();
+        let f = std::fs::File::create(&path).unwrap();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(7))
+            .build();
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), Some(props)).unwrap();
+        w.write(&batch).unwrap();
+        w.close().unwrap();
+        let opts = InputOptions { batch_rows, ..Default::default() };
+        let rows = input::read_all(&path, &opts).expect("a bad row never stops the reader");
+        prop_assert_eq!(rows.len(), n);
+        for (r, b) in rows.iter().zip(&all) {
+            let readable = b.as_deref().is_some_and(|b| std::str::from_utf8(b).is_ok());
+            prop_assert_eq!(r.content.is_ok(), readable, "{:?}", r.content);
+        }
+    }
+
+    #[test]
     fn prompt_items_cannot_forge_structure(
         texts in proptest::collection::vec(text(), 1..6),
         cand in proptest::collection::vec(0usize..4, 0..3),

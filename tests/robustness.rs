@@ -655,3 +655,48 @@ fn secrets_never_reach_the_output() {
         "{seen:?}"
     );
 }
+
+/// A bug that panics on one row costs that row (an error row saying so), not the run: every
+/// other row is classified, the summary counts it, and the exit code (3) says the run had
+/// internal errors.
+#[test]
+fn a_panic_is_one_error_row_not_the_end_of_the_run() {
+    let dir = tmpdir("rob-panic");
+    let idx = sample_index(&dir);
+    let out = dir.join("o.jsonl");
+    let o = semtel_cmd(&[
+        "classify",
+        "--index",
+        idx.to_str().unwrap(),
+        "--input",
+        "data/conversations.jsonl",
+        "--output",
+        out.to_str().unwrap(),
+    ])
+    .arg("--model")
+    .arg(model_dir())
+    .env("SEMTEL_PANIC_ON_ROW", "conv-003")
+    .output()
+    .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("1 rows hit an internal error"), "{err}");
+    let rows = jsonl_rows(&out);
+    assert_eq!(rows.len(), 50);
+    for r in &rows {
+        if r["id"] == "conv-003" {
+            assert_eq!(r["decided_by"], "error");
+            assert!(
+                r["error"].as_str().unwrap().contains("internal error"),
+                "{r}"
+            );
+        } else {
+            assert_ne!(r["decided_by"], "error", "{r}");
+        }
+    }
+}

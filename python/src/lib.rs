@@ -210,7 +210,28 @@ impl Classifier {
     }
 }
 
+/// Classifies one batch. The core already turns a panic on a row into that row's error; a
+/// panic anywhere else (the LLM tier, Arrow conversion) becomes an ordinary exception here,
+/// never a `PanicException` (which `except Exception` does not catch).
 fn run(
+    core: &semtel::pipeline::Classifier,
+    job: &semtel::pipeline::ArrowJob,
+    batch: &RecordBatch,
+    first: u64,
+    llm: Option<&semtel::llm::LlmConfig>,
+) -> semtel::Result<RecordBatch> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_unguarded(core, job, batch, first, llm)
+    }))
+    .unwrap_or_else(|p| {
+        Err(semtel::Error::Other(format!(
+            "internal error while classifying this batch ({}); please report it as a semtel bug",
+            semtel::pipeline::panic_message(&p)
+        )))
+    })
+}
+
+fn run_unguarded(
     core: &semtel::pipeline::Classifier,
     job: &semtel::pipeline::ArrowJob,
     batch: &RecordBatch,

@@ -1,0 +1,19 @@
+//! Any LLM reply: the parser returns one answer slot per item and never panics.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use semtel::llm::parse::{parse_reply, Schema};
+
+fuzz_target!(|data: &[u8]| {
+    let reply = String::from_utf8_lossy(data);
+    let schema = Schema::new(vec![
+        "card_arrival".into(),
+        "lost_or_stolen_card".into(),
+        "Другое".into(),
+        "料理".into(),
+    ]);
+    for n in [1usize, 3, 8] {
+        for other in [None, Some("other")] {
+            assert_eq!(parse_reply(&reply, n, &schema, other).len(), n);
+        }
+    }
+});
