@@ -107,6 +107,43 @@ impl Error {
     }
 }
 
+/// The text of a panic payload.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
+    }
+}
+
+thread_local! {
+    /// Set while [`no_panic`] runs: a panic there is expected and handled, not a bug to show.
+    static EXPECTED_PANIC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic into an error message (for third-party code that panics on
+/// malformed input instead of returning an error, such as the parquet crate on damaged pages).
+pub fn no_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let was = EXPECTED_PANIC.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    EXPECTED_PANIC.with(|q| q.set(was));
+    r.map_err(|p| panic_message(&*p))
+}
+
+/// Keeps the default panic report (message and backtrace on stderr) for real bugs, but not for
+/// panics [`no_panic`] catches on purpose: those become row errors that say what happened.
+/// Programs call it once at start (the CLI and the Python module do).
+pub fn quiet_expected_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !EXPECTED_PANIC.with(|q| q.get()) {
+            previous(info);
+        }
+    }));
+}
+
 fn is_disk_full(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::StorageFull
         || e.kind() == std::io::ErrorKind::QuotaExceeded

@@ -691,7 +691,11 @@ pub struct ParquetReader {
 impl ParquetReader {
     pub fn open(path: &Path, opts: InputOptions) -> Result<Self> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(f)
+        // The parquet crate panics on some malformed files (found by fuzzing): a damaged file
+        // must be an error, never a crash.
+        let builder = crate::error::no_panic(|| ParquetRecordBatchReaderBuilder::try_new(f))
+            .map_err(|p| format!("damaged: {p}"))
+            .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|e| Error::input(path, format!("not a readable Parquet file ({e})")))?;
         let bc = BatchColumns::resolve(builder.schema(), &opts.columns, opts.split.is_some(), "")
             .map_err(|e| Error::input(path, e.trim_start_matches(": ").to_string()))?;
@@ -716,6 +720,22 @@ impl ParquetReader {
     }
 
     fn build_reader(
+        &self,
+        group: usize,
+        skip: usize,
+        batch: usize,
+    ) -> Result<parquet::arrow::arrow_reader::ParquetRecordBatchReader> {
+        crate::error::no_panic(|| self.build_reader_unguarded(group, skip, batch)).unwrap_or_else(
+            |p| {
+                Err(Error::input(
+                    &self.path,
+                    format!("row group {group} is damaged ({p})"),
+                ))
+            },
+        )
+    }
+
+    fn build_reader_unguarded(
         &self,
         group: usize,
         skip: usize,
@@ -764,15 +784,22 @@ impl ParquetReader {
         let mut out = Vec::new();
         for k in 0..n {
             let index = first_index + k as u64;
-            let mut r = self.build_reader(group, skip + k, 1)?;
-            match r.next() {
+            let next = self
+                .build_reader(group, skip + k, 1)
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| {
+                    crate::error::no_panic(move || r.next().map(|b| b.map_err(|e| e.to_string())))
+                        .map_err(|p| format!("damaged page: {p}"))
+                })
+                .unwrap_or_else(|e| Some(Err(e)));
+            match next {
                 Some(Ok(b)) => out.extend(self.convert(&b, index)),
                 Some(Err(e)) => out.push(error_row(
                     index,
                     &self.stem,
                     &self.opts.columns,
                     format!(
-                        "{} row {index}: cannot decode ({e}); fix the value (UTF-8 text expected) or drop the row",
+                        "{} row {index}: cannot decode ({e}); fix the value (UTF-8 text expected), re-export the file, or drop the row",
                         self.path.display()
                     ),
                 )),
@@ -805,15 +832,37 @@ impl RowReader for ParquetReader {
                 self.reader = None;
                 continue;
             }
-            if self.reader.is_none() {
-                self.reader = Some(self.build_reader(
-                    self.group,
-                    self.offset_in_group,
-                    self.opts.batch_rows,
-                )?);
-            }
             let first_index = self.base_index + self.offset_in_group as u64;
-            match self.reader.as_mut().and_then(|r| r.next()) {
+            if self.reader.is_none() {
+                match self.build_reader(self.group, self.offset_in_group, self.opts.batch_rows) {
+                    Ok(r) => self.reader = Some(r),
+                    Err(e) => {
+                        // The row group cannot even be opened: its rows become error rows,
+                        // a batch at a time, and reading goes on with the next group.
+                        let n = self.opts.batch_rows.min(group_rows - self.offset_in_group);
+                        self.offset_in_group += n;
+                        let rows: Vec<Row> = (0..n as u64)
+                            .map(|k| {
+                                let index = first_index + k;
+                                error_row(
+                                    index,
+                                    &self.stem,
+                                    &self.opts.columns,
+                                    format!("{} row {index}: cannot decode ({e}); repair or re-export the file", self.path.display()),
+                                )
+                            })
+                            .collect();
+                        return Ok(Some(rows));
+                    }
+                }
+            }
+            let next = match self.reader.as_mut() {
+                Some(r) => crate::error::no_panic(|| r.next()).unwrap_or_else(|p| {
+                    Some(Err(arrow_schema::ArrowError::ExternalError(p.into())))
+                }),
+                None => None,
+            };
+            match next {
                 None => {
                     self.offset_in_group = group_rows;
                 }

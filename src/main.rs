@@ -548,6 +548,7 @@ impl Ctx {
 }
 
 fn main() {
+    semtel::error::quiet_expected_panics();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

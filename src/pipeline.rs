@@ -334,7 +334,7 @@ impl Classifier {
             Err(p) => tracing::warn!(
                 "internal error in a chunk of {} rows ({}); isolating the row(s) that cause it",
                 backup.len(),
-                panic_message(&p)
+                panic_message(&*p)
             ),
         }
         let mut out = Vec::with_capacity(backup.len());
@@ -347,7 +347,7 @@ impl Classifier {
                     panics += 1;
                     let msg = format!(
                         "internal error while classifying this row ({}); the run went on without it; please report this as a semtel bug",
-                        panic_message(&p)
+                        panic_message(&*p)
                     );
                     out.push(Classified {
                         out: OutputRow::error(id, msg, passthrough),
@@ -533,16 +533,7 @@ impl Classifier {
     }
 }
 
-/// The text of a panic payload.
-pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic".to_string()
-    }
-}
+pub use crate::error::panic_message;
 
 /// Totals of a run.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -693,13 +684,13 @@ pub fn run(
         let read_res = reader_h.join().unwrap_or_else(|p| {
             Err(Error::Other(format!(
                 "internal error in the input reader ({}); rerun with --resume; please report this as a semtel bug",
-                panic_message(&p)
+                panic_message(&*p)
             )))
         });
         let write_res = writer_h.join().unwrap_or_else(|p| {
             Err(Error::Other(format!(
                 "internal error in the output writer ({}); rerun with --resume; please report this as a semtel bug",
-                panic_message(&p)
+                panic_message(&*p)
             )))
         });
         // Report the first real failure: compute, then writer, then reader. When compute only

@@ -226,7 +226,7 @@ fn run(
     .unwrap_or_else(|p| {
         Err(semtel::Error::Other(format!(
             "internal error while classifying this batch ({}); please report it as a semtel bug",
-            semtel::pipeline::panic_message(&p)
+            semtel::pipeline::panic_message(&*p)
         )))
     })
 }
@@ -298,6 +298,7 @@ fn version() -> &'static str {
 
 #[pymodule]
 fn _semtel(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    semtel::error::quiet_expected_panics();
     m.add_class::<Classifier>()?;
     m.add_function(wrap_pyfunction!(model_loads, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
