@@ -331,7 +331,7 @@ pub fn llm_scenario(
         .count();
     let labelled: Vec<_> = out
         .iter()
-        .filter(|r| r.decided_by == crate::output::DecidedBy::Llm)
+        .filter(|r| r.decided_by == crate::row::DecidedBy::Llm)
         .collect();
     let right = labelled
         .iter()
@@ -389,10 +389,10 @@ pub fn llm_label_all(
     labels: &[String],
     counter: crate::llm::tier::TokenCounter,
     rows: &[crate::pipeline::Classified],
-) -> Result<(Vec<crate::output::OutputRow>, crate::llm::LlmStats)> {
+) -> Result<(Vec<crate::row::OutputRow>, crate::llm::LlmStats)> {
     use crate::pipeline::Escalation;
     let mut tier = crate::llm::LlmTier::new(cfg, labels.to_vec(), counter)?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::output::OutputRow>>(1024);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::row::OutputRow>>(1024);
     let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
     for chunk in rows.chunks(256) {
         let part = chunk

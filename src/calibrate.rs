@@ -63,8 +63,7 @@ pub fn leave_one_out_multi(index: &ExemplarIndex, k: usize) -> Result<Vec<Scored
     let hits = index.search_batch(&q, (k + 1) * 4)?;
     let group_of = |key: u64| -> u64 {
         let id = &ex[key as usize].id;
-        let h = crate::llm::cache::text_hash(id);
-        u64::from_str_radix(&h[..15], 16).unwrap_or(key)
+        crate::hash::group_key(id)
     };
     Ok(first
         .iter()

@@ -293,7 +293,7 @@ impl Head {
         .collect();
         let tmp = dir.join(format!("{HEAD_FILE}.tmp"));
         candle_core::safetensors::save(&tensors, &tmp).map_err(ce)?;
-        crate::index::commit(&tmp, &dir.join(HEAD_FILE))?;
+        crate::fsio::commit(&tmp, &dir.join(HEAD_FILE))?;
         let meta = HeadMeta {
             dim: self.dim,
             n_labels: self.n_labels,
@@ -303,7 +303,7 @@ impl Head {
         let tmp = dir.join(format!("{HEAD_META}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec(&meta).expect("json"))
             .map_err(|e| Error::io(&tmp, e))?;
-        crate::index::commit(&tmp, &dir.join(HEAD_META))
+        crate::fsio::commit(&tmp, &dir.join(HEAD_META))
     }
 
     /// Loads the head of an index directory, if it has one.

@@ -7,6 +7,7 @@
 //! manifest last, and opening cross-checks counts, so an interrupted save is detected.
 //! This module must never embed text or decide labels.
 
+use crate::fsio::{commit, sha256_file, sync_dir, sync_file};
 use crate::model::{ModelFiles, Pooling};
 use crate::{Error, Result};
 use arrow_array::cast::AsArray;
@@ -57,6 +58,20 @@ impl ModelInfo {
                 .map(|p| p.display().to_string()),
         }
     }
+}
+
+/// The model to load for an index when none is named: `$SEMTEL_MODEL`, else the folder the
+/// index was built from (when this machine has it), else its id (a folder under `models/`, or
+/// a Hugging Face id in the local hf-hub cache). The one place this rule lives.
+pub fn default_model(m: &ModelInfo) -> String {
+    std::env::var("SEMTEL_MODEL")
+        .ok()
+        .or_else(|| {
+            m.source_dir
+                .clone()
+                .filter(|d| Path::new(d).join("config.json").is_file())
+        })
+        .unwrap_or_else(|| m.id.clone())
 }
 
 /// Parameters recorded at build time.
@@ -456,7 +471,7 @@ impl ExemplarIndex {
     /// the old index; after it, the next open finishes the renames ([`recover_save`]).
     pub fn save(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
-        let _lock = crate::output::PathLock::acquire(&self.dir)?;
+        let _lock = crate::fsio::PathLock::acquire(&self.dir)?;
         let vtmp = self.dir.join(format!("{VECTORS}.tmp"));
         self.index
             .save(&vtmp.to_string_lossy())
@@ -475,12 +490,12 @@ impl ExemplarIndex {
         std::fs::File::create(&marker)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&marker, e))?;
-        sync_path(&self.dir);
+        sync_dir(&self.dir);
         for (tmp, name) in [(&vtmp, VECTORS), (&etmp, EXEMPLARS), (&mtmp, MANIFEST)] {
             std::fs::rename(tmp, self.dir.join(name)).map_err(|e| Error::io(tmp, e))?;
             crate::failpoint::hit("index-save");
         }
-        sync_path(&self.dir);
+        sync_dir(&self.dir);
         std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
         Ok(())
     }
@@ -536,7 +551,7 @@ fn recover_save(dir: &Path) -> Result<()> {
             Err(e) => return Err(Error::io(&tmp, e)),
         }
     }
-    sync_path(dir);
+    sync_dir(dir);
     match std::fs::remove_file(&marker) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -581,35 +596,6 @@ fn verify_checksums(dir: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Hex sha256 of a file, read in 1 MiB pieces.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
-fn sync_file(path: &Path) -> Result<()> {
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(path, e))
-}
-
-fn sync_path(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
 fn truncate_chars(s: &mut String, max: usize) {
     if s.len() > max {
         let mut i = max;
@@ -618,14 +604,6 @@ fn truncate_chars(s: &mut String, max: usize) {
         }
         s.truncate(i);
     }
-}
-
-/// fsync then rename, so a crash leaves either the old or the new file.
-pub fn commit(tmp: &Path, dest: &Path) -> Result<()> {
-    if let Ok(f) = std::fs::File::open(tmp) {
-        let _ = f.sync_all();
-    }
-    std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))
 }
 
 fn exemplar_schema() -> Arc<Schema> {

@@ -6,6 +6,7 @@
 //! Each stage is a module with a small public type; the stages never reach into one another's
 //! internals, and nothing here keeps global mutable state.
 
+pub mod app;
 pub mod bench;
 pub mod calibrate;
 pub mod config;
@@ -15,18 +16,21 @@ pub mod embed;
 pub mod error;
 pub mod eval;
 pub mod failpoint;
+pub mod fsio;
 pub mod grow;
+pub mod hash;
 pub mod head;
 pub mod index;
 pub mod input;
 pub mod llm;
 pub mod model;
-pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod render;
 pub mod report;
+pub mod row;
+pub mod sink;
 
 pub use error::{Error, Result};
 

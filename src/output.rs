@@ -21,7 +21,10 @@
 //!
 //! This module must never decide labels; it only stores what it is given.
 
-use crate::index::commit;
+pub use crate::fsio::PathLock;
+use crate::fsio::{commit, sync_dir};
+pub use crate::row::{DecidedBy, LlmInfo, NeighborOut, OutputRow, TaxOut};
+pub use crate::sink::Done;
 use crate::{Error, Result};
 use arrow_array::builder::{
     BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
@@ -35,95 +38,11 @@ use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde_json::{json, Map, Value};
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DecidedBy {
-    Knn,
-    Escalate,
-    Llm,
-    Error,
-}
-
-impl DecidedBy {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            DecidedBy::Knn => "knn",
-            DecidedBy::Escalate => "escalate",
-            DecidedBy::Llm => "llm",
-            DecidedBy::Error => "error",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct NeighborOut {
-    pub id: String,
-    pub label: String,
-    pub score: f32,
-}
-
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct LlmInfo {
-    pub model: String,
-    pub tokens_in: u32,
-    pub tokens_out: u32,
-    pub cost_usd: f64,
-}
-
-/// A row's result under an additional taxonomy (`classify --also`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaxOut {
-    pub label: Option<String>,
-    /// Multi-label taxonomies: the label set.
-    pub labels: Option<Vec<String>>,
-    pub confidence: Option<f32>,
-    pub decided_by: DecidedBy,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutputRow {
-    pub id: String,
-    pub label: Option<String>,
-    pub confidence: Option<f32>,
-    pub margin: Option<f32>,
-    pub top1_sim: Option<f32>,
-    pub decided_by: DecidedBy,
-    /// The kNN vote's label, also for escalated rows (what an LLM-less run would have said).
-    pub knn_label: Option<String>,
-    pub neighbors: Vec<NeighborOut>,
-    pub error: Option<String>,
-    pub llm: Option<LlmInfo>,
-    pub passthrough: Vec<Value>,
-    /// One entry per additional taxonomy, in [`OutputSpec::taxonomies`] order (empty for
-    /// error rows).
-    pub extra: Vec<TaxOut>,
-}
-
-impl OutputRow {
-    pub fn error(id: String, msg: String, passthrough: Vec<Value>) -> Self {
-        OutputRow {
-            id,
-            label: None,
-            confidence: None,
-            margin: None,
-            top1_sim: None,
-            decided_by: DecidedBy::Error,
-            knn_label: None,
-            neighbors: Vec::new(),
-            error: Some(msg),
-            llm: None,
-            passthrough,
-            extra: Vec::new(),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutFormat {
@@ -447,103 +366,8 @@ pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
     Value::Object(m)
 }
 
-/// Rows an earlier run already wrote, counted per id (ids may repeat in the input).
-#[derive(Debug, Default, Clone)]
-pub struct Done {
-    counts: HashMap<String, u32>,
-    rows: u64,
-}
-
-impl Done {
-    pub fn add(&mut self, id: &str) {
-        *self.counts.entry(id.to_string()).or_insert(0) += 1;
-        self.rows += 1;
-    }
-    /// Rows already written.
-    pub fn len(&self) -> u64 {
-        self.rows
-    }
-    pub fn is_empty(&self) -> bool {
-        self.rows == 0
-    }
-    /// Whether an input row with `id` was already written; consumes one written occurrence.
-    pub fn take(&mut self, id: &str) -> bool {
-        match self.counts.get_mut(id) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                if *n == 0 {
-                    self.counts.remove(id);
-                }
-                true
-            }
-            _ => false,
-        }
-    }
-    pub fn contains(&self, id: &str) -> bool {
-        self.counts.contains_key(id)
-    }
-}
-
 /// Marker written into a Parquet file output's parts folder once the merged file is complete.
 const MERGED_MARKER: &str = "MERGED";
-
-/// An exclusive advisory lock held while an output (or an index) is being written. The OS drops
-/// it when the process dies, so a killed run never leaves a stale lock behind.
-#[derive(Debug)]
-pub struct PathLock {
-    _file: File,
-    path: PathBuf,
-}
-
-impl PathLock {
-    /// Locks `target` through the hidden sibling `.<name>.lock`; fails at once (no waiting) when
-    /// another process holds it.
-    pub fn acquire(target: &Path) -> Result<PathLock> {
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "output".into());
-        let parent = target
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        let path = parent.join(format!(".{name}.lock"));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        match f.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = std::io::Read::read_to_string(&mut f, &mut holder);
-                let holder = holder.trim();
-                return Err(Error::Locked {
-                    path: target.to_path_buf(),
-                    holder: if holder.is_empty() {
-                        "unknown pid".into()
-                    } else {
-                        holder.to_string()
-                    },
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
-        }
-        // Who holds it, for the message another process prints; best effort.
-        let _ = f.set_len(0);
-        let _ = f.write_all(format!("pid {}", std::process::id()).as_bytes());
-        let _ = f.flush();
-        Ok(PathLock { _file: f, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
 
 /// Finishes an interrupted Parquet file assembly (see the module docs), or throws away a
 /// half-written merged file when the marker was never written.
@@ -564,12 +388,6 @@ fn merge_tmp(path: &Path) -> PathBuf {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     PathBuf::from(tmp)
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 fn parts_dir(path: &Path, fmt: OutFormat) -> PathBuf {
@@ -893,6 +711,21 @@ impl OutputWriter {
     }
 }
 
+impl crate::sink::RowSink for OutputWriter {
+    fn write(&mut self, rows: &[OutputRow]) -> Result<()> {
+        OutputWriter::write(self, rows)
+    }
+    fn checkpoint(&mut self) -> Result<()> {
+        OutputWriter::checkpoint(self)
+    }
+    fn rows_written(&self) -> u64 {
+        self.written
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        OutputWriter::finish(*self)
+    }
+}
+
 /// Collects the ids of a JSONL output and cuts off a torn last line.
 fn resume_jsonl(path: &Path, done: &mut Done) -> Result<File> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -984,4 +817,281 @@ pub fn read_ids_and_labels(path: &Path) -> Result<Vec<(String, Option<String>, S
         }
     }
     Ok(out)
+}
+
+/// Per-row facts read back from a classify output: decided_by and neighbour ids/labels.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    pub decided_by: String,
+    pub neighbor_ids: Vec<String>,
+    pub neighbor_labels: Vec<String>,
+}
+
+/// Reads a classify output (JSONL, Parquet file or dataset) back, by id.
+pub fn read_stored_rows(path: &Path) -> Result<std::collections::HashMap<String, StoredRow>> {
+    let mut m = std::collections::HashMap::new();
+    match OutFormat::of(path) {
+        OutFormat::Jsonl => {
+            let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            for line in BufReader::new(f).lines() {
+                let line = line.map_err(|e| Error::io(path, e))?;
+                let v: Value =
+                    serde_json::from_str(&line).map_err(|e| Error::output(path, e.to_string()))?;
+                let nb = v["neighbors"].as_array().cloned().unwrap_or_default();
+                m.insert(
+                    v["id"].as_str().unwrap_or_default().to_string(),
+                    StoredRow {
+                        decided_by: v["decided_by"].as_str().unwrap_or_default().to_string(),
+                        neighbor_ids: nb
+                            .iter()
+                            .filter_map(|n| n["id"].as_str().map(String::from))
+                            .collect(),
+                        neighbor_labels: nb
+                            .iter()
+                            .filter_map(|n| n["label"].as_str().map(String::from))
+                            .collect(),
+                    },
+                );
+            }
+        }
+        _ => {
+            for b in read_output_batches(path)? {
+                let s = |n: &str| b.column_by_name(n).map(|c| c.as_string::<i32>().clone());
+                let (Some(id), Some(by)) = (s("id"), s("decided_by")) else {
+                    return Err(Error::output(
+                        path,
+                        "not a semtel output (no id/decided_by columns)",
+                    ));
+                };
+                let list = |n: &str| b.column_by_name(n).map(|c| c.as_list::<i32>().clone());
+                let (nid, nlab) = (list("neighbor_ids"), list("neighbor_labels"));
+                for i in 0..b.num_rows() {
+                    let strs = |l: &Option<arrow_array::ListArray>| -> Vec<String> {
+                        l.as_ref()
+                            .map(|l| {
+                                let v = l.value(i);
+                                let v = v.as_string::<i32>();
+                                (0..v.len()).map(|k| v.value(k).to_string()).collect()
+                            })
+                            .unwrap_or_default()
+                    };
+                    m.insert(
+                        id.value(i).to_string(),
+                        StoredRow {
+                            decided_by: by.value(i).to_string(),
+                            neighbor_ids: strs(&nid),
+                            neighbor_labels: strs(&nlab),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(m)
+}
+
+fn read_output_batches(path: &Path) -> Result<Vec<RecordBatch>> {
+    let files: Vec<std::path::PathBuf> = if path.is_dir() {
+        let mut v: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut out = Vec::new();
+    for p in files {
+        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .and_then(|b| b.build())
+            .map_err(|e| Error::output(&p, e.to_string()))?;
+        for b in r {
+            out.push(b.map_err(|e| Error::output(&p, e.to_string()))?);
+        }
+    }
+    Ok(out)
+}
+
+/// What to change in an escalated row of an output (`semtel llm import-batch`).
+#[derive(Debug, Clone)]
+pub enum Patch {
+    /// The LLM labelled it.
+    Llm { label: String, llm: LlmInfo },
+    /// It stays escalated, with this reason.
+    Error(String),
+}
+
+/// Rewrites the output `labels` into `merged` (atomically), applying `patch` to each row that
+/// is `escalate`; every other row and column is kept as it is. Returns (rows written, rows
+/// patched).
+pub fn patch_escalated(
+    labels: &Path,
+    merged: &Path,
+    mut patch: impl FnMut(&str) -> Option<Patch>,
+) -> Result<(usize, usize)> {
+    use arrow_array::{Float64Array, Int64Array, StringArray};
+    let mut matched = 0usize;
+    let mut rows_written = 0usize;
+    match OutFormat::of(labels) {
+        OutFormat::Jsonl => {
+            let f = std::fs::File::open(labels).map_err(|e| Error::io(labels, e))?;
+            let tmp = merged.with_extension("jsonl.tmp");
+            let mut w = std::io::BufWriter::new(
+                std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?,
+            );
+            for line in BufReader::new(f).lines() {
+                let line = line.map_err(|e| Error::io(labels, e))?;
+                let mut v: Value = serde_json::from_str(&line)
+                    .map_err(|e| Error::output(labels, e.to_string()))?;
+                let id = v["id"].as_str().unwrap_or_default().to_string();
+                if v["decided_by"] == "escalate" {
+                    match patch(&id) {
+                        Some(Patch::Llm { label, llm }) => {
+                            matched += 1;
+                            v["label"] = label.into();
+                            v["decided_by"] = DecidedBy::Llm.as_str().into();
+                            v["error"] = Value::Null;
+                            v["llm_model"] = llm.model.into();
+                            v["llm_tokens_in"] = llm.tokens_in.into();
+                            v["llm_tokens_out"] = llm.tokens_out.into();
+                            v["llm_cost_usd"] = llm.cost_usd.into();
+                        }
+                        Some(Patch::Error(p)) => {
+                            matched += 1;
+                            v["error"] = p.into();
+                        }
+                        None => {}
+                    }
+                }
+                writeln!(w, "{v}").map_err(|e| Error::io(&tmp, e))?;
+                rows_written += 1;
+            }
+            w.flush().map_err(|e| Error::io(&tmp, e))?;
+            drop(w);
+            crate::fsio::commit(&tmp, merged)?;
+        }
+        _ => {
+            let batches = read_output_batches(labels)?;
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .ok_or_else(|| Error::output(labels, "empty output"))?;
+            // Checked once here, so the per-batch column accesses below cannot fail.
+            {
+                use arrow_schema::DataType::{Float64, Int64, Utf8};
+                for (name, ty) in [
+                    ("id", Utf8),
+                    ("decided_by", Utf8),
+                    ("label", Utf8),
+                    ("error", Utf8),
+                    ("llm_model", Utf8),
+                    ("llm_tokens_in", Int64),
+                    ("llm_tokens_out", Int64),
+                    ("llm_cost_usd", Float64),
+                ] {
+                    if schema.field_with_name(name).ok().map(|f| f.data_type()) != Some(&ty) {
+                        return Err(Error::output(
+                            labels,
+                            format!(
+                                "no {ty} column `{name}`: pass the output that `semtel classify` wrote for these rows"
+                            ),
+                        ));
+                    }
+                }
+            }
+            let tmp = merged.with_extension("parquet.tmp");
+            let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None)
+                .map_err(|e| Error::output(&tmp, e.to_string()))?;
+            for b in batches {
+                let col = |n: &str| b.column_by_name(n).expect("checked above").clone();
+                let ids = col("id");
+                let ids = ids.as_string::<i32>();
+                let by_col = col("decided_by");
+                let by = by_col.as_string::<i32>();
+                let str_col = |n: &str| col(n).as_string::<i32>().clone();
+                let (label, error, model) =
+                    (str_col("label"), str_col("error"), str_col("llm_model"));
+                let tin = col("llm_tokens_in");
+                let tin = tin.as_primitive::<arrow_array::types::Int64Type>();
+                let tout = col("llm_tokens_out");
+                let tout = tout.as_primitive::<arrow_array::types::Int64Type>();
+                let costc = col("llm_cost_usd");
+                let costc = costc.as_primitive::<arrow_array::types::Float64Type>();
+                let n = b.num_rows();
+                let opt =
+                    |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
+                let (mut nl, mut nb, mut ne, mut nm) = (
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                );
+                let (mut ni, mut no, mut nc) = (
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                    Vec::with_capacity(n),
+                );
+                for i in 0..n {
+                    let mut row = (
+                        opt(&label, i),
+                        by.value(i).to_string(),
+                        opt(&error, i),
+                        opt(&model, i),
+                        (!tin.is_null(i)).then(|| tin.value(i)),
+                        (!tout.is_null(i)).then(|| tout.value(i)),
+                        (!costc.is_null(i)).then(|| costc.value(i)),
+                    );
+                    if row.1 == "escalate" {
+                        match patch(ids.value(i)) {
+                            Some(Patch::Llm { label, llm }) => {
+                                matched += 1;
+                                row = (
+                                    Some(label),
+                                    DecidedBy::Llm.as_str().into(),
+                                    None,
+                                    Some(llm.model),
+                                    Some(llm.tokens_in as i64),
+                                    Some(llm.tokens_out as i64),
+                                    Some(llm.cost_usd),
+                                );
+                            }
+                            Some(Patch::Error(p)) => {
+                                matched += 1;
+                                row.2 = Some(p);
+                            }
+                            None => {}
+                        }
+                    }
+                    nl.push(row.0);
+                    nb.push(row.1);
+                    ne.push(row.2);
+                    nm.push(row.3);
+                    ni.push(row.4);
+                    no.push(row.5);
+                    nc.push(row.6);
+                }
+                let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+                let idx = |n: &str| schema.index_of(n).expect("column");
+                cols[idx("label")] = Arc::new(StringArray::from(nl));
+                cols[idx("decided_by")] = Arc::new(StringArray::from(nb));
+                cols[idx("error")] = Arc::new(StringArray::from(ne));
+                cols[idx("llm_model")] = Arc::new(StringArray::from(nm));
+                cols[idx("llm_tokens_in")] = Arc::new(Int64Array::from(ni));
+                cols[idx("llm_tokens_out")] = Arc::new(Int64Array::from(no));
+                cols[idx("llm_cost_usd")] = Arc::new(Float64Array::from(nc));
+                let nbatch = RecordBatch::try_new(schema.clone(), cols)
+                    .map_err(|e| Error::output(&tmp, e.to_string()))?;
+                rows_written += n;
+                w.write(&nbatch)
+                    .map_err(|e| Error::output(&tmp, e.to_string()))?;
+            }
+            w.close().map_err(|e| Error::output(&tmp, e.to_string()))?;
+            crate::fsio::commit(&tmp, merged)?;
+        }
+    }
+    Ok((rows_written, matched))
 }

@@ -8,9 +8,10 @@ use crate::decide::{vote_distribution, vote_labeled, Pick, Scores, Signal, Thres
 use crate::embed::{Encoder, EncoderOptions};
 use crate::index::ExemplarIndex;
 use crate::input::RowReader;
-use crate::output::{DecidedBy, Done, NeighborOut, OutputRow, OutputWriter};
 use crate::progress::Progress;
 use crate::render::Rendered;
+use crate::row::{DecidedBy, NeighborOut, OutputRow};
+use crate::sink::{Done, RowSink};
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::collections::HashSet;
@@ -96,21 +97,18 @@ impl Taxonomy {
         vector: &[f32],
         ids: &[u32],
         scratch: &mut [f32],
-    ) -> crate::output::TaxOut {
+    ) -> crate::row::TaxOut {
         let labels = self.index.labels();
         let label_of = self.index.label_indices();
         if self.multi_label {
-            let group = |key: u64| -> u64 {
-                let h = crate::llm::cache::text_hash(&self.index.exemplar(key).id);
-                u64::from_str_radix(&h[..15], 16).unwrap_or(key)
-            };
+            let group = |key: u64| crate::hash::group_key(&self.index.exemplar(key).id);
             let labeled: Vec<(u64, u32, f32)> = hits
                 .iter()
                 .map(|&(k, s)| (group(k), label_of[k as usize], s))
                 .collect();
             let v = crate::decide::multi_vote(&labeled, self.k);
             let keep = v.confidence >= self.thresholds.global && !v.labels.is_empty();
-            return crate::output::TaxOut {
+            return crate::row::TaxOut {
                 label: None,
                 labels: Some(
                     v.labels
@@ -144,7 +142,7 @@ impl Taxonomy {
         let scores = Scores { vote: v, head, mix };
         let (label, conf) = scores.decision(self.thresholds.signal);
         let keep = self.thresholds.keep(label, conf);
-        crate::output::TaxOut {
+        crate::row::TaxOut {
             label: label.map(|l| labels[l as usize].clone()),
             labels: None,
             confidence: Some(conf),
@@ -188,17 +186,7 @@ impl Classifier {
         let index = ExemplarIndex::open(index_dir, !opts.writable)?;
         let mut enc_opts = opts.encoder.clone();
         if enc_opts.model.is_none() {
-            // Default to the model the index was built with: $SEMTEL_MODEL, else the folder it
-            // was built from (when this machine has it), else its id (models/<name>, hf-hub).
-            let m = &index.manifest.model;
-            enc_opts.model = std::env::var("SEMTEL_MODEL").ok().or_else(|| {
-                m.source_dir
-                    .clone()
-                    .filter(|d| std::path::Path::new(d).join("config.json").is_file())
-            });
-            if enc_opts.model.is_none() {
-                enc_opts.model = Some(m.id.clone());
-            }
+            enc_opts.model = Some(crate::index::default_model(&index.manifest.model));
         }
         enc_opts.include_system_turns |= index.manifest.build.include_system_turns;
         let encoder = Encoder::load(&enc_opts)?;
@@ -415,7 +403,7 @@ impl Classifier {
                     continue;
                 }
             };
-            let extra: Vec<crate::output::TaxOut> = self
+            let extra: Vec<crate::row::TaxOut> = self
                 .extra
                 .iter()
                 .enumerate()
@@ -590,7 +578,7 @@ impl Escalation for NoEscalation {
 pub fn run(
     classifier: &Classifier,
     mut reader: Box<dyn RowReader>,
-    mut writer: OutputWriter,
+    mut writer: Box<dyn RowSink>,
     mut done: Done,
     escalation: &mut dyn Escalation,
     progress: &Progress,
@@ -630,7 +618,7 @@ pub fn run(
             Ok((read, skipped, dups))
         });
         // Writer: rows → disk, checkpointing at least every few seconds.
-        let writer_h = s.spawn(move || -> Result<(OutputWriter, [u64; 4])> {
+        let writer_h = s.spawn(move || -> Result<(Box<dyn RowSink>, [u64; 4])> {
             let mut counts = [0u64; 4];
             let mut last = Instant::now();
             loop {
@@ -726,84 +714,4 @@ fn id_hash(id: &str) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     id.hash(&mut h);
     h.finish()
-}
-
-/// Arrow in, Arrow out: classification of record batches with a fixed input schema. This is
-/// what the Python binding (Spark, Polars, Ray) calls; it holds the resolved columns and the
-/// output layout.
-pub struct ArrowJob {
-    pub columns: crate::input::BatchColumns,
-    pub spec: crate::output::OutputSpec,
-    stem: String,
-}
-
-impl ArrowJob {
-    pub fn new(
-        schema: &arrow_schema::Schema,
-        cols: &crate::input::Columns,
-        c: &Classifier,
-    ) -> Result<ArrowJob> {
-        let bc = crate::input::BatchColumns::resolve(schema, cols, false, "record batch")
-            .map_err(Error::Config)?;
-        let mut spec = crate::output::OutputSpec::new(
-            cols.passthrough
-                .iter()
-                .cloned()
-                .zip(bc.passthrough_types.iter().cloned())
-                .collect(),
-        );
-        spec.taxonomies = c.taxonomy_columns();
-        Ok(ArrowJob {
-            columns: bc,
-            spec,
-            stem: "batch".into(),
-        })
-    }
-
-    pub fn output_schema(&self) -> arrow_schema::SchemaRef {
-        crate::output::schema(&self.spec)
-    }
-
-    /// Classifies one batch (rows numbered from `first_index` for generated ids). Escalated
-    /// rows go through `escalation` when given (the LLM tier), else stay `escalate`. Output rows
-    /// keep the input order.
-    pub fn classify(
-        &self,
-        c: &Classifier,
-        batch: &arrow_array::RecordBatch,
-        first_index: u64,
-        escalation: Option<&mut dyn Escalation>,
-    ) -> Result<arrow_array::RecordBatch> {
-        let rows = self
-            .columns
-            .rows(batch, None, first_index, &self.stem, "record batch");
-        let order: std::collections::HashMap<String, usize> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.id.clone(), i))
-            .collect();
-        let (classified, _panics) = c.classify_guarded(rows)?;
-        let mut out: Vec<OutputRow> = Vec::with_capacity(classified.len());
-        match escalation {
-            None => out.extend(classified.into_iter().map(|c| c.out)),
-            Some(esc) => {
-                let (e, d): (Vec<Classified>, Vec<Classified>) = classified
-                    .into_iter()
-                    .partition(|c| c.out.decided_by == DecidedBy::Escalate);
-                // Every result arrives as its own send at worst: room for all of them, so the
-                // tier never blocks on this (unread until it finishes) channel.
-                let (tx, rx) = sync_channel::<Vec<OutputRow>>(e.len() + 1);
-                out.extend(d.into_iter().map(|c| c.out));
-                if !e.is_empty() {
-                    esc.submit(e, &tx)?;
-                }
-                esc.finish(&tx)?;
-                drop(tx);
-                out.extend(rx.try_iter().flatten());
-            }
-        }
-        // Ids are unique within a batch in sane inputs; duplicates keep their relative order.
-        out.sort_by_key(|r| order.get(&r.id).copied().unwrap_or(usize::MAX));
-        crate::output::to_record_batch(&out, &self.spec)
-    }
 }

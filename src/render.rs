@@ -106,6 +106,10 @@ impl Renderer {
         self
     }
 
+    pub fn includes_system_turns(&self) -> bool {
+        self.include_system
+    }
+
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
     }

@@ -24,7 +24,7 @@ fn eval(name: &str) -> Vec<(Signal, EvalReport)> {
         split: Some("train".into()),
         ..Default::default()
     };
-    let (index, _) = semtel::ops::build_index(
+    let (index, _) = semtel::app::index::build_index(
         &enc,
         &[(data.clone(), train)],
         &out.join("idx"),
@@ -38,7 +38,7 @@ fn eval(name: &str) -> Vec<(Signal, EvalReport)> {
         split: Some("test".into()),
         ..Default::default()
     };
-    let ev = semtel::ops::evaluate(&c, &data, &test, &Progress::hidden()).unwrap();
+    let ev = semtel::app::eval::evaluate(&c, &data, &test, &Progress::hidden()).unwrap();
     for (s, r) in &ev.by_signal {
         eprintln!(
             "{name} [{}]: accuracy {:.4} macro-F1 {:.4} kept@95 {:.3} kept@98 {:.3} AURC {:.4}",

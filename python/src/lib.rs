@@ -1,6 +1,6 @@
 //! Python binding of semtel. It owns no logic: PyArrow record batches cross the boundary
 //! zero-copy through the Arrow C data interface, and every decision is made by the core crate
-//! (`semtel::pipeline::ArrowJob`). Heavy state (model, index) is loaded once per process and
+//! (`semtel::app::arrow::ArrowJob`). Heavy state (model, index) is loaded once per process and
 //! shared by every `Classifier` built with the same settings; the index is memory-mapped so
 //! that several worker processes share its pages.
 
@@ -149,7 +149,7 @@ impl Classifier {
         batch: PyArrowType<RecordBatch>,
     ) -> PyResult<PyArrowType<RecordBatch>> {
         let batch = batch.0;
-        let job = semtel::pipeline::ArrowJob::new(&batch.schema(), &self.columns, &self.core)
+        let job = semtel::app::arrow::ArrowJob::new(&batch.schema(), &self.columns, &self.core)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let first = self
             .next_index
@@ -167,7 +167,7 @@ impl Classifier {
         reader: PyArrowType<ArrowArrayStreamReader>,
     ) -> PyResult<PyArrowType<Box<dyn RecordBatchReader + Send>>> {
         let input = reader.0;
-        let job = semtel::pipeline::ArrowJob::new(&input.schema(), &self.columns, &self.core)
+        let job = semtel::app::arrow::ArrowJob::new(&input.schema(), &self.columns, &self.core)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let schema = job.output_schema();
         let start = self.next_index.fetch_add(1 << 40, Ordering::SeqCst);
@@ -183,7 +183,7 @@ impl Classifier {
 
     /// The output schema for an input schema (what Spark's `mapInArrow` needs up front).
     fn output_schema(&self, input_schema: PyArrowType<Schema>) -> PyResult<PyArrowType<Schema>> {
-        let job = semtel::pipeline::ArrowJob::new(&input_schema.0, &self.columns, &self.core)
+        let job = semtel::app::arrow::ArrowJob::new(&input_schema.0, &self.columns, &self.core)
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(PyArrowType(job.output_schema().as_ref().clone()))
     }
@@ -215,7 +215,7 @@ impl Classifier {
 /// never a `PanicException` (which `except Exception` does not catch).
 fn run(
     core: &semtel::pipeline::Classifier,
-    job: &semtel::pipeline::ArrowJob,
+    job: &semtel::app::arrow::ArrowJob,
     batch: &RecordBatch,
     first: u64,
     llm: Option<&semtel::llm::LlmConfig>,
@@ -233,7 +233,7 @@ fn run(
 
 fn run_unguarded(
     core: &semtel::pipeline::Classifier,
-    job: &semtel::pipeline::ArrowJob,
+    job: &semtel::app::arrow::ArrowJob,
     batch: &RecordBatch,
     first: u64,
     llm: Option<&semtel::llm::LlmConfig>,
@@ -256,7 +256,7 @@ fn run_unguarded(
 
 struct Stream {
     input: ArrowArrayStreamReader,
-    job: semtel::pipeline::ArrowJob,
+    job: semtel::app::arrow::ArrowJob,
     core: Arc<semtel::pipeline::Classifier>,
     llm: Option<semtel::llm::LlmConfig>,
     schema: SchemaRef,

@@ -209,7 +209,26 @@ fn cuda_wanted(device: Device) -> bool {
     }
 }
 
+/// Counts the model's tokens in a text (LLM prompt sizing, rate limits, cost estimates).
+pub type TokenCounter = std::sync::Arc<dyn Fn(&str) -> usize + Send + Sync>;
+
 impl Encoder {
+    /// The one token counter: this model's tokenizer, shared by every caller that sizes text
+    /// (a length estimate only if the tokenizer refuses a text).
+    pub fn token_counter(&self) -> TokenCounter {
+        let tok = std::sync::Arc::new(self.renderer.tokenizer().clone());
+        std::sync::Arc::new(move |t: &str| {
+            tok.encode_fast(t, false)
+                .map(|e| e.len())
+                .unwrap_or(t.len() / 4)
+        })
+    }
+
+    /// Whether system turns are embedded (and shown to the LLM) for this run.
+    pub fn include_system_turns(&self) -> bool {
+        self.renderer.includes_system_turns()
+    }
+
     pub fn load(opts: &EncoderOptions) -> Result<Self> {
         let files = crate::model::resolve(opts.model.as_deref())?;
         Self::from_files(files, opts)

@@ -173,6 +173,28 @@ pub struct DistillSummary {
     pub seconds: f64,
 }
 
+/// [`distill`] over the readable conversations of `corpus` (their rendered token ids weight
+/// the tokens).
+pub fn distill_files(
+    encoder: &super::Encoder,
+    out: &std::path::Path,
+    dims: usize,
+    corpus: &[std::path::PathBuf],
+    opts: &crate::input::InputOptions,
+) -> crate::Result<DistillSummary> {
+    let mut docs = Vec::new();
+    for c in corpus {
+        for r in crate::input::read_all(c, opts)? {
+            if let Ok(content) = r.content {
+                if let Ok(rd) = encoder.renderer.render(&content) {
+                    docs.push(encoder.renderer.content_ids(&rd.ids).to_vec());
+                }
+            }
+        }
+    }
+    distill(encoder, out, dims, &docs)
+}
+
 /// Distils a static table from `enc` into `out`. `corpus`: token ids of texts to count
 /// frequencies on (empty: Zipf weights from the vocabulary order).
 pub fn distill(

@@ -8,109 +8,14 @@ use super::tier::{head_tail_chars, PromptBuilder, PromptItem};
 use crate::conversation::{Content, Role};
 use crate::index::ExemplarIndex;
 use crate::input::{self, InputOptions};
-use crate::output::OutFormat;
+use crate::output::Patch;
+use crate::row::LlmInfo;
 use crate::{Error, Result};
-use arrow_array::cast::AsArray;
-use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::sync::Arc;
-
-/// Per-row facts read from a classify output: decided_by and neighbour ids/labels.
-struct OutRow {
-    decided_by: String,
-    neighbor_ids: Vec<String>,
-    neighbor_labels: Vec<String>,
-}
-
-fn read_out_rows(path: &Path) -> Result<HashMap<String, OutRow>> {
-    let mut m = HashMap::new();
-    match OutFormat::of(path) {
-        OutFormat::Jsonl => {
-            let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-            for line in std::io::BufReader::new(f).lines() {
-                let line = line.map_err(|e| Error::io(path, e))?;
-                let v: Value =
-                    serde_json::from_str(&line).map_err(|e| Error::output(path, e.to_string()))?;
-                let nb = v["neighbors"].as_array().cloned().unwrap_or_default();
-                m.insert(
-                    v["id"].as_str().unwrap_or_default().to_string(),
-                    OutRow {
-                        decided_by: v["decided_by"].as_str().unwrap_or_default().to_string(),
-                        neighbor_ids: nb
-                            .iter()
-                            .filter_map(|n| n["id"].as_str().map(String::from))
-                            .collect(),
-                        neighbor_labels: nb
-                            .iter()
-                            .filter_map(|n| n["label"].as_str().map(String::from))
-                            .collect(),
-                    },
-                );
-            }
-        }
-        _ => {
-            for b in read_batches(path)? {
-                let s = |n: &str| b.column_by_name(n).map(|c| c.as_string::<i32>().clone());
-                let (Some(id), Some(by)) = (s("id"), s("decided_by")) else {
-                    return Err(Error::output(
-                        path,
-                        "not a semtel output (no id/decided_by columns)",
-                    ));
-                };
-                let list = |n: &str| b.column_by_name(n).map(|c| c.as_list::<i32>().clone());
-                let (nid, nlab) = (list("neighbor_ids"), list("neighbor_labels"));
-                for i in 0..b.num_rows() {
-                    let strs = |l: &Option<arrow_array::ListArray>| -> Vec<String> {
-                        l.as_ref()
-                            .map(|l| {
-                                let v = l.value(i);
-                                let v = v.as_string::<i32>();
-                                (0..v.len()).map(|k| v.value(k).to_string()).collect()
-                            })
-                            .unwrap_or_default()
-                    };
-                    m.insert(
-                        id.value(i).to_string(),
-                        OutRow {
-                            decided_by: by.value(i).to_string(),
-                            neighbor_ids: strs(&nid),
-                            neighbor_labels: strs(&nlab),
-                        },
-                    );
-                }
-            }
-        }
-    }
-    Ok(m)
-}
-
-fn read_batches(path: &Path) -> Result<Vec<RecordBatch>> {
-    let files: Vec<std::path::PathBuf> = if path.is_dir() {
-        let mut v: Vec<_> = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
-    };
-    let mut out = Vec::new();
-    for p in files {
-        let f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
-        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
-            .and_then(|b| b.build())
-            .map_err(|e| Error::output(&p, e.to_string()))?;
-        for b in r {
-            out.push(b.map_err(|e| Error::output(&p, e.to_string()))?);
-        }
-    }
-    Ok(out)
-}
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ExportSummary {
@@ -129,7 +34,7 @@ pub fn export(
     out: &Path,
     include_system_turns: bool,
 ) -> Result<ExportSummary> {
-    let rows = read_out_rows(labels)?;
+    let rows = crate::output::read_stored_rows(labels)?;
     let escalated: HashSet<&String> = rows
         .iter()
         .filter(|(_, r)| r.decided_by == "escalate")
@@ -295,175 +200,26 @@ pub fn import(
         .unwrap_or((0.0, 0.0));
     let cost =
         |ti: u32, to: u32| (ti as f64 / 1000.0 * pin + to as f64 / 1000.0 * pout) * price_factor;
-    let mut matched = 0usize;
-    match OutFormat::of(labels) {
-        OutFormat::Jsonl => {
-            let f = std::fs::File::open(labels).map_err(|e| Error::io(labels, e))?;
-            let tmp = merged.with_extension("jsonl.tmp");
-            let mut w = std::io::BufWriter::new(
-                std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?,
-            );
-            for line in std::io::BufReader::new(f).lines() {
-                let line = line.map_err(|e| Error::io(labels, e))?;
-                let mut v: Value = serde_json::from_str(&line)
-                    .map_err(|e| Error::output(labels, e.to_string()))?;
-                let id = v["id"].as_str().unwrap_or_default().to_string();
-                if v["decided_by"] == "escalate" {
-                    match outcomes.get(&id) {
-                        Some(Outcome::Label {
-                            label,
-                            tokens_in,
-                            tokens_out,
-                            model,
-                        }) => {
-                            matched += 1;
-                            v["label"] = label.clone().into();
-                            v["decided_by"] = "llm".into();
-                            v["error"] = Value::Null;
-                            v["llm_model"] = model.clone().into();
-                            v["llm_tokens_in"] = (*tokens_in).into();
-                            v["llm_tokens_out"] = (*tokens_out).into();
-                            v["llm_cost_usd"] = cost(*tokens_in, *tokens_out).into();
-                        }
-                        Some(Outcome::Problem(p)) => {
-                            matched += 1;
-                            v["error"] = p.clone().into();
-                        }
-                        None => {}
-                    }
-                }
-                writeln!(w, "{v}").map_err(|e| Error::io(&tmp, e))?;
-                s.rows_written += 1;
-            }
-            w.flush().map_err(|e| Error::io(&tmp, e))?;
-            drop(w);
-            crate::index::commit(&tmp, merged)?;
-        }
-        _ => {
-            let batches = read_batches(labels)?;
-            let schema = batches
-                .first()
-                .map(|b| b.schema())
-                .ok_or_else(|| Error::output(labels, "empty output"))?;
-            // Checked once here, so the per-batch column accesses below cannot fail.
-            {
-                use arrow_schema::DataType::{Float64, Int64, Utf8};
-                for (name, ty) in [
-                    ("id", Utf8),
-                    ("decided_by", Utf8),
-                    ("label", Utf8),
-                    ("error", Utf8),
-                    ("llm_model", Utf8),
-                    ("llm_tokens_in", Int64),
-                    ("llm_tokens_out", Int64),
-                    ("llm_cost_usd", Float64),
-                ] {
-                    if schema.field_with_name(name).ok().map(|f| f.data_type()) != Some(&ty) {
-                        return Err(Error::output(
-                            labels,
-                            format!(
-                                "no {ty} column `{name}`: pass the output that `semtel classify` wrote for these rows"
-                            ),
-                        ));
-                    }
-                }
-            }
-            let tmp = merged.with_extension("parquet.tmp");
-            let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            let mut w = parquet::arrow::ArrowWriter::try_new(f, schema.clone(), None)
-                .map_err(|e| Error::output(&tmp, e.to_string()))?;
-            for b in batches {
-                let col = |n: &str| b.column_by_name(n).expect("checked above").clone();
-                let ids = col("id");
-                let ids = ids.as_string::<i32>();
-                let by_col = col("decided_by");
-                let by = by_col.as_string::<i32>();
-                let str_col = |n: &str| col(n).as_string::<i32>().clone();
-                let (label, error, model) =
-                    (str_col("label"), str_col("error"), str_col("llm_model"));
-                let tin = col("llm_tokens_in");
-                let tin = tin.as_primitive::<arrow_array::types::Int64Type>();
-                let tout = col("llm_tokens_out");
-                let tout = tout.as_primitive::<arrow_array::types::Int64Type>();
-                let costc = col("llm_cost_usd");
-                let costc = costc.as_primitive::<arrow_array::types::Float64Type>();
-                let n = b.num_rows();
-                let opt =
-                    |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_string());
-                let (mut nl, mut nb, mut ne, mut nm) = (
-                    Vec::with_capacity(n),
-                    Vec::with_capacity(n),
-                    Vec::with_capacity(n),
-                    Vec::with_capacity(n),
-                );
-                let (mut ni, mut no, mut nc) = (
-                    Vec::with_capacity(n),
-                    Vec::with_capacity(n),
-                    Vec::with_capacity(n),
-                );
-                for i in 0..n {
-                    let mut row = (
-                        opt(&label, i),
-                        by.value(i).to_string(),
-                        opt(&error, i),
-                        opt(&model, i),
-                        (!tin.is_null(i)).then(|| tin.value(i)),
-                        (!tout.is_null(i)).then(|| tout.value(i)),
-                        (!costc.is_null(i)).then(|| costc.value(i)),
-                    );
-                    if row.1 == "escalate" {
-                        match outcomes.get(ids.value(i)) {
-                            Some(Outcome::Label {
-                                label,
-                                tokens_in,
-                                tokens_out,
-                                model,
-                            }) => {
-                                matched += 1;
-                                row = (
-                                    Some(label.clone()),
-                                    "llm".into(),
-                                    None,
-                                    Some(model.clone()),
-                                    Some(*tokens_in as i64),
-                                    Some(*tokens_out as i64),
-                                    Some(cost(*tokens_in, *tokens_out)),
-                                );
-                            }
-                            Some(Outcome::Problem(p)) => {
-                                matched += 1;
-                                row.2 = Some(p.clone());
-                            }
-                            None => {}
-                        }
-                    }
-                    nl.push(row.0);
-                    nb.push(row.1);
-                    ne.push(row.2);
-                    nm.push(row.3);
-                    ni.push(row.4);
-                    no.push(row.5);
-                    nc.push(row.6);
-                }
-                let mut cols: Vec<ArrayRef> = b.columns().to_vec();
-                let idx = |n: &str| schema.index_of(n).expect("column");
-                cols[idx("label")] = Arc::new(StringArray::from(nl));
-                cols[idx("decided_by")] = Arc::new(StringArray::from(nb));
-                cols[idx("error")] = Arc::new(StringArray::from(ne));
-                cols[idx("llm_model")] = Arc::new(StringArray::from(nm));
-                cols[idx("llm_tokens_in")] = Arc::new(Int64Array::from(ni));
-                cols[idx("llm_tokens_out")] = Arc::new(Int64Array::from(no));
-                cols[idx("llm_cost_usd")] = Arc::new(Float64Array::from(nc));
-                let nbatch = RecordBatch::try_new(schema.clone(), cols)
-                    .map_err(|e| Error::output(&tmp, e.to_string()))?;
-                s.rows_written += n;
-                w.write(&nbatch)
-                    .map_err(|e| Error::output(&tmp, e.to_string()))?;
-            }
-            w.close().map_err(|e| Error::output(&tmp, e.to_string()))?;
-            crate::index::commit(&tmp, merged)?;
-        }
-    }
+    let (rows_written, matched) = crate::output::patch_escalated(labels, merged, |id| {
+        outcomes.get(id).map(|o| match o {
+            Outcome::Label {
+                label,
+                tokens_in,
+                tokens_out,
+                model,
+            } => Patch::Llm {
+                label: label.clone(),
+                llm: LlmInfo {
+                    model: model.clone(),
+                    tokens_in: *tokens_in,
+                    tokens_out: *tokens_out,
+                    cost_usd: cost(*tokens_in, *tokens_out),
+                },
+            },
+            Outcome::Problem(p) => Patch::Error(p.clone()),
+        })
+    })?;
+    s.rows_written = rows_written;
     s.unknown_ids = s.results - matched;
     Ok(s)
 }
@@ -577,6 +333,6 @@ pub fn run(
     }
     w.flush().map_err(|e| Error::io(&tmp, e))?;
     drop(w);
-    crate::index::commit(&tmp, out)?;
+    crate::fsio::commit(&tmp, out)?;
     Ok(s)
 }

@@ -4,24 +4,11 @@
 //! This module must never call an LLM.
 
 use crate::{Error, Result};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
-/// Hash of a conversation's text after whitespace and case normalisation.
-pub fn text_hash(text: &str) -> String {
-    let mut h = Sha256::new();
-    let mut first = true;
-    for w in text.split_whitespace() {
-        if !first {
-            h.update(b" ");
-        }
-        first = false;
-        h.update(w.to_lowercase().as_bytes());
-    }
-    format!("{:x}", h.finalize())[..32].to_string()
-}
+pub use crate::hash::text_hash;
 
 pub struct Cache {
     path: Option<PathBuf>,

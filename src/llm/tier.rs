@@ -19,8 +19,8 @@ use super::limiter::{backoff, Flow};
 use super::parse::{parse_reply, Answer, Schema};
 use super::prompty::Prompty;
 use crate::conversation::{Content, Role};
-use crate::output::{DecidedBy, LlmInfo, OutputRow};
 use crate::pipeline::{Classified, Escalation};
+use crate::row::{DecidedBy, LlmInfo, OutputRow};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 
 /// Counts a text's tokens (semtel uses its embedding tokenizer as the estimator, corrected by
 /// the `usage` the server reports).
-pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+pub use crate::embed::TokenCounter;
 
 /// Called with every row the LLM labelled (its embedding and the text the LLM saw) — the hook
 /// exemplar growth uses.

@@ -1,0 +1,256 @@
+//! Evaluation jobs: classify a labelled file and score the decisions against its gold labels
+//! (single-label: accuracy, macro-F1, coverage at kept-accuracy per signal; multi-label:
+//! exact-set accuracy, micro/macro-F1).
+
+#![allow(unused_imports)]
+use super::index::parse_label_set;
+use crate::conversation::Row;
+use crate::embed::Encoder;
+use crate::eval::{report, EvalReport, Scored};
+use crate::index::{BuildInfo, Exemplar, ExemplarIndex, ModelInfo};
+use crate::input::{self, InputOptions};
+use crate::pipeline::Classifier;
+use crate::progress::Progress;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Per-row evaluation results beside the aggregate report.
+pub struct Evaluation {
+    /// Report for the classifier's confidence signal.
+    pub report: EvalReport,
+    pub scored: Vec<Scored>,
+    /// Row ids in the order of `scored`.
+    pub ids: Vec<String>,
+    /// The same rows scored with every kNN confidence signal.
+    pub by_signal: Vec<(crate::decide::Signal, EvalReport)>,
+    /// Per gold label, at the index's thresholds: [rows, escalated, kept right, kept wrong].
+    pub by_gold: std::collections::BTreeMap<String, [usize; 4]>,
+}
+
+/// The one "classify a labelled file and collect gold" loop (evaluation and held-out
+/// calibration): classifies `path` chunk by chunk and calls `f` with each labelled row's result
+/// and its gold label (unlabelled rows say nothing about accuracy and are skipped).
+pub fn for_each_labelled(
+    classifier: &Classifier,
+    path: &Path,
+    opts: &InputOptions,
+    progress: &Progress,
+    mut f: impl FnMut(crate::pipeline::Classified, String),
+) -> Result<()> {
+    let mut reader = input::open(path, opts)?;
+    while let Some(rows) = reader.next_batch()? {
+        progress.inc(rows.len() as u64);
+        let golds: Vec<Option<String>> = rows.iter().map(|r| r.label.clone()).collect();
+        let (out, _panics) = classifier.classify_guarded(rows)?;
+        for (c, gold) in out.into_iter().zip(golds) {
+            if let Some(gold) = gold {
+                f(c, gold);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Classifies a labelled file and scores the kNN decisions against the gold labels.
+pub fn evaluate(
+    classifier: &Classifier,
+    path: &Path,
+    opts: &InputOptions,
+    progress: &Progress,
+) -> Result<Evaluation> {
+    let labels = classifier.index.labels();
+    let mut unseen = std::collections::BTreeSet::new();
+    let mut scored = Vec::new();
+    let mut all_scores = Vec::new();
+    let mut by_gold: std::collections::BTreeMap<String, [usize; 4]> = Default::default();
+    let mut ids = Vec::new();
+    for_each_labelled(classifier, path, opts, progress, |c, gold| {
+        let g = labels.binary_search(&gold).ok().map(|i| i as u32);
+        let e = by_gold.entry(gold.clone()).or_default();
+        e[0] += 1;
+        match (c.out.decided_by, c.out.label.as_ref() == Some(&gold)) {
+            (crate::row::DecidedBy::Knn, true) => e[2] += 1,
+            (crate::row::DecidedBy::Knn, false) => e[3] += 1,
+            _ => e[1] += 1,
+        }
+        if g.is_none() {
+            unseen.insert(gold);
+        }
+        let pred = c
+            .scores
+            .as_ref()
+            .and_then(|s| s.decision(classifier.thresholds.signal).0);
+        scored.push(Scored {
+            pred,
+            gold: g,
+            confidence: c.out.confidence.unwrap_or(f32::NEG_INFINITY),
+        });
+        all_scores.push(c.scores);
+        ids.push(c.out.id);
+    })?;
+    if scored.is_empty() {
+        return Err(Error::input(
+            path,
+            format!(
+                "no labelled rows to evaluate (label column `{}`, split {:?})",
+                opts.columns.label, opts.split
+            ),
+        ));
+    }
+    let signal = classifier.thresholds.signal.name().to_string();
+    let unseen: Vec<String> = unseen.into_iter().collect();
+    let mut report = report(&scored, labels.len(), &signal, unseen.clone());
+    let kept: Vec<&Scored> = scored
+        .iter()
+        .filter(|s| classifier.thresholds.keep(s.pred, s.confidence))
+        .collect();
+    let ok = kept.iter().filter(|s| s.correct()).count();
+    report.at_index_thresholds = Some(crate::eval::CoveragePoint {
+        threshold: classifier.thresholds.global,
+        coverage: kept.len() as f64 / scored.len().max(1) as f64,
+        kept_accuracy: (!kept.is_empty()).then(|| ok as f64 / kept.len() as f64),
+        kept: kept.len(),
+    });
+    let by_signal = crate::decide::ALL_SIGNALS
+        .into_iter()
+        .filter(|s| !s.needs_head() || classifier.head.is_some())
+        .map(|sig| {
+            let rescored: Vec<Scored> = scored
+                .iter()
+                .zip(&all_scores)
+                .map(|(s, v)| match v {
+                    Some(v) => {
+                        let (pred, confidence) = v.decision(sig);
+                        Scored {
+                            pred,
+                            gold: s.gold,
+                            confidence,
+                        }
+                    }
+                    None => *s,
+                })
+                .collect();
+            (
+                sig,
+                crate::eval::report(&rescored, labels.len(), sig.name(), unseen.clone()),
+            )
+        })
+        .collect();
+    Ok(Evaluation {
+        report,
+        scored,
+        ids,
+        by_signal,
+        by_gold,
+    })
+}
+
+/// Multi-label evaluation: exact-set accuracy, micro- and macro-F1 over labels, and how much
+/// can be kept at a target exact-set accuracy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MultiReport {
+    pub rows: usize,
+    pub subset_accuracy: f64,
+    pub micro_f1: f64,
+    pub macro_f1: f64,
+    pub at_target: Vec<crate::eval::TargetPoint>,
+    pub at_index_threshold: crate::eval::CoveragePoint,
+}
+
+pub fn evaluate_multi(
+    encoder: &Encoder,
+    tax: &crate::pipeline::Taxonomy,
+    path: &Path,
+    opts: &InputOptions,
+    progress: &Progress,
+) -> Result<MultiReport> {
+    use rayon::prelude::*;
+    let labels = tax.index.labels();
+    let mut reader = input::open(path, opts)?;
+    let mut scored = Vec::new();
+    let (mut tp, mut fp, mut fnn) = (
+        vec![0usize; labels.len()],
+        vec![0usize; labels.len()],
+        vec![0usize; labels.len()],
+    );
+    let mut exact = 0usize;
+    let mut n = 0usize;
+    while let Some(rows) = reader.next_batch()? {
+        progress.inc(rows.len() as u64);
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.content.is_ok() && r.label.is_some())
+            .collect();
+        let rendered: Vec<_> = rows
+            .par_iter()
+            .map(|r| encoder.renderer.render(r.content.as_ref().unwrap()))
+            .collect();
+        let ok: Vec<(usize, Vec<u32>)> = rendered
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.ok().map(|r| (i, r.ids)))
+            .collect();
+        let refs: Vec<&[u32]> = ok.iter().map(|(_, v)| v.as_slice()).collect();
+        let vecs = encoder.embed_ids(&refs)?;
+        let hits = tax.index.search_batch(&vecs, tax.k * 4)?;
+        let d = encoder.dim();
+        let mut scratch = vec![0f32; labels.len()];
+        for (j, ((i, ids), h)) in ok.iter().zip(hits).enumerate() {
+            let out = tax.decide(
+                &h,
+                &vecs[j * d..(j + 1) * d],
+                encoder.renderer.content_ids(ids),
+                &mut scratch,
+            );
+            let pred: Vec<String> = out.labels.unwrap_or_default();
+            let gold = parse_label_set(rows[*i].label.as_ref().unwrap());
+            for (l, name) in labels.iter().enumerate() {
+                match (pred.contains(name), gold.contains(name)) {
+                    (true, true) => tp[l] += 1,
+                    (true, false) => fp[l] += 1,
+                    (false, true) => fnn[l] += 1,
+                    _ => {}
+                }
+            }
+            let right = pred == gold;
+            exact += usize::from(right);
+            n += 1;
+            scored.push(Scored {
+                pred: Some(0),
+                gold: Some(if right { 0 } else { 1 }),
+                confidence: out.confidence.unwrap_or(0.0),
+            });
+        }
+    }
+    if n == 0 {
+        return Err(Error::input(path, "no labelled rows to evaluate"));
+    }
+    let (stp, sfp, sfn): (usize, usize, usize) =
+        (tp.iter().sum(), fp.iter().sum(), fnn.iter().sum());
+    let micro = 2.0 * stp as f64 / (2 * stp + sfp + sfn).max(1) as f64;
+    let per: Vec<f64> = (0..labels.len())
+        .filter(|&l| tp[l] + fp[l] + fnn[l] > 0)
+        .map(|l| 2.0 * tp[l] as f64 / (2 * tp[l] + fp[l] + fnn[l]) as f64)
+        .collect();
+    let kept: Vec<&Scored> = scored
+        .iter()
+        .filter(|s| s.confidence >= tax.thresholds.global)
+        .collect();
+    let kept_ok = kept.iter().filter(|s| s.correct()).count();
+    Ok(MultiReport {
+        rows: n,
+        subset_accuracy: exact as f64 / n as f64,
+        micro_f1: micro,
+        macro_f1: per.iter().sum::<f64>() / per.len().max(1) as f64,
+        at_target: [0.90, 0.95, 0.97, 0.98]
+            .iter()
+            .map(|&t| crate::eval::coverage_at(&scored, t))
+            .collect(),
+        at_index_threshold: crate::eval::CoveragePoint {
+            threshold: tax.thresholds.global,
+            coverage: kept.len() as f64 / n as f64,
+            kept_accuracy: (!kept.is_empty()).then(|| kept_ok as f64 / kept.len() as f64),
+            kept: kept.len(),
+        },
+    })
+}

@@ -1,0 +1,23 @@
+//! The application layer: one handle per user-level job, assembled from the stages. The CLI,
+//! the Python binding and a future server call these; none of them assembles a job itself.
+//!
+//! | job | handle |
+//! |---|---|
+//! | classify a file (resumable, LLM tier, `--grow`, `--also`) | [`classify::ClassifyJob`] |
+//! | classify Arrow record batches (Python, Spark, Polars, Ray) | [`arrow::ArrowJob`] |
+//! | build or extend an index | [`index::build_index_with`], [`index::add_exemplars`] |
+//! | calibrate (cross-validation or held-out rows) | [`calibrate::run`] |
+//! | evaluate on a labelled split | [`eval::evaluate`], [`eval::evaluate_multi`] |
+//! | embed a file to Parquet | [`embed::embed_file`] |
+//! | the bundled demo | [`demo::run`] |
+//!
+//! This layer must never print, parse flags or read environment variables for options: it takes
+//! resolved, typed options and returns typed reports; adapters decide how to show them.
+
+pub mod arrow;
+pub mod calibrate;
+pub mod classify;
+pub mod demo;
+pub mod embed;
+pub mod eval;
+pub mod index;

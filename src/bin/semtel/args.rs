@@ -1,0 +1,277 @@
+//! Command-line arguments of the main commands (clap). Raw values only: merging with the
+//! configuration file and defaults happens once, in `options`.
+
+use clap::{Args, Parser, Subcommand};
+use semtel::decide::Signal;
+use semtel::embed::Device;
+use std::path::PathBuf;
+
+use crate::args_tools::{BenchCmd, LlmCmd, StaticCmd};
+
+#[derive(Parser)]
+#[command(
+    name = "semtel",
+    version,
+    about = "Label human–AI conversations embedding-first: kNN over labelled exemplars decides the confident rows, an LLM only the uncertain rest.",
+    after_help = "Start with `semtel demo`, then `semtel index build`, `semtel classify`, `semtel eval`."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+pub struct Global {
+    /// TOML configuration file (flags override it).
+    #[arg(long, global = true, env = "SEMTEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Embedding model: a folder, or a Hugging Face id found in the local hf-hub cache.
+    /// Default: the model the index was built with, else all-MiniLM-L6-v2 from models/.
+    #[arg(long, global = true)]
+    pub model: Option<String>,
+    /// Where the model runs: auto, cpu or cuda (cuda needs a build with `--features cuda`).
+    #[arg(long, global = true)]
+    pub device: Option<Device>,
+    /// CPU engine: auto (bf16 kernels where the CPU has AVX512-BF16, else candle), fast, candle.
+    #[arg(long, global = true)]
+    pub engine: Option<semtel::embed::Engine>,
+    /// Run the CUDA engine in f32 instead of f16.
+    #[arg(long, global = true)]
+    pub gpu_f32: bool,
+    /// Worker threads (default: all cores; also honours RAYON_NUM_THREADS).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// Keep system turns when embedding (by default they are dropped as boilerplate).
+    #[arg(long, global = true)]
+    pub include_system_turns: bool,
+    /// No progress bar.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Clone, Default)]
+pub struct ColumnArgs {
+    /// Column holding a conversation id (generated as `<file>:<row>` when absent).
+    #[arg(long)]
+    pub id_col: Option<String>,
+    /// Column holding plain text.
+    #[arg(long)]
+    pub text_col: Option<String>,
+    /// Column holding `[{role, content}]` turns (default: `turns` or `messages` when present).
+    #[arg(long)]
+    pub turns_col: Option<String>,
+    /// Column holding the gold label.
+    #[arg(long)]
+    pub label_col: Option<String>,
+    /// Column holding the split name (used with --split).
+    #[arg(long)]
+    pub split_col: Option<String>,
+    /// Keep only rows of this split.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Longest JSONL line read (bytes); a longer line becomes an error row without being held
+    /// in memory. Default 64 MiB.
+    #[arg(long)]
+    pub max_line_bytes: Option<usize>,
+}
+
+#[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once
+pub enum Cmd {
+    /// Build, extend or inspect an exemplar index.
+    #[command(subcommand)]
+    Index(IndexCmd),
+    /// Label conversations (JSONL or Parquet) into JSONL or Parquet, streaming and resumable.
+    Classify(ClassifyArgs),
+    /// Score kNN decisions on a labelled split: accuracy, macro-F1, coverage at kept-accuracy.
+    Eval(EvalArgs),
+    /// Choose the confidence signal and escalation thresholds (global and per label) from
+    /// labelled data, train the learned head, and store them in the index.
+    Calibrate(CalibrateArgs),
+    /// Write embeddings (id, label, vector) of a file's conversations to Parquet.
+    Embed {
+        #[arg(long)]
+        input: PathBuf,
+        /// Parquet file to write.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
+    /// Benchmarks that print figures (speed goals live here, not in tests).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// The static-embedding tier: distil a token table from the transformer.
+    #[command(subcommand)]
+    Static(StaticCmd),
+    /// The LLM tier's tools: a loopback simulator, and the OpenAI Batch API path.
+    #[command(subcommand)]
+    Llm(LlmCmd),
+    /// Run the whole job on the bundled sample (builds an index from data/, classifies, reports).
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand)]
+pub enum IndexCmd {
+    /// Embed a labelled set into a new index directory.
+    Build {
+        /// Labelled JSONL/Parquet file(s).
+        #[arg(long, required = true, num_args = 1..)]
+        exemplars: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        cols: ColumnArgs,
+        /// Neighbours per vote.
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+        /// Global confidence threshold below which rows escalate. Default: chosen by
+        /// leave-one-out over the exemplars for 95% kept-accuracy (see `semtel calibrate`).
+        #[arg(long)]
+        threshold: Option<f32>,
+        /// Replace an existing index at --out.
+        #[arg(long)]
+        overwrite: bool,
+        /// The label column holds a set of labels per row (a JSON list or `a|b`).
+        #[arg(long)]
+        multi_label: bool,
+    },
+    /// Add labelled rows to an existing index.
+    Add {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        exemplars: Vec<PathBuf>,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
+    /// Print an index's manifest.
+    Info {
+        #[arg(long)]
+        index: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct ClassifyArgs {
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Conversations: JSONL or Parquet.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Results: *.jsonl, *.parquet, or a directory for a Parquet dataset.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// Input columns to copy into the output (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub passthrough: Vec<String>,
+    /// Apply another taxonomy from the same embeddings: NAME=INDEX_DIR (repeatable). Adds
+    /// NAME_label (NAME_labels for multi-label indexes), NAME_confidence, NAME_decided_by.
+    #[arg(long, value_name = "NAME=DIR")]
+    pub also: Vec<String>,
+    /// Continue a previous run into the same output, skipping ids already written.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Replace an existing output.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Neighbours per vote (default: the index's).
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Confidence threshold (default: the index's calibrated thresholds).
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// Confidence signal: vote_sim (default), vote, margin or top1.
+    #[arg(long)]
+    pub signal: Option<Signal>,
+    /// Rows per pipeline chunk.
+    #[arg(long, default_value_t = 1024)]
+    pub chunk_rows: usize,
+    /// Parquet outputs: close a part file (durable on disk) after this many rows.
+    #[arg(long, default_value_t = 20_000)]
+    pub part_rows: usize,
+    /// Print the run summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// LLM tier configuration (TOML): escalated rows are labelled by these endpoints.
+    #[arg(long)]
+    pub llm: Option<PathBuf>,
+    /// Add LLM-labelled rows to the exemplar index as the run goes (and save them into the
+    /// index at the end), so fewer later rows need the LLM.
+    #[arg(long, requires = "llm")]
+    pub grow: bool,
+    /// With --grow: only rows whose kNN confidence was at least this are added.
+    #[arg(long, default_value_t = 0.0)]
+    pub grow_min_confidence: f32,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub index: PathBuf,
+    #[arg(long)]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    #[arg(long)]
+    pub k: Option<usize>,
+    #[arg(long)]
+    pub signal: Option<Signal>,
+    /// Also report what happened to rows of these gold labels (e.g. `oos`): escalated, kept
+    /// right, kept wrong.
+    #[arg(long, value_delimiter = ',')]
+    pub report_label: Vec<String>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Wanted accuracy on the rows kNN keeps.
+    #[arg(long, default_value_t = 0.97, conflicts_with = "budget")]
+    pub target: f64,
+    /// Share of rows that may go to the LLM (instead of --target).
+    #[arg(long)]
+    pub budget: Option<f64>,
+    /// Confidence signal (default: the lowest risk–coverage area among all).
+    #[arg(long)]
+    pub signal: Option<Signal>,
+    /// Calibrate on this labelled file (e.g. a validation split) instead of cross-validating
+    /// over the exemplars.
+    #[arg(long)]
+    pub labelled: Option<PathBuf>,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// Do not train the learned head (kNN signals only).
+    #[arg(long)]
+    pub no_head: bool,
+    /// One global threshold instead of per-label ones.
+    #[arg(long)]
+    pub no_per_label: bool,
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Head training: epochs, L2 penalty, learning rate.
+    #[arg(long)]
+    pub head_epochs: Option<usize>,
+    #[arg(long)]
+    pub head_l2: Option<f64>,
+    #[arg(long)]
+    pub head_lr: Option<f64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the demo writes its index and labels.
+    #[arg(long, default_value = "out/demo")]
+    pub out: PathBuf,
+}

@@ -1,0 +1,213 @@
+//! Command-line arguments of the tool commands: `llm`, `bench`, `static`.
+
+use crate::args::ColumnArgs;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum StaticCmd {
+    /// Distil a static token table (model2vec-style) from the model into a new model folder,
+    /// usable anywhere --model is (embedding becomes a lookup and a mean).
+    Distill {
+        #[arg(long)]
+        out: PathBuf,
+        /// Output dimensions (PCA).
+        #[arg(long, default_value_t = 256)]
+        dims: usize,
+        /// Texts (JSONL/Parquet) to count token frequencies on, for SIF weights.
+        #[arg(long)]
+        corpus: Vec<PathBuf>,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LlmCmd {
+    /// Serve an OpenAI-compatible simulator on 127.0.0.1 that answers from true labels.
+    Simulate(SimulateArgs),
+    /// Write the escalated rows of a classify output as an OpenAI Batch API request file.
+    ExportBatch {
+        #[arg(long)]
+        index: PathBuf,
+        /// The conversations that were classified.
+        #[arg(long)]
+        input: PathBuf,
+        /// The classify output holding `escalate` rows.
+        #[arg(long)]
+        labels: PathBuf,
+        #[arg(long)]
+        llm: PathBuf,
+        /// Batch API request file (JSONL) to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        cols: ColumnArgs,
+    },
+    /// Execute a Batch API request file against the configured endpoint (any OpenAI-compatible
+    /// server), writing a results file in the Batch API's format.
+    RunBatch {
+        #[arg(long)]
+        requests: PathBuf,
+        #[arg(long)]
+        llm: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Merge a Batch API results file into a classify output (through the strict parser).
+    ImportBatch {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        results: PathBuf,
+        #[arg(long)]
+        labels: PathBuf,
+        #[arg(long)]
+        llm: PathBuf,
+        /// Where to write the merged output (may equal --labels).
+        #[arg(long)]
+        output: PathBuf,
+        /// Price multiplier for batch calls (OpenAI's Batch API costs half).
+        #[arg(long, default_value_t = 0.5)]
+        price_factor: f64,
+    },
+}
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// Labelled file (JSONL/Parquet) the simulator takes true labels from.
+    #[arg(long)]
+    pub truth: PathBuf,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// Port on 127.0.0.1 (0: any free port; the chosen one is printed).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    #[arg(long, default_value_t = 0)]
+    pub rpm: u64,
+    #[arg(long, default_value_t = 0)]
+    pub tpm: u64,
+    #[arg(long, default_value_t = 300.0)]
+    pub latency_ms: f64,
+    #[arg(long, default_value_t = 50.0)]
+    pub jitter_ms: f64,
+    /// Probability of a wrong (but valid) label per item.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Probability of an injected fault per request.
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_rate: f64,
+    /// Fault kinds: all, or a list of 5xx, hang, malformed, out_of_schema, truncated, drop.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    pub faults: Vec<String>,
+    #[arg(long, default_value_t = 30.0)]
+    pub hang_s: f64,
+    /// Require this API key (as Bearer or api-key header).
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Embedding throughput of each engine on a fixed realistic text set, optionally against
+    /// sentence-transformers on the same texts in the same run.
+    Embed(BenchEmbedArgs),
+    /// The LLM tier against the loopback simulator: throughput at fixed limits (adaptive vs
+    /// fixed concurrency), tokens per item for 1/4/8/16 items per call with and without
+    /// candidate narrowing, and 30 % injected faults.
+    Llm(BenchLlmArgs),
+    /// Accuracy versus cost: from kNN-only to LLM-only, escalating the least confident rows
+    /// first; JSON, CSV, PNG and SVG plots and an HTML report.
+    AccuracyCost(BenchAccArgs),
+}
+
+#[derive(Args)]
+pub struct BenchAccArgs {
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Labelled conversations to score.
+    #[arg(long)]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// `oracle:<accuracy>` (the gold label, replaced by a wrong one at 1 − accuracy; a
+    /// simulated LLM) or an LLM configuration file (every row is sent to its endpoints).
+    #[arg(long)]
+    pub llm: String,
+    /// Output folder for accuracy_cost.{json,csv,png,svg} and report.html.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Name shown in the report (default: the input's file name and split).
+    #[arg(long)]
+    pub set: Option<String>,
+    /// Prices for the oracle's cost estimate, USD per 1M input / output tokens.
+    #[arg(long, default_value_t = 0.15)]
+    pub price_in: f64,
+    #[arg(long, default_value_t = 0.60)]
+    pub price_out: f64,
+}
+
+#[derive(Args)]
+pub struct BenchLlmArgs {
+    /// Index whose neighbours feed candidate narrowing and few-shot examples.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Labelled file: the items and the simulator's truth.
+    #[arg(long)]
+    pub truth: PathBuf,
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    #[arg(long, default_value_t = 2000)]
+    pub items: usize,
+    /// Scenarios: throughput, tokens, faults.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,tokens,faults"
+    )]
+    pub scenarios: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchEmbedArgs {
+    /// Folder with the shared data sets (the text set is drawn from it).
+    #[arg(long, default_value = "../shared")]
+    pub shared: PathBuf,
+    #[arg(long, default_value_t = 2000)]
+    pub texts: usize,
+    /// Embed the texts of this JSONL file (`{"text": ...}` per line) instead of the set drawn
+    /// from --shared (for machines without the data sets, e.g. a GPU box).
+    #[arg(long)]
+    pub texts_file: Option<PathBuf>,
+    /// Write the text set used to this JSONL file (to rerun the same texts elsewhere).
+    #[arg(long)]
+    pub save_texts: Option<PathBuf>,
+    /// Timed passes per engine (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Engines to run, comma-separated: fast, candle.
+    #[arg(long, value_delimiter = ',', default_value = "fast,candle")]
+    pub engines: Vec<semtel::embed::Engine>,
+    /// Python interpreter with sentence-transformers (see benches/setup-st.sh) to compare with.
+    #[arg(long)]
+    pub st: Option<PathBuf>,
+    /// sentence-transformers dtypes to run (f32, bf16, f16).
+    #[arg(long, default_value = "f32,bf16")]
+    pub st_dtypes: String,
+    /// sentence-transformers batch size (its default is 32; GPUs want more).
+    #[arg(long, default_value_t = 32)]
+    pub st_batch_size: usize,
+    /// Padded-token budget per batch.
+    #[arg(long)]
+    pub batch_tokens: Option<usize>,
+    /// Most rows per batch.
+    #[arg(long)]
+    pub batch_rows: Option<usize>,
+    /// Print all results as JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}

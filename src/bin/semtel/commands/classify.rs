@@ -1,0 +1,137 @@
+//! `semtel classify`: resolve the flags into [`ClassifyOptions`], open the job, run it, print
+//! the summary.
+
+use crate::args::ClassifyArgs;
+use crate::options::Ctx;
+use anyhow::{Context, Result};
+use semtel::app::classify::{ClassifyJob, ClassifyOptions};
+use semtel::output::Existing;
+use semtel::pipeline::RunSummary;
+use std::path::PathBuf;
+
+/// The run's options from the flags and the configuration file.
+fn options(ctx: &Ctx, a: &ClassifyArgs) -> Result<ClassifyOptions> {
+    let mut input_options = ctx.input_options(&a.cols);
+    input_options.batch_rows = a.chunk_rows.max(1);
+    input_options.columns.passthrough = if a.passthrough.is_empty() {
+        ctx.cfg.classify.passthrough.clone().unwrap_or_default()
+    } else {
+        a.passthrough.clone()
+    };
+    let also = a
+        .also
+        .iter()
+        .map(|spec| {
+            spec.split_once('=')
+                .map(|(n, d)| (n.to_string(), PathBuf::from(d)))
+                .with_context(|| format!("--also {spec}: expected NAME=INDEX_DIR"))
+        })
+        .collect::<Result<_>>()?;
+    Ok(ClassifyOptions {
+        index: a.index.clone(),
+        input: a.input.clone(),
+        output: a.output.clone(),
+        classifier: ctx.classifier_options(a.k, a.threshold, a.signal)?,
+        also,
+        input_options,
+        part_rows: a.part_rows,
+        existing: if a.resume {
+            Existing::Resume
+        } else if a.overwrite {
+            Existing::Overwrite
+        } else {
+            Existing::Refuse
+        },
+        llm: a.llm.clone().or(ctx.cfg.llm.clone().map(PathBuf::from)),
+        grow_min_confidence: a.grow.then_some(a.grow_min_confidence),
+    })
+}
+
+pub fn run(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
+    let job = ClassifyJob::open(options(ctx, &a)?)?;
+    if a.resume && job.resumed_rows() > 0 {
+        eprintln!(
+            "resuming: {} rows already in {}",
+            job.resumed_rows(),
+            a.output.display()
+        );
+    }
+    let progress = ctx.progress(job.total_rows(), "classify");
+    let report = job.run(&progress)?;
+    progress.finish();
+    let summary = &report.summary;
+    if a.json {
+        let mut v = serde_json::to_value(summary)?;
+        if let Some(s) = &report.llm {
+            v["llm"] = serde_json::to_value(s)?;
+        }
+        println!("{v}");
+    }
+    eprintln!(
+        "wrote {} rows to {} in {:.1}s ({:.0} rows/s): knn {}, escalate {}, llm {}, errors {}{}",
+        summary.rows_written,
+        a.output.display(),
+        summary.seconds,
+        summary.rows_per_second,
+        summary.knn,
+        summary.escalated,
+        summary.llm,
+        summary.errors,
+        if summary.rows_skipped_resume > 0 {
+            format!(", {} skipped (already done)", summary.rows_skipped_resume)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(s) = &report.llm {
+        print_llm_summary(s, summary);
+    }
+    if let Some(n) = report.grown {
+        eprintln!("grew {} by {n} LLM-labelled exemplars", a.index.display());
+    }
+    if summary.errors > 0 {
+        eprintln!("rows with decided_by=error carry the reason in their `error` column");
+    }
+    if summary.duplicate_ids > 0 {
+        eprintln!(
+            "warning: {} rows repeat an id of an earlier row; each was classified and written as its own row (check --id-col if ids should be unique)",
+            summary.duplicate_ids
+        );
+    }
+    if summary.internal_errors > 0 {
+        return Err(super::RunHadErrors(format!(
+            "{} rows hit an internal error (a semtel bug) and were written as error rows; every other row was classified",
+            summary.internal_errors
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+pub fn print_llm_summary(s: &semtel::llm::LlmStats, run: &RunSummary) {
+    eprintln!(
+        "LLM tier: {} rows escalated → {} labelled, {} still escalated after retries; {} calls ({} items sent), {} cache hits, {} duplicates shared",
+        s.rows_in, s.rows_labelled, s.rows_failed, s.calls, s.items_sent, s.cache_hits, s.deduplicated
+    );
+    eprintln!(
+        "          tokens in {} / out {}, cost ${:.4}; 429s {}, server errors {}, timeouts {}, flawed replies {}, items retried {}",
+        s.tokens_in, s.tokens_out, s.cost_usd, s.rate_limited, s.server_errors, s.timeouts, s.bad_replies, s.retried_items
+    );
+    let paid_items = s
+        .rows_labelled
+        .saturating_sub(s.cache_hits + s.deduplicated)
+        .max(1);
+    if s.cost_usd > 0.0 {
+        let per_item = s.cost_usd / paid_items as f64;
+        let classified = run.rows_written.saturating_sub(run.errors);
+        let llm_only = per_item * classified as f64;
+        eprintln!(
+            "          cost per LLM-labelled row ${:.6}; LLM-only for all {} rows ≈ ${:.4}; saved ≈ ${:.4} ({:.0}%)",
+            per_item,
+            classified,
+            llm_only,
+            llm_only - s.cost_usd,
+            100.0 * (1.0 - s.cost_usd / llm_only.max(1e-12))
+        );
+    }
+}

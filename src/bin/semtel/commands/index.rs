@@ -1,0 +1,158 @@
+//! `semtel index build|add|info`, `semtel embed`, `semtel static distill`: call the library's
+//! index jobs and print what they did.
+
+use crate::args::ColumnArgs;
+use crate::options::Ctx;
+use anyhow::{bail, Context, Result};
+use semtel::embed::Encoder;
+use semtel::index::ExemplarIndex;
+use semtel::input::{self, InputOptions};
+use std::path::{Path, PathBuf};
+
+#[allow(clippy::too_many_arguments)] // mirrors the CLI flags one to one
+pub fn build(
+    ctx: &Ctx,
+    files: &[PathBuf],
+    out: &Path,
+    cols: &ColumnArgs,
+    k: usize,
+    threshold: Option<f32>,
+    overwrite: bool,
+    multi_label: bool,
+) -> Result<()> {
+    if out.join(semtel::index::MANIFEST).exists() {
+        if overwrite {
+            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
+        } else {
+            bail!(
+                "{} already holds an index; pass --overwrite to replace it or use `semtel index add`",
+                out.display()
+            );
+        }
+    }
+    let encoder = Encoder::load(&ctx.encoder_options())?;
+    let opts = ctx.input_options(cols);
+    let sources: Vec<(PathBuf, InputOptions)> =
+        files.iter().map(|f| (f.clone(), opts.clone())).collect();
+    let total = files
+        .iter()
+        .filter_map(|f| input::open(f, &opts).ok().and_then(|r| r.total_rows()))
+        .sum();
+    let progress = ctx.progress(Some(total), "index");
+    let (index, s) = semtel::app::index::build_index_with(
+        &encoder,
+        &sources,
+        out,
+        k,
+        threshold,
+        multi_label,
+        &progress,
+    )?;
+    progress.finish();
+    eprintln!(
+        "built {}: {} exemplars, {} labels, model {} ({:.1}s, {:.0} exemplars/s); threshold {:.3} ({})",
+        out.display(),
+        index.len(),
+        index.labels().len(),
+        index.manifest.model.id,
+        s.seconds,
+        s.added as f64 / s.seconds.max(1e-9),
+        index.manifest.decision.threshold,
+        if threshold.is_some() { "given" } else { "leave-one-out, 95% kept-accuracy" }
+    );
+    report_skips(&s);
+    Ok(())
+}
+
+pub fn report_skips(s: &semtel::app::index::AddSummary) {
+    if s.skipped_errors + s.skipped_unlabelled > 0 {
+        eprintln!(
+            "skipped {} unreadable and {} unlabelled rows; first problems:",
+            s.skipped_errors, s.skipped_unlabelled
+        );
+        for p in s.problems.iter().take(5) {
+            eprintln!("  {p}");
+        }
+    }
+}
+
+pub fn add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Result<()> {
+    let mut index = ExemplarIndex::open(dir, false)?;
+    let mut eo = ctx.encoder_options();
+    if eo.model.is_none() {
+        eo.model = Some(semtel::index::default_model(&index.manifest.model));
+    }
+    let encoder = Encoder::load(&eo)?;
+    index.check_model(&encoder.files, encoder.dim())?;
+    let opts = ctx.input_options(cols);
+    let mut added = 0;
+    for f in files {
+        let progress = ctx.progress(input::open(f, &opts)?.total_rows(), "add");
+        let s = semtel::app::index::add_exemplars(&encoder, &mut index, f, &opts, &progress)?;
+        progress.finish();
+        report_skips(&s);
+        added += s.added;
+    }
+    if index
+        .manifest
+        .decision
+        .calibration
+        .as_ref()
+        .is_some_and(|c| c["method"] == "leave-one-out over exemplars")
+    {
+        semtel::calibrate::auto_calibrate(&mut index, semtel::calibrate::DEFAULT_TARGET)?;
+    }
+    index.save()?;
+    eprintln!(
+        "added {added} exemplars to {}: now {} exemplars, {} labels",
+        dir.display(),
+        index.len(),
+        index.labels().len()
+    );
+    Ok(())
+}
+
+pub fn info(index: &Path) -> Result<()> {
+    let idx = ExemplarIndex::open(index, true)?;
+    println!("{}", serde_json::to_string_pretty(&idx.manifest)?);
+    Ok(())
+}
+
+pub fn embed(ctx: &Ctx, input: &Path, output: &Path, cols: &ColumnArgs) -> Result<()> {
+    let encoder = Encoder::load(&ctx.encoder_options())?;
+    let opts = ctx.input_options(cols);
+    let progress = ctx.progress(input::open(input, &opts)?.total_rows(), "embed");
+    let s = semtel::app::embed::embed_file(&encoder, input, &opts, output, &progress)?;
+    progress.finish();
+    eprintln!(
+        "embedded {} rows into {} ({:.1}s, {:.0} rows/s)",
+        s.added,
+        output.display(),
+        s.seconds,
+        s.added as f64 / s.seconds.max(1e-9)
+    );
+    report_skips(&s);
+    Ok(())
+}
+
+pub fn distill(
+    ctx: &Ctx,
+    out: &Path,
+    dims: usize,
+    corpus: &[PathBuf],
+    cols: &ColumnArgs,
+) -> Result<()> {
+    let encoder = Encoder::load(&ctx.encoder_options())?;
+    let opts = ctx.input_options(cols);
+    let s = semtel::embed::static_model::distill_files(&encoder, out, dims, corpus, &opts)?;
+    eprintln!(
+        "distilled {} tokens × {} dims into {} ({:.0}% of the variance kept; weights: {}; {:.1}s)",
+        s.vocab,
+        s.dims,
+        out.display(),
+        s.explained_variance * 100.0,
+        s.weighting,
+        s.seconds
+    );
+    Ok(())
+}

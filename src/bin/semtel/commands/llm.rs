@@ -1,0 +1,125 @@
+//! `semtel llm simulate|export-batch|run-batch|import-batch`: the loopback simulator and the
+//! OpenAI Batch API path.
+
+#![allow(unused_imports)]
+use crate::args_tools::LlmCmd;
+use crate::options::Ctx;
+use anyhow::{bail, Context, Result};
+use semtel::index::ExemplarIndex;
+use semtel::input;
+use std::path::{Path, PathBuf};
+
+pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
+    use semtel::llm::{simulator, LlmConfig};
+    match c {
+        LlmCmd::Simulate(a) => {
+            let opts = ctx.input_options(&a.cols);
+            let rows = input::read_all(&a.truth, &opts)?;
+            let mut truth = std::collections::HashMap::new();
+            for r in rows {
+                if let (Ok(c), Some(l)) = (r.content, r.label) {
+                    truth.insert(simulator::truth_key(&c.flatten()), l);
+                }
+            }
+            let cfg = simulator::SimConfig {
+                rpm: a.rpm,
+                tpm: a.tpm,
+                latency_ms: a.latency_ms,
+                jitter_ms: a.jitter_ms,
+                error_rate: a.error_rate,
+                faults: simulator::Faults::spread(a.fault_rate, &a.faults)
+                    .map_err(anyhow::Error::msg)?,
+                hang_s: a.hang_s,
+                api_key: a.api_key,
+                truth,
+                ..Default::default()
+            };
+            let n = cfg.truth.len();
+            let h = simulator::start(cfg, a.port)?;
+            println!("listening on {} ({} true labels); Ctrl-C stops", h.url(), n);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+        LlmCmd::ExportBatch {
+            index,
+            input: inp,
+            labels,
+            llm,
+            out,
+            cols,
+        } => {
+            let (idx, pb) = batch_prompts(&index, &llm)?;
+            let s = semtel::llm::batch::export(
+                &pb,
+                &idx,
+                &inp,
+                &ctx.input_options(&cols),
+                &labels,
+                &out,
+                ctx.encoder_options().include_system_turns,
+            )?;
+            eprintln!(
+                "wrote {} Batch API requests to {} ({} escalated rows; {} not found in the input)",
+                s.requests,
+                out.display(),
+                s.escalated_rows,
+                s.missing_from_input
+            );
+            Ok(())
+        }
+        LlmCmd::RunBatch {
+            requests,
+            llm,
+            out,
+            concurrency,
+        } => {
+            let cfg = LlmConfig::load(&llm)?;
+            let s = semtel::llm::batch::run(&cfg, &requests, &out, concurrency)?;
+            eprintln!(
+                "ran {} requests against {}: {} ok, {} failed, {} retries; results in {}",
+                s.requests,
+                cfg.endpoints[0].name,
+                s.ok,
+                s.failed,
+                s.retries,
+                out.display()
+            );
+            Ok(())
+        }
+        LlmCmd::ImportBatch {
+            index,
+            results,
+            labels,
+            llm,
+            output,
+            price_factor,
+        } => {
+            let (_, pb) = batch_prompts(&index, &llm)?;
+            let s = semtel::llm::batch::import(&pb, &results, &labels, &output, price_factor)?;
+            eprintln!(
+                "merged {} results into {}: {} labelled, {} rejected (kept as escalate with the reason), {} ids not escalated in the output; {} rows written",
+                s.results,
+                output.display(),
+                s.labelled,
+                s.rejected,
+                s.unknown_ids,
+                s.rows_written
+            );
+            Ok(())
+        }
+    }
+}
+
+fn batch_prompts(
+    index: &Path,
+    llm: &Path,
+) -> Result<(ExemplarIndex, semtel::llm::tier::PromptBuilder)> {
+    let idx = ExemplarIndex::open(index, true)?;
+    let pb = semtel::llm::tier::PromptBuilder::new(
+        semtel::llm::LlmConfig::load(llm)?,
+        idx.labels().to_vec(),
+        std::sync::Arc::new(|t: &str| t.len() / 4),
+    )?;
+    Ok((idx, pb))
+}

@@ -1,0 +1,24 @@
+//! One module per command: each resolves its options through [`crate::options::Ctx`], calls
+//! the library (`semtel::app`, or the dev-tools modules for `bench` and `llm`), and prints.
+
+pub mod accuracy_cost;
+pub mod bench;
+pub mod calibrate;
+pub mod classify;
+pub mod demo;
+pub mod eval;
+pub mod index;
+pub mod llm;
+
+/// A run that finished and wrote every row, but some rows hit internal failures: exit code 3,
+/// so scripts can tell it from a run that stopped (exit 1).
+#[derive(Debug)]
+pub struct RunHadErrors(pub String);
+
+impl std::fmt::Display for RunHadErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RunHadErrors {}

@@ -1,0 +1,88 @@
+//! The result of classifying one row, as every later stage sees it: the LLM tier refines it,
+//! the growth hook reads it, sinks store it. Plain data; this module must never do I/O or know
+//! any output format (those are `output`'s, behind the [`RowSink`](crate::sink::RowSink) trait).
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DecidedBy {
+    Knn,
+    Escalate,
+    Llm,
+    Error,
+}
+
+impl DecidedBy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DecidedBy::Knn => "knn",
+            DecidedBy::Escalate => "escalate",
+            DecidedBy::Llm => "llm",
+            DecidedBy::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeighborOut {
+    pub id: String,
+    pub label: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LlmInfo {
+    pub model: String,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    pub cost_usd: f64,
+}
+
+/// A row's result under an additional taxonomy (`classify --also`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaxOut {
+    pub label: Option<String>,
+    /// Multi-label taxonomies: the label set.
+    pub labels: Option<Vec<String>>,
+    pub confidence: Option<f32>,
+    pub decided_by: DecidedBy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputRow {
+    pub id: String,
+    pub label: Option<String>,
+    pub confidence: Option<f32>,
+    pub margin: Option<f32>,
+    pub top1_sim: Option<f32>,
+    pub decided_by: DecidedBy,
+    /// The kNN vote's label, also for escalated rows (what an LLM-less run would have said).
+    pub knn_label: Option<String>,
+    pub neighbors: Vec<NeighborOut>,
+    pub error: Option<String>,
+    pub llm: Option<LlmInfo>,
+    pub passthrough: Vec<Value>,
+    /// One entry per additional taxonomy, in the classifier's taxonomy order (empty for error
+    /// rows).
+    pub extra: Vec<TaxOut>,
+}
+
+impl OutputRow {
+    pub fn error(id: String, msg: String, passthrough: Vec<Value>) -> Self {
+        OutputRow {
+            id,
+            label: None,
+            confidence: None,
+            margin: None,
+            top1_sim: None,
+            decided_by: DecidedBy::Error,
+            knn_label: None,
+            neighbors: Vec::new(),
+            error: Some(msg),
+            llm: None,
+            passthrough,
+            extra: Vec::new(),
+        }
+    }
+}
