@@ -62,15 +62,14 @@ pub fn read_text_file(p: &Path) -> Result<Vec<String>> {
     for (i, l) in std::io::BufReader::new(f).lines().enumerate() {
         let l = l.map_err(|e| Error::io(p, e))?;
         let v: serde_json::Value = serde_json::from_str(&l)
-            .map_err(|e| Error::Other(format!("{} line {}: {e}", p.display(), i + 1)))?;
+            .map_err(|e| Error::input(p, format!("line {}: {e}", i + 1)))?;
         match v["text"].as_str() {
             Some(t) => out.push(t.to_string()),
             None => {
-                return Err(Error::Other(format!(
-                    "{} line {}: no string field `text`",
-                    p.display(),
-                    i + 1
-                )))
+                return Err(Error::input(
+                    p,
+                    format!("line {}: no string field `text`", i + 1),
+                ))
             }
         }
     }

@@ -9,6 +9,7 @@
 use crate::decide::{vote, Signal};
 use crate::eval::{coverage_at, Scored};
 use crate::index::ExemplarIndex;
+use crate::index::{Calibration, DecisionSignal, LeaveOneOut};
 use crate::{Error, Result};
 
 /// Default kept-accuracy target for automatic calibration.
@@ -98,13 +99,14 @@ pub fn auto_calibrate_multi(index: &mut ExemplarIndex, target: f64) -> Result<()
     let t = coverage_at(&scored, target);
     let d = &mut index.manifest.decision;
     d.threshold = t.threshold.unwrap_or(1e9);
-    d.signal = "multi".into();
-    d.calibration = Some(serde_json::json!({
-        "method": "leave-one-out over exemplar rows (exact label set)",
-        "k": k,
-        "target_kept_accuracy": target,
-        "expected_coverage": t.coverage,
-        "rows": scored.len(),
+    d.signal = DecisionSignal::MultiVote;
+    d.calibration = Some(Calibration::LeaveOneOut(LeaveOneOut {
+        method: LeaveOneOut::MULTI.into(),
+        signal: None,
+        k,
+        target_kept_accuracy: target,
+        expected_coverage: t.coverage,
+        rows: scored.len(),
     }));
     Ok(())
 }
@@ -113,7 +115,7 @@ pub fn auto_calibrate_multi(index: &mut ExemplarIndex, target: f64) -> Result<()
 /// how it was chosen in the manifest.
 pub fn auto_calibrate(index: &mut ExemplarIndex, target: f64) -> Result<()> {
     let d = &index.manifest.decision;
-    let signal: Signal = d.signal.parse().unwrap_or_default();
+    let signal: Signal = d.signal.single().unwrap_or_default();
     let k = d.k;
     if index.len() < 2 {
         return Ok(());
@@ -128,13 +130,13 @@ pub fn auto_calibrate(index: &mut ExemplarIndex, target: f64) -> Result<()> {
     } else {
         1e9
     };
-    d.calibration = Some(serde_json::json!({
-        "method": "leave-one-out over exemplars",
-        "signal": signal.name(),
-        "k": k,
-        "target_kept_accuracy": target,
-        "expected_coverage": t.coverage,
-        "rows": scored.len(),
+    d.calibration = Some(Calibration::LeaveOneOut(LeaveOneOut {
+        method: LeaveOneOut::SINGLE.into(),
+        signal: Some(signal.name().into()),
+        k,
+        target_kept_accuracy: target,
+        expected_coverage: t.coverage,
+        rows: scored.len(),
     }));
     Ok(())
 }
@@ -143,7 +145,6 @@ use crate::decide::{vote_distribution, Pick, Scores, ALL_SIGNALS};
 use crate::head::{Head, HeadOptions};
 use crate::pipeline::Classifier;
 use rayon::prelude::*;
-use serde::Serialize;
 
 /// What `semtel calibrate` optimises.
 #[derive(Debug, Clone)]
@@ -177,39 +178,7 @@ impl Default for CalibrateOptions {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct SignalReport {
-    pub signal: String,
-    pub aurc: f64,
-    pub accuracy: f64,
-    /// Share kept at the target kept-accuracy on the calibration rows (no per-label tuning).
-    pub coverage_at_target: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Interval {
-    pub value: f64,
-    pub lo: f64,
-    pub hi: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CalibrationReport {
-    pub method: String,
-    pub rows: usize,
-    pub signal: String,
-    pub signals: Vec<SignalReport>,
-    pub target_kept_accuracy: Option<f64>,
-    pub budget: Option<f64>,
-    pub per_label: bool,
-    /// Threshold on the calibrated score every row's score is compared with.
-    pub calibrated_threshold: f64,
-    pub expected_coverage: Interval,
-    pub expected_kept_accuracy: Interval,
-    /// Labels whose raw threshold ended stricter / looser than the global one.
-    pub stricter_labels: usize,
-    pub looser_labels: usize,
-}
+pub use crate::index::{CalibrationReport, Interval, SignalReport};
 
 /// Wilson score interval (95 %) for k successes in n trials.
 pub fn wilson(k: usize, n: usize) -> Interval {
@@ -574,7 +543,7 @@ pub fn calibrate(
         g.raw_threshold(0, t_star, lo, hi)
     };
     let d = &mut c.index.manifest.decision;
-    d.signal = signal.name().into();
+    d.signal = DecisionSignal::Single(signal);
     d.threshold = global_raw;
     d.per_label.clear();
     let (mut stricter, mut looser) = (0, 0);
@@ -606,7 +575,7 @@ pub fn calibrate(
         stricter_labels: stricter,
         looser_labels: looser,
     };
-    d.calibration = Some(serde_json::to_value(&report).expect("json"));
+    d.calibration = Some(Calibration::Calibrated(report.clone()));
     // Thresholds live in the manifest; mirror them into the running classifier.
     let mut th = crate::decide::Thresholds::global(signal, global_raw, n_labels);
     for (name, t) in &d.per_label {

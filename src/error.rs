@@ -58,8 +58,37 @@ pub enum Error {
     #[error("the output writer stopped")]
     WriterStopped,
 
-    #[error("{0}")]
-    Other(String),
+    /// The vector index library (usearch) failed.
+    #[error("vector index: {context}: {source}")]
+    VectorIndex {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A tensor operation outside the embedder failed (training the head, writing tables).
+    #[error("{context}: {source}")]
+    Tensor {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// Arrow refused a batch semtel built.
+    #[error("{context}: {source}")]
+    Arrow {
+        context: String,
+        #[source]
+        source: arrow_schema::ArrowError,
+    },
+
+    /// Plots and reports of the benchmarks.
+    #[error("report {path}: {msg}")]
+    Report { path: PathBuf, msg: String },
+
+    /// Something inside semtel broke that input cannot explain: a bug.
+    #[error("internal error: {0}; rerun with --resume where it applies, and please report this as a semtel bug")]
+    Internal(String),
 }
 
 impl Error {
@@ -150,8 +179,27 @@ fn is_disk_full(e: &std::io::Error) -> bool {
         || e.raw_os_error() == Some(28)
 }
 
+impl Error {
+    pub fn vector_index(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::VectorIndex {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+    pub fn tensor(context: impl Into<String>) -> impl FnOnce(candle_core::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Tensor { context, source }
+    }
+}
+
 impl From<candle_core::Error> for Error {
-    fn from(e: candle_core::Error) -> Self {
-        Error::Embed(e.to_string())
+    fn from(source: candle_core::Error) -> Self {
+        Error::Tensor {
+            context: "embedding failed".into(),
+            source,
+        }
     }
 }

@@ -33,9 +33,9 @@ impl Growth {
             expansion_search: 64,
             multi: false,
         })
-        .map_err(|e| Error::Other(format!("usearch: {e}")))?;
+        .map_err(|e| Error::vector_index("growth overlay", e))?;
         idx.reserve_capacity_and_threads(1024, rayon::current_num_threads() + 2)
-            .map_err(|e| Error::Other(format!("usearch: {e}")))?;
+            .map_err(|e| Error::vector_index("growth overlay", e))?;
         Ok(Growth {
             dims,
             index: RwLock::new(idx),
@@ -54,7 +54,7 @@ impl Growth {
 
     pub fn add(&self, vector: &[f32], ex: Exemplar, label: u32) -> Result<()> {
         if vector.len() != self.dims {
-            return Err(Error::Other("growth: wrong vector size".into()));
+            return Err(Error::Internal("growth overlay: wrong vector size".into()));
         }
         let mut meta = self.meta.write().unwrap();
         // usearch takes `&self` even to grow its storage, but a reserve must not overlap a
@@ -64,10 +64,10 @@ impl Growth {
         let key = meta.len();
         if key + 1 > idx.capacity() {
             idx.reserve_capacity_and_threads((key + 1) * 2, rayon::current_num_threads() + 2)
-                .map_err(|e| Error::Other(format!("usearch: {e}")))?;
+                .map_err(|e| Error::vector_index("growth overlay", e))?;
         }
         idx.add(OVERLAY_KEY_BASE + key as u64, vector)
-            .map_err(|e| Error::Other(format!("usearch: {e}")))?;
+            .map_err(|e| Error::vector_index("growth overlay", e))?;
         meta.push((ex, label, vector.to_vec()));
         Ok(())
     }

@@ -146,13 +146,16 @@ impl Head {
     ) -> Result<Head> {
         let n = y.len();
         if n == 0 || x.len() != n * dim || ids.len() != n {
-            return Err(Error::Other("head: inconsistent training data".into()));
+            return Err(Error::Internal("head: inconsistent training data".into()));
         }
         let lexicon = Lexicon::fit(ids, opts.min_df);
         let feats: Vec<Vec<(u32, f32)>> = ids.iter().map(|d| lexicon.features(d)).collect();
         let f = lexicon.len().max(1);
         let dev = Device::Cpu;
-        let ce = |e: candle_core::Error| Error::Other(format!("head training: {e}"));
+        let ce = |e: candle_core::Error| Error::Tensor {
+            context: "training the head".into(),
+            source: e,
+        };
         let wd = Var::from_tensor(&Tensor::zeros((dim, n_labels), DType::F32, &dev).map_err(ce)?)
             .map_err(ce)?;
         let ws = Var::from_tensor(&Tensor::zeros((f, n_labels), DType::F32, &dev).map_err(ce)?)
@@ -273,7 +276,10 @@ impl Head {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let dev = Device::Cpu;
         let f = self.lexicon.len().max(1);
-        let ce = |e: candle_core::Error| Error::Other(format!("saving head: {e}"));
+        let ce = |e: candle_core::Error| Error::Tensor {
+            context: "saving the head".into(),
+            source: e,
+        };
         let tensors: HashMap<String, Tensor> = [
             (
                 "wd",

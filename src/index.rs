@@ -98,14 +98,128 @@ pub struct DecisionConfig {
     #[serde(default)]
     pub per_label: BTreeMap<String, f32>,
     /// Which confidence signal the thresholds apply to.
-    #[serde(default = "default_signal")]
-    pub signal: String,
+    #[serde(default)]
+    pub signal: DecisionSignal,
+    /// How the thresholds were chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<serde_json::Value>,
+    pub calibration: Option<Calibration>,
 }
 
-fn default_signal() -> String {
-    "vote_sim".into()
+/// The confidence signal an index's thresholds apply to: one of the single-label signals, or
+/// the multi-label vote. Stored as its name (`vote_sim`, `head_knn`, …, `multi`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionSignal {
+    Single(crate::decide::Signal),
+    MultiVote,
+}
+
+impl Default for DecisionSignal {
+    fn default() -> Self {
+        DecisionSignal::Single(crate::decide::Signal::default())
+    }
+}
+
+impl DecisionSignal {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DecisionSignal::Single(s) => s.name(),
+            DecisionSignal::MultiVote => "multi",
+        }
+    }
+    /// The single-label signal, or `None` for a multi-label index.
+    pub fn single(&self) -> Option<crate::decide::Signal> {
+        match self {
+            DecisionSignal::Single(s) => Some(*s),
+            DecisionSignal::MultiVote => None,
+        }
+    }
+}
+
+impl Serialize for DecisionSignal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for DecisionSignal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "multi" {
+            return Ok(DecisionSignal::MultiVote);
+        }
+        s.parse()
+            .map(DecisionSignal::Single)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How an index's thresholds were chosen (recorded in the manifest).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Calibration {
+    /// `semtel calibrate`: the full report.
+    Calibrated(CalibrationReport),
+    /// `index build` / `index add`: leave-one-out over the exemplars.
+    LeaveOneOut(LeaveOneOut),
+}
+
+impl Calibration {
+    /// True for the automatic single-label leave-one-out calibration, which `index add`
+    /// redoes after adding exemplars (a `semtel calibrate` result is kept as it is).
+    pub fn is_automatic_single_label(&self) -> bool {
+        matches!(self, Calibration::LeaveOneOut(l) if l.method == LeaveOneOut::SINGLE)
+    }
+}
+
+/// The automatic calibration of `index build`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LeaveOneOut {
+    pub expected_coverage: f64,
+    pub k: usize,
+    pub method: String,
+    pub rows: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    pub target_kept_accuracy: f64,
+}
+
+impl LeaveOneOut {
+    pub const SINGLE: &'static str = "leave-one-out over exemplars";
+    pub const MULTI: &'static str = "leave-one-out over exemplar rows (exact label set)";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SignalReport {
+    pub signal: String,
+    pub aurc: f64,
+    pub accuracy: f64,
+    /// Share kept at the target kept-accuracy on the calibration rows (no per-label tuning).
+    pub coverage_at_target: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Interval {
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CalibrationReport {
+    pub method: String,
+    pub rows: usize,
+    pub signal: String,
+    pub signals: Vec<SignalReport>,
+    pub target_kept_accuracy: Option<f64>,
+    pub budget: Option<f64>,
+    pub per_label: bool,
+    /// Threshold on the calibrated score every row's score is compared with.
+    pub calibrated_threshold: f64,
+    pub expected_coverage: Interval,
+    pub expected_kept_accuracy: Interval,
+    /// Labels whose raw threshold ended stricter / looser than the global one.
+    pub stricter_labels: usize,
+    pub looser_labels: usize,
 }
 
 impl Default for DecisionConfig {
@@ -114,7 +228,7 @@ impl Default for DecisionConfig {
             k: 10,
             threshold: 0.4,
             per_label: BTreeMap::new(),
-            signal: default_signal(),
+            signal: DecisionSignal::default(),
             calibration: None,
         }
     }
@@ -172,7 +286,7 @@ fn new_usearch(dims: usize, b: &BuildInfo) -> Result<usearch::Index> {
         expansion_search: b.expansion_search,
         multi: false,
     };
-    usearch::Index::new(&opts).map_err(|e| Error::Other(format!("usearch: {e}")))
+    usearch::Index::new(&opts).map_err(|e| Error::vector_index("creating the index", e))
 }
 
 impl ExemplarIndex {
@@ -374,9 +488,11 @@ impl ExemplarIndex {
         }
         let d = self.manifest.model.dims;
         if vectors.len() != exemplars.len() * d {
-            return Err(Error::Other(
-                "vector count does not match exemplar count".into(),
-            ));
+            return Err(Error::Internal(format!(
+                "{} vectors of {d} dims for {} exemplars",
+                vectors.len() / d.max(1),
+                exemplars.len()
+            )));
         }
         // Grow the label set, keeping it sorted, and remap existing label indices.
         let mut labels = self.manifest.labels.clone();

@@ -7,6 +7,7 @@
 //! internals, and nothing here keeps global mutable state.
 
 pub mod app;
+#[cfg(feature = "dev-tools")]
 pub mod bench;
 pub mod calibrate;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod render;
+#[cfg(feature = "dev-tools")]
 pub mod report;
 pub mod row;
 pub mod sink;

@@ -271,7 +271,10 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
     for (j, (_, t)) in spec.passthrough.iter().enumerate() {
         cols.push(passthrough_array(rows.iter().map(|r| &r.passthrough[j]), t));
     }
-    RecordBatch::try_new(schema, cols).map_err(|e| Error::Other(format!("building output: {e}")))
+    RecordBatch::try_new(schema, cols).map_err(|source| Error::Arrow {
+        context: "building output rows".into(),
+        source,
+    })
 }
 
 /// Builds a pass-through column of the input's type; values that do not fit become null

@@ -61,7 +61,7 @@ impl Taxonomy {
         let signal: Signal = if multi_label {
             Signal::Vote
         } else {
-            d.signal.parse().map_err(Error::Config)?
+            d.signal.single().unwrap_or_default()
         };
         let mut thresholds = Thresholds::global(signal, d.threshold, index.labels().len());
         for (label, t) in &d.per_label {
@@ -129,19 +129,15 @@ impl Taxonomy {
             .take(self.k)
             .map(|&(k, s)| (label_of[k as usize], s))
             .collect();
-        let v = vote_labeled(&top, scratch);
-        let (head, mix) = match &self.head {
-            Some(h) => {
-                let p = h.predict(vector, ids);
-                let d = vote_distribution(&top, labels.len());
-                let m: Vec<f32> = p.iter().zip(&d).map(|(a, b)| 0.5 * (a + b)).collect();
-                (Pick::of(&p), Pick::of(&m))
-            }
-            None => (None, None),
-        };
-        let scores = Scores { vote: v, head, mix };
-        let (label, conf) = scores.decision(self.thresholds.signal);
-        let keep = self.thresholds.keep(label, conf);
+        let d = decide_single(
+            &top,
+            self.head.as_ref(),
+            vector,
+            ids,
+            &self.thresholds,
+            scratch,
+        );
+        let (label, conf, keep) = (d.label, d.confidence, d.keep);
         crate::row::TaxOut {
             label: label.map(|l| labels[l as usize].clone()),
             labels: None,
@@ -152,6 +148,47 @@ impl Taxonomy {
                 DecidedBy::Escalate
             },
         }
+    }
+}
+
+/// A single-label decision: the scores, the label the configured signal picks, its
+/// confidence, and whether the thresholds keep it.
+pub struct Decision {
+    pub scores: Scores,
+    pub label: Option<u32>,
+    pub confidence: f32,
+    pub keep: bool,
+}
+
+/// The one single-label decision, for the main label and for every `--also` taxonomy
+/// (`scratch` has one slot per label of the index): the
+/// similarity-weighted vote over `labeled` neighbours (label, similarity), the learned head
+/// when there is one, their mix, then the thresholds' verdict on the configured signal.
+pub fn decide_single(
+    labeled: &[(u32, f32)],
+    head: Option<&crate::head::Head>,
+    vector: &[f32],
+    ids: &[u32],
+    thresholds: &Thresholds,
+    scratch: &mut [f32],
+) -> Decision {
+    let vote = vote_labeled(labeled, scratch);
+    let (head, mix) = match head {
+        Some(h) => {
+            let p = h.predict(vector, ids);
+            let d = vote_distribution(labeled, scratch.len());
+            let m: Vec<f32> = p.iter().zip(&d).map(|(a, b)| 0.5 * (a + b)).collect();
+            (Pick::of(&p), Pick::of(&m))
+        }
+        None => (None, None),
+    };
+    let scores = Scores { vote, head, mix };
+    let (label, confidence) = scores.decision(thresholds.signal);
+    Decision {
+        keep: thresholds.keep(label, confidence),
+        scores,
+        label,
+        confidence,
     }
 }
 
@@ -235,7 +272,12 @@ impl Classifier {
         let d = &index.manifest.decision;
         let signal = match opts.signal {
             Some(s) => s,
-            None => d.signal.parse().map_err(Error::Config)?,
+            None => d.signal.single().ok_or_else(|| {
+                Error::index(
+                    index.dir(),
+                    "a multi-label index decides only as an additional taxonomy: pass it with --also NAME=DIR",
+                )
+            })?,
         };
         let k = opts.k.unwrap_or(d.k).max(1);
         let mut thresholds = Thresholds::global(
@@ -440,22 +482,18 @@ impl Classifier {
                     self.index.exemplar(key).clone()
                 }
             };
-            let v = vote_labeled(&labeled, &mut scratch);
-            let (head, mix) = match &self.head {
-                Some(h) => {
-                    let p = h.predict(&vector, ids.get(i).map_or(&[][..], |x| x.as_slice()));
-                    let d = vote_distribution(&labeled, labels.len());
-                    let m: Vec<f32> = p.iter().zip(&d).map(|(a, b)| 0.5 * (a + b)).collect();
-                    (Pick::of(&p), Pick::of(&m))
-                }
-                None => (None, None),
-            };
-            let margin = v.margin;
-            let top1 = v.top1_sim;
-            let knn_label = v.label.map(|l| labels[l as usize].clone());
-            let scores = Scores { vote: v, head, mix };
-            let (label, conf) = scores.decision(self.thresholds.signal);
-            let keep = self.thresholds.keep(label, conf);
+            let d = decide_single(
+                &labeled,
+                self.head.as_ref(),
+                &vector,
+                ids.get(i).map_or(&[][..], |x| x.as_slice()),
+                &self.thresholds,
+                &mut scratch,
+            );
+            let margin = d.scores.vote.margin;
+            let top1 = d.scores.vote.top1_sim;
+            let knn_label = d.scores.vote.label.map(|l| labels[l as usize].clone());
+            let (scores, label, conf, keep) = (d.scores, d.label, d.confidence, d.keep);
             let neighbors = nb
                 .iter()
                 .take(self.report_neighbors)
@@ -670,14 +708,14 @@ pub fn run(
         drop(row_rx);
         drop(out_tx);
         let read_res = reader_h.join().unwrap_or_else(|p| {
-            Err(Error::Other(format!(
-                "internal error in the input reader ({}); rerun with --resume; please report this as a semtel bug",
+            Err(Error::Internal(format!(
+                "the input reader panicked ({})",
                 panic_message(&*p)
             )))
         });
         let write_res = writer_h.join().unwrap_or_else(|p| {
-            Err(Error::Other(format!(
-                "internal error in the output writer ({}); rerun with --resume; please report this as a semtel bug",
+            Err(Error::Internal(format!(
+                "the output writer panicked ({})",
                 panic_message(&*p)
             )))
         });

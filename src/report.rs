@@ -6,7 +6,7 @@
 use crate::{Error, Result};
 use plotters::prelude::*;
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
@@ -82,7 +82,10 @@ fn draw<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let err = |e: &dyn std::fmt::Display| Error::Other(format!("plot: {e}"));
+    let err = |e: &dyn std::fmt::Display| Error::Report {
+        path: PathBuf::from("plot"),
+        msg: e.to_string(),
+    };
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (title, body) = root.split_vertically(40);
     title
@@ -248,7 +251,10 @@ pub fn write(dir: &Path, r: &AccuracyCost) -> Result<()> {
     enc.set_depth(png::BitDepth::Eight);
     enc.write_header()
         .and_then(|mut wr| wr.write_image_data(&buf))
-        .map_err(|e| Error::Other(format!("{}: {e}", png.display())))?;
+        .map_err(|e| Error::Report {
+            path: png.to_path_buf(),
+            msg: e.to_string(),
+        })?;
     let svg_text = std::fs::read_to_string(&svg).map_err(|e| io(&svg, e))?;
     let html = dir.join("report.html");
     std::fs::write(&html, html_page(r, &svg_text)).map_err(|e| io(&html, e))?;

@@ -224,8 +224,8 @@ fn run(
         run_unguarded(core, job, batch, first, llm)
     }))
     .unwrap_or_else(|p| {
-        Err(semtel::Error::Other(format!(
-            "internal error while classifying this batch ({}); please report it as a semtel bug",
+        Err(semtel::Error::Internal(format!(
+            "classifying this batch panicked ({})",
             semtel::pipeline::panic_message(&*p)
         )))
     })
@@ -241,14 +241,7 @@ fn run_unguarded(
     match llm {
         None => job.classify(core, batch, first, None),
         Some(cfg) => {
-            let tok = Arc::new(core.encoder.renderer.tokenizer().clone());
-            let counter: semtel::llm::tier::TokenCounter = Arc::new(move |t: &str| {
-                tok.encode_fast(t, false)
-                    .map(|e| e.len())
-                    .unwrap_or(t.len() / 4)
-            });
-            let mut tier =
-                semtel::llm::LlmTier::new(cfg.clone(), core.index.labels().to_vec(), counter)?;
+            let mut tier = semtel::app::classify::llm_tier_from(core, cfg.clone())?;
             job.classify(core, batch, first, Some(&mut tier))
         }
     }

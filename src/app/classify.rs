@@ -157,9 +157,14 @@ impl ClassifyJob {
     }
 }
 
-/// The LLM tier for a classifier's label set, counting tokens with its tokenizer.
+/// The LLM tier for a classifier's label set from a configuration file.
 pub fn llm_tier(classifier: &Classifier, config: &std::path::Path) -> Result<LlmTier> {
-    let cfg = crate::llm::LlmConfig::load(config)?;
+    llm_tier_from(classifier, crate::llm::LlmConfig::load(config)?)
+}
+
+/// The LLM tier for a classifier's label set, counting tokens with its tokenizer (the CLI and
+/// the Python binding both build it here).
+pub fn llm_tier_from(classifier: &Classifier, cfg: crate::llm::LlmConfig) -> Result<LlmTier> {
     let tier = LlmTier::new(
         cfg,
         classifier.index.labels().to_vec(),

@@ -308,12 +308,12 @@ pub fn distill(
     let tensors: HashMap<String, candle_core::Tensor> = [(
         "table".to_string(),
         candle_core::Tensor::from_vec(table, (vocab, dims), &candle_core::Device::Cpu)
-            .map_err(|e| Error::Other(e.to_string()))?,
+            .map_err(Error::tensor("building the static table"))?,
     )]
     .into_iter()
     .collect();
     candle_core::safetensors::save(&tensors, out.join(STATIC_TABLE))
-        .map_err(|e| Error::Other(e.to_string()))?;
+        .map_err(Error::tensor("writing the static table"))?;
     std::fs::copy(
         enc.files.dir.join("tokenizer.json"),
         out.join("tokenizer.json"),

@@ -11,6 +11,7 @@ pub mod limiter;
 pub mod parse;
 pub mod prompty;
 pub mod redact;
+#[cfg(feature = "dev-tools")]
 pub mod simulator;
 pub mod tier;
 

@@ -98,7 +98,7 @@ pub fn add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Resul
         .decision
         .calibration
         .as_ref()
-        .is_some_and(|c| c["method"] == "leave-one-out over exemplars")
+        .is_some_and(|c| c.is_automatic_single_label())
     {
         semtel::calibrate::auto_calibrate(&mut index, semtel::calibrate::DEFAULT_TARGET)?;
     }
