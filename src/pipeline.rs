@@ -9,11 +9,9 @@ use crate::embed::{Encoder, EncoderOptions};
 use crate::index::ExemplarIndex;
 use crate::input::RowReader;
 use crate::progress::Progress;
-use crate::render::Rendered;
 use crate::row::{DecidedBy, NeighborOut, OutputRow};
 use crate::sink::{Done, RowSink};
 use crate::{Error, Result};
-use rayon::prelude::*;
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -304,52 +302,22 @@ impl Classifier {
         })
     }
 
-    /// Renders rows to token ids in parallel (errors stay per row).
-    pub fn render(&self, rows: &[Row]) -> Vec<std::result::Result<Rendered, String>> {
-        rows.par_iter()
-            .map(|r| match &r.content {
-                Ok(c) => {
-                    crate::failpoint::panic_on_row(&r.id);
-                    self.encoder.renderer.render(c)
-                }
-                Err(e) => Err(e.clone()),
-            })
-            .collect()
-    }
-
-    /// Embeds rendered rows; rows that failed to render keep their error.
-    pub fn embed(
-        &self,
-        rendered: &[std::result::Result<Rendered, String>],
-    ) -> Result<Vec<RowVector>> {
-        let ok: Vec<&[u32]> = rendered
-            .iter()
-            .filter_map(|r| r.as_ref().ok().map(|r| r.ids.as_slice()))
-            .collect();
-        let flat = self.encoder.embed_ids(&ok)?;
-        let d = self.encoder.dim();
-        let mut it = flat.chunks(d);
-        Ok(rendered
-            .iter()
-            .map(|r| match r {
-                Ok(_) => Ok(it.next().expect("one vector per rendered row").to_vec()),
-                Err(e) => Err(e.clone()),
-            })
-            .collect())
-    }
-
-    /// The full chunk step: render, embed, search, decide.
+    /// The full chunk step: render, embed ([`Encoder::embed_rows`]), search, decide.
     pub fn classify(&self, rows: Vec<Row>) -> Result<Vec<Classified>> {
-        let rendered = self.render(&rows);
-        let vectors = self.embed(&rendered)?;
-        let ids: Vec<Vec<u32>> = rendered
-            .iter()
-            .map(|r| {
-                r.as_ref()
-                    .map(|r| self.encoder.renderer.content_ids(&r.ids).to_vec())
-                    .unwrap_or_default()
-            })
-            .collect();
+        let mut vectors = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for e in self.encoder.embed_rows(&rows)? {
+            match e {
+                Ok(e) => {
+                    ids.push(self.encoder.content_ids(&e.ids).to_vec());
+                    vectors.push(Ok(e.vector));
+                }
+                Err(msg) => {
+                    ids.push(Vec::new());
+                    vectors.push(Err(msg));
+                }
+            }
+        }
         self.decide(rows, vectors, &ids)
     }
 

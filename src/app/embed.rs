@@ -1,13 +1,8 @@
 //! The embed job: vectors of a file's conversations to Parquet.
 
-#![allow(unused_imports)]
 use super::index::AddSummary;
-use crate::conversation::Row;
 use crate::embed::Encoder;
-use crate::eval::{report, EvalReport, Scored};
-use crate::index::{BuildInfo, Exemplar, ExemplarIndex, ModelInfo};
 use crate::input::{self, InputOptions};
-use crate::pipeline::Classifier;
 use crate::progress::Progress;
 use crate::{Error, Result};
 use std::path::Path;
@@ -43,24 +38,15 @@ pub fn embed_file(
     let mut s = AddSummary::default();
     while let Some(rows) = reader.next_batch()? {
         progress.inc(rows.len() as u64);
-        let rendered: Vec<_> = {
-            use rayon::prelude::*;
-            rows.par_iter()
-                .map(|r| match &r.content {
-                    Ok(c) => encoder.renderer.render(c),
-                    Err(e) => Err(e.clone()),
-                })
-                .collect()
-        };
         let mut ids = Vec::new();
         let mut labels = Vec::new();
-        let mut seqs = Vec::new();
-        for (r, rd) in rows.iter().zip(rendered) {
-            match rd {
-                Ok(rd) => {
+        let mut flat = Vec::new();
+        for (r, e) in rows.iter().zip(encoder.embed_rows(&rows)?) {
+            match e {
+                Ok(e) => {
                     ids.push(r.id.clone());
                     labels.push(r.label.clone());
-                    seqs.push(rd.ids);
+                    flat.extend_from_slice(&e.vector);
                 }
                 Err(e) => {
                     s.skipped_errors += 1;
@@ -70,11 +56,10 @@ pub fn embed_file(
                 }
             }
         }
-        if seqs.is_empty() {
+        if ids.is_empty() {
             continue;
         }
-        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let v = encoder.embed_ids(&refs)?;
+        let v = flat;
         s.added += ids.len();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(ids)),

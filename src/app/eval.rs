@@ -2,12 +2,9 @@
 //! (single-label: accuracy, macro-F1, coverage at kept-accuracy per signal; multi-label:
 //! exact-set accuracy, micro/macro-F1).
 
-#![allow(unused_imports)]
 use super::index::parse_label_set;
-use crate::conversation::Row;
 use crate::embed::Encoder;
 use crate::eval::{report, EvalReport, Scored};
-use crate::index::{BuildInfo, Exemplar, ExemplarIndex, ModelInfo};
 use crate::input::{self, InputOptions};
 use crate::pipeline::Classifier;
 use crate::progress::Progress;
@@ -164,7 +161,6 @@ pub fn evaluate_multi(
     opts: &InputOptions,
     progress: &Progress,
 ) -> Result<MultiReport> {
-    use rayon::prelude::*;
     let labels = tax.index.labels();
     let mut reader = input::open(path, opts)?;
     let mut scored = Vec::new();
@@ -181,27 +177,20 @@ pub fn evaluate_multi(
             .into_iter()
             .filter(|r| r.content.is_ok() && r.label.is_some())
             .collect();
-        let rendered: Vec<_> = rows
-            .par_iter()
-            .map(|r| encoder.renderer.render(r.content.as_ref().unwrap()))
-            .collect();
-        let ok: Vec<(usize, Vec<u32>)> = rendered
+        let ok: Vec<(usize, crate::embed::Embedded)> = encoder
+            .embed_rows(&rows)?
             .into_iter()
             .enumerate()
-            .filter_map(|(i, r)| r.ok().map(|r| (i, r.ids)))
+            .filter_map(|(i, e)| e.ok().map(|e| (i, e)))
             .collect();
-        let refs: Vec<&[u32]> = ok.iter().map(|(_, v)| v.as_slice()).collect();
-        let vecs = encoder.embed_ids(&refs)?;
+        let vecs: Vec<f32> = ok
+            .iter()
+            .flat_map(|(_, e)| e.vector.iter().copied())
+            .collect();
         let hits = tax.index.search_batch(&vecs, tax.k * 4)?;
-        let d = encoder.dim();
         let mut scratch = vec![0f32; labels.len()];
-        for (j, ((i, ids), h)) in ok.iter().zip(hits).enumerate() {
-            let out = tax.decide(
-                &h,
-                &vecs[j * d..(j + 1) * d],
-                encoder.renderer.content_ids(ids),
-                &mut scratch,
-            );
+        for ((i, e), h) in ok.iter().zip(hits) {
+            let out = tax.decide(&h, &e.vector, encoder.content_ids(&e.ids), &mut scratch);
             let pred: Vec<String> = out.labels.unwrap_or_default();
             let gold = parse_label_set(rows[*i].label.as_ref().unwrap());
             for (l, name) in labels.iter().enumerate() {

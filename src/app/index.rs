@@ -2,13 +2,10 @@
 //! compose the stages (read, render, embed, index, auto-calibrate) and own no format or model
 //! details of their own.
 
-#![allow(unused_imports)]
 use crate::conversation::Row;
 use crate::embed::Encoder;
-use crate::eval::{report, EvalReport, Scored};
 use crate::index::{BuildInfo, Exemplar, ExemplarIndex, ModelInfo};
 use crate::input::{self, InputOptions};
-use crate::pipeline::Classifier;
 use crate::progress::Progress;
 use crate::{Error, Result};
 use std::path::Path;
@@ -66,31 +63,23 @@ pub fn add_exemplars(
                 _ => keep.push(r),
             }
         }
-        let rendered: Vec<_> = {
-            use rayon::prelude::*;
-            keep.par_iter()
-                .map(|r| encoder.renderer.render(r.content.as_ref().unwrap()))
-                .collect()
-        };
         let multi = index.manifest.build.multi_label;
-        let mut ids = Vec::new();
+        let embedded = encoder.embed_rows(&keep)?;
         let mut ex = Vec::new();
-        let mut owner: Vec<usize> = Vec::new();
-        for (r, rd) in keep.into_iter().zip(rendered) {
-            match rd {
-                Ok(rd) => {
-                    let text = r.content.unwrap().flatten();
-                    let label = r.label.unwrap();
+        let mut vectors = Vec::new();
+        for (r, e) in keep.into_iter().zip(embedded) {
+            match e {
+                Ok(e) => {
+                    let text = r.content.expect("kept rows are readable").flatten();
+                    let label = r.label.expect("kept rows are labelled");
                     // A multi-label row becomes one exemplar per label (same vector, same id).
                     let labels = if multi {
                         parse_label_set(&label)
                     } else {
                         vec![label]
                     };
-                    // Embedded once; the vector is repeated per label below.
-                    ids.push(rd.ids);
                     for l in labels {
-                        owner.push(ids.len() - 1);
+                        vectors.extend_from_slice(&e.vector);
                         ex.push(Exemplar {
                             id: r.id.clone(),
                             label: l,
@@ -112,13 +101,6 @@ pub fn add_exemplars(
         }
         if ex.is_empty() {
             continue;
-        }
-        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let unique = encoder.embed_ids(&refs)?;
-        let d = encoder.dim();
-        let mut vectors = Vec::with_capacity(owner.len() * d);
-        for &o in &owner {
-            vectors.extend_from_slice(&unique[o * d..(o + 1) * d]);
         }
         s.added += ex.len();
         index.add(&vectors, ex)?;

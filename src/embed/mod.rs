@@ -209,6 +209,14 @@ fn cuda_wanted(device: Device) -> bool {
     }
 }
 
+/// A row's embedding and the token ids it was computed from.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    pub vector: Vec<f32>,
+    /// Rendered ids, special tokens included.
+    pub ids: Vec<u32>,
+}
+
 /// Counts the model's tokens in a text (LLM prompt sizing, rate limits, cost estimates).
 pub type TokenCounter = std::sync::Arc<dyn Fn(&str) -> usize + Send + Sync>;
 
@@ -267,6 +275,50 @@ impl Encoder {
 
     pub fn pooling(&self) -> Pooling {
         self.files.pooling
+    }
+
+    /// The one render → embed step every job uses: renders each row's content in parallel and
+    /// embeds the rows that rendered in one flat batch. Per row: its vector and rendered ids, or
+    /// why there are none (the row's own read error, or the render error).
+    pub fn embed_rows(
+        &self,
+        rows: &[crate::conversation::Row],
+    ) -> Result<Vec<std::result::Result<Embedded, String>>> {
+        use rayon::prelude::*;
+        let rendered: Vec<std::result::Result<crate::render::Rendered, String>> = rows
+            .par_iter()
+            .map(|r| match &r.content {
+                Ok(c) => {
+                    crate::failpoint::panic_on_row(&r.id);
+                    self.renderer.render(c)
+                }
+                Err(e) => Err(e.clone()),
+            })
+            .collect();
+        let ok: Vec<&[u32]> = rendered
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|r| r.ids.as_slice()))
+            .collect();
+        let flat = self.embed_ids(&ok)?;
+        let mut vectors = flat.chunks(self.dim());
+        Ok(rendered
+            .into_iter()
+            .map(|r| {
+                r.map(|rd| Embedded {
+                    vector: vectors
+                        .next()
+                        .expect("one vector per rendered row")
+                        .to_vec(),
+                    ids: rd.ids,
+                })
+            })
+            .collect())
+    }
+
+    /// The content ids (without the model's special tokens) of rendered ids: what the learned
+    /// head's word-piece features are computed from.
+    pub fn content_ids<'a>(&self, ids: &'a [u32]) -> &'a [u32] {
+        self.renderer.content_ids(ids)
     }
 
     /// Embeds already-rendered id sequences.

@@ -1,13 +1,11 @@
 //! `semtel bench accuracy-cost`: the curve from kNN-only to LLM-only, with plots and a report.
 
-#![allow(unused_imports)]
 use crate::args_tools::BenchAccArgs;
 use crate::options::Ctx;
 use anyhow::{bail, Context, Result};
-use semtel::index::ExemplarIndex;
 use semtel::input;
-use semtel::pipeline::{Classifier, ClassifierOptions};
-use std::path::{Path, PathBuf};
+use semtel::pipeline::Classifier;
+use std::path::Path;
 
 pub fn run(ctx: &Ctx, a: BenchAccArgs) -> Result<()> {
     use semtel::llm::{tier::PromptBuilder, LlmConfig};

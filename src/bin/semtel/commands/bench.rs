@@ -1,15 +1,13 @@
 //! `semtel bench embed|llm`: benchmarks that print figures.
 
-#![allow(unused_imports)]
 use crate::args::ColumnArgs;
 use crate::args_tools::{BenchEmbedArgs, BenchLlmArgs};
 use crate::options::Ctx;
 use anyhow::{bail, Context, Result};
-use semtel::embed::{Encoder, EncoderOptions};
-use semtel::index::ExemplarIndex;
+use semtel::embed::Encoder;
 use semtel::input;
-use semtel::pipeline::{Classifier, ClassifierOptions};
-use std::path::{Path, PathBuf};
+use semtel::pipeline::Classifier;
+use std::path::PathBuf;
 
 pub fn embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
     use semtel::bench;

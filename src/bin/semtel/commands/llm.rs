@@ -1,13 +1,12 @@
 //! `semtel llm simulate|export-batch|run-batch|import-batch`: the loopback simulator and the
 //! OpenAI Batch API path.
 
-#![allow(unused_imports)]
 use crate::args_tools::LlmCmd;
 use crate::options::Ctx;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use semtel::index::ExemplarIndex;
 use semtel::input;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
     use semtel::llm::{simulator, LlmConfig};
