@@ -7,6 +7,7 @@
 //! This module must never be used by the classification path.
 
 use crate::embed::{embed_sequences, BatchOptions, Embedder, Encoder};
+use crate::pipeline::Classifier;
 use crate::render::Renderer;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -410,4 +411,475 @@ pub fn llm_label_all(
     drop(tx);
     let out = collector.join().expect("collector");
     Ok((out, tier.stats.clone()))
+}
+
+/// What `semtel bench accuracy-cost` measures.
+pub struct AccuracyCostOptions<'a> {
+    pub classifier: &'a Classifier,
+    pub input: std::path::PathBuf,
+    pub input_options: crate::input::InputOptions,
+    /// `oracle:<accuracy>` (simulated) or an LLM configuration file.
+    pub llm: String,
+    /// Prices per 1M tokens for the oracle's cost estimate.
+    pub price_in: f64,
+    pub price_out: f64,
+    /// Name of the data set in the report.
+    pub set: Option<String>,
+}
+
+/// The accuracy-versus-cost curve from kNN-only to LLM-only, escalating the least confident
+/// rows first, with the calibrated thresholds' operating point.
+pub fn accuracy_cost(o: AccuracyCostOptions<'_>) -> Result<crate::report::AccuracyCost> {
+    use crate::llm::{tier::PromptBuilder, LlmConfig};
+    let classifier = o.classifier;
+    let mut reader = crate::input::open(&o.input, &o.input_options)?;
+    let labels = classifier.index.labels().to_vec();
+    let mut classified = Vec::new();
+    let mut gold = Vec::new();
+    while let Some(rows) = reader.next_batch()? {
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.label.is_some() && r.content.is_ok())
+            .collect();
+        gold.extend(rows.iter().map(|r| r.label.clone().unwrap()));
+        classified.extend(classifier.classify(rows)?);
+    }
+    if classified.is_empty() {
+        return Err(Error::input(&o.input, "no labelled rows"));
+    }
+    let signal = classifier.thresholds.signal;
+    let mut knn_ok = Vec::new();
+    let mut conf = Vec::new();
+    let mut keep = Vec::new();
+    for (c, g) in classified.iter().zip(&gold) {
+        let (p, cf) = c
+            .scores
+            .as_ref()
+            .map_or((None, f32::NEG_INFINITY), |s| s.decision(signal));
+        knn_ok.push(p.map(|p| &labels[p as usize]) == Some(g));
+        conf.push(cf);
+        keep.push(classifier.thresholds.keep(p, cf));
+    }
+    let counter = classifier.encoder.token_counter();
+    let n = classified.len();
+    let (llm_ok, cost_per_row, llm_name, basis): (Vec<bool>, f64, String, String) = if let Some(
+        acc,
+    ) =
+        o.llm.strip_prefix("oracle:")
+    {
+        let acc: f64 = acc
+            .parse()
+            .map_err(|_| Error::Config("--llm oracle:<accuracy>, e.g. oracle:0.95".into()))?;
+        let ok: Vec<bool> = classified
+            .iter()
+            .map(|c| {
+                let h = crate::llm::cache::text_hash(&c.out.id);
+                let u = u64::from_str_radix(&h[..12], 16).unwrap_or(0) as f64 / (1u64 << 48) as f64;
+                u < acc
+            })
+            .collect();
+        // Cost estimate: the prompts semtel would send (default settings: 8 rows per call,
+        // candidate narrowing, few-shot examples), counted with the tokenizer.
+        let pb = PromptBuilder::new(LlmConfig::default(), labels.clone(), counter.clone())?;
+        let items: Vec<crate::llm::tier::PromptItem> = classified
+            .iter()
+            .map(|c| {
+                let candidates = pb.candidates(c.out.neighbors.iter().map(|x| x.label.as_str()));
+                crate::llm::tier::PromptItem {
+                    text: crate::llm::tier::head_tail_chars(
+                        &c.content.as_ref().map(|x| x.flatten()).unwrap_or_default(),
+                        pb.cfg.max_item_chars,
+                    ),
+                    full_schema: candidates.is_empty(),
+                    candidates,
+                    examples: c.examples.clone(),
+                }
+            })
+            .collect();
+        let (mut tin, mut tout) = (0f64, 0f64);
+        for chunk in items.chunks(pb.cfg.items_per_call) {
+            let refs: Vec<&crate::llm::tier::PromptItem> = chunk.iter().collect();
+            let (req, est) = pb.request(&refs);
+            tin += est * 1.3; // WordPiece undercounts BPE tokens by ~30 % on this text
+            tout += chunk.len() as f64 * 8.0;
+            let _ = req;
+        }
+        let cost = (tin * o.price_in + tout * o.price_out) / 1e6 / n as f64;
+        (
+                ok,
+                cost,
+                format!("oracle:{acc} (simulated LLM: gold label, wrong at {:.0}%)", (1.0 - acc) * 100.0),
+                format!(
+                    "estimated from prompt token counts (8 rows per call, narrowing, few-shot) at ${}/1M input and ${}/1M output tokens",
+                    o.price_in, o.price_out
+                ),
+            )
+    } else {
+        let cfg = LlmConfig::load(Path::new(&o.llm))?;
+        let name = cfg
+            .endpoints
+            .iter()
+            .map(|e| e.model.clone())
+            .collect::<Vec<_>>()
+            .join("+");
+        let (out, stats) = crate::bench::llm_label_all(cfg, &labels, counter, &classified)?;
+        let by_id: std::collections::HashMap<&str, Option<&String>> = out
+            .iter()
+            .map(|r| (r.id.as_str(), r.label.as_ref()))
+            .collect();
+        let ok = classified
+            .iter()
+            .zip(&gold)
+            .map(|(c, g)| by_id.get(c.out.id.as_str()).copied().flatten() == Some(g))
+            .collect();
+        (
+            ok,
+            stats.cost_usd / n as f64,
+            format!("endpoint {name}"),
+            format!(
+                "measured: {} calls, {} input and {} output tokens at the configured prices",
+                stats.calls, stats.tokens_in, stats.tokens_out
+            ),
+        )
+    };
+    let curve = crate::report::curve(&knn_ok, &llm_ok, &conf, cost_per_row, 40);
+    let op_right = (0..n)
+        .filter(|&i| if keep[i] { knn_ok[i] } else { llm_ok[i] })
+        .count();
+    let op_esc = keep.iter().filter(|k| !**k).count();
+    let report = crate::report::AccuracyCost {
+        set: o.set.clone().unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                o.input
+                    .file_name()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                o.input_options
+                    .split
+                    .as_ref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            )
+        }),
+        rows: n,
+        llm: llm_name,
+        signal: signal.name().into(),
+        cost_basis: basis,
+        llm_cost_per_row_usd: cost_per_row,
+        knn_only: curve[0].clone(),
+        llm_only: curve.last().cloned().unwrap_or_else(|| curve[0].clone()),
+        operating_point: crate::report::CurvePoint {
+            escalated: op_esc as f64 / n as f64,
+            accuracy: op_right as f64 / n as f64,
+            cost_per_1k_usd: op_esc as f64 * cost_per_row / n as f64 * 1000.0,
+        },
+        curve,
+    };
+    Ok(report)
+}
+
+/// What `semtel bench llm` runs: the LLM tier against the loopback simulator.
+pub struct LlmBenchOptions<'a> {
+    /// Classifies the items first (its thresholds should escalate every row).
+    pub classifier: &'a Classifier,
+    /// Labelled file: the items and the simulator's truth.
+    pub truth: std::path::PathBuf,
+    pub input_options: crate::input::InputOptions,
+    pub items: usize,
+    /// `throughput`, `tokens`, `faults`.
+    pub scenarios: Vec<String>,
+}
+
+/// Runs the scenarios; `report` sees each result as soon as it is measured.
+pub fn llm_benchmark(
+    o: LlmBenchOptions<'_>,
+    report: &mut dyn FnMut(&LlmRun),
+) -> Result<Vec<LlmRun>> {
+    use crate::llm::{config::EndpointConfig, simulator, LlmConfig};
+    let mut rows = crate::input::read_all(&o.truth, &o.input_options)?;
+    rows.truncate(o.items);
+    let classifier = o.classifier;
+    let mut gold = std::collections::HashMap::new();
+    let mut truth = std::collections::HashMap::new();
+    for r in &rows {
+        if let (Ok(c), Some(l)) = (&r.content, &r.label) {
+            gold.insert(r.id.clone(), l.clone());
+            truth.insert(simulator::truth_key(&c.flatten()), l.clone());
+        }
+    }
+    let classified = classifier.classify(rows)?;
+    let labels = classifier.index.labels().to_vec();
+    let counter = classifier.encoder.token_counter();
+    let endpoint = |rpm: u64, tpm: u64, conc: usize| EndpointConfig {
+        name: "sim".into(),
+        kind: Default::default(),
+        url: String::new(),
+        model: "sim-1".into(),
+        deployment: None,
+        api_version: "2024-10-21".into(),
+        api_key_env: None,
+        weight: 1.0,
+        rpm,
+        tpm,
+        price_in_per_1k: 0.00015,
+        price_out_per_1k: 0.0006,
+        max_concurrency: conc,
+    };
+    let base_cfg = |n: usize, narrow: bool, ep: EndpointConfig| LlmConfig {
+        items_per_call: n,
+        narrow_above: if narrow { 20 } else { 0 },
+        cache: Some("off".into()),
+        endpoints: vec![ep],
+        ..Default::default()
+    };
+    let mut runs = Vec::new();
+    let limited = |sim_latency: f64| simulator::SimConfig {
+        rpm: 600,
+        tpm: 200_000,
+        latency_ms: sim_latency,
+        jitter_ms: 75.0,
+        truth: truth.clone(),
+        ..Default::default()
+    };
+    if o.scenarios.iter().any(|s| s == "throughput") {
+        let r = llm_scenario(
+            "throughput adaptive (600 RPM, 200k TPM)",
+            &classified,
+            &gold,
+            &labels,
+            limited(300.0),
+            base_cfg(8, true, endpoint(600, 200_000, 64)),
+            counter.clone(),
+        )?;
+        report(&r);
+        runs.push(r);
+        let mut fixed = base_cfg(8, true, endpoint(0, 0, 32));
+        fixed.adaptive = false;
+        fixed.max_attempts = 30;
+        let r = llm_scenario(
+            "throughput fixed concurrency 32",
+            &classified,
+            &gold,
+            &labels,
+            limited(300.0),
+            fixed,
+            counter.clone(),
+        )?;
+        report(&r);
+        runs.push(r);
+    }
+    if o.scenarios.iter().any(|s| s == "tokens") {
+        for narrow in [false, true] {
+            for n in [1, 4, 8, 16] {
+                let r = llm_scenario(
+                    "tokens per item",
+                    &classified,
+                    &gold,
+                    &labels,
+                    simulator::SimConfig {
+                        latency_ms: 5.0,
+                        jitter_ms: 1.0,
+                        truth: truth.clone(),
+                        ..Default::default()
+                    },
+                    base_cfg(n, narrow, endpoint(0, 0, 16)),
+                    counter.clone(),
+                )?;
+                report(&r);
+                runs.push(r);
+            }
+        }
+    }
+    if o.scenarios.iter().any(|s| s == "faults") {
+        let mut cfg = base_cfg(8, true, endpoint(0, 0, 32));
+        cfg.timeout_base_s = 1.5;
+        cfg.timeout_per_1k_tokens_s = 0.0;
+        cfg.backoff_base_s = 0.1;
+        cfg.backoff_max_s = 2.0;
+        cfg.max_item_attempts = 8;
+        cfg.max_attempts = 10;
+        let r = llm_scenario(
+            "30% injected faults (all kinds)",
+            &classified,
+            &gold,
+            &labels,
+            simulator::SimConfig {
+                latency_ms: 50.0,
+                jitter_ms: 10.0,
+                hang_s: 4.0,
+                faults: simulator::Faults::spread(0.3, &[]).map_err(Error::Config)?,
+                truth: truth.clone(),
+                ..Default::default()
+            },
+            cfg,
+            counter.clone(),
+        )?;
+        report(&r);
+        runs.push(r);
+    }
+    Ok(runs)
+}
+
+/// What `semtel bench embed` runs.
+#[derive(Debug, Clone)]
+pub struct EmbedBenchOptions {
+    pub encoder_options: crate::embed::EncoderOptions,
+    pub engines: Vec<crate::embed::Engine>,
+    /// The shared data sets the text set is drawn from, or a JSONL file of texts.
+    pub shared: PathBuf,
+    pub texts: usize,
+    pub texts_file: Option<PathBuf>,
+    pub save_texts: Option<PathBuf>,
+    pub repeats: usize,
+    pub batch_tokens: Option<usize>,
+    pub batch_rows: Option<usize>,
+    /// A Python interpreter with sentence-transformers to compare with, and its settings.
+    pub st: Option<PathBuf>,
+    pub st_dtypes: String,
+    pub st_batch_size: usize,
+}
+
+/// Embeds one text set with every engine (and sentence-transformers when asked), reporting a
+/// line per result as it is measured; returns every result as JSON.
+pub fn embed_benchmark(
+    a: &EmbedBenchOptions,
+    report: &mut dyn FnMut(&str),
+) -> Result<Vec<serde_json::Value>> {
+    let threads = rayon::current_num_threads();
+    let texts = match &a.texts_file {
+        Some(f) => crate::bench::read_text_file(f)?,
+        None => crate::bench::embed_text_set(&a.shared, a.texts)?,
+    };
+    if let Some(f) = &a.save_texts {
+        crate::bench::write_text_file(f, &texts)?;
+    }
+    let peak = crate::bench::f32_gemm_peak(threads);
+    report(&format!(
+        "{} texts, {threads} threads; measured f32 GEMM peak (gemm crate, {threads} threads): {peak:.0} GFLOP/s",
+        texts.len()
+    ));
+    let mut results: Vec<serde_json::Value> = Vec::new();
+    let mut runs = Vec::new();
+    let load = |engine| -> Result<Encoder> {
+        let mut eo = a.encoder_options.clone();
+        eo.engine = engine;
+        let mut enc = Encoder::load(&eo)?;
+        if let Some(b) = a.batch_tokens {
+            enc.batch.max_batch_tokens = b;
+        }
+        if let Some(r) = a.batch_rows {
+            enc.batch.max_batch_rows = r;
+        }
+        Ok(enc)
+    };
+    // The first engine is kept loaded: it runs again after the reference.
+    let first = load(a.engines[0])?;
+    let model_dir = first.files.dir.clone();
+    // FLOP counts need the transformer's shape (a static table has none: zeros).
+    let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let dims = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
+    let model_dims = (
+        dims("hidden_size"),
+        dims("intermediate_size"),
+        dims("num_hidden_layers"),
+    );
+    for (i, &engine) in a.engines.iter().enumerate() {
+        let other;
+        let enc = if i == 0 {
+            &first
+        } else {
+            other = load(engine)?;
+            &other
+        };
+        let r = crate::bench::bench_encoder(enc, &texts, a.repeats, model_dims, peak)?;
+        report(&format!(
+            "{:<52} {:>7.1} texts/s {:>8.0} tokens/s (padded {:>8.0}/s) {:>6.1} GFLOP/s = {:>4.0}% of f32 GEMM peak, peak RSS {:.0} MB",
+            r.engine,
+            r.texts_per_s,
+            r.tokens_per_s,
+            r.padded_tokens_per_s,
+            r.gflops,
+            r.share_of_f32_gemm_peak * 100.0,
+            r.peak_rss_mb
+        ));
+        results.push(serde_json::to_value(&r).unwrap_or_default());
+        runs.push(r);
+    }
+    let mut st_best: Option<(String, f64)> = None;
+    if let Some(py) = &a.st {
+        let dir = std::env::temp_dir().join(format!("semtel-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let tf = dir.join("texts.jsonl");
+        crate::bench::write_text_file(&tf, &texts)?;
+        let script = PathBuf::from("benches/st_embed.py");
+        let out = std::process::Command::new(py)
+            .arg(&script)
+            .arg(&tf)
+            .arg(&model_dir)
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--repeats",
+                &a.repeats.to_string(),
+                "--dtypes",
+                &a.st_dtypes,
+                "--batch-size",
+                &a.st_batch_size.to_string(),
+                "--device",
+                // The reference runs where semtel's first engine runs.
+                if first.engine.on_gpu() { "cuda" } else { "cpu" },
+            ])
+            .env("TOKENIZERS_PARALLELISM", "true")
+            .output()
+            .map_err(|e| Error::io(py, e))?;
+        let _ = std::fs::remove_dir_all(&dir);
+        if !out.status.success() {
+            return Err(Error::Config(format!(
+                "sentence-transformers run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let tps = v["tokens_per_s"].as_f64().unwrap_or(0.0);
+            report(&format!(
+                "{:<52} {:>7.1} texts/s {:>8.0} tokens/s",
+                v["engine"].as_str().unwrap_or("?"),
+                v["texts_per_s"].as_f64().unwrap_or(0.0),
+                tps
+            ));
+            if st_best.as_ref().is_none_or(|b| tps > b.1) {
+                st_best = Some((v["engine"].as_str().unwrap_or("?").to_string(), tps));
+            }
+            results.push(v);
+        }
+        // Repeat semtel's first engine after the reference, so machine noise hits both sides.
+        let again = crate::bench::bench_encoder(&first, &texts, a.repeats, model_dims, peak)?;
+        let mut all = runs[0].runs.clone();
+        all.extend(again.runs.iter());
+        let med = crate::bench::median(&all);
+        runs[0].seconds = med;
+        runs[0].tokens_per_s = runs[0].real_tokens as f64 / med;
+        report(&format!(
+            "{:<52} {:>7.1} texts/s {:>8.0} tokens/s (median of {} runs before and after the reference)",
+            runs[0].engine,
+            texts.len() as f64 / med,
+            runs[0].tokens_per_s,
+            all.len()
+        ));
+    }
+    if let Some((name, tps)) = &st_best {
+        report(&format!(
+            "\nratio: {} / {name} = {:.2}x (tokens/s, same texts, same {threads} threads)",
+            runs[0].engine,
+            runs[0].tokens_per_s / tps
+        ));
+    }
+    Ok(results)
 }

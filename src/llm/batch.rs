@@ -336,3 +336,15 @@ pub fn run(
     crate::fsio::commit(&tmp, out)?;
     Ok(s)
 }
+
+/// The index and prompt builder of a Batch API export or import. Token counts only size
+/// requests here (nothing is rate-limited), so a length estimate stands in for the tokenizer.
+pub fn prompt_builder(index: &Path, llm: &Path) -> Result<(ExemplarIndex, PromptBuilder)> {
+    let idx = ExemplarIndex::open(index, true)?;
+    let pb = PromptBuilder::new(
+        super::LlmConfig::load(llm)?,
+        idx.labels().to_vec(),
+        std::sync::Arc::new(|t: &str| t.len() / 4),
+    )?;
+    Ok((idx, pb))
+}

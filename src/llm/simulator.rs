@@ -637,6 +637,20 @@ async fn handle(
     Ok(json_response(StatusCode::OK, body.to_string(), &rl))
 }
 
+/// True labels keyed the way the simulator looks them up, from a labelled file.
+pub fn truth_from_file(
+    path: &std::path::Path,
+    opts: &crate::input::InputOptions,
+) -> crate::Result<HashMap<String, String>> {
+    let mut truth = HashMap::new();
+    for r in crate::input::read_all(path, opts)? {
+        if let (Ok(c), Some(l)) = (r.content, r.label) {
+            truth.insert(truth_key(&c.flatten()), l);
+        }
+    }
+    Ok(truth)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,22 +4,12 @@
 use crate::args_tools::LlmCmd;
 use crate::options::Ctx;
 use anyhow::Result;
-use semtel::index::ExemplarIndex;
-use semtel::input;
-use std::path::Path;
 
 pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
     use semtel::llm::{simulator, LlmConfig};
     match c {
         LlmCmd::Simulate(a) => {
-            let opts = ctx.input_options(&a.cols);
-            let rows = input::read_all(&a.truth, &opts)?;
-            let mut truth = std::collections::HashMap::new();
-            for r in rows {
-                if let (Ok(c), Some(l)) = (r.content, r.label) {
-                    truth.insert(simulator::truth_key(&c.flatten()), l);
-                }
-            }
+            let truth = simulator::truth_from_file(&a.truth, &ctx.input_options(&a.cols))?;
             let cfg = simulator::SimConfig {
                 rpm: a.rpm,
                 tpm: a.tpm,
@@ -48,7 +38,7 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             out,
             cols,
         } => {
-            let (idx, pb) = batch_prompts(&index, &llm)?;
+            let (idx, pb) = semtel::llm::batch::prompt_builder(&index, &llm)?;
             let s = semtel::llm::batch::export(
                 &pb,
                 &idx,
@@ -94,7 +84,7 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             output,
             price_factor,
         } => {
-            let (_, pb) = batch_prompts(&index, &llm)?;
+            let (_, pb) = semtel::llm::batch::prompt_builder(&index, &llm)?;
             let s = semtel::llm::batch::import(&pb, &results, &labels, &output, price_factor)?;
             eprintln!(
                 "merged {} results into {}: {} labelled, {} rejected (kept as escalate with the reason), {} ids not escalated in the output; {} rows written",
@@ -108,17 +98,4 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn batch_prompts(
-    index: &Path,
-    llm: &Path,
-) -> Result<(ExemplarIndex, semtel::llm::tier::PromptBuilder)> {
-    let idx = ExemplarIndex::open(index, true)?;
-    let pb = semtel::llm::tier::PromptBuilder::new(
-        semtel::llm::LlmConfig::load(llm)?,
-        idx.labels().to_vec(),
-        std::sync::Arc::new(|t: &str| t.len() / 4),
-    )?;
-    Ok((idx, pb))
 }
