@@ -5,7 +5,7 @@ use crate::options::Ctx;
 use anyhow::Result;
 
 pub fn run(ctx: &Ctx, a: DemoArgs) -> Result<()> {
-    let r = semtel::app::demo::run(std::path::Path::new("."), &a.out, &ctx.encoder_options())?;
+    let r = semtel::app::demo::run(std::path::Path::new(""), &a.out, &ctx.encoder_options())?;
     println!("model {}", r.model);
     println!(
         "index  {}: {} exemplars, {} labels ({:.2}s)",
