@@ -3,8 +3,6 @@
 //! It reads configuration files and checks digests; it must never run the model.
 
 use crate::{Error, Result};
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// The default model and the digests of its files as published in the
@@ -55,19 +53,7 @@ pub struct ModelFiles {
     pub max_tokens: usize,
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
+pub use crate::fsio::sha256_file;
 
 fn is_default_name(spec: &str) -> bool {
     let s = spec.trim_end_matches('/');

@@ -20,6 +20,21 @@ fn semtel(args: &[&str]) -> Output {
         .expect("run semtel")
 }
 
+/// `semtel classify --index IDX --input IN --output OUT EXTRA…` with the test model.
+fn classify(idx: &Path, input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "classify",
+        "--index",
+        idx.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    semtel(&args)
+}
+
 fn sample_index(dir: &Path) -> PathBuf {
     let idx = dir.join("idx");
     ok(semtel(&[
@@ -75,15 +90,7 @@ fn multilingual_conversations_end_to_end() {
     assert!(log.contains(&format!("{n} exemplars")), "{log}");
     for out_name in ["ml.jsonl", "ml.parquet"] {
         let out = dir.join(out_name);
-        let o = semtel(&[
-            "classify",
-            "--index",
-            idx.to_str().unwrap(),
-            "--input",
-            fixture().to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-        ]);
+        let o = classify(&idx, &fixture(), &out, &[]);
         no_panic(&o);
         let log = ok(o);
         assert!(log.contains(&format!("wrote {n} rows")), "{log}");
@@ -117,15 +124,7 @@ fn shared_torture_set_gets_one_row_per_input_row() {
     assert!(gen.status.success());
     let idx = sample_index(&dir);
     let out = dir.join("out.jsonl");
-    let o = semtel(&[
-        "classify",
-        "--index",
-        idx.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = classify(&idx, &input, &out, &[]);
     no_panic(&o);
     ok(o);
     let want = std::fs::read_to_string(&input).unwrap().lines().count();
@@ -165,17 +164,7 @@ fn every_bad_row_kind_in_one_file() {
     d.extend_from_slice(b"{\"id\": \"last\", \"text\": \"no newline at the end\"}");
     std::fs::write(&input, d).unwrap();
     let out = dir.join("out.jsonl");
-    let o = semtel(&[
-        "classify",
-        "--index",
-        idx.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--max-line-bytes",
-        "4000",
-    ]);
+    let o = classify(&idx, &input, &out, &["--max-line-bytes", "4000"]);
     no_panic(&o);
     ok(o);
     let rows: HashMap<String, serde_json::Value> = jsonl_rows(&out)
@@ -219,15 +208,7 @@ fn truncated_gzip_keeps_its_readable_rows() {
     let input = dir.join("cut.jsonl.gz");
     std::fs::write(&input, &bytes[..bytes.len() * 6 / 10]).unwrap();
     let out = dir.join("out.jsonl");
-    let o = semtel(&[
-        "classify",
-        "--index",
-        idx.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = classify(&idx, &input, &out, &[]);
     no_panic(&o);
     ok(o);
     let rows = jsonl_rows(&out);
@@ -266,15 +247,7 @@ fn parquet_non_text_column_is_an_error_like_jsonl() {
             ("text", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
         ],
     );
-    let o = semtel(&[
-        "classify",
-        "--index",
-        idx.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        dir.join("o.jsonl").to_str().unwrap(),
-    ]);
+    let o = classify(&idx, &input, &dir.join("o.jsonl"), &[]);
     no_panic(&o);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -290,30 +263,23 @@ fn a_second_writer_is_refused() {
     for name in ["o.jsonl", "o.parquet", "o_dir"] {
         let out = dir.join(name);
         let lock = semtel::output::PathLock::acquire(&out).unwrap();
-        let o = semtel(&[
-            "classify",
-            "--index",
-            idx.to_str().unwrap(),
-            "--input",
-            "data/conversations.jsonl",
-            "--output",
-            out.to_str().unwrap(),
-            "--resume",
-        ]);
+        let o = classify(
+            &idx,
+            Path::new("data/conversations.jsonl"),
+            &out,
+            &["--resume"],
+        );
         assert_eq!(o.status.code(), Some(1), "{name}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("another semtel process"), "{err}");
         assert!(!out.exists(), "{name}: the refused run wrote something");
         drop(lock);
-        ok(semtel(&[
-            "classify",
-            "--index",
-            idx.to_str().unwrap(),
-            "--input",
-            "data/conversations.jsonl",
-            "--output",
-            out.to_str().unwrap(),
-        ]));
+        ok(classify(
+            &idx,
+            Path::new("data/conversations.jsonl"),
+            &out,
+            &[],
+        ));
     }
 }
 
@@ -387,16 +353,12 @@ fn duplicate_ids_follow_one_rule_in_both_paths() {
 }
 
 fn classify_with(idx: &Path, dir: &Path) -> Output {
-    semtel(&[
-        "classify",
-        "--index",
-        idx.to_str().unwrap(),
-        "--input",
-        "data/conversations.jsonl",
-        "--output",
-        dir.join("o.jsonl").to_str().unwrap(),
-        "--overwrite",
-    ])
+    classify(
+        idx,
+        Path::new("data/conversations.jsonl"),
+        &dir.join("o.jsonl"),
+        &["--overwrite"],
+    )
 }
 
 /// Damaged index files are refused with advice instead of changing labels or panicking.
@@ -721,14 +683,6 @@ fn a_damaged_parquet_page_is_not_a_crash() {
     }
     let dir = tmpdir("rob-damaged-parquet");
     let idx = sample_index(&dir);
-    let o = semtel(&[
-        "classify",
-        "--index",
-        idx.to_str().unwrap(),
-        "--input",
-        path.to_str().unwrap(),
-        "--output",
-        dir.join("o.jsonl").to_str().unwrap(),
-    ]);
+    let o = classify(&idx, &path, &dir.join("o.jsonl"), &[]);
     assert!(matches!(o.status.code(), Some(0) | Some(1)), "{o:?}");
 }
