@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 fn semtel(args: &[&str]) -> Output {
@@ -20,19 +20,6 @@ fn fails(out: Output) -> String {
     assert!(!out.status.success(), "expected a failure");
     assert_eq!(out.status.code(), Some(1));
     String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-fn build_sample_index(dir: &Path) -> PathBuf {
-    let idx = dir.join("idx");
-    ok(semtel(&[
-        "index",
-        "build",
-        "--exemplars",
-        "data/exemplars.jsonl",
-        "--out",
-        idx.to_str().unwrap(),
-    ]));
-    idx
 }
 
 fn ids_of_input(path: &Path) -> Vec<String> {
@@ -80,7 +67,7 @@ fn demo_runs_end_to_end() {
 #[test]
 fn classify_sample_to_parquet_and_jsonl() {
     let dir = tmpdir("classify-sample");
-    let idx = build_sample_index(&dir);
+    let idx = sample_index(&dir);
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(idx.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["count"], 100);
@@ -156,7 +143,7 @@ fn classify_sample_to_parquet_and_jsonl() {
 #[test]
 fn bad_input_is_reported_per_row_and_the_run_continues() {
     let dir = tmpdir("bad-input");
-    let idx = build_sample_index(&dir);
+    let idx = sample_index(&dir);
     let input = dir.join("bad.jsonl");
     let mut data = Vec::new();
     data.extend_from_slice(
@@ -217,7 +204,7 @@ fn bad_input_is_reported_per_row_and_the_run_continues() {
 #[test]
 fn wrong_columns_fail_fast_with_advice() {
     let dir = tmpdir("wrong-columns");
-    let idx = build_sample_index(&dir);
+    let idx = sample_index(&dir);
     let input = dir.join("nocols.jsonl");
     std::fs::write(&input, "{\"body\": \"a\"}\n{\"body\": \"b\"}\n").unwrap();
     let err = fails(semtel(&[
@@ -250,7 +237,7 @@ fn wrong_columns_fail_fast_with_advice() {
 #[test]
 fn index_from_another_model_is_refused() {
     let dir = tmpdir("other-model");
-    let idx = build_sample_index(&dir);
+    let idx = sample_index(&dir);
     let mpath = idx.join("manifest.json");
     let mut m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
@@ -282,7 +269,7 @@ fn index_from_another_model_is_refused() {
 #[test]
 fn resume_after_a_torn_jsonl_write() {
     let dir = tmpdir("torn");
-    let idx = build_sample_index(&dir);
+    let idx = sample_index(&dir);
     let out = dir.join("labels.jsonl");
     let args = |extra: &'static str| {
         let mut v = vec![
@@ -359,7 +346,7 @@ fn index_add_extends_without_duplicates() {
 #[test]
 fn eval_json_report() {
     let dir = tmpdir("eval-json");
-    let idx = build_sample_index(&dir);
+    let idx = sample_index(&dir);
     let out = ok(semtel(&[
         "eval",
         "--index",

@@ -10,23 +10,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn build_index(dir: &Path) -> PathBuf {
-    let idx = dir.join("idx");
-    ok(semtel_cmd(&[
-        "index",
-        "build",
-        "--exemplars",
-        "data/exemplars.jsonl",
-        "--out",
-        idx.to_str().unwrap(),
-    ])
-    .arg("--model")
-    .arg(model_dir())
-    .output()
-    .unwrap());
-    idx
-}
-
 /// The bundled conversations twice over under fresh ids (100 rows).
 fn input(dir: &Path) -> (PathBuf, Vec<String>) {
     let base = std::fs::read_to_string(repo().join("data/conversations.jsonl")).unwrap();
@@ -105,7 +88,7 @@ fn case(mode: Mode, out_name: &str, point: &str) -> (usize, usize) {
         point.replace(':', "_")
     );
     let dir = tmpdir(&tag);
-    let idx = build_index(&dir);
+    let idx = sample_index(&dir);
     let (input, ids) = input(&dir);
     let (truth, _) = truth();
     let sim = (mode != Mode::Knn).then(|| {

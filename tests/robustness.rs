@@ -35,19 +35,6 @@ fn classify(idx: &Path, input: &Path, out: &Path, extra: &[&str]) -> Output {
     semtel(&args)
 }
 
-fn sample_index(dir: &Path) -> PathBuf {
-    let idx = dir.join("idx");
-    ok(semtel(&[
-        "index",
-        "build",
-        "--exemplars",
-        "data/exemplars.jsonl",
-        "--out",
-        idx.to_str().unwrap(),
-    ]));
-    idx
-}
-
 fn jsonl_rows(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap()

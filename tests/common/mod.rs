@@ -1,7 +1,7 @@
 //! Shared helpers for integration tests: the real model folder and the shared data sets.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `semtel` binary with `args` and `-q`, run from the repository root.
@@ -92,4 +92,23 @@ pub fn reference_sets() -> Vec<(String, Vec<Reference>)> {
         sets.push((path.display().to_string(), rows));
     }
     sets
+}
+
+/// An index of the bundled exemplars (`data/exemplars.jsonl`) in `dir/idx`, built by the CLI
+/// with the test model.
+pub fn sample_index(dir: &Path) -> PathBuf {
+    let idx = dir.join("idx");
+    ok(semtel_cmd(&[
+        "index",
+        "build",
+        "--exemplars",
+        "data/exemplars.jsonl",
+        "--out",
+        idx.to_str().unwrap(),
+    ])
+    .arg("--model")
+    .arg(model_dir())
+    .output()
+    .expect("run semtel"));
+    idx
 }
