@@ -51,3 +51,28 @@ def test_plain_text_column_and_clear_errors(sample_index):
         clf.classify_batch(pa.record_batch({"id": ["x"], "other": ["?"]}))
     with pytest.raises(RuntimeError, match="manifest"):
         semtel.Classifier("/nonexistent/index")
+
+
+def test_a_panicking_row_costs_one_row_not_the_batch(sample_index, conversations):
+    # SEMTEL_PANIC_ON_ROW makes the core panic on that row (a stand-in for a bug); it is read
+    # once per process, so the check runs in a fresh interpreter.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import json, pyarrow as pa, semtel
+rows = json.loads({json.dumps(json.dumps(conversations))})
+batch = pa.RecordBatch.from_pylist([{{"id": r["id"], "turns": r["turns"]}} for r in rows])
+out = semtel.Classifier({sample_index!r}).classify_batch(batch).to_pydict()
+print(json.dumps({{"ids": out["id"], "by": out["decided_by"], "err": out["error"]}}))
+"""
+    env = dict(os.environ, SEMTEL_PANIC_ON_ROW="conv-003")
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["ids"] == [r["id"] for r in conversations]
+    errors = [(i, e) for i, b, e in zip(out["ids"], out["by"], out["err"]) if b == "error"]
+    assert len(errors) == 1 and errors[0][0] == "conv-003", errors
+    assert "injected panic" in errors[0][1]
