@@ -542,8 +542,9 @@ pub struct RunSummary {
     /// Error rows caused by an internal failure (a bug) rather than by the input; the CLI exits
     /// non-zero when there are any.
     pub internal_errors: u64,
-    /// Input rows whose id an earlier row of the same input already had. Each is classified
-    /// and written as its own row (and resume counts occurrences), but ids are not unique.
+    /// Input rows whose id an earlier row of the same input already had (checked among the
+    /// first [`DUPLICATE_CHECK_ROWS`] distinct ids). Each is classified and written as its own
+    /// row (and resume counts occurrences), but ids are not unique.
     pub duplicate_ids: u64,
     pub seconds: f64,
     pub rows_per_second: f64,
@@ -597,15 +598,20 @@ pub fn run(
         // Reader: file → chunks of rows still to do.
         let reader_h = s.spawn(move || -> Result<(u64, u64, u64)> {
             let (mut read, mut skipped, mut dups) = (0u64, 0u64, 0u64);
-            // 64-bit hashes of the ids seen, to count repeated ids in bounded memory.
+            // 64-bit hashes of the ids seen, to count repeated ids. Bounded: past
+            // DUPLICATE_CHECK_ROWS distinct ids the check stops (memory must not grow with the
+            // input); resume correctness never depends on it (`Done` counts per id).
             let mut seen: HashSet<u64> = HashSet::new();
             while let Some(batch) = reader.next_batch()? {
                 read += batch.len() as u64;
                 progress.inc(batch.len() as u64);
                 let n = batch.len() as u64;
                 for r in &batch {
-                    if !seen.insert(id_hash(&r.id)) {
+                    let h = id_hash(&r.id);
+                    if seen.contains(&h) {
                         dups += 1;
+                    } else if seen.len() < DUPLICATE_CHECK_ROWS {
+                        seen.insert(h);
                     }
                 }
                 let todo: Vec<Row> = if done.is_empty() {
@@ -714,6 +720,9 @@ pub fn run(
         Ok(summary)
     })
 }
+
+/// Distinct ids the duplicate check remembers (about 16 bytes each: ~64 MB at most).
+pub const DUPLICATE_CHECK_ROWS: usize = 4_000_000;
 
 fn id_hash(id: &str) -> u64 {
     use std::hash::{Hash, Hasher};
