@@ -332,7 +332,10 @@ impl ExemplarIndex {
 
     /// Opens an index. `view` memory-maps the vectors read-only (shared between processes);
     /// otherwise they are loaded so that exemplars can be added.
-    pub fn open(dir: &Path, view: bool) -> Result<Self> {
+    /// Reads and checks an index's manifest only (finishing an interrupted save first): for
+    /// callers that need its settings before deciding how to open it. Does not verify the data
+    /// files; [`open`](Self::open) does.
+    pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         recover_save(dir)?;
         let mpath = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&mpath).map_err(|e| {
@@ -366,6 +369,11 @@ impl ExemplarIndex {
                 "manifest.json has decision.k = 0; set it to the number of neighbours to vote (10 is the default) or rebuild the index",
             ));
         }
+        Ok(manifest)
+    }
+
+    pub fn open(dir: &Path, view: bool) -> Result<Self> {
+        let manifest = Self::read_manifest(dir)?;
         verify_checksums(dir, &manifest)?;
         let vpath = dir.join(VECTORS);
         let vpath_s = vpath.to_string_lossy().to_string();

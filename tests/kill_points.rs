@@ -72,14 +72,6 @@ fn run(
     c.output().unwrap()
 }
 
-fn counts(out: &Path) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for (id, _, _) in semtel::output::read_ids_and_labels(out).unwrap() {
-        *m.entry(id).or_insert(0) += 1;
-    }
-    m
-}
-
 /// One crash-and-resume case; returns (lost, duplicated) ids.
 fn case(mode: Mode, out_name: &str, point: &str) -> (usize, usize) {
     let tag = format!(
@@ -128,7 +120,7 @@ fn case(mode: Mode, out_name: &str, point: &str) -> (usize, usize) {
         "{tag}: resume failed: {}",
         String::from_utf8_lossy(&second.stderr)
     );
-    let got = counts(&out);
+    let got = id_counts(&out);
     let lost = ids.iter().filter(|id| !got.contains_key(*id)).count();
     let dup = got.values().filter(|&&c| c > 1).count();
     if out_name.ends_with(".parquet") {

@@ -296,13 +296,6 @@ fn duplicate_ids_follow_one_rule_in_both_paths() {
             .entry(v["id"].as_str().unwrap().to_string())
             .or_default() += 1;
     }
-    let counts = |p: &Path| {
-        let mut m: HashMap<String, usize> = HashMap::new();
-        for (id, _, _) in semtel::output::read_ids_and_labels(p).unwrap() {
-            *m.entry(id).or_default() += 1;
-        }
-        m
-    };
     let run = |out: &Path, resume: bool, abort: Option<&str>| {
         let mut c = semtel_cmd(&[
             "classify",
@@ -329,13 +322,13 @@ fn duplicate_ids_follow_one_rule_in_both_paths() {
     let whole = dir.join("whole.jsonl");
     let log = ok(run(&whole, false, None));
     assert!(log.contains("60 rows repeat an id"), "{log}");
-    assert_eq!(counts(&whole), want);
+    assert_eq!(id_counts(&whole), want);
     for out_name in ["killed.jsonl", "killed.parquet"] {
         let killed = dir.join(out_name);
         let o = run(&killed, false, Some("batch-written:9"));
         assert!(o.status.code().is_none(), "not aborted");
         ok(run(&killed, true, None));
-        assert_eq!(counts(&killed), want, "{out_name}");
+        assert_eq!(id_counts(&killed), want, "{out_name}");
     }
 }
 

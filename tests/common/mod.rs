@@ -112,3 +112,12 @@ pub fn sample_index(dir: &Path) -> PathBuf {
     .expect("run semtel"));
     idx
 }
+
+/// Rows per id in a classify output (JSONL, Parquet file or dataset).
+pub fn id_counts(out: &Path) -> std::collections::HashMap<String, usize> {
+    let mut m = std::collections::HashMap::new();
+    for (id, _, _) in semtel::output::read_ids_and_labels(out).unwrap() {
+        *m.entry(id).or_insert(0) += 1;
+    }
+    m
+}

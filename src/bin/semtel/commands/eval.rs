@@ -9,7 +9,7 @@ use semtel::input;
 use semtel::pipeline::Classifier;
 
 pub fn run(ctx: &Ctx, a: EvalArgs) -> Result<()> {
-    let manifest = ExemplarIndex::open(&a.index, true)?.manifest;
+    let manifest = ExemplarIndex::read_manifest(&a.index)?;
     if manifest.build.multi_label {
         let mut eo = ctx.encoder_options();
         if eo.model.is_none() {
