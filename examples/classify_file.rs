@@ -53,6 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         existing: Existing::Overwrite,
         llm: None,
         grow_min_confidence: None,
+        retry_escalated: false,
     })?;
     let report = job.run(&Progress::hidden())?;
     let s = &report.summary;

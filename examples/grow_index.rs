@@ -77,6 +77,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         existing: Existing::Overwrite,
         llm: Some(cfg),
         grow_min_confidence: Some(0.0),
+        retry_escalated: false,
     })?
     .run(&Progress::hidden())?;
     let after = ExemplarIndex::open(&work.join("index"), true)?.len();

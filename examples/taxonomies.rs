@@ -67,6 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         existing: Existing::Overwrite,
         llm: None,
         grow_min_confidence: None,
+        retry_escalated: false,
     })?
     .run(&Progress::hidden())?;
     println!("{} rows → {}", report.summary.rows_written, out.display());

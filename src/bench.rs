@@ -280,37 +280,132 @@ pub struct LlmRun {
     pub narrowing: bool,
     pub adaptive: bool,
     pub seconds: f64,
-    /// Lower bound on wall time imposed by the rate limits for the work actually admitted.
+    /// Lower bound on wall time that the endpoints' true limits set for the work they
+    /// admitted (`None`: unknown limits).
     pub floor_seconds: Option<f64>,
+    /// `seconds / floor_seconds`.
+    pub ratio_to_floor: Option<f64>,
     pub calls: u64,
     pub http_429: u64,
+    pub hedges: u64,
+    /// Input rows with no output row.
     pub lost: usize,
+    /// Input rows with more than one output row.
     pub duplicated: usize,
+    /// Output rows whose label is not in the schema.
     pub out_of_schema: usize,
     pub labelled: usize,
+    /// Rows that stayed `escalate` (with the reason) after their retries.
+    pub unlabelled: usize,
     pub accuracy_vs_truth: f64,
     pub tokens_in_per_item: f64,
     pub tokens_out_per_item: f64,
     pub cost_per_1k_items_usd: f64,
     pub server_faults_injected: u64,
+    pub endpoints: Vec<crate::llm::limiter::EndpointStats>,
 }
 
-/// Runs escalated rows through an LLM tier against a fresh simulator and checks the result.
+/// Time the limits of `sims` need to admit what they admitted: for each dimension, the first
+/// moment at which their summed capacity (the initial burst plus the rate while not in an
+/// outage) covers the admitted total.
+fn limits_floor(sims: &[(crate::llm::simulator::SimConfig, f64, f64)]) -> Option<f64> {
+    let limited = sims.iter().any(|(c, _, _)| c.rpm > 0 || c.tpm > 0);
+    if !limited {
+        return None;
+    }
+    let mut floor = 0f64;
+    for dim in 0..2 {
+        let per_min = |c: &crate::llm::simulator::SimConfig| if dim == 0 { c.rpm } else { c.tpm };
+        if sims.iter().any(|(c, _, _)| per_min(c) == 0) {
+            continue;
+        }
+        let want: f64 = sims
+            .iter()
+            .map(|(_, r, t)| if dim == 0 { *r } else { *t })
+            .sum();
+        let mut have: f64 = sims
+            .iter()
+            .map(|(c, _, _)| per_min(c) as f64 / 60.0 * c.burst_s)
+            .sum();
+        let (dt, mut t) = (0.01, 0.0);
+        while have < want && t < 1e6 {
+            for (c, _, _) in sims {
+                let down = c.outages.iter().any(|&(a, b)| t >= a && t < b);
+                if !down {
+                    have += per_min(c) as f64 / 60.0 * dt;
+                }
+            }
+            t += dt;
+        }
+        floor = floor.max(t);
+    }
+    Some(floor)
+}
+
+/// Runs escalated rows through an LLM tier against fresh simulators (one per endpoint of
+/// `cfg`, in order) and checks the result.
 #[allow(clippy::too_many_arguments)]
 pub fn llm_scenario(
     name: &str,
     rows: &[crate::pipeline::Classified],
     gold: &std::collections::HashMap<String, String>,
     labels: &[String],
-    sim_cfg: crate::llm::simulator::SimConfig,
+    sims: Vec<crate::llm::simulator::SimConfig>,
     mut cfg: crate::llm::LlmConfig,
     counter: crate::llm::tier::TokenCounter,
 ) -> Result<LlmRun> {
-    let (rpm, tpm) = (sim_cfg.rpm, sim_cfg.tpm);
-    let h = crate::llm::simulator::start(sim_cfg, 0)?;
-    for e in &mut cfg.endpoints {
+    if sims.len() != cfg.endpoints.len() {
+        return Err(Error::Config("one simulator per endpoint".into()));
+    }
+    let handles = sims
+        .iter()
+        .map(|c| crate::llm::simulator::start(c.clone(), 0))
+        .collect::<Result<Vec<_>>>()?;
+    for (e, h) in cfg.endpoints.iter_mut().zip(&handles) {
         e.url = h.url();
     }
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut run = llm_run(name, rows, gold, labels, cfg, counter)?;
+    let mut per_sim = Vec::new();
+    let (mut http_429, mut faults) = (0, 0);
+    for (c, h) in sims.into_iter().zip(&handles) {
+        let s = &h.state.stats;
+        // Requests the limits admitted: every answered or failed one that was not a 429.
+        let reqs = (s.requests.load(Relaxed)
+            - s.rate_limited.load(Relaxed)
+            - s.unauthorized.load(Relaxed)
+            - s.outage_failures.load(Relaxed)) as f64;
+        per_sim.push((c, reqs, s.admitted_tokens.load(Relaxed) as f64));
+        http_429 += s.rate_limited.load(Relaxed);
+        faults += s.server_errors.load(Relaxed)
+            + s.hangs.load(Relaxed)
+            + s.malformed.load(Relaxed)
+            + s.out_of_schema.load(Relaxed)
+            + s.truncated.load(Relaxed)
+            + s.dropped_items.load(Relaxed)
+            + s.trickled.load(Relaxed)
+            + s.bad_requests.load(Relaxed)
+            + s.html_pages.load(Relaxed)
+            + s.outage_failures.load(Relaxed);
+    }
+    run.floor_seconds = limits_floor(&per_sim);
+    run.ratio_to_floor = run.floor_seconds.map(|f| run.seconds / f.max(1e-9));
+    run.http_429 = http_429;
+    run.server_faults_injected = faults;
+    Ok(run)
+}
+
+/// Runs escalated rows through an LLM tier configured by `cfg` (the simulator's or a real
+/// endpoint's) and checks what came back: nothing lost, nothing twice, nothing outside the
+/// schema.
+pub fn llm_run(
+    name: &str,
+    rows: &[crate::pipeline::Classified],
+    gold: &std::collections::HashMap<String, String>,
+    labels: &[String],
+    cfg: crate::llm::LlmConfig,
+    counter: crate::llm::tier::TokenCounter,
+) -> Result<LlmRun> {
     let (n, narrowing, adaptive) = (cfg.items_per_call, cfg.narrow_above > 0, cfg.adaptive);
     let t = Instant::now();
     let (out, st) = llm_label_all(cfg, labels, counter, rows)?;
@@ -337,24 +432,6 @@ pub fn llm_scenario(
         .iter()
         .filter(|r| gold.get(&r.id) == r.label.as_ref())
         .count();
-    let sim = &h.state.stats;
-    use std::sync::atomic::Ordering::Relaxed;
-    let admitted_tokens = sim.admitted_tokens.load(Relaxed) as f64;
-    let ok = sim.ok.load(Relaxed) + sim.server_errors.load(Relaxed) + sim.malformed.load(Relaxed);
-    let floor = (rpm > 0 || tpm > 0).then(|| {
-        let by_req = if rpm > 0 {
-            ok as f64 / (rpm as f64 / 60.0)
-        } else {
-            0.0
-        };
-        let by_tok = if tpm > 0 {
-            admitted_tokens / (tpm as f64 / 60.0)
-        } else {
-            0.0
-        };
-        // The server lets 5 s of traffic through at once before its limits bite.
-        (by_req.max(by_tok) - 5.0).max(0.0)
-    });
     let items = rows.len();
     Ok(LlmRun {
         scenario: name.to_string(),
@@ -363,23 +440,22 @@ pub fn llm_scenario(
         narrowing,
         adaptive,
         seconds,
-        floor_seconds: floor,
+        floor_seconds: None,
+        ratio_to_floor: None,
         calls: st.calls,
-        http_429: sim.rate_limited.load(Relaxed),
+        http_429: st.rate_limited,
+        hedges: st.hedges,
         lost,
         duplicated,
         out_of_schema,
         labelled: labelled.len(),
+        unlabelled: out.len() - labelled.len(),
         accuracy_vs_truth: right as f64 / labelled.len().max(1) as f64,
         tokens_in_per_item: st.tokens_in as f64 / items as f64,
         tokens_out_per_item: st.tokens_out as f64 / items as f64,
         cost_per_1k_items_usd: st.cost_usd / items as f64 * 1000.0,
-        server_faults_injected: sim.server_errors.load(Relaxed)
-            + sim.hangs.load(Relaxed)
-            + sim.malformed.load(Relaxed)
-            + sim.out_of_schema.load(Relaxed)
-            + sim.truncated.load(Relaxed)
-            + sim.dropped_items.load(Relaxed),
+        server_faults_injected: 0,
+        endpoints: st.endpoints.clone(),
     })
 }
 
@@ -587,16 +663,33 @@ pub struct LlmBenchOptions<'a> {
     pub truth: std::path::PathBuf,
     pub input_options: crate::input::InputOptions,
     pub items: usize,
-    /// `throughput`, `tokens`, `faults`.
+    /// `limits`, `faults`, `failover`, `drift`, `tokens` (see [`LLM_SCENARIOS`]), and
+    /// `external` with `external`.
     pub scenarios: Vec<String>,
+    /// An LLM configuration to run the items through as they are (a real endpoint).
+    pub external: Option<crate::llm::LlmConfig>,
+    /// The external endpoint's true limits, when known: (RPM, TPM), for its floor.
+    pub external_limits: Option<(u64, u64)>,
 }
+
+/// Scenario groups of `semtel bench llm`.
+pub const LLM_SCENARIOS: [&str; 5] = ["limits", "faults", "failover", "drift", "tokens"];
 
 /// Runs the scenarios; `report` sees each result as soon as it is measured.
 pub fn llm_benchmark(
     o: LlmBenchOptions<'_>,
     report: &mut dyn FnMut(&LlmRun),
 ) -> Result<Vec<LlmRun>> {
-    use crate::llm::{config::EndpointConfig, simulator, LlmConfig};
+    use crate::llm::simulator::{self, Faults, HeaderMode, OutageMode, SimConfig};
+    use crate::llm::{config::EndpointConfig, LlmConfig};
+    for s in &o.scenarios {
+        if !LLM_SCENARIOS.contains(&s.as_str()) && s != "external" {
+            return Err(Error::Config(format!(
+                "unknown scenario `{s}` (use {} or external)",
+                LLM_SCENARIOS.join(", ")
+            )));
+        }
+    }
     let mut rows = crate::input::read_all(&o.truth, &o.input_options)?;
     rows.truncate(o.items);
     let classifier = o.classifier;
@@ -611,8 +704,8 @@ pub fn llm_benchmark(
     let classified = classifier.classify(rows)?;
     let labels = classifier.index.labels().to_vec();
     let counter = classifier.encoder.token_counter();
-    let endpoint = |rpm: u64, tpm: u64, conc: usize| EndpointConfig {
-        name: "sim".into(),
+    let endpoint = |name: &str, rpm: u64, tpm: u64, conc: usize| EndpointConfig {
+        name: name.into(),
         kind: Default::default(),
         url: String::new(),
         model: "sim-1".into(),
@@ -626,95 +719,167 @@ pub fn llm_benchmark(
         price_out_per_1k: 0.0006,
         max_concurrency: conc,
     };
-    let base_cfg = |n: usize, narrow: bool, ep: EndpointConfig| LlmConfig {
+    let cfg_with = |n: usize, narrow: bool, eps: Vec<EndpointConfig>| LlmConfig {
         items_per_call: n,
         narrow_above: if narrow { 20 } else { 0 },
         cache: Some("off".into()),
-        endpoints: vec![ep],
+        endpoints: eps,
         ..Default::default()
     };
-    let mut runs = Vec::new();
-    let limited = |sim_latency: f64| simulator::SimConfig {
+    // The endpoint as the issue measured it: 600 RPM / 200k TPM, 300 ± 75 ms.
+    let sim = |headers: HeaderMode| SimConfig {
         rpm: 600,
         tpm: 200_000,
-        latency_ms: sim_latency,
+        latency_ms: 300.0,
         jitter_ms: 75.0,
+        headers,
         truth: truth.clone(),
         ..Default::default()
     };
-    if o.scenarios.iter().any(|s| s == "throughput") {
+    let mut runs = Vec::new();
+    let mut go = |name: &str, sims: Vec<SimConfig>, cfg: LlmConfig| -> Result<()> {
         let r = llm_scenario(
-            "throughput adaptive (600 RPM, 200k TPM)",
+            name,
             &classified,
             &gold,
             &labels,
-            limited(300.0),
-            base_cfg(8, true, endpoint(600, 200_000, 64)),
+            sims,
+            cfg,
             counter.clone(),
         )?;
         report(&r);
         runs.push(r);
-        let mut fixed = base_cfg(8, true, endpoint(0, 0, 32));
+        Ok(())
+    };
+    let has = |s: &str| o.scenarios.iter().any(|x| x == s);
+    if has("limits") {
+        let one = |rpm, tpm| cfg_with(8, true, vec![endpoint("sim", rpm, tpm, 64)]);
+        go(
+            "configured right (600/200k)",
+            vec![sim(HeaderMode::Remaining)],
+            one(600, 200_000),
+        )?;
+        for (h, what) in [
+            (HeaderMode::Remaining, "remaining-* headers"),
+            (HeaderMode::Full, "limit-* headers"),
+            (HeaderMode::None, "429 timing only"),
+        ] {
+            go(
+                &format!("nothing configured, {what}"),
+                vec![sim(h)],
+                one(0, 0),
+            )?;
+        }
+        go(
+            "configured 2x too high",
+            vec![sim(HeaderMode::Remaining)],
+            one(1200, 400_000),
+        )?;
+        let mut fixed = cfg_with(8, true, vec![endpoint("sim", 0, 0, 32)]);
         fixed.adaptive = false;
         fixed.max_attempts = 30;
-        let r = llm_scenario(
-            "throughput fixed concurrency 32",
-            &classified,
-            &gold,
-            &labels,
-            limited(300.0),
+        go(
+            "naive: fixed concurrency 32",
+            vec![sim(HeaderMode::Remaining)],
             fixed,
-            counter.clone(),
         )?;
-        report(&r);
-        runs.push(r);
     }
-    if o.scenarios.iter().any(|s| s == "tokens") {
+    if has("faults") {
+        let mut s = sim(HeaderMode::Remaining);
+        s.faults = Faults::spread(0.25, &[]).map_err(Error::Config)?;
+        s.hang_s = 30.0;
+        go(
+            "25% faults incl. 30-s hangs, nothing configured",
+            vec![s],
+            cfg_with(8, true, vec![endpoint("sim", 0, 0, 64)]),
+        )?;
+    }
+    if has("failover") {
+        // Two endpoints of half the capacity each; the second is down from 20 s to 80 s.
+        let half = |outages: Vec<(f64, f64)>| SimConfig {
+            rpm: 300,
+            tpm: 100_000,
+            outages,
+            outage_mode: OutageMode::Unavailable,
+            seed: 11,
+            ..sim(HeaderMode::Remaining)
+        };
+        go(
+            "2 endpoints, one down 20-80 s (503)",
+            vec![half(vec![]), half(vec![(20.0, 80.0)])],
+            cfg_with(
+                8,
+                true,
+                vec![endpoint("a", 0, 0, 64), endpoint("b", 0, 0, 64)],
+            ),
+        )?;
+        let hang = SimConfig {
+            outage_mode: OutageMode::Hang,
+            hang_s: 30.0,
+            ..half(vec![(20.0, 80.0)])
+        };
+        go(
+            "2 endpoints, one hangs 20-80 s",
+            vec![half(vec![]), hang],
+            cfg_with(
+                8,
+                true,
+                vec![endpoint("a", 0, 0, 64), endpoint("b", 0, 0, 64)],
+            ),
+        )?;
+    }
+    if has("drift") {
+        let s = SimConfig {
+            drift_to_ms: Some(3000.0),
+            drift_s: 60.0,
+            ..sim(HeaderMode::Remaining)
+        };
+        go(
+            "latency drifting 300 ms -> 3 s",
+            vec![s],
+            cfg_with(8, true, vec![endpoint("sim", 0, 0, 64)]),
+        )?;
+    }
+    if has("tokens") {
         for narrow in [false, true] {
             for n in [1, 4, 8, 16] {
-                let r = llm_scenario(
+                go(
                     "tokens per item",
-                    &classified,
-                    &gold,
-                    &labels,
-                    simulator::SimConfig {
+                    vec![SimConfig {
                         latency_ms: 5.0,
                         jitter_ms: 1.0,
                         truth: truth.clone(),
                         ..Default::default()
-                    },
-                    base_cfg(n, narrow, endpoint(0, 0, 16)),
-                    counter.clone(),
+                    }],
+                    cfg_with(n, narrow, vec![endpoint("sim", 0, 0, 16)]),
                 )?;
-                report(&r);
-                runs.push(r);
             }
         }
     }
-    if o.scenarios.iter().any(|s| s == "faults") {
-        let mut cfg = base_cfg(8, true, endpoint(0, 0, 32));
-        cfg.timeout_base_s = 1.5;
-        cfg.timeout_per_1k_tokens_s = 0.0;
-        cfg.backoff_base_s = 0.1;
-        cfg.backoff_max_s = 2.0;
-        cfg.max_item_attempts = 8;
-        cfg.max_attempts = 10;
-        let r = llm_scenario(
-            "30% injected faults (all kinds)",
+    drop(go);
+    if has("external") {
+        let cfg = o.external.clone().ok_or_else(|| {
+            Error::Config("the external scenario needs an LLM configuration (--llm)".into())
+        })?;
+        let mut r = llm_run(
+            "external endpoint",
             &classified,
             &gold,
             &labels,
-            simulator::SimConfig {
-                latency_ms: 50.0,
-                jitter_ms: 10.0,
-                hang_s: 4.0,
-                faults: simulator::Faults::spread(0.3, &[]).map_err(Error::Config)?,
-                truth: truth.clone(),
-                ..Default::default()
-            },
             cfg,
-            counter.clone(),
+            counter,
         )?;
+        if let Some((rpm, tpm)) = o.external_limits {
+            let c = SimConfig {
+                rpm,
+                tpm,
+                burst_s: 0.0,
+                ..Default::default()
+            };
+            let tokens = (r.tokens_in_per_item + r.tokens_out_per_item) * r.items as f64;
+            r.floor_seconds = limits_floor(&[(c, r.calls as f64, tokens)]);
+            r.ratio_to_floor = r.floor_seconds.map(|f| r.seconds / f.max(1e-9));
+        }
         report(&r);
         runs.push(r);
     }

@@ -39,6 +39,11 @@ pub enum Error {
     #[error("llm: {0}")]
     Llm(String),
 
+    /// Every LLM endpoint refused the run in a way waiting cannot fix (a wrong key, an unknown
+    /// model or deployment, an exhausted quota, requests it will not read).
+    #[error("LLM endpoint `{endpoint}` {what}; fix that, then rerun with --resume: the rows already written are kept and the rest are classified")]
+    LlmRefused { endpoint: String, what: String },
+
     /// The disk filled up. Everything written before stays valid: `--resume` continues once
     /// space is back.
     #[error(

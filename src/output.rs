@@ -918,6 +918,33 @@ fn read_output_batches(path: &Path) -> Result<Vec<RecordBatch>> {
     Ok(out)
 }
 
+/// Rewrites an output in place (JSONL, Parquet file, or each part of a Parquet dataset),
+/// applying `patch` to its `escalate` rows; each file is replaced atomically, so a kill leaves
+/// every file either as it was or patched. The caller holds the output's lock. Returns (rows
+/// written, rows patched).
+pub fn patch_escalated_in_place(
+    path: &Path,
+    mut patch: impl FnMut(&str) -> Option<Patch>,
+) -> Result<(usize, usize)> {
+    if !path.is_dir() {
+        return patch_escalated(path, path, patch);
+    }
+    let mut parts: Vec<_> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    parts.sort();
+    let (mut written, mut patched) = (0, 0);
+    for p in parts {
+        let (w, n) = patch_escalated(&p, &p, &mut patch)?;
+        written += w;
+        patched += n;
+    }
+    crate::fsio::sync_dir(path);
+    Ok((written, patched))
+}
+
 /// What to change in an escalated row of an output (`semtel llm import-batch`).
 #[derive(Debug, Clone)]
 pub enum Patch {

@@ -205,7 +205,9 @@ fn every_fault_kind_is_survived() {
     let (truth, rows) = sample_truth();
     let dir = tmpdir("llm-faults");
     let idx = index(&dir);
-    for kind in semtel::llm::simulator::FAULT_KINDS {
+    // Every transient kind, and bodies that trickle (bounded by the call's deadline).
+    let kinds = simulator::TRANSIENT_FAULTS.iter().chain(&["trickle"]);
+    for &kind in kinds {
         let h = sim(SimConfig {
             truth: truth.clone(),
             latency_ms: 20.0,
@@ -243,6 +245,7 @@ fn every_fault_kind_is_survived() {
             "malformed" => st.malformed.load(std::sync::atomic::Ordering::Relaxed),
             "out_of_schema" => st.out_of_schema.load(std::sync::atomic::Ordering::Relaxed),
             "truncated" => st.truncated.load(std::sync::atomic::Ordering::Relaxed),
+            "trickle" => st.trickled.load(std::sync::atomic::Ordering::Relaxed),
             _ => st.dropped_items.load(std::sync::atomic::Ordering::Relaxed),
         };
         assert!(injected > 0, "{kind}: the simulator injected nothing");
@@ -489,27 +492,54 @@ fn openai_and_azure_request_shapes_and_keys() {
         .all(|s| s.auth == "bearer" && s.model.as_deref() == Some("sim-1")));
     assert!(az.iter().all(|s| s.auth == "api-key" && s.model.is_none()));
     drop(seen);
-    // A wrong key: the endpoint refuses, rows stay escalated with the reason, nothing is lost.
+    // A wrong key stops the run with a clear message and a failing exit code; nothing the
+    // LLM should have labelled is written as done, so after the key is fixed `--resume`
+    // labels every row exactly once.
     let out = dir.join("wrong.jsonl");
-    let o = Command::new(bin())
-        .args(["classify", "--index"])
-        .arg(&idx)
-        .args(["--input", "data/conversations.jsonl", "--output"])
-        .arg(&out)
-        .arg("--llm")
-        .arg(&openai)
-        .args(["--threshold", "2", "-q", "--model"])
-        .arg(model_dir())
-        .env("SEMTEL_TEST_KEY", "wrong")
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let rows_out = rows_of(&out);
-    assert_eq!(rows_out.len(), 50);
-    assert!(rows_out
-        .iter()
-        .all(|r| r["decided_by"] == "escalate" && r["error"].as_str().unwrap().contains("401")));
+    let run = |key: &str, resume: bool| {
+        let mut c = Command::new(bin());
+        c.args(["classify", "--index"])
+            .arg(&idx)
+            .args(["--input", "data/conversations.jsonl", "--output"])
+            .arg(&out)
+            .arg("--llm")
+            .arg(&openai)
+            .args(["--threshold", "2", "-q", "--model"])
+            .arg(model_dir())
+            .env("SEMTEL_TEST_KEY", key)
+            .current_dir(repo());
+        if resume {
+            c.arg("--resume");
+        }
+        c.output().unwrap()
+    };
+    let before = h
+        .state
+        .stats
+        .unauthorized
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let o = run("wrong", false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refused the API key (401") && err.contains("$SEMTEL_TEST_KEY"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong"), "the key must not be printed: {err}");
+    let refused = h
+        .state
+        .stats
+        .unauthorized
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert!(
+        refused <= 8,
+        "fail fast: {refused} calls refused before stopping"
+    );
+    let o = run(secret, true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (llm, _) = check_exactly_once(&out, &rows);
+    assert_eq!(llm, 50);
     // A missing key variable is a configuration error before any work.
     let o = Command::new(bin())
         .args(["classify", "--index"])
@@ -738,4 +768,258 @@ fn grow_adds_llm_labels_to_the_index() {
         after > before,
         "the grown index should keep more rows: {before} → {after}"
     );
+}
+
+fn relaxed(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn refusals_stop_the_run_fast_with_advice() {
+    let (truth, _) = sample_truth();
+    let dir = tmpdir("llm-refusals");
+    let idx = index(&dir);
+    for (kind, says) in [
+        ("400", "refused every request (400"),
+        ("html", "not an OpenAI-compatible API"),
+    ] {
+        let h = sim(SimConfig {
+            truth: truth.clone(),
+            latency_ms: 5.0,
+            faults: Faults::spread(1.0, &[kind.to_string()]).unwrap(),
+            ..Default::default()
+        });
+        let cfg = write_config(
+            &dir,
+            &format!("{kind}.toml"),
+            &format!("cache = \"off\"\n{}", endpoint(&h.url(), "")),
+        );
+        let out = dir.join(format!("{kind}.jsonl"));
+        let o = classify(
+            &idx,
+            &repo().join("data/conversations.jsonl"),
+            &out,
+            &cfg,
+            &[],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{kind}: {err}");
+        assert!(
+            err.contains(says) && err.contains("--resume"),
+            "{kind}: {err}"
+        );
+        // Not retried call after call and item after item: a handful of requests.
+        let n = relaxed(&h.state.stats.requests);
+        assert!(n <= 12, "{kind}: {n} requests before stopping");
+    }
+}
+
+#[test]
+fn a_refused_conversation_fails_alone_and_the_rest_are_labelled() {
+    let (truth, rows) = sample_truth();
+    let dir = tmpdir("llm-refused-one");
+    let idx = index(&dir);
+    let h = sim(SimConfig {
+        truth,
+        latency_ms: 5.0,
+        faults: Faults::spread(0.3, &["400".to_string()]).unwrap(),
+        faults_after: 3,
+        ..Default::default()
+    });
+    let cfg = write_config(
+        &dir,
+        "llm.toml",
+        &format!(
+            "cache = \"off\"\nitems_per_call = 4\n{}",
+            endpoint(&h.url(), "")
+        ),
+    );
+    let out = dir.join("out.jsonl");
+    let s = summary(&classify(
+        &idx,
+        &repo().join("data/conversations.jsonl"),
+        &out,
+        &cfg,
+        &[],
+    ));
+    let (llm, right) = check_exactly_once(&out, &rows);
+    assert_eq!(llm, right);
+    let refused: Vec<_> = rows_of(&out)
+        .into_iter()
+        .filter(|r| r["decided_by"] == "escalate")
+        .collect();
+    assert_eq!(llm + refused.len(), 50);
+    assert!(refused.iter().all(|r| r["error"]
+        .as_str()
+        .unwrap()
+        .contains("refused this conversation")));
+    assert!(s["llm"]["refused"].as_u64().unwrap() > 0);
+    // A refused call is split once, never resent as it was.
+    let n = relaxed(&h.state.stats.requests);
+    assert!(n <= 13 + 2 * 13 * 4, "{n} requests");
+}
+
+#[test]
+fn hung_calls_are_hedged_not_waited_out() {
+    let (truth, rows) = sample_truth();
+    let dir = tmpdir("llm-hedge");
+    let idx = index(&dir);
+    let hang_s = 40.0;
+    let h = sim(SimConfig {
+        truth,
+        latency_ms: 30.0,
+        jitter_ms: 5.0,
+        hang_s,
+        faults: Faults::spread(0.2, &["hang".to_string()]).unwrap(),
+        // Healthy at first, so the endpoint's usual latency is known when hangs begin.
+        faults_after: 20,
+        ..Default::default()
+    });
+    // A deadline ceiling above the hang: only hedging can keep the run from waiting it out.
+    let cfg = write_config(
+        &dir,
+        "llm.toml",
+        &format!(
+            "cache = \"off\"\nitems_per_call = 1\ntimeout_base_s = 120\n{}",
+            endpoint(&h.url(), "")
+        ),
+    );
+    let out = dir.join("out.jsonl");
+    let t = std::time::Instant::now();
+    let s = summary(&classify(
+        &idx,
+        &repo().join("data/conversations.jsonl"),
+        &out,
+        &cfg,
+        &[],
+    ));
+    let took = t.elapsed().as_secs_f64();
+    let (llm, right) = check_exactly_once(&out, &rows);
+    assert_eq!((llm, right), (50, 50));
+    assert!(relaxed(&h.state.stats.hangs) > 0, "no hang was injected");
+    assert!(s["llm"]["hedges"].as_u64().unwrap() > 0, "{}", s["llm"]);
+    assert!(
+        took < hang_s,
+        "the run waited for a hung call ({took:.1} s)"
+    );
+}
+
+#[test]
+fn a_dead_endpoint_is_routed_around() {
+    let (truth, rows) = sample_truth();
+    let dir = tmpdir("llm-failover");
+    let idx = index(&dir);
+    let good = sim(SimConfig {
+        truth: truth.clone(),
+        latency_ms: 20.0,
+        ..Default::default()
+    });
+    let dead = sim(SimConfig {
+        truth,
+        outages: vec![(0.0, 1e6)],
+        ..Default::default()
+    });
+    let cfg = write_config(
+        &dir,
+        "llm.toml",
+        &format!(
+            "cache = \"off\"\nitems_per_call = 1\n{}{}",
+            endpoint(&good.url(), ""),
+            endpoint(&dead.url(), "").replace("name = \"sim\"", "name = \"dead\"")
+        ),
+    );
+    let out = dir.join("out.jsonl");
+    let s = summary(&classify(
+        &idx,
+        &repo().join("data/conversations.jsonl"),
+        &out,
+        &cfg,
+        &[],
+    ));
+    let (llm, _) = check_exactly_once(&out, &rows);
+    assert_eq!(llm, 50);
+    let eps = s["llm"]["endpoints"].as_array().unwrap();
+    assert_eq!(eps[1]["name"], "dead");
+    assert!(eps[1]["breaker_opened"].as_u64().unwrap() >= 1, "{eps:?}");
+    assert_eq!(eps[1]["ok"], 0);
+    // The breaker keeps the dead endpoint to a few probes, not a share of every call.
+    let tried = relaxed(&dead.state.stats.requests);
+    assert!(tried < 20, "{tried} calls went to the dead endpoint");
+}
+
+#[test]
+fn nothing_waits_forever_and_retry_escalated_finishes_the_job() {
+    let (truth, rows) = sample_truth();
+    let dir = tmpdir("llm-wait");
+    let idx = index(&dir);
+    // One request a minute: every other call meets a 429 with Retry-After of about 60 s.
+    let stingy = sim(SimConfig {
+        truth: truth.clone(),
+        rpm: 1,
+        burst_s: 1.0,
+        latency_ms: 5.0,
+        ..Default::default()
+    });
+    let cfg = write_config(
+        &dir,
+        "stingy.toml",
+        &format!(
+            "cache = \"off\"\nmax_retry_after_s = 0.5\nmax_item_wait_s = 3\n{}",
+            endpoint(&stingy.url(), "")
+        ),
+    );
+    let out = dir.join("out.jsonl");
+    let t = std::time::Instant::now();
+    let s = summary(&classify(
+        &idx,
+        &repo().join("data/conversations.jsonl"),
+        &out,
+        &cfg,
+        &[],
+    ));
+    assert!(t.elapsed().as_secs() < 30, "the run waited on Retry-After");
+    check_exactly_once(&out, &rows);
+    let waiting: Vec<_> = rows_of(&out)
+        .into_iter()
+        .filter(|r| r["decided_by"] == "escalate")
+        .collect();
+    assert!(waiting.len() >= 40, "{}", s["llm"]);
+    assert!(waiting
+        .iter()
+        .all(|r| r["error"].as_str().unwrap().contains("max_item_wait_s")));
+    // Later, with capacity: `--resume --retry-escalated` labels exactly those rows, in place.
+    let good = sim(SimConfig {
+        truth,
+        latency_ms: 5.0,
+        ..Default::default()
+    });
+    let cfg = write_config(
+        &dir,
+        "good.toml",
+        &format!("cache = \"off\"\n{}", endpoint(&good.url(), "")),
+    );
+    let s = summary(&classify(
+        &idx,
+        &repo().join("data/conversations.jsonl"),
+        &out,
+        &cfg,
+        &["--resume", "--retry-escalated"],
+    ));
+    assert_eq!(
+        s["retried"]["escalated"].as_u64().unwrap(),
+        waiting.len() as u64
+    );
+    let (llm, right) = check_exactly_once(&out, &rows);
+    assert_eq!((llm, right), (50, 50));
+    // Nothing left: a second retry sends nothing.
+    let before = relaxed(&good.state.stats.requests);
+    let s = summary(&classify(
+        &idx,
+        &repo().join("data/conversations.jsonl"),
+        &out,
+        &cfg,
+        &["--resume", "--retry-escalated"],
+    ));
+    assert_eq!(s["retried"]["escalated"], 0);
+    assert_eq!(relaxed(&good.state.stats.requests), before);
 }

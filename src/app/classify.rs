@@ -32,6 +32,10 @@ pub struct ClassifyOptions {
     pub llm: Option<PathBuf>,
     /// `--grow`: add LLM-labelled rows whose kNN confidence is at least this to the index.
     pub grow_min_confidence: Option<f32>,
+    /// `--retry-escalated`: after the run, send every row the output holds as `escalate` (the
+    /// LLM failed, was down, or there was no LLM then) to the LLM tier again and patch the
+    /// answers into the output in place.
+    pub retry_escalated: bool,
 }
 
 /// What a finished classify run reports.
@@ -41,6 +45,20 @@ pub struct ClassifyReport {
     pub llm: Option<LlmStats>,
     /// Exemplars the run added to the index (`--grow`).
     pub grown: Option<usize>,
+    /// `--retry-escalated`: what the second pass did.
+    pub retried: Option<RetryReport>,
+}
+
+/// What `--retry-escalated` did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RetryReport {
+    /// Rows the output held as `escalate`.
+    pub escalated: usize,
+    /// Of those, found in the input and sent to the LLM tier again.
+    pub sent: usize,
+    /// Now labelled by the LLM.
+    pub labelled: usize,
+    pub llm: Option<LlmStats>,
 }
 
 /// An opened classify job: the expensive parts are loaded, the output is locked, and what an
@@ -61,6 +79,12 @@ impl ClassifyJob {
         for (name, dir) in &opts.also {
             let t = Taxonomy::open(name, dir, &classifier.encoder)?;
             classifier.extra.push(t);
+        }
+        if opts.retry_escalated && (opts.llm.is_none() || opts.existing != Existing::Resume) {
+            return Err(Error::Config(
+                "--retry-escalated needs --resume (it works on an existing output) and --llm"
+                    .into(),
+            ));
         }
         let growth = match opts.grow_min_confidence {
             Some(min) if opts.llm.is_some() => {
@@ -141,6 +165,11 @@ impl ClassifyJob {
         };
         let llm = tier.as_ref().map(|t| t.stats.clone());
         drop(tier);
+        let retried = if opts.retry_escalated {
+            Some(retry_escalated(&opts, &classifier)?)
+        } else {
+            None
+        };
         let grown = match growth {
             Some(g) => {
                 // The classifier maps the index read-only; release it before writing.
@@ -153,7 +182,95 @@ impl ClassifyJob {
             summary,
             llm,
             grown,
+            retried,
         })
+    }
+}
+
+/// Sends the rows an output holds as `escalate` to the LLM tier again and patches the answers
+/// into the output (each file replaced atomically; rows the LLM still cannot label keep
+/// `escalate` with the new reason). Safe to kill and rerun: a patched row is no longer
+/// `escalate`, and the response cache makes answers already paid for free.
+fn retry_escalated(opts: &ClassifyOptions, classifier: &Classifier) -> Result<RetryReport> {
+    use crate::output::{read_stored_rows, Patch};
+    use crate::row::DecidedBy;
+    let _lock = crate::output::PathLock::acquire(&opts.output)?;
+    let escalated: std::collections::HashSet<String> = read_stored_rows(&opts.output)?
+        .into_iter()
+        .filter(|(_, r)| r.decided_by == DecidedBy::Escalate.as_str())
+        .map(|(id, _)| id)
+        .collect();
+    let mut report = RetryReport {
+        escalated: escalated.len(),
+        ..Default::default()
+    };
+    if escalated.is_empty() {
+        return Ok(report);
+    }
+    let mut tier = llm_tier(classifier, opts.llm.as_deref().expect("checked in open"))?;
+    let forced_classifier = Classifier::open(
+        &opts.index,
+        &ClassifierOptions {
+            threshold: Some(f32::INFINITY),
+            ..opts.classifier.clone()
+        },
+    )?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::row::OutputRow>>(64);
+    let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
+    let mut reader = input::open(&opts.input, &opts.input_options)?;
+    let mut seen = std::collections::HashSet::new();
+    let mut failed: Option<Error> = None;
+    while let Some(batch) = reader.next_batch()? {
+        let rows: Vec<_> = batch
+            .into_iter()
+            .filter(|r| escalated.contains(&r.id) && seen.insert(r.id.clone()))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        // Every one of them goes to the LLM (the classifier escalates everything): they were
+        // escalated before, and the question now is only what the LLM says.
+        let forced: Vec<_> = forced_classifier
+            .classify(rows)?
+            .into_iter()
+            .filter(|c| c.content.is_some())
+            .collect();
+        report.sent += forced.len();
+        if let Err(e) = crate::pipeline::Escalation::submit(&mut tier, forced, &tx) {
+            failed = Some(e);
+            break;
+        }
+    }
+    if failed.is_none() {
+        if let Err(e) = crate::pipeline::Escalation::finish(&mut tier, &tx) {
+            failed = Some(e);
+        }
+    }
+    drop(tx);
+    let answers = collector
+        .join()
+        .map_err(|_| Error::Internal("the retry collector panicked".into()))?;
+    let mut patches = std::collections::HashMap::new();
+    for r in answers {
+        let p = match (&r.decided_by, r.label, r.llm) {
+            (DecidedBy::Llm, Some(label), Some(llm)) => Patch::Llm { label, llm },
+            _ => Patch::Error(
+                r.error
+                    .unwrap_or_else(|| "the LLM gave no label on retry".to_string()),
+            ),
+        };
+        patches.insert(r.id, p);
+    }
+    report.labelled = patches
+        .values()
+        .filter(|p| matches!(p, Patch::Llm { .. }))
+        .count();
+    // What was answered is kept even when the tier stopped (a refused key mid-way).
+    crate::output::patch_escalated_in_place(&opts.output, |id| patches.get(id).cloned())?;
+    report.llm = Some(tier.stats.clone());
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(report),
     }
 }
 

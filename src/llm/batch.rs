@@ -241,7 +241,7 @@ pub fn run(
     out: &Path,
     concurrency: usize,
 ) -> Result<RunSummary> {
-    use super::client::{CallError, HttpClient};
+    use super::client::HttpClient;
     let ep = cfg
         .endpoints
         .first()
@@ -267,6 +267,7 @@ pub fn run(
     let timeout =
         std::time::Duration::from_secs_f64(cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s);
     let (base, cap, attempts) = (cfg.backoff_base_s, cfg.backoff_max_s, cfg.max_attempts);
+    let retry_cap = std::time::Duration::from_secs_f64(cfg.max_retry_after_s);
     let results: Vec<(Value, usize)> = rt.block_on(async {
         let sem = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         let mut set = tokio::task::JoinSet::new();
@@ -280,13 +281,12 @@ pub fn run(
                     let r = client.post_raw(line["body"].clone(), timeout).await;
                     let retryable = match &r {
                         Ok((s, _, _)) => *s == 429 || *s >= 500,
-                        Err(CallError::Fatal(..)) => false,
-                        Err(_) => true,
+                        Err(e) => e.retryable(),
                     };
                     if retryable && (retries as u32) < attempts {
                         retries += 1;
                         let wait = match &r {
-                            Ok((_, _, rate)) => rate.retry_after.unwrap_or_default(),
+                            Ok((_, _, rate)) => rate.retry_after.unwrap_or_default().min(retry_cap),
                             _ => std::time::Duration::ZERO,
                         }
                         .max(super::limiter::backoff(

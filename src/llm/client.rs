@@ -22,11 +22,17 @@ pub struct ChatRequest {
 /// Rate-limit information a server sent back.
 #[derive(Debug, Clone, Default)]
 pub struct RateInfo {
+    /// The endpoint's stated limits per minute (`x-ratelimit-limit-*`, OpenAI).
+    pub limit_requests: Option<u64>,
+    pub limit_tokens: Option<u64>,
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
     pub reset_requests: Option<Duration>,
     pub reset_tokens: Option<Duration>,
     pub retry_after: Option<Duration>,
+    /// `retry_after` came from a whole-seconds `Retry-After` alone (rounded up: the real
+    /// wait may be much shorter).
+    pub retry_after_coarse: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -42,26 +48,50 @@ pub struct ChatResponse {
 pub enum CallError {
     /// 429: slow down, retry later.
     RateLimited(RateInfo),
+    /// 429 saying the account's quota or credit is used up: waiting cannot help.
+    QuotaExhausted(String),
     /// 5xx or an overloaded server: retry, maybe elsewhere.
     Server(u16, String),
-    /// No complete answer within the call's timeout.
+    /// No complete answer within the call's deadline (headers *and* body).
     Timeout,
     /// Connection refused/reset and the like.
     Network(String),
-    /// 200 but not a chat completion we can read.
+    /// 2xx but not a chat completion we can read.
     BadResponse(String),
-    /// 4xx other than 429 (bad key, unknown model): retrying cannot help.
+    /// 2xx with a body that is not JSON at all (an HTML login or error page): the URL points
+    /// at something other than the API.
+    NotTheApi(String),
+    /// 400/413/422: this request was refused as it is; the same bytes will be refused again.
+    Refused(u16, String),
+    /// 401/403/404 and other 4xx (bad key, unknown model or deployment): retrying cannot help.
     Fatal(u16, String),
+}
+
+impl CallError {
+    /// Whether sending the same request again later could succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            CallError::RateLimited(_)
+                | CallError::Server(..)
+                | CallError::Timeout
+                | CallError::Network(_)
+                | CallError::BadResponse(_)
+        )
+    }
 }
 
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CallError::RateLimited(_) => write!(f, "rate limited (429)"),
+            CallError::QuotaExhausted(m) => write!(f, "quota exhausted (429): {m}"),
             CallError::Server(s, m) => write!(f, "server error {s}: {m}"),
             CallError::Timeout => write!(f, "timed out"),
             CallError::Network(m) => write!(f, "network error: {m}"),
             CallError::BadResponse(m) => write!(f, "unreadable response: {m}"),
+            CallError::NotTheApi(m) => write!(f, "the reply is not an API response: {m}"),
+            CallError::Refused(s, m) => write!(f, "request refused ({s}): {m}"),
             CallError::Fatal(s, m) => write!(f, "request refused ({s}): {m}"),
         }
     }
@@ -199,6 +229,9 @@ impl HttpClient {
             CallError::Server(s, m) => CallError::Server(s, r(m)),
             CallError::Network(m) => CallError::Network(r(m)),
             CallError::BadResponse(m) => CallError::BadResponse(r(m)),
+            CallError::NotTheApi(m) => CallError::NotTheApi(r(m)),
+            CallError::QuotaExhausted(m) => CallError::QuotaExhausted(r(m)),
+            CallError::Refused(s, m) => CallError::Refused(s, r(m)),
             CallError::Fatal(s, m) => CallError::Fatal(s, r(m)),
             other => other,
         }
@@ -265,6 +298,8 @@ pub fn rate_info(h: &reqwest::header::HeaderMap) -> RateInfo {
             .and_then(parse_duration)
     };
     RateInfo {
+        limit_requests: header_u64(h, "x-ratelimit-limit-requests"),
+        limit_tokens: header_u64(h, "x-ratelimit-limit-tokens"),
         remaining_requests: header_u64(h, "x-ratelimit-remaining-requests"),
         remaining_tokens: header_u64(h, "x-ratelimit-remaining-tokens"),
         reset_requests: dur("x-ratelimit-reset-requests"),
@@ -272,6 +307,10 @@ pub fn rate_info(h: &reqwest::header::HeaderMap) -> RateInfo {
         retry_after: dur("retry-after-ms")
             .map(|d| d / 1000)
             .or_else(|| dur("retry-after")),
+        retry_after_coarse: h.get("retry-after-ms").is_none()
+            && h.get("retry-after").is_some()
+            && h.get("x-ratelimit-reset-requests").is_none()
+            && h.get("x-ratelimit-reset-tokens").is_none(),
     }
 }
 
@@ -364,12 +403,21 @@ impl HttpClient {
             let short = |t: &str| t.chars().take(300).collect::<String>();
             match status {
                 200..=299 => {}
+                429 if text.contains("insufficient_quota") || text.contains("quota_exceeded") => {
+                    return Err(CallError::QuotaExhausted(short(&text)))
+                }
                 429 => return Err(CallError::RateLimited(rate)),
-                408 | 409 | 500..=599 => return Err(CallError::Server(status, short(&text))),
+                408 | 409 | 425 | 500..=599 => return Err(CallError::Server(status, short(&text))),
+                400 | 413 | 422 => return Err(CallError::Refused(status, short(&text))),
                 _ => return Err(CallError::Fatal(status, short(&text))),
             }
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| CallError::BadResponse(format!("{e}: {}", short(&text))))?;
+            let v: serde_json::Value = match serde_json::from_str(&text) {
+                Ok(v) => v,
+                Err(e) if text.trim_start().starts_with('{') => {
+                    return Err(CallError::BadResponse(format!("{e}: {}", short(&text))))
+                }
+                Err(_) => return Err(CallError::NotTheApi(short(&text))),
+            };
             let content = v["choices"][0]["message"]["content"]
                 .as_str()
                 .ok_or_else(|| {

@@ -87,9 +87,20 @@ pub struct LlmConfig {
     pub max_attempts: u32,
     /// Attempts per item (across calls) before it is reported as failed.
     pub max_item_attempts: u32,
-    /// Per-call timeout: base seconds plus seconds per 1,000 expected tokens.
+    /// Ceiling of a call's deadline: base seconds plus seconds per 1,000 expected tokens.
+    /// Once an endpoint has answered a few calls, its deadline follows the latencies it shows
+    /// (a few times their 95th percentile), never above this.
     pub timeout_base_s: f64,
     pub timeout_per_1k_tokens_s: f64,
+    /// Send a second copy of a call that runs far past the endpoint's usual latency (to another
+    /// endpoint when there is one); the first answer wins. At most ~10 % extra calls.
+    pub hedge: bool,
+    /// Longest wait a `Retry-After` may impose; longer ones are cut to this.
+    pub max_retry_after_s: f64,
+    /// Longest an item may wait for an answer while its endpoints are down, rate limited or
+    /// failing, from its first send; then it stays `escalate` with the reason (retry it later
+    /// with `classify --resume --retry-escalated`).
+    pub max_item_wait_s: f64,
     /// Backoff: first delay and cap, seconds (full jitter).
     pub backoff_base_s: f64,
     pub backoff_max_s: f64,
@@ -119,6 +130,9 @@ impl Default for LlmConfig {
             max_item_attempts: 3,
             timeout_base_s: 20.0,
             timeout_per_1k_tokens_s: 10.0,
+            hedge: true,
+            max_retry_after_s: 60.0,
+            max_item_wait_s: 600.0,
             backoff_base_s: 0.5,
             backoff_max_s: 30.0,
             cache: None,

@@ -29,10 +29,30 @@ pub struct Faults {
     pub out_of_schema: f64,
     pub truncated: f64,
     pub drop_item: f64,
+    /// The answer's body trickles out a byte at a time (a stalled proxy).
+    pub trickle: f64,
+    /// 400 with an error message (what a content filter or an unknown parameter gets).
+    pub bad_request: f64,
+    /// 200 with an HTML page instead of JSON (a login or error page of a proxy).
+    pub html: f64,
 }
 
 /// Every fault kind the simulator can inject, by the name `Faults::spread` takes.
-pub const FAULT_KINDS: [&str; 6] = [
+pub const FAULT_KINDS: [&str; 9] = [
+    "5xx",
+    "hang",
+    "malformed",
+    "out_of_schema",
+    "truncated",
+    "drop",
+    "trickle",
+    "400",
+    "html",
+];
+
+/// The kinds `all` stands for: what a flaky but correctly configured endpoint does (400s and
+/// HTML pages are configuration problems, asked for by name).
+pub const TRANSIENT_FAULTS: [&str; 6] = [
     "5xx",
     "hang",
     "malformed",
@@ -46,7 +66,7 @@ impl Faults {
     /// truncated, drop`; `all` for every kind).
     pub fn spread(total: f64, kinds: &[String]) -> std::result::Result<Faults, String> {
         let kinds: Vec<&str> = if kinds.iter().any(|k| k == "all") || kinds.is_empty() {
-            FAULT_KINDS.to_vec()
+            TRANSIENT_FAULTS.to_vec()
         } else {
             kinds.iter().map(String::as_str).collect()
         };
@@ -60,6 +80,9 @@ impl Faults {
                 "out_of_schema" => f.out_of_schema = p,
                 "truncated" => f.truncated = p,
                 "drop" => f.drop_item = p,
+                "trickle" => f.trickle = p,
+                "400" => f.bad_request = p,
+                "html" => f.html = p,
                 other => {
                     return Err(format!(
                         "unknown fault `{other}` (use {})",
@@ -90,6 +113,75 @@ pub struct SimConfig {
     /// Behave like a gullible model: an item saying "answer with X" gets X.
     pub obey_injection: bool,
     pub seed: u64,
+    /// Seconds of traffic the limits let through at once (a fresh bucket is full).
+    pub burst_s: f64,
+    /// Which rate-limit headers the server sends.
+    pub headers: HeaderMode,
+    /// Windows (seconds since start) in which every request fails.
+    pub outages: Vec<(f64, f64)>,
+    /// How requests fail during an outage.
+    pub outage_mode: OutageMode,
+    /// Latency drifts linearly from `latency_ms` to this over `drift_s` seconds from start.
+    pub drift_to_ms: Option<f64>,
+    pub drift_s: f64,
+    /// Faults start after this many requests (a healthy start, then trouble).
+    pub faults_after: u64,
+}
+
+/// Rate-limit headers the simulator sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum HeaderMode {
+    /// OpenAI: `x-ratelimit-limit-*`, `-remaining-*`, `-reset-*`, and `Retry-After(-ms)` on 429.
+    Full,
+    /// Azure OpenAI: `x-ratelimit-remaining-*`, and `Retry-After(-ms)` on 429.
+    Remaining,
+    /// A gateway that strips them: a 429 carries only `Retry-After` in whole seconds.
+    None,
+}
+
+impl std::str::FromStr for HeaderMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "full" => Ok(HeaderMode::Full),
+            "remaining" => Ok(HeaderMode::Remaining),
+            "none" => Ok(HeaderMode::None),
+            o => Err(format!("unknown header mode `{o}` (full, remaining, none)")),
+        }
+    }
+}
+
+/// What an outage looks like to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum OutageMode {
+    /// 503 at once.
+    Unavailable,
+    /// The request is held (for `hang_s`) and then answered 503.
+    Hang,
+}
+
+impl std::str::FromStr for OutageMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "503" => Ok(OutageMode::Unavailable),
+            "hang" => Ok(OutageMode::Hang),
+            o => Err(format!("unknown outage mode `{o}` (503, hang)")),
+        }
+    }
+}
+
+/// Parses `T1-T2` (seconds since start), e.g. `30-90`.
+pub fn parse_window(s: &str) -> std::result::Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("`{s}`: expected START-END in seconds, e.g. 30-90"))?;
+    let a: f64 = a.trim().parse().map_err(|_| format!("`{s}`: bad start"))?;
+    let b: f64 = b.trim().parse().map_err(|_| format!("`{s}`: bad end"))?;
+    if b <= a || a < 0.0 {
+        return Err(format!("`{s}`: the end must come after the start"));
+    }
+    Ok((a, b))
 }
 
 impl Default for SimConfig {
@@ -106,6 +198,13 @@ impl Default for SimConfig {
             api_key: None,
             obey_injection: false,
             seed: 7,
+            burst_s: 5.0,
+            headers: HeaderMode::Remaining,
+            outages: Vec::new(),
+            outage_mode: OutageMode::Unavailable,
+            drift_to_ms: None,
+            drift_s: 120.0,
+            faults_after: 0,
         }
     }
 }
@@ -148,6 +247,11 @@ pub struct SimStats {
     pub dropped_items: AtomicU64,
     pub items_answered: AtomicU64,
     pub unauthorized: AtomicU64,
+    pub trickled: AtomicU64,
+    pub bad_requests: AtomicU64,
+    pub html_pages: AtomicU64,
+    /// Requests that met an outage window.
+    pub outage_failures: AtomicU64,
     pub prompt_tokens: AtomicU64,
     /// Tokens charged against the TPM limit (prompt + max_tokens of admitted requests).
     pub admitted_tokens: AtomicU64,
@@ -161,6 +265,7 @@ struct Limits {
 
 pub struct SimState {
     cfg: SimConfig,
+    started: Instant,
     limits: Mutex<Limits>,
     rng: Mutex<fastrand::Rng>,
     pub stats: SimStats,
@@ -168,30 +273,52 @@ pub struct SimState {
 }
 
 impl SimState {
-    fn cap(per_min: u64) -> f64 {
-        // The server tolerates 5 seconds of burst, like real providers' minute windows do.
-        (per_min as f64 / 60.0 * 5.0).max(1.0)
+    fn cap(per_min: u64, burst_s: f64) -> f64 {
+        (per_min as f64 / 60.0 * burst_s).max(1.0)
     }
 
-    /// Takes capacity for a request, or says how long until there is some.
-    fn admit(&self, tokens: f64) -> std::result::Result<(f64, f64), Duration> {
+    /// Seconds since the server started.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn in_outage(&self) -> bool {
+        let t = self.elapsed();
+        self.cfg.outages.iter().any(|&(a, b)| t >= a && t < b)
+    }
+
+    /// Mean latency now (drifting when asked to).
+    fn latency_now(&self) -> f64 {
+        match self.cfg.drift_to_ms {
+            Some(to) => {
+                let f = (self.elapsed() / self.cfg.drift_s.max(1e-3)).min(1.0);
+                self.cfg.latency_ms + (to - self.cfg.latency_ms) * f
+            }
+            None => self.cfg.latency_ms,
+        }
+    }
+
+    /// Takes capacity for a request, or says how long until there is some (and what is left
+    /// of each limit).
+    fn admit(&self, tokens: f64) -> std::result::Result<(f64, f64), (Duration, f64, f64)> {
         let mut l = self.limits.lock().unwrap();
         let now = Instant::now();
         let dt = now.duration_since(l.last).as_secs_f64();
         l.last = now;
         let (rpm, tpm) = (self.cfg.rpm, self.cfg.tpm);
+        let burst = self.cfg.burst_s;
         if rpm > 0 {
-            l.req = (l.req + dt * rpm as f64 / 60.0).min(Self::cap(rpm));
+            l.req = (l.req + dt * rpm as f64 / 60.0).min(Self::cap(rpm, burst));
         }
         if tpm > 0 {
-            l.tok = (l.tok + dt * tpm as f64 / 60.0).min(Self::cap(tpm));
+            l.tok = (l.tok + dt * tpm as f64 / 60.0).min(Self::cap(tpm, burst));
         }
         let mut wait = 0f64;
         if rpm > 0 && l.req < 1.0 {
             wait = wait.max((1.0 - l.req) / (rpm as f64 / 60.0));
         }
         let tokens = if tpm > 0 {
-            tokens.min(Self::cap(tpm))
+            tokens.min(Self::cap(tpm, burst))
         } else {
             tokens
         };
@@ -199,7 +326,7 @@ impl SimState {
             wait = wait.max((tokens - l.tok) / (tpm as f64 / 60.0));
         }
         if wait > 0.0 {
-            return Err(Duration::from_secs_f64(wait));
+            return Err((Duration::from_secs_f64(wait), l.req, l.tok));
         }
         if rpm > 0 {
             l.req -= 1.0;
@@ -250,10 +377,11 @@ pub fn start(cfg: SimConfig, port: u16) -> Result<SimHandle> {
     let now = Instant::now();
     let state = Arc::new(SimState {
         limits: Mutex::new(Limits {
-            req: SimState::cap(cfg.rpm),
-            tok: SimState::cap(cfg.tpm),
+            req: SimState::cap(cfg.rpm, cfg.burst_s),
+            tok: SimState::cap(cfg.tpm, cfg.burst_s),
             last: now,
         }),
+        started: now,
         rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)),
         cfg,
         stats: SimStats::default(),
@@ -295,18 +423,58 @@ pub fn start(cfg: SimConfig, port: u16) -> Result<SimHandle> {
     })
 }
 
-fn json_response(
+type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+fn json_response(status: StatusCode, body: String, headers: &[(&str, String)]) -> Response<Body> {
+    typed_response(status, "application/json", body, headers)
+}
+
+fn typed_response(
     status: StatusCode,
+    content_type: &str,
     body: String,
     headers: &[(&str, String)],
-) -> Response<Full<Bytes>> {
+) -> Response<Body> {
     let mut b = Response::builder()
         .status(status)
-        .header("content-type", "application/json");
+        .header("content-type", content_type);
     for (k, v) in headers {
         b = b.header(*k, v);
     }
-    b.body(Full::new(Bytes::from(body))).expect("response")
+    b.body(Full::new(Bytes::from(body)).boxed())
+        .expect("response")
+}
+
+/// A body that comes out one byte per `every` (a stalled proxy or a server under duress).
+struct Trickle {
+    data: Vec<u8>,
+    pos: usize,
+    every: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        let me = self.get_mut();
+        if me.pos >= me.data.len() {
+            return std::task::Poll::Ready(None);
+        }
+        if me.sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        let next = tokio::time::Instant::now() + me.every;
+        me.sleep.as_mut().reset(next);
+        let b = Bytes::copy_from_slice(&me.data[me.pos..me.pos + 1]);
+        me.pos += 1;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(b))))
+    }
 }
 
 struct ParsedItem {
@@ -379,7 +547,7 @@ fn normal(rng: &mut fastrand::Rng, mean: f64, sd: f64) -> f64 {
 async fn handle(
     req: Request<Incoming>,
     st: Arc<SimState>,
-) -> std::result::Result<Response<Full<Bytes>>, std::convert::Infallible> {
+) -> std::result::Result<Response<Body>, std::convert::Infallible> {
     let path = req.uri().to_string();
     if req.method() == hyper::Method::GET && path.starts_with("/stats") {
         let body = serde_json::to_string(&st.stats).unwrap_or_default();
@@ -403,7 +571,7 @@ async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(json_response(StatusCode::BAD_REQUEST, "{}".into(), &[])),
     };
-    st.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let nth = st.stats.requests.fetch_add(1, Ordering::Relaxed);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let user = v["messages"]
         .as_array()
@@ -448,6 +616,45 @@ async fn handle(
         .unwrap_or(0);
     let prompt_tokens = (prompt_chars / 4) as u64;
     let max_tokens = v["max_tokens"].as_u64().unwrap_or(256);
+    if st.in_outage() {
+        st.stats.outage_failures.fetch_add(1, Ordering::Relaxed);
+        if st.cfg.outage_mode == OutageMode::Hang {
+            tokio::time::sleep(Duration::from_secs_f64(st.cfg.hang_s)).await;
+        }
+        return Ok(json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"error":{"message":"The service is temporarily unavailable"}}"#.into(),
+            &[],
+        ));
+    }
+    let mode = st.cfg.headers;
+    let limits = |rem_req: f64, rem_tok: f64| -> Vec<(&'static str, String)> {
+        let mut h = Vec::new();
+        if st.cfg.rpm == 0 && st.cfg.tpm == 0 || mode == HeaderMode::None {
+            return h;
+        }
+        if mode == HeaderMode::Full {
+            if st.cfg.rpm > 0 {
+                h.push(("x-ratelimit-limit-requests", st.cfg.rpm.to_string()));
+            }
+            if st.cfg.tpm > 0 {
+                h.push(("x-ratelimit-limit-tokens", st.cfg.tpm.to_string()));
+            }
+        }
+        if st.cfg.rpm > 0 {
+            h.push((
+                "x-ratelimit-remaining-requests",
+                format!("{}", rem_req.max(0.0) as u64),
+            ));
+        }
+        if st.cfg.tpm > 0 {
+            h.push((
+                "x-ratelimit-remaining-tokens",
+                format!("{}", rem_tok.max(0.0) as u64),
+            ));
+        }
+        h
+    };
     let (rem_req, rem_tok) = match st.admit((prompt_tokens + max_tokens) as f64) {
         Ok(r) => {
             st.stats
@@ -455,29 +662,23 @@ async fn handle(
                 .fetch_add(prompt_tokens + max_tokens, Ordering::Relaxed);
             r
         }
-        Err(wait) => {
+        Err((wait, rem_req, rem_tok)) => {
             st.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             let secs = wait.as_secs_f64();
+            let ms = (secs * 1000.0).ceil() as u64;
+            let mut h = vec![("retry-after", format!("{}", secs.ceil() as u64))];
+            if mode != HeaderMode::None {
+                h.push(("retry-after-ms", ms.to_string()));
+                h.extend(limits(rem_req, rem_tok));
+            }
+            if mode == HeaderMode::Full {
+                h.push(("x-ratelimit-reset-requests", format!("{ms}ms")));
+                h.push(("x-ratelimit-reset-tokens", format!("{ms}ms")));
+            }
             return Ok(json_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#.into(),
-                &[
-                    ("retry-after", format!("{}", secs.ceil() as u64)),
-                    (
-                        "retry-after-ms",
-                        format!("{}", (secs * 1000.0).ceil() as u64),
-                    ),
-                    ("x-ratelimit-remaining-requests", "0".into()),
-                    ("x-ratelimit-remaining-tokens", "0".into()),
-                    (
-                        "x-ratelimit-reset-requests",
-                        format!("{}ms", (secs * 1000.0).ceil() as u64),
-                    ),
-                    (
-                        "x-ratelimit-reset-tokens",
-                        format!("{}ms", (secs * 1000.0).ceil() as u64),
-                    ),
-                ],
+                &h,
             ));
         }
     };
@@ -486,9 +687,13 @@ async fn handle(
         .fetch_add(prompt_tokens, Ordering::Relaxed);
     let (latency, fault, style, answers) = {
         let mut rng = st.rng.lock().unwrap();
-        let latency = normal(&mut rng, st.cfg.latency_ms, st.cfg.jitter_ms).max(1.0);
+        let mean = st.latency_now();
+        // Jitter scales with the mean, so a drifting latency keeps its shape.
+        let sd = st.cfg.jitter_ms * mean / st.cfg.latency_ms.max(1e-3);
+        let latency = normal(&mut rng, mean, sd).max(1.0);
         let f = &st.cfg.faults;
         let r = rng.f64();
+        let r = if nth < st.cfg.faults_after { 2.0 } else { r };
         let mut acc = 0.0;
         let mut fault = "";
         for (name, p) in [
@@ -498,6 +703,9 @@ async fn handle(
             ("out_of_schema", f.out_of_schema),
             ("truncated", f.truncated),
             ("drop", f.drop_item),
+            ("trickle", f.trickle),
+            ("400", f.bad_request),
+            ("html", f.html),
         ] {
             acc += p;
             if fault.is_empty() && r < acc {
@@ -555,27 +763,30 @@ async fn handle(
     } else {
         tokio::time::sleep(Duration::from_secs_f64(latency / 1000.0)).await;
     }
-    let rl = [
-        (
-            "x-ratelimit-remaining-requests",
-            format!("{}", rem_req.max(0.0) as u64),
-        ),
-        (
-            "x-ratelimit-remaining-tokens",
-            format!("{}", rem_tok.max(0.0) as u64),
-        ),
-    ];
-    let rl: Vec<(&str, String)> = if st.cfg.rpm > 0 || st.cfg.tpm > 0 {
-        rl.to_vec()
-    } else {
-        Vec::new()
-    };
+    let rl = limits(rem_req, rem_tok);
     match fault {
         "5xx" => {
             st.stats.server_errors.fetch_add(1, Ordering::Relaxed);
             return Ok(json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 r#"{"error":{"message":"The server is overloaded"}}"#.into(),
+                &rl,
+            ));
+        }
+        "400" => {
+            st.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return Ok(json_response(
+                StatusCode::BAD_REQUEST,
+                r#"{"error":{"message":"Invalid request: the input was refused","type":"invalid_request_error"}}"#.into(),
+                &rl,
+            ));
+        }
+        "html" => {
+            st.stats.html_pages.fetch_add(1, Ordering::Relaxed);
+            return Ok(typed_response(
+                StatusCode::OK,
+                "text/html",
+                "<!DOCTYPE html><html><head><title>Sign in</title></head><body>Please sign in to continue.</body></html>".into(),
                 &rl,
             ));
         }
@@ -634,6 +845,23 @@ async fn handle(
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": if fault == "truncated" {"length"} else {"stop"}}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
     });
+    if fault == "trickle" {
+        st.stats.trickled.fetch_add(1, Ordering::Relaxed);
+        let mut b = Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json");
+        for (k, v) in &rl {
+            b = b.header(*k, v);
+        }
+        let every = Duration::from_millis(200);
+        let body = Trickle {
+            data: body.to_string().into_bytes(),
+            pos: 0,
+            every,
+            sleep: Box::pin(tokio::time::sleep(every)),
+        };
+        return Ok(b.body(body.boxed()).expect("response"));
+    }
     Ok(json_response(StatusCode::OK, body.to_string(), &rl))
 }
 

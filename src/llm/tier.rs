@@ -15,7 +15,7 @@
 use super::cache::{text_hash, Cache};
 use super::client::{CallError, ChatRequest, ChatResponse, HttpClient, LlmClient};
 use super::config::LlmConfig;
-use super::limiter::{backoff, Flow};
+use super::limiter::{backoff, EndpointStats, Flow, Ticket};
 use super::parse::{parse_reply, Answer, Schema};
 use super::prompty::Prompty;
 use crate::conversation::{Content, Role};
@@ -54,7 +54,11 @@ pub struct LlmStats {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub cost_usd: f64,
-    pub per_endpoint_calls: Vec<(String, u64)>,
+    /// Copies sent of calls that ran far past the usual latency.
+    pub hedges: u64,
+    /// Requests an endpoint refused as they were (4xx other than 429, non-API replies).
+    pub refused: u64,
+    pub endpoints: Vec<EndpointStats>,
 }
 
 #[derive(Clone)]
@@ -66,10 +70,15 @@ struct Item {
 }
 
 struct Call {
+    id: u64,
     items: Vec<Item>,
+    /// Failed sends charged to this call.
     attempts: u32,
     not_before: Instant,
+    /// The endpoint that just failed it (another is preferred).
     avoid: Option<usize>,
+    /// When it was formed: it fails after `max_item_wait_s` without an answer.
+    queued: Instant,
 }
 
 struct Waiting {
@@ -503,13 +512,16 @@ impl LlmTier {
     }
 }
 
+/// One send of a call finished (or was cancelled: `result` is `None`).
 struct Outcome {
-    call: Call,
+    call_id: u64,
+    send_id: u64,
+    ticket: Ticket,
     endpoint: usize,
     reserved: f64,
     est_prompt: f64,
     started: Instant,
-    result: std::result::Result<ChatResponse, CallError>,
+    result: Option<std::result::Result<ChatResponse, CallError>>,
 }
 
 /// Resolution of one distinct conversation.
@@ -524,18 +536,48 @@ enum Resolution {
     Failed(String),
 }
 
+/// One in-flight copy of a call. Dropping `cancel` cancels it.
+struct SendCopy {
+    id: u64,
+    endpoint: usize,
+    started: Instant,
+    _cancel: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A call with sends in flight (one, or two once hedged).
+struct Live {
+    call: Call,
+    req: Arc<ChatRequest>,
+    est: f64,
+    reserve: f64,
+    sends: Vec<SendCopy>,
+    hedged: bool,
+}
+
+/// Hedges allowed per call launched, and at most this many banked.
+const HEDGE_SHARE: f64 = 0.1;
+const HEDGE_BANK: f64 = 5.0;
+/// Refusals (400s, non-API replies) from an endpoint that never answered before it is taken
+/// for misconfigured.
+const REFUSALS_BEFORE_FATAL: u32 = 3;
+
 struct Dispatcher {
     sh: Arc<Shared>,
     flows: Vec<Flow>,
+    ep_stats: Vec<EndpointStats>,
     pending: VecDeque<Item>,
     ready: VecDeque<Call>,
+    live: HashMap<u64, Live>,
     waiting: HashMap<String, Vec<Waiting>>,
     results: std::sync::mpsc::Sender<Finished>,
     cache: Cache,
     stats: LlmStats,
     token_ratio: f64,
     oldest_pending: Option<Instant>,
-    fatal: Option<String>,
+    fatal: Option<Error>,
+    next_id: u64,
+    hedge_credit: f64,
+    last_success: Instant,
 }
 
 async fn dispatch(
@@ -544,41 +586,41 @@ async fn dispatch(
     results: std::sync::mpsc::Sender<Finished>,
     cache: Cache,
 ) -> Result<LlmStats> {
-    let now = Instant::now();
-    let flows = sh
-        .pb
-        .cfg
-        .endpoints
+    let eps = &sh.pb.cfg.endpoints;
+    let flows = eps
         .iter()
         .map(|e| {
             if sh.pb.cfg.adaptive {
-                Flow::new(e.rpm, e.tpm, e.max_concurrency, now)
+                Flow::new(e.rpm, e.tpm, e.max_concurrency)
             } else {
-                Flow::fixed(e.max_concurrency, now)
+                Flow::fixed(e.max_concurrency)
             }
         })
         .collect();
-    let mut d = Dispatcher {
-        stats: LlmStats {
-            per_endpoint_calls: sh
-                .pb
-                .cfg
-                .endpoints
-                .iter()
-                .map(|e| (e.name.clone(), 0))
-                .collect(),
+    let ep_stats = eps
+        .iter()
+        .map(|e| EndpointStats {
+            name: e.name.clone(),
             ..Default::default()
-        },
+        })
+        .collect();
+    let mut d = Dispatcher {
+        stats: LlmStats::default(),
         sh,
         flows,
+        ep_stats,
         pending: VecDeque::new(),
         ready: VecDeque::new(),
+        live: HashMap::new(),
         waiting: HashMap::new(),
         results,
         cache,
         token_ratio: 1.3,
         oldest_pending: None,
         fatal: None,
+        next_id: 0,
+        hedge_credit: 2.0,
+        last_success: Instant::now(),
     };
     let mut inflight: JoinSet<Outcome> = JoinSet::new();
     let mut closed = false;
@@ -587,13 +629,25 @@ async fn dispatch(
     loop {
         let now = Instant::now();
         d.form_calls(closed, linger, now);
-        let wake = d.launch(&mut inflight, now);
-        if closed && d.ready.is_empty() && d.pending.is_empty() && inflight.is_empty() {
+        let mut wake = d.launch(&mut inflight, now);
+        if let Some(w) = d.hedge(&mut inflight, now) {
+            wake = Some(wake.map_or(w, |x| x.min(w)));
+        }
+        d.expire(now);
+        if let Some(e) = d.fatal.take() {
+            // Waiting cannot help: stop here. Rows not yet answered are not written, so a
+            // rerun with --resume classifies them.
+            return Err(e);
+        }
+        if closed && d.ready.is_empty() && d.pending.is_empty() && d.live.is_empty() {
             break;
         }
-        let sleep_for = wake
-            .unwrap_or(Duration::from_millis(500))
-            .max(Duration::from_millis(1));
+        let mut sleep_for = wake.unwrap_or(Duration::from_millis(500));
+        if !d.live.is_empty() {
+            // Hedging and deadlines are checked on this tick.
+            sleep_for = sleep_for.min(Duration::from_millis(100));
+        }
+        let sleep_for = sleep_for.max(Duration::from_millis(1));
         let admit = !closed && d.pending.len() < 4 * d.sh.pb.cfg.max_pending.max(64);
         tokio::select! {
             msg = rx.recv(), if admit => match msg {
@@ -609,6 +663,20 @@ async fn dispatch(
             _ = tokio::time::sleep(sleep_for) => {}
         }
     }
+    d.stats.endpoints = d
+        .flows
+        .iter()
+        .zip(&d.ep_stats)
+        .map(|(f, s)| EndpointStats {
+            calls: s.calls,
+            ok: s.ok,
+            rate_limited: s.rate_limited,
+            server_errors: s.server_errors,
+            timeouts: s.timeouts,
+            hedges: s.hedges,
+            ..f.stats(&s.name)
+        })
+        .collect();
     Ok(d.stats)
 }
 
@@ -650,6 +718,18 @@ impl Dispatcher {
         }
     }
 
+    fn new_call(&mut self, items: Vec<Item>, now: Instant) -> Call {
+        self.next_id += 1;
+        Call {
+            id: self.next_id,
+            items,
+            attempts: 0,
+            not_before: now,
+            avoid: None,
+            queued: now,
+        }
+    }
+
     fn form_calls(&mut self, closed: bool, linger: Duration, now: Instant) {
         let n = self.sh.pb.cfg.items_per_call;
         // Only keep a small queue of formed calls so late items still batch well.
@@ -663,13 +743,124 @@ impl Dispatcher {
             }
             let take = n.min(self.pending.len());
             let items: Vec<Item> = self.pending.drain(..take).collect();
-            self.ready.push_back(Call {
-                items,
-                attempts: 0,
-                not_before: now,
-                avoid: None,
-            });
+            let call = self.new_call(items, now);
+            self.ready.push_back(call);
             self.oldest_pending = (!self.pending.is_empty()).then_some(now);
+        }
+    }
+
+    /// The endpoint for a call of `reserve` tokens that can start now, weighted by configured
+    /// weight times learned capacity; else how long until one could (`None`: none can while
+    /// calls are in flight).
+    fn pick(
+        &mut self,
+        reserve: f64,
+        avoid: Option<usize>,
+        now: Instant,
+    ) -> std::result::Result<usize, Option<Duration>> {
+        let mut candidates = Vec::new();
+        let mut soonest: Option<Duration> = None;
+        for (i, f) in self.flows.iter_mut().enumerate() {
+            match f.ready_in(reserve, now) {
+                Some(w) if w.is_zero() => candidates.push(i),
+                Some(w) => soonest = Some(soonest.map_or(w, |s: Duration| s.min(w))),
+                None => {}
+            }
+        }
+        if candidates.len() > 1 {
+            if let Some(a) = avoid {
+                candidates.retain(|&i| i != a);
+            }
+        }
+        if candidates.is_empty() {
+            return Err(soonest);
+        }
+        let endpoints = &self.sh.pb.cfg.endpoints;
+        let caps: Vec<Option<f64>> = candidates
+            .iter()
+            .map(|&i| self.flows[i].capacity(reserve))
+            .collect();
+        let all_known = caps.iter().all(Option::is_some);
+        let weights: Vec<f64> = candidates
+            .iter()
+            .zip(&caps)
+            .map(|(&i, c)| endpoints[i].weight * if all_known { c.unwrap_or(1.0) } else { 1.0 })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut pick = fastrand::f64() * total;
+        for (&i, w) in candidates.iter().zip(&weights) {
+            pick -= w;
+            if pick <= 0.0 {
+                return Ok(i);
+            }
+        }
+        Ok(*candidates.last().expect("not empty"))
+    }
+
+    /// Starts one send of `live`'s request on endpoint `ep`.
+    fn send(
+        &mut self,
+        inflight: &mut JoinSet<Outcome>,
+        call: Call,
+        req: Arc<ChatRequest>,
+        est: f64,
+        reserve: f64,
+        ep: usize,
+        now: Instant,
+    ) {
+        let ticket = self.flows[ep].start(reserve, now);
+        self.stats.calls += 1;
+        self.stats.items_sent += call.items.len() as u64;
+        self.ep_stats[ep].calls += 1;
+        let cfg = &self.sh.pb.cfg;
+        let ceiling = Duration::from_secs_f64(
+            cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s * reserve / 1000.0,
+        );
+        let deadline = self.flows[ep].deadline(ceiling);
+        self.next_id += 1;
+        let send_id = self.next_id;
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+        let client = self.sh.clients[ep].clone();
+        let call_id = call.id;
+        let r = req.clone();
+        inflight.spawn(async move {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = client.chat(&r, deadline) => Some(r),
+                _ = cancelled => None,
+            };
+            Outcome {
+                call_id,
+                send_id,
+                ticket,
+                endpoint: ep,
+                reserved: reserve,
+                est_prompt: est,
+                started,
+                result,
+            }
+        });
+        let s = SendCopy {
+            id: send_id,
+            endpoint: ep,
+            started: now,
+            _cancel: cancel,
+        };
+        match self.live.get_mut(&call_id) {
+            Some(l) => l.sends.push(s),
+            None => {
+                self.live.insert(
+                    call_id,
+                    Live {
+                        call,
+                        req,
+                        est,
+                        reserve,
+                        sends: vec![s],
+                        hedged: false,
+                    },
+                );
+            }
         }
     }
 
@@ -678,11 +869,8 @@ impl Dispatcher {
         let mut wake: Option<Duration> = None;
         let mut deferred = VecDeque::new();
         while let Some(call) = self.ready.pop_front() {
-            if let Some(reason) = &self.fatal {
-                let reason = reason.clone();
-                for it in call.items {
-                    self.resolve(&it.hash, Resolution::Failed(reason.clone()));
-                }
+            if self.fatal.is_some() {
+                deferred.push_back(call);
                 continue;
             }
             if call.not_before > now {
@@ -695,68 +883,20 @@ impl Dispatcher {
             let (req, est) = self.sh.pb.request(&refs);
             let est = est * self.token_ratio;
             let reserve = est + req.max_tokens as f64;
-            // Pick among endpoints that can start now, by weight (avoiding the one that just
-            // failed this call when another is available).
-            let mut candidates = Vec::new();
-            let mut soonest: Option<Duration> = None;
-            for (i, f) in self.flows.iter_mut().enumerate() {
-                match f.ready_in(reserve, now) {
-                    Some(w) if w.is_zero() => candidates.push(i),
-                    Some(w) => soonest = Some(soonest.map_or(w, |s: Duration| s.min(w))),
-                    None => {}
+            match self.pick(reserve, call.avoid, now) {
+                Ok(ep) => {
+                    self.hedge_credit = (self.hedge_credit + HEDGE_SHARE).min(HEDGE_BANK);
+                    self.send(inflight, call, Arc::new(req), est, reserve, ep, now);
                 }
-            }
-            if candidates.len() > 1 {
-                if let Some(a) = call.avoid {
-                    candidates.retain(|&i| i != a);
-                }
-            }
-            if candidates.is_empty() {
-                if self.flows.iter().all(|f| f.disabled.is_some()) {
-                    let why = self.flows[0].disabled.clone().unwrap_or_default();
-                    self.fatal = Some(format!("every LLM endpoint refused requests ({why})"));
-                    self.ready.push_front(call);
-                    continue;
-                }
-                if let Some(w) = soonest {
-                    wake = Some(wake.map_or(w, |x: Duration| x.min(w)));
-                }
-                deferred.push_back(call);
-                // Calls behind this one would meet the same full endpoints.
-                break;
-            }
-            let endpoints = &self.sh.pb.cfg.endpoints;
-            let total: f64 = candidates.iter().map(|&i| endpoints[i].weight).sum();
-            let mut pick = fastrand::f64() * total;
-            let mut ep = candidates[0];
-            for &i in &candidates {
-                pick -= endpoints[i].weight;
-                if pick <= 0.0 {
-                    ep = i;
+                Err(soonest) => {
+                    if let Some(w) = soonest {
+                        wake = Some(wake.map_or(w, |x: Duration| x.min(w)));
+                    }
+                    deferred.push_back(call);
+                    // Calls behind this one would meet the same full endpoints.
                     break;
                 }
             }
-            self.flows[ep].start(reserve, now);
-            self.stats.calls += 1;
-            self.stats.items_sent += call.items.len() as u64;
-            self.stats.per_endpoint_calls[ep].1 += 1;
-            let client = self.sh.clients[ep].clone();
-            let cfg = &self.sh.pb.cfg;
-            let timeout = Duration::from_secs_f64(
-                cfg.timeout_base_s + cfg.timeout_per_1k_tokens_s * reserve / 1000.0,
-            );
-            inflight.spawn(async move {
-                let started = Instant::now();
-                let result = client.chat(&req, timeout).await;
-                Outcome {
-                    call,
-                    endpoint: ep,
-                    reserved: reserve,
-                    est_prompt: est,
-                    started,
-                    result,
-                }
-            });
         }
         while let Some(c) = self.ready.pop_front() {
             deferred.push_back(c);
@@ -765,74 +905,312 @@ impl Dispatcher {
         wake
     }
 
+    /// Sends a second copy of each call that has run far past its endpoint's usual latency
+    /// (a hang is not overload: the copy usually answers in the usual time). Returns when
+    /// the next check is due.
+    fn hedge(&mut self, inflight: &mut JoinSet<Outcome>, now: Instant) -> Option<Duration> {
+        if !self.sh.pb.cfg.hedge || !self.sh.pb.cfg.adaptive {
+            return None;
+        }
+        let mut due = Vec::new();
+        let mut wake: Option<Duration> = None;
+        for (id, l) in &self.live {
+            if l.hedged || l.sends.len() != 1 {
+                continue;
+            }
+            let s = &l.sends[0];
+            let Some(after) = self.flows[s.endpoint].hedge_after() else {
+                continue;
+            };
+            let at = s.started + after;
+            if at <= now {
+                due.push((s.started, *id));
+            } else {
+                let w = at - now;
+                wake = Some(wake.map_or(w, |x: Duration| x.min(w)));
+            }
+        }
+        due.sort();
+        for (_, id) in due {
+            if self.hedge_credit < 1.0 {
+                break;
+            }
+            let (reserve, first_ep) = {
+                let l = &self.live[&id];
+                (l.reserve, l.sends[0].endpoint)
+            };
+            let Ok(ep) = self.pick(reserve, Some(first_ep), now) else {
+                continue;
+            };
+            self.hedge_credit -= 1.0;
+            self.stats.hedges += 1;
+            self.ep_stats[ep].hedges += 1;
+            let l = self.live.get_mut(&id).expect("live");
+            l.hedged = true;
+            let (req, est) = (l.req.clone(), l.est);
+            // The call record stays with the live entry; `send` only adds the copy.
+            let placeholder = Call {
+                id,
+                items: Vec::new(),
+                attempts: 0,
+                not_before: now,
+                avoid: None,
+                queued: now,
+            };
+            self.send(inflight, placeholder, req, est, reserve, ep, now);
+            // `send` counted the items again; a hedge sends no new items.
+            let n = self.live[&id].call.items.len() as u64;
+            self.stats.items_sent += n;
+        }
+        wake
+    }
+
+    /// Calls that waited longer than `max_item_wait_s` since they were formed fail (their
+    /// rows stay `escalate` with the reason): nothing waits forever on endpoints that are down
+    /// or refuse to take more.
+    fn expire(&mut self, now: Instant) {
+        let max = Duration::from_secs_f64(self.sh.pb.cfg.max_item_wait_s);
+        let all_down = self.flows.iter().all(|f| f.breaker.is_open());
+        let down_long = all_down && now.saturating_duration_since(self.last_success) > max;
+        let mut keep = VecDeque::new();
+        while let Some(call) = self.ready.pop_front() {
+            if down_long || now.saturating_duration_since(call.queued) > max {
+                let why = format!(
+                    "no LLM answer within {:.0} s (max_item_wait_s): {}",
+                    max.as_secs_f64(),
+                    call.items
+                        .first()
+                        .and_then(|i| i.last_problem.clone())
+                        .unwrap_or_else(|| "the endpoints were busy or down".into())
+                );
+                for it in call.items {
+                    self.resolve(&it.hash, Resolution::Failed(why.clone()));
+                }
+            } else {
+                keep.push_back(call);
+            }
+        }
+        self.ready = keep;
+    }
+
+    /// Takes endpoint `ep` out of the rotation; with none left the run stops.
+    fn disable(&mut self, ep: usize, what: String) {
+        if self.flows[ep].disabled.is_none() {
+            tracing::warn!(
+                "LLM endpoint `{}` {what}; it takes no more calls",
+                self.sh.pb.cfg.endpoints[ep].name
+            );
+            self.flows[ep].disabled = Some(what.clone());
+        }
+        if self.flows.iter().all(|f| f.disabled.is_some()) && self.fatal.is_none() {
+            self.fatal = Some(Error::LlmRefused {
+                endpoint: self.sh.pb.cfg.endpoints[ep].name.clone(),
+                what,
+            });
+        }
+    }
+
+    /// What to tell the user about an endpoint that refuses in a way waiting cannot fix.
+    fn refusal_advice(&self, ep: usize, e: &CallError) -> String {
+        let cfg = &self.sh.pb.cfg.endpoints[ep];
+        let key = cfg
+            .api_key_env
+            .as_deref()
+            .map_or("set api_key_env in the LLM config".to_string(), |v| {
+                format!("check the key in ${v} (api_key_env)")
+            });
+        match e {
+            CallError::Fatal(401, m) => format!("refused the API key (401: {m}): {key}"),
+            CallError::Fatal(403, m) => {
+                format!(
+                    "denied access (403: {m}): {key} and its access to model `{}`",
+                    cfg.model
+                )
+            }
+            CallError::Fatal(404, m) => format!(
+                "does not know this URL or model (404: {m}): check url, model and deployment"
+            ),
+            CallError::QuotaExhausted(m) => {
+                format!("has no quota left (429: {m}): add credit or raise the quota")
+            }
+            CallError::Refused(s, m) => {
+                format!("refused every request ({s}: {m}): check model and the prompt's parameters")
+            }
+            CallError::NotTheApi(m) => format!(
+                "answers with something that is not an OpenAI-compatible API ({m}): check url"
+            ),
+            other => format!("refused requests ({other})"),
+        }
+    }
+
+    /// Updates the endpoint's flow state and counters for one finished send.
+    fn account(&mut self, o: &Outcome, now: Instant) {
+        let ep = o.endpoint;
+        let f = &mut self.flows[ep];
+        let st = &mut self.ep_stats[ep];
+        match &o.result {
+            None => f.on_neutral(),
+            Some(Ok(resp)) => {
+                // What the rate limiter charged: the prompt as the server counted it plus the
+                // whole answer budget (OpenAI and Azure count `max_tokens` at admission).
+                let used = if resp.prompt_tokens > 0 {
+                    resp.prompt_tokens as f64 + (o.reserved - o.est_prompt)
+                } else {
+                    o.reserved
+                };
+                f.on_success(o.ticket, now - o.started, o.reserved, used, &resp.rate, now);
+                st.ok += 1;
+                self.last_success = now;
+            }
+            Some(Err(e)) => match e {
+                CallError::RateLimited(rate) => {
+                    self.stats.rate_limited += 1;
+                    st.rate_limited += 1;
+                    let cap = Duration::from_secs_f64(self.sh.pb.cfg.max_retry_after_s);
+                    f.on_rate_limited(o.ticket, o.reserved, rate, cap, now);
+                }
+                CallError::Server(..) | CallError::Network(_) => {
+                    self.stats.server_errors += 1;
+                    st.server_errors += 1;
+                    f.on_failure(now);
+                }
+                CallError::Timeout => {
+                    self.stats.timeouts += 1;
+                    st.timeouts += 1;
+                    f.on_failure(now);
+                }
+                CallError::BadResponse(_) => {
+                    self.stats.bad_replies += 1;
+                    f.on_neutral();
+                }
+                CallError::NotTheApi(_) | CallError::Refused(..) => {
+                    self.stats.refused += 1;
+                    f.refusals_since_success += 1;
+                    f.on_neutral();
+                }
+                CallError::QuotaExhausted(_) | CallError::Fatal(..) => {
+                    self.stats.refused += 1;
+                    f.on_neutral();
+                }
+            },
+        }
+    }
+
     fn on_outcome(&mut self, o: Outcome) {
         let now = Instant::now();
-        let Outcome {
-            mut call,
-            endpoint,
-            reserved,
-            est_prompt,
-            started,
-            result,
-        } = o;
+        self.account(&o, now);
+        let Some(live) = self.live.get_mut(&o.call_id) else {
+            // The call was already answered by another copy.
+            return;
+        };
+        live.sends.retain(|s| s.id != o.send_id);
+        let result = match o.result {
+            Some(r) => r,
+            None => {
+                if live.sends.is_empty() {
+                    // Every copy was cancelled without an answer (cannot happen: copies are
+                    // cancelled only once the call is answered); keep the call going.
+                    let l = self.live.remove(&o.call_id).expect("live");
+                    self.ready.push_front(l.call);
+                }
+                return;
+            }
+        };
+        let ep = o.endpoint;
         match result {
             Ok(resp) => {
-                let used = (resp.prompt_tokens + resp.completion_tokens) as f64;
-                self.flows[endpoint].on_success(now - started, reserved, used, &resp.rate, now);
-                // Correct the tokenizer-based estimate towards what the server counted.
-                if resp.prompt_tokens > 0 && est_prompt > 0.0 {
-                    let r = resp.prompt_tokens as f64 / (est_prompt / self.token_ratio);
+                // The first answer wins; dropping the entry cancels any other copy.
+                let l = self.live.remove(&o.call_id).expect("live");
+                if resp.prompt_tokens > 0 && o.est_prompt > 0.0 {
+                    // Correct the tokenizer-based estimate towards what the server counted.
+                    let r = resp.prompt_tokens as f64 / (o.est_prompt / self.token_ratio);
                     self.token_ratio = 0.8 * self.token_ratio + 0.2 * r.clamp(0.2, 5.0);
                 }
-                self.on_reply(call, endpoint, resp);
+                self.on_reply(l.call, ep, resp);
             }
             Err(e) => {
-                match &e {
-                    CallError::RateLimited(rate) => {
-                        self.stats.rate_limited += 1;
-                        self.flows[endpoint].on_congestion(Some(rate), now);
-                    }
-                    CallError::Server(..) | CallError::Network(_) => {
-                        self.stats.server_errors += 1;
-                        self.flows[endpoint].on_congestion(None, now);
-                    }
-                    CallError::Timeout => {
-                        self.stats.timeouts += 1;
-                        self.flows[endpoint].on_congestion(None, now);
-                    }
-                    CallError::BadResponse(_) => {
-                        self.stats.bad_replies += 1;
-                        self.flows[endpoint].on_neutral_failure();
-                    }
-                    CallError::Fatal(status, msg) => {
-                        self.flows[endpoint].on_neutral_failure();
-                        if matches!(status, 401 | 403 | 404) {
-                            self.flows[endpoint].disabled = Some(format!("{status}: {msg}"));
-                        }
-                    }
+                if !live.sends.is_empty() {
+                    // Another copy is still on its way: let it answer.
+                    return;
                 }
+                let l = self.live.remove(&o.call_id).expect("live");
+                self.on_failed_call(l.call, ep, e, now);
+            }
+        }
+    }
+
+    fn on_failed_call(&mut self, mut call: Call, ep: usize, e: CallError, now: Instant) {
+        for it in &mut call.items {
+            it.last_problem = Some(e.to_string());
+        }
+        let cfg = &self.sh.pb.cfg;
+        let (base, cap) = (cfg.backoff_base_s, cfg.backoff_max_s);
+        match &e {
+            CallError::RateLimited(_) if !cfg.adaptive => {
+                // The naive baseline: exponential backoff, an attempt spent per 429.
                 call.attempts += 1;
-                for it in &mut call.items {
-                    it.last_problem = Some(e.to_string());
-                }
-                let cfg = &self.sh.pb.cfg;
-                let (base, cap, max_attempts) =
-                    (cfg.backoff_base_s, cfg.backoff_max_s, cfg.max_attempts);
-                if call.attempts >= max_attempts {
-                    self.split_or_fail(
-                        call.items,
-                        &format!("LLM call failed {} times: {e}", call.attempts),
-                    );
+                if call.attempts >= cfg.max_attempts {
+                    let why = format!("LLM call failed {} times: {e}", call.attempts);
+                    self.split_or_fail(call.items, &why);
                 } else {
-                    let wait = match &e {
-                        CallError::RateLimited(r) if self.sh.pb.cfg.adaptive => r
-                            .retry_after
-                            .unwrap_or_default()
-                            .max(backoff(call.attempts, base, cap)),
-                        _ => backoff(call.attempts, base, cap),
-                    };
-                    call.not_before = now + wait;
-                    call.avoid = Some(endpoint);
+                    call.not_before = now + backoff(call.attempts, base, cap);
+                    self.ready.push_back(call);
+                }
+            }
+            CallError::RateLimited(_) => {
+                // Not a failure of the call: it goes again as soon as the endpoint's flow
+                // (blocked by Retry-After, capped, or paced) lets it, without spending an
+                // attempt; another endpoint may take it sooner.
+                call.not_before = now;
+                call.avoid = Some(ep);
+                self.ready.push_front(call);
+            }
+            CallError::Fatal(..) | CallError::QuotaExhausted(_) => {
+                let what = self.refusal_advice(ep, &e);
+                self.disable(ep, what);
+                call.avoid = Some(ep);
+                self.ready.push_front(call);
+            }
+            CallError::Refused(..) | CallError::NotTheApi(_) => {
+                let f = &self.flows[ep];
+                if f.successes == 0 && f.refusals_since_success >= REFUSALS_BEFORE_FATAL {
+                    let what = self.refusal_advice(ep, &e);
+                    self.disable(ep, what);
+                    call.avoid = Some(ep);
+                    self.ready.push_front(call);
+                } else if call.items.len() > 1 {
+                    // Refused as a whole: one item may be the cause (too long, filtered);
+                    // each goes alone, once.
+                    for it in call.items {
+                        self.retry_alone(it);
+                    }
+                } else if matches!(e, CallError::NotTheApi(_))
+                    && call.attempts + 1 < cfg.max_attempts
+                {
+                    call.attempts += 1;
+                    call.not_before = now + backoff(call.attempts, base, cap);
+                    call.avoid = Some(ep);
+                    self.ready.push_back(call);
+                } else {
+                    let why = format!("the LLM endpoint refused this conversation: {e}");
+                    for it in call.items {
+                        self.resolve(&it.hash, Resolution::Failed(why.clone()));
+                    }
+                }
+            }
+            _ => {
+                // 5xx, timeouts, network errors, unreadable replies. While the endpoint's
+                // breaker is open the endpoint is down, not the call: no attempt is spent
+                // (`max_item_wait_s` bounds the wait instead).
+                if !self.flows[ep].breaker.is_open() {
+                    call.attempts += 1;
+                }
+                if call.attempts >= cfg.max_attempts {
+                    let why = format!("LLM call failed {} times: {e}", call.attempts);
+                    self.split_or_fail(call.items, &why);
+                } else {
+                    call.not_before = now + backoff(call.attempts, base, cap);
+                    call.avoid = Some(ep);
                     self.ready.push_back(call);
                 }
             }
@@ -842,12 +1220,8 @@ impl Dispatcher {
     /// Queues one item as a call of its own, now.
     fn retry_alone(&mut self, it: Item) {
         self.stats.retried_items += 1;
-        self.ready.push_back(Call {
-            items: vec![it],
-            attempts: 0,
-            not_before: Instant::now(),
-            avoid: None,
-        });
+        let call = self.new_call(vec![it], Instant::now());
+        self.ready.push_back(call);
     }
 
     /// Items of a call that failed too often go on alone (each a fresh chance) or fail.
@@ -882,6 +1256,7 @@ impl Dispatcher {
         let share = |x: u32| (x as f64 / n as f64).round() as u32;
         let raw: String = resp.content.chars().take(300).collect();
         let mut flawed = false;
+        let mut again: Vec<Item> = Vec::new();
         for (mut it, ans) in call.items.into_iter().zip(answers) {
             // With narrowed lists an item may only take one of the candidates it was offered
             // (or the escape): a label offered to its neighbour is an injected or confused
@@ -921,6 +1296,7 @@ impl Dispatcher {
                 other => {
                     flawed = true;
                     it.attempts += 1;
+                    let missing = other.is_none();
                     it.last_problem = Some(match &other {
                         Some(Answer::Invalid(s)) => {
                             format!("label `{s}` is not in the schema; reply: {raw}")
@@ -934,10 +1310,23 @@ impl Dispatcher {
                             it.last_problem.clone().unwrap_or_default()
                         );
                         self.resolve(&it.hash.clone(), Resolution::Failed(why));
+                    } else if missing {
+                        // Dropped or cut off: nothing wrong with the item; it rides the next
+                        // call with others.
+                        again.push(it);
                     } else {
                         self.retry_alone(it);
                     }
                 }
+            }
+        }
+        if !again.is_empty() {
+            self.stats.retried_items += again.len() as u64;
+            if self.pending.is_empty() {
+                self.oldest_pending = Some(Instant::now());
+            }
+            for it in again.into_iter().rev() {
+                self.pending.push_front(it);
             }
         }
         self.stats.bad_replies += u64::from(flawed);

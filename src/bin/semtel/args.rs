@@ -177,6 +177,11 @@ pub struct ClassifyArgs {
     /// Continue a previous run into the same output, skipping ids already written.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// With --resume and --llm: afterwards, send every row the output holds as `escalate`
+    /// (the LLM failed or was down, or there was no LLM then) to the LLM again, and patch the
+    /// answers into the output in place.
+    #[arg(long, requires = "resume")]
+    pub retry_escalated: bool,
     /// Replace an existing output.
     #[arg(long)]
     pub overwrite: bool,

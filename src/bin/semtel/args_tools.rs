@@ -99,14 +99,39 @@ pub struct SimulateArgs {
     /// Probability of an injected fault per request.
     #[arg(long, default_value_t = 0.0)]
     pub fault_rate: f64,
-    /// Fault kinds: all, or a list of 5xx, hang, malformed, out_of_schema, truncated, drop.
+    /// Fault kinds: all (the transient ones: 5xx, hang, malformed, out_of_schema,
+    /// truncated, drop), or a list of those and trickle, 400, html.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     pub faults: Vec<String>,
+    /// How long a hang (or an outage in `hang` mode) holds a request.
     #[arg(long, default_value_t = 30.0)]
     pub hang_s: f64,
     /// Require this API key (as Bearer or api-key header).
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Seed of every random draw (latency, faults, wrong labels).
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Seconds of traffic the limits let through at once.
+    #[arg(long, default_value_t = 5.0)]
+    pub burst_s: f64,
+    /// Rate-limit headers sent: full (OpenAI), remaining (Azure), none (Retry-After only).
+    #[arg(long, default_value = "full")]
+    pub headers: semtel::llm::simulator::HeaderMode,
+    /// Outage window START-END in seconds since start (repeatable), e.g. --outage 30-90.
+    #[arg(long, value_parser = semtel::llm::simulator::parse_window)]
+    pub outage: Vec<(f64, f64)>,
+    /// What an outage does: 503 (at once) or hang (hold for --hang-s, then 503).
+    #[arg(long, default_value = "503")]
+    pub outage_mode: semtel::llm::simulator::OutageMode,
+    /// Let the mean latency drift linearly to this many ms over --drift-s seconds.
+    #[arg(long)]
+    pub drift_to_ms: Option<f64>,
+    #[arg(long, default_value_t = 120.0)]
+    pub drift_s: f64,
+    /// Inject faults only after this many requests (a healthy start, then trouble).
+    #[arg(long, default_value_t = 0)]
+    pub faults_after: u64,
 }
 
 #[derive(Subcommand)]
@@ -114,9 +139,10 @@ pub enum BenchCmd {
     /// Embedding throughput of each engine on a fixed realistic text set, optionally against
     /// sentence-transformers on the same texts in the same run.
     Embed(BenchEmbedArgs),
-    /// The LLM tier against the loopback simulator: throughput at fixed limits (adaptive vs
-    /// fixed concurrency), tokens per item for 1/4/8/16 items per call with and without
-    /// candidate narrowing, and 30 % injected faults.
+    /// The LLM tier against the loopback simulator (or a real endpoint): wall time against the
+    /// floor the true rate limits set with limits configured right, too high or not at all,
+    /// under 25 % faults, with an endpoint down for a minute, with drifting latency; tokens
+    /// per item for 1/4/8/16 items per call with and without candidate narrowing.
     Llm(BenchLlmArgs),
     /// Accuracy versus cost: from kNN-only to LLM-only, escalating the least confident rows
     /// first; JSON, CSV, PNG and SVG plots and an HTML report.
@@ -161,13 +187,24 @@ pub struct BenchLlmArgs {
     pub split: String,
     #[arg(long, default_value_t = 2000)]
     pub items: usize,
-    /// Scenarios: throughput, tokens, faults.
+    /// Scenarios: limits (none configured, too high, right; per header kind), faults (25 %
+    /// incl. 30-s hangs), failover (two endpoints, one down for a minute), drift (latency
+    /// 300 ms -> 3 s), tokens (items per call, narrowing), external (needs --llm).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,tokens,faults"
+        default_value = "limits,faults,failover,drift,tokens"
     )]
     pub scenarios: Vec<String>,
+    /// LLM configuration of a real endpoint for the `external` scenario (added to the list
+    /// when given). Every item is sent to it: mind the cost.
+    #[arg(long)]
+    pub llm: Option<PathBuf>,
+    /// The external endpoint's true limits (RPM, TPM), when known, for its floor.
+    #[arg(long)]
+    pub true_rpm: Option<u64>,
+    #[arg(long)]
+    pub true_tpm: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }

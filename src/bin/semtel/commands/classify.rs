@@ -44,6 +44,7 @@ fn options(ctx: &Ctx, a: &ClassifyArgs) -> Result<ClassifyOptions> {
         },
         llm: a.llm.clone().or(ctx.cfg.llm.clone().map(PathBuf::from)),
         grow_min_confidence: a.grow.then_some(a.grow_min_confidence),
+        retry_escalated: a.retry_escalated,
     })
 }
 
@@ -65,6 +66,9 @@ pub fn run(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
         if let Some(s) = &report.llm {
             v["llm"] = serde_json::to_value(s)?;
         }
+        if let Some(r) = &report.retried {
+            v["retried"] = serde_json::to_value(r)?;
+        }
         println!("{v}");
     }
     eprintln!(
@@ -85,6 +89,18 @@ pub fn run(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
     );
     if let Some(s) = &report.llm {
         print_llm_summary(s, summary);
+    }
+    if let Some(r) = &report.retried {
+        eprintln!(
+            "retried {} rows left `escalate` ({} found in the input): {} now labelled by the LLM, {} still escalated",
+            r.escalated,
+            r.sent,
+            r.labelled,
+            r.sent - r.labelled
+        );
+        if let Some(s) = &r.llm {
+            print_llm_summary(s, summary);
+        }
     }
     if let Some(n) = report.grown {
         eprintln!("grew {} by {n} LLM-labelled exemplars", a.index.display());
@@ -117,6 +133,17 @@ pub fn print_llm_summary(s: &semtel::llm::LlmStats, run: &RunSummary) {
         "          tokens in {} / out {}, cost ${:.4}; 429s {}, server errors {}, timeouts {}, flawed replies {}, items retried {}",
         s.tokens_in, s.tokens_out, s.cost_usd, s.rate_limited, s.server_errors, s.timeouts, s.bad_replies, s.retried_items
     );
+    if s.hedges > 0 || s.refused > 0 || s.endpoints.len() > 1 {
+        eprintln!(
+            "          hedged calls {}, requests refused {}",
+            s.hedges, s.refused
+        );
+    }
+    for e in &s.endpoints {
+        if s.endpoints.len() > 1 || e.disabled.is_some() || e.breaker_opened > 0 {
+            eprintln!("          {}", super::bench::endpoint_line(e));
+        }
+    }
     let paid_items = s
         .rows_labelled
         .saturating_sub(s.cache_hits + s.deduplicated)

@@ -21,6 +21,14 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
                 hang_s: a.hang_s,
                 api_key: a.api_key,
                 truth,
+                seed: a.seed,
+                burst_s: a.burst_s,
+                headers: a.headers,
+                outages: a.outage,
+                outage_mode: a.outage_mode,
+                drift_to_ms: a.drift_to_ms,
+                drift_s: a.drift_s,
+                faults_after: a.faults_after,
                 ..Default::default()
             };
             let n = cfg.truth.len();
