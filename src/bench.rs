@@ -297,6 +297,8 @@ pub struct LlmRun {
     pub labelled: usize,
     /// Rows that stayed `escalate` (with the reason) after their retries.
     pub unlabelled: usize,
+    /// Why (the first few).
+    pub unlabelled_reasons: Vec<String>,
     pub accuracy_vs_truth: f64,
     pub tokens_in_per_item: f64,
     pub tokens_out_per_item: f64,
@@ -333,6 +335,10 @@ fn limits_floor(sims: &[(crate::llm::simulator::SimConfig, f64, f64)]) -> Option
                 let down = c.outages.iter().any(|&(a, b)| t >= a && t < b);
                 if !down {
                     have += per_min(c) as f64 / 60.0 * dt;
+                }
+                // A server's bucket refills while it is down: it comes back with its burst.
+                if c.outages.iter().any(|&(_, b)| t < b && t + dt >= b) {
+                    have += per_min(c) as f64 / 60.0 * c.burst_s;
                 }
             }
             t += dt;
@@ -388,7 +394,14 @@ pub fn llm_scenario(
             + s.html_pages.load(Relaxed)
             + s.outage_failures.load(Relaxed);
     }
-    run.floor_seconds = limits_floor(&per_sim);
+    // The last call admitted still takes the server's answer time: the floor includes it.
+    let tail = run
+        .endpoints
+        .iter()
+        .filter_map(|e| e.latency_p50_ms)
+        .fold(0.0f64, f64::max)
+        / 1000.0;
+    run.floor_seconds = limits_floor(&per_sim).map(|f| f + tail);
     run.ratio_to_floor = run.floor_seconds.map(|f| run.seconds / f.max(1e-9));
     run.http_429 = http_429;
     run.server_faults_injected = faults;
@@ -450,6 +463,12 @@ pub fn llm_run(
         out_of_schema,
         labelled: labelled.len(),
         unlabelled: out.len() - labelled.len(),
+        unlabelled_reasons: out
+            .iter()
+            .filter(|r| r.decided_by != crate::row::DecidedBy::Llm)
+            .filter_map(|r| r.error.clone())
+            .take(3)
+            .collect(),
         accuracy_vs_truth: right as f64 / labelled.len().max(1) as f64,
         tokens_in_per_item: st.tokens_in as f64 / items as f64,
         tokens_out_per_item: st.tokens_out as f64 / items as f64,
@@ -1047,4 +1066,248 @@ pub fn embed_benchmark(
         ));
     }
     Ok(results)
+}
+
+/// What `semtel bench bootstrap` runs: cold start on labelled sets treated as unlabelled
+/// streams, with the simulator (answering from the gold labels with `error_rate` wrong
+/// answers) standing in for the LLM. semtel itself never sees a gold label: the stream it
+/// reads has none, and the taxonomy is the label names.
+pub struct BootstrapBenchOptions {
+    /// (name, labelled file, splits that make the stream).
+    pub sets: Vec<(String, PathBuf, Vec<String>)>,
+    /// Rows the bootstrap may have labelled, as a share of the stream.
+    pub budget_share: f64,
+    pub error_rate: f64,
+    pub encoder: crate::embed::EncoderOptions,
+    pub work: PathBuf,
+    /// Variants: `active` (representative sampling + active rounds), `random` (random
+    /// sampling, one round).
+    pub variants: Vec<String>,
+}
+
+/// One (set, variant) of `semtel bench bootstrap`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootstrapRun {
+    pub set: String,
+    pub variant: String,
+    pub rows: usize,
+    pub bootstrap_labelled: usize,
+    /// Rows the classify pass sent to the LLM that it had not labelled before.
+    pub classify_llm_new: usize,
+    /// Rows the LLM labelled in all (bootstrap + escalations), as a share of the stream.
+    pub llm_share: f64,
+    /// Accuracy of the whole run's labels against gold (rows left unlabelled count as wrong).
+    pub accuracy: f64,
+    /// Every row sent to the (same) LLM.
+    pub llm_only_accuracy: f64,
+    pub unlabelled: usize,
+    pub rounds: Vec<crate::app::bootstrap::RoundReport>,
+    pub stopped_because: String,
+    pub seconds: f64,
+}
+
+pub fn bootstrap_benchmark(
+    o: &BootstrapBenchOptions,
+    report: &mut dyn FnMut(&BootstrapRun),
+) -> Result<Vec<BootstrapRun>> {
+    use crate::app::bootstrap::{self, BootstrapOptions, Sampling};
+    use crate::llm::{config::EndpointConfig, simulator};
+    let mut runs = Vec::new();
+    for (name, file, splits) in &o.sets {
+        let dir = o.work.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // The stream without labels, and the gold kept aside.
+        let mut gold: std::collections::HashMap<String, String> = Default::default();
+        let mut truth: std::collections::HashMap<String, String> = Default::default();
+        let stream = dir.join("stream.jsonl");
+        let mut w = std::io::BufWriter::new(
+            std::fs::File::create(&stream).map_err(|e| Error::io(&stream, e))?,
+        );
+        for split in splits {
+            let opts = crate::input::InputOptions {
+                split: Some(split.clone()),
+                ..Default::default()
+            };
+            for r in crate::input::read_all(file, &opts)? {
+                let (Ok(c), Some(l)) = (r.content, r.label) else {
+                    continue;
+                };
+                let text = c.flatten();
+                truth.insert(simulator::truth_key(&text), l.clone());
+                gold.insert(r.id.clone(), l);
+                use std::io::Write;
+                writeln!(w, "{}", serde_json::json!({"id": r.id, "text": text}))
+                    .map_err(|e| Error::io(&stream, e))?;
+            }
+        }
+        drop(w);
+        let mut labels: Vec<&String> = gold.values().collect();
+        labels.sort();
+        labels.dedup();
+        let tax = dir.join("taxonomy.toml");
+        let mut t = String::from("[labels]\n");
+        for l in &labels {
+            t.push_str(&format!("{:?} = {:?}\n", l, l.replace('_', " ")));
+        }
+        std::fs::write(&tax, t).map_err(|e| Error::io(&tax, e))?;
+        let n = gold.len();
+        let sim_cfg = simulator::SimConfig {
+            latency_ms: 5.0,
+            jitter_ms: 1.0,
+            error_rate: o.error_rate,
+            truth: truth.clone(),
+            ..Default::default()
+        };
+        let endpoint = |url: String| EndpointConfig {
+            name: "sim".into(),
+            kind: Default::default(),
+            url,
+            model: "sim-1".into(),
+            deployment: None,
+            api_version: "2024-10-21".into(),
+            api_key_env: None,
+            weight: 1.0,
+            rpm: 0,
+            tpm: 0,
+            price_in_per_1k: 0.00015,
+            price_out_per_1k: 0.0006,
+            max_concurrency: 32,
+        };
+        // LLM-only: every row of the stream through the same simulated LLM.
+        let llm_only_accuracy = {
+            let h = simulator::start(sim_cfg.clone(), 0)?;
+            let cfg = crate::llm::LlmConfig {
+                cache: Some("off".into()),
+                endpoints: vec![endpoint(h.url())],
+                ..Default::default()
+            };
+            let encoder = crate::embed::Encoder::load(&o.encoder)?;
+            let rows: Vec<crate::pipeline::Classified> =
+                crate::input::read_all(&stream, &Default::default())?
+                    .into_iter()
+                    .map(|r| crate::pipeline::Classified {
+                        out: crate::row::OutputRow {
+                            decided_by: crate::row::DecidedBy::Escalate,
+                            error: None,
+                            ..crate::row::OutputRow::error(r.id, String::new(), Vec::new())
+                        },
+                        content: r.content.ok(),
+                        vector: None,
+                        scores: None,
+                        examples: Vec::new(),
+                    })
+                    .collect();
+            let all: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+            let (out, _) = llm_label_all(cfg, &all, encoder.token_counter(), &rows)?;
+            out.iter()
+                .filter(|r| r.label.as_ref() == gold.get(&r.id))
+                .count() as f64
+                / n as f64
+        };
+        for variant in &o.variants {
+            let t = Instant::now();
+            let vdir = dir.join(variant);
+            std::fs::create_dir_all(&vdir).map_err(|e| Error::io(&vdir, e))?;
+            let h = simulator::start(sim_cfg.clone(), 0)?;
+            let cache = vdir.join("llm-cache.jsonl");
+            let cfg = crate::llm::LlmConfig {
+                cache: Some(cache.display().to_string()),
+                endpoints: vec![endpoint(h.url())],
+                ..Default::default()
+            };
+            let idx = vdir.join("idx");
+            let mut bo = BootstrapOptions::new(
+                stream.clone(),
+                tax.clone(),
+                cfg.clone(),
+                idx.clone(),
+                o.encoder.clone(),
+            );
+            bo.budget_rows = Some((o.budget_share * n as f64).round() as usize);
+            match variant.as_str() {
+                "active" => {}
+                "random" => {
+                    bo.sampling = Sampling::Random;
+                    bo.rounds = 1;
+                }
+                other => {
+                    return Err(Error::Config(format!(
+                        "unknown variant `{other}` (active, random)"
+                    )))
+                }
+            }
+            let b = bootstrap::run(&bo, &crate::progress::Progress::hidden())?;
+            let llm_path = vdir.join("llm.toml");
+            let toml = format!(
+                "cache = {:?}\n[[endpoints]]\nname = \"sim\"\nurl = {:?}\nmodel = \"sim-1\"\nprice_in_per_1k = 0.00015\nprice_out_per_1k = 0.0006\nmax_concurrency = 32\n",
+                cache.display().to_string(),
+                h.url()
+            );
+            std::fs::write(&llm_path, toml).map_err(|e| Error::io(&llm_path, e))?;
+            let out_path = vdir.join("labels.jsonl");
+            let job =
+                crate::app::classify::ClassifyJob::open(crate::app::classify::ClassifyOptions {
+                    index: idx.clone(),
+                    input: stream.clone(),
+                    output: out_path.clone(),
+                    classifier: crate::pipeline::ClassifierOptions {
+                        encoder: o.encoder.clone(),
+                        k: None,
+                        threshold: None,
+                        signal: None,
+                        writable: false,
+                    },
+                    also: Vec::new(),
+                    input_options: Default::default(),
+                    part_rows: 100_000,
+                    existing: crate::output::Existing::Overwrite,
+                    llm: Some(llm_path),
+                    grow_min_confidence: Some(0.0),
+                    retry_escalated: false,
+                })?;
+            let rep = job.run(&crate::progress::Progress::hidden())?;
+            let st = rep.llm.clone().unwrap_or_default();
+            let classify_llm_new =
+                st.rows_labelled
+                    .saturating_sub(st.cache_hits + st.deduplicated) as usize;
+            let out = crate::output::read_stored_rows(&out_path)?;
+            let _ = out;
+            let mut right = 0usize;
+            let mut unlabelled = 0usize;
+            for line in std::fs::read_to_string(&out_path)
+                .map_err(|e| Error::io(&out_path, e))?
+                .lines()
+            {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| Error::output(&out_path, e.to_string()))?;
+                let id = v["id"].as_str().unwrap_or_default();
+                match v["label"].as_str() {
+                    Some(l) if v["decided_by"] != "escalate" => {
+                        right += usize::from(gold.get(id).map(String::as_str) == Some(l))
+                    }
+                    _ => unlabelled += 1,
+                }
+            }
+            let r = BootstrapRun {
+                set: name.clone(),
+                variant: variant.clone(),
+                rows: n,
+                bootstrap_labelled: b.labelled_rows,
+                classify_llm_new,
+                llm_share: (b.labelled_rows + classify_llm_new) as f64 / n as f64,
+                accuracy: right as f64 / n as f64,
+                llm_only_accuracy,
+                unlabelled,
+                rounds: b.rounds.clone(),
+                stopped_because: b.stopped_because.clone(),
+                seconds: t.elapsed().as_secs_f64(),
+            };
+            report(&r);
+            runs.push(r);
+        }
+    }
+    Ok(runs)
 }

@@ -32,6 +32,7 @@ pub mod render;
 #[cfg(feature = "dev-tools")]
 pub mod report;
 pub mod row;
+pub mod sample;
 pub mod sink;
 
 pub use error::{Error, Result};

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 pub type RowVector = std::result::Result<Vec<f32>, String>;
 
 /// One classified row plus what the LLM tier needs if it was escalated.
+#[derive(Clone)]
 pub struct Classified {
     pub out: OutputRow,
     /// Present for escalated rows only.

@@ -10,13 +10,17 @@
 //! | evaluate on a labelled split | [`eval::evaluate`], [`eval::evaluate_multi`] |
 //! | embed a file to Parquet | [`embed::embed_file`] |
 //! | the bundled demo | [`demo::run`] |
+//! | cold start: taxonomy + LLM + unlabelled rows → calibrated index | [`bootstrap::run`] |
+//! | two LLM configurations on the same rows (agreement, kappa, cost) | [`compare::run`] |
 //!
 //! This layer must never print, parse flags or read environment variables for options: it takes
 //! resolved, typed options and returns typed reports; adapters decide how to show them.
 
 pub mod arrow;
+pub mod bootstrap;
 pub mod calibrate;
 pub mod classify;
+pub mod compare;
 pub mod demo;
 pub mod embed;
 pub mod eval;

@@ -90,6 +90,10 @@ pub enum Cmd {
     /// Choose the confidence signal and escalation thresholds (global and per label) from
     /// labelled data, train the learned head, and store them in the index.
     Calibrate(CalibrateArgs),
+    /// Cold start: from a taxonomy, an LLM and unlabelled conversations to a calibrated index
+    /// (the LLM labels representative rows, then the rows the index is least sure of, in
+    /// rounds; thresholds are calibrated for agreement with the LLM). Resumable.
+    Bootstrap(BootstrapArgs),
     /// Write embeddings (id, label, vector) of a file's conversations to Parquet.
     Embed {
         #[arg(long)]
@@ -279,4 +283,52 @@ pub struct DemoArgs {
     /// Where the demo writes its index and labels.
     #[arg(long, default_value = "out/demo")]
     pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BootstrapArgs {
+    /// Unlabelled conversations (JSONL/Parquet); a label column, if any, is ignored.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// TOML with a [labels] table (label = "description") and optional [examples]
+    /// (label = ["text", …]).
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// LLM configuration (endpoints, prompt, limits).
+    #[arg(long)]
+    pub llm: PathBuf,
+    /// Index folder to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// Rows the LLM may label in all.
+    #[arg(long, required_unless_present = "budget_usd")]
+    pub budget_rows: Option<usize>,
+    /// Dollars the LLM may cost in all (at the prices in the LLM configuration).
+    #[arg(long)]
+    pub budget_usd: Option<f64>,
+    /// Rounds: the first (representative rows) plus active ones (rows the index is unsure of).
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
+    /// How the first round picks rows: representative (k-means medoids) or random.
+    #[arg(long, default_value = "representative", value_parser = ["representative", "random"])]
+    pub sampling: String,
+    /// Read and embed at most this many input rows (a seeded random subset).
+    #[arg(long, default_value_t = 200_000)]
+    pub max_rows: usize,
+    /// Wanted agreement with the LLM on the rows the index keeps.
+    #[arg(long, default_value_t = 0.97)]
+    pub target: f64,
+    /// Share of LLM-labelled rows held back to calibrate on.
+    #[arg(long, default_value_t = 0.2)]
+    pub holdout: f64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Replace an index already at --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -26,6 +26,32 @@ pub enum StaticCmd {
 pub enum LlmCmd {
     /// Serve an OpenAI-compatible simulator on 127.0.0.1 that answers from true labels.
     Simulate(SimulateArgs),
+    /// Run two LLM configurations (two models, or two prompt versions) on the same rows:
+    /// agreement, Cohen's kappa, label pairs they disagree on, tokens and cost of each, and the
+    /// index exemplars the second would label differently.
+    Compare {
+        /// Index whose labels are the schema (its neighbours narrow candidates, as in classify).
+        #[arg(long)]
+        index: PathBuf,
+        /// Conversations to compare on (the first --rows readable ones).
+        #[arg(long)]
+        input: PathBuf,
+        #[command(flatten)]
+        cols: ColumnArgs,
+        /// The current LLM configuration…
+        #[arg(long)]
+        a: PathBuf,
+        /// …and the candidate.
+        #[arg(long)]
+        b: PathBuf,
+        #[arg(long, default_value_t = 500)]
+        rows: usize,
+        /// Index exemplars sent to B to find those whose label would change (0: none).
+        #[arg(long, default_value_t = 200)]
+        exemplars: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the escalated rows of a classify output as an OpenAI Batch API request file.
     ExportBatch {
         #[arg(long)]
@@ -147,6 +173,34 @@ pub enum BenchCmd {
     /// Accuracy versus cost: from kNN-only to LLM-only, escalating the least confident rows
     /// first; JSON, CSV, PNG and SVG plots and an HTML report.
     AccuracyCost(BenchAccArgs),
+    /// Cold start on Banking77 and CLINC150 (train + test) treated as unlabelled streams, the
+    /// simulator answering from their gold labels with 5 % wrong answers standing in for the
+    /// LLM: `bootstrap` then `classify --llm --grow`, against gold and against LLM-only.
+    Bootstrap(BenchBootstrapArgs),
+}
+
+#[derive(Args)]
+pub struct BenchBootstrapArgs {
+    /// Folder with the shared data sets.
+    #[arg(long, default_value = "../shared")]
+    pub shared: PathBuf,
+    /// Sets: banking77, clinc150.
+    #[arg(long, value_delimiter = ',', default_value = "banking77,clinc150")]
+    pub sets: Vec<String>,
+    /// Variants: active (representative sampling + active rounds), random (random, one round).
+    #[arg(long, value_delimiter = ',', default_value = "active,random")]
+    pub variants: Vec<String>,
+    /// Bootstrap budget as a share of the stream's rows.
+    #[arg(long, default_value_t = 0.12)]
+    pub budget_share: f64,
+    /// Wrong answers of the simulated LLM.
+    #[arg(long, default_value_t = 0.05)]
+    pub error_rate: f64,
+    /// Work folder (replaced).
+    #[arg(long, default_value = "out/bench-bootstrap")]
+    pub work: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

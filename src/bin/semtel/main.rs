@@ -88,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Classify(a) => classify::run(&ctx, a),
         Cmd::Eval(a) => eval::run(&ctx, a),
         Cmd::Calibrate(a) => calibrate::run(&ctx, a),
+        Cmd::Bootstrap(a) => bootstrap::run(&ctx, a),
         Cmd::Demo(a) => demo::run(&ctx, a),
         Cmd::Embed {
             input,
@@ -103,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Embed(a)) => bench::embed(&ctx, a),
         Cmd::Bench(BenchCmd::Llm(a)) => bench::llm(&ctx, a),
         Cmd::Bench(BenchCmd::AccuracyCost(a)) => accuracy_cost::run(&ctx, a),
+        Cmd::Bench(BenchCmd::Bootstrap(a)) => bench::bootstrap(&ctx, a),
         Cmd::Llm(c) => llm::run(&ctx, c),
     }
 }

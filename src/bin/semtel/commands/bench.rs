@@ -1,7 +1,7 @@
 //! `semtel bench embed|llm`: benchmarks that print figures.
 
 use crate::args::ColumnArgs;
-use crate::args_tools::{BenchEmbedArgs, BenchLlmArgs};
+use crate::args_tools::{BenchBootstrapArgs, BenchEmbedArgs, BenchLlmArgs};
 use crate::options::Ctx;
 use anyhow::Result;
 use semtel::pipeline::Classifier;
@@ -95,6 +95,9 @@ fn print_run(r: &semtel::bench::LlmRun) {
     for e in &r.endpoints {
         eprintln!("    {}", endpoint_line(e));
     }
+    for why in &r.unlabelled_reasons {
+        eprintln!("    unlabelled: {why}");
+    }
 }
 
 /// One endpoint's figures, as the run summary and the benchmark print them.
@@ -118,4 +121,70 @@ pub fn endpoint_line(e: &semtel::llm::limiter::EndpointStats) -> String {
             .as_ref()
             .map_or(String::new(), |d| format!("; disabled: {d}"))
     )
+}
+
+pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
+    let sets = a
+        .sets
+        .iter()
+        .map(|s| match s.as_str() {
+            "banking77" => Ok((
+                s.clone(),
+                a.shared.join("data/banking77/banking77.jsonl"),
+                vec!["train".to_string(), "test".to_string()],
+            )),
+            "clinc150" => Ok((
+                s.clone(),
+                a.shared.join("data/clinc150/clinc150.jsonl"),
+                vec!["train".to_string(), "test".to_string()],
+            )),
+            other => Err(anyhow::anyhow!(
+                "unknown set `{other}` (banking77, clinc150)"
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let runs = semtel::bench::bootstrap_benchmark(
+        &semtel::bench::BootstrapBenchOptions {
+            sets,
+            budget_share: a.budget_share,
+            error_rate: a.error_rate,
+            encoder: ctx.encoder_options(),
+            work: a.work.clone(),
+            variants: a.variants.clone(),
+        },
+        &mut |r| {
+            eprintln!(
+                "{} {}: {} rows; accuracy vs gold {:.2} % (LLM-only {:.2} %); LLM labelled {:.1} % of rows ({} bootstrap + {} escalated), {} left unlabelled; {:.0} s",
+                r.set,
+                r.variant,
+                r.rows,
+                100.0 * r.accuracy,
+                100.0 * r.llm_only_accuracy,
+                100.0 * r.llm_share,
+                r.bootstrap_labelled,
+                r.classify_llm_new,
+                r.unlabelled,
+                r.seconds
+            );
+            for x in &r.rounds {
+                eprintln!(
+                    "    round {}: +{} rows ({} in all), agreement with the LLM on kept rows {:.1} % [{:.1}, {:.1}], projected escalation {:.1} %",
+                    x.round,
+                    x.labelled,
+                    x.labelled_total,
+                    100.0 * x.agreement.value,
+                    100.0 * x.agreement.lo,
+                    100.0 * x.agreement.hi,
+                    100.0 * x.escalated_share
+                );
+            }
+            eprintln!("    stopped: {}", r.stopped_because);
+        },
+    )?;
+    if a.json {
+        for r in runs {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
 }

@@ -38,6 +38,66 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }
         }
+        LlmCmd::Compare {
+            index,
+            input,
+            cols,
+            a,
+            b,
+            rows,
+            exemplars,
+            json,
+        } => {
+            let name = |p: &std::path::Path| p.display().to_string();
+            let r = semtel::app::compare::run(&semtel::app::compare::CompareOptions {
+                index,
+                classifier: ctx.classifier_options(None, None, None)?,
+                input,
+                input_options: ctx.input_options(&cols),
+                a: (name(&a), LlmConfig::load(&a)?),
+                b: (name(&b), LlmConfig::load(&b)?),
+                rows,
+                exemplars,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            eprintln!(
+                "{} rows, {} labelled by both: agreement {:.1} %, Cohen's kappa {:.3}",
+                r.rows,
+                r.compared,
+                100.0 * r.agreement,
+                r.kappa
+            );
+            for s in [&r.a, &r.b] {
+                eprintln!(
+                    "  {}: {} labelled, {} without a label; tokens in {} / out {}; ${:.4}",
+                    s.name, s.labelled, s.failed, s.tokens_in, s.tokens_out, s.cost_usd
+                );
+            }
+            if !r.confusions.is_empty() {
+                eprintln!("  most frequent disagreements (A → B):");
+                for (x, y, n) in r.confusions.iter().take(10) {
+                    eprintln!("    {x} → {y}: {n}");
+                }
+            }
+            if r.exemplars_checked > 0 {
+                eprintln!(
+                    "  {} of {} index exemplars would change label under B{}",
+                    r.exemplars_changed.len(),
+                    r.exemplars_checked,
+                    if r.exemplars_changed.is_empty() {
+                        ""
+                    } else {
+                        ", e.g.:"
+                    }
+                );
+                for (id, old, new) in r.exemplars_changed.iter().take(10) {
+                    eprintln!("    {id}: {old} → {new}");
+                }
+            }
+            Ok(())
+        }
         LlmCmd::ExportBatch {
             index,
             input: inp,

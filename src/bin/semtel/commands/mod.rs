@@ -3,6 +3,7 @@
 
 pub mod accuracy_cost;
 pub mod bench;
+pub mod bootstrap;
 pub mod calibrate;
 pub mod classify;
 pub mod demo;
