@@ -1083,6 +1083,8 @@ pub struct BootstrapBenchOptions {
     /// Variants: `active` (representative sampling + active rounds), `random` (random
     /// sampling, one round).
     pub variants: Vec<String>,
+    /// Agreement target (`None`: the bootstrap's automatic one).
+    pub target: Option<f64>,
 }
 
 /// One (set, variant) of `semtel bench bootstrap`.
@@ -1103,6 +1105,8 @@ pub struct BootstrapRun {
     pub unlabelled: usize,
     pub rounds: Vec<crate::app::bootstrap::RoundReport>,
     pub stopped_because: String,
+    pub llm_self_agreement: Option<f64>,
+    pub target: f64,
     pub seconds: f64,
 }
 
@@ -1227,6 +1231,7 @@ pub fn bootstrap_benchmark(
                 o.encoder.clone(),
             );
             bo.budget_rows = Some((o.budget_share * n as f64).round() as usize);
+            bo.target = o.target;
             match variant.as_str() {
                 "active" => {}
                 "random" => {
@@ -1297,12 +1302,16 @@ pub fn bootstrap_benchmark(
                 rows: n,
                 bootstrap_labelled: b.labelled_rows,
                 classify_llm_new,
-                llm_share: (b.labelled_rows + classify_llm_new) as f64 / n as f64,
+                // Rows asked twice to measure the LLM's self-agreement are paid for too.
+                llm_share: (b.labelled_rows + b.llm_retest_rows + classify_llm_new) as f64
+                    / n as f64,
                 accuracy: right as f64 / n as f64,
                 llm_only_accuracy,
                 unlabelled,
                 rounds: b.rounds.clone(),
                 stopped_because: b.stopped_because.clone(),
+                llm_self_agreement: b.llm_self_agreement,
+                target: b.target,
                 seconds: t.elapsed().as_secs_f64(),
             };
             report(&r);

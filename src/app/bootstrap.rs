@@ -91,10 +91,13 @@ pub struct BootstrapOptions {
     pub rounds: usize,
     /// Share of the row budget the first round spends.
     pub first_share: f64,
-    /// Share of the LLM-labelled rows held back to calibrate on.
+    /// Share of the row budget spent on a uniformly random sample held back to calibrate on
+    /// (the rows the rounds choose are not a fair sample of the corpus; these are).
     pub holdout: f64,
-    /// Wanted agreement with the LLM on the rows the index keeps.
-    pub target: f64,
+    /// Wanted agreement with the LLM on the rows the index keeps. `None`: as high as the LLM
+    /// agrees with itself (measured by asking it twice about part of the held-back rows), at
+    /// most 0.97 — a noisy LLM cannot be agreed with more than it agrees with itself.
+    pub target: Option<f64>,
     pub sampling: Sampling,
     pub k: usize,
     pub seed: u64,
@@ -123,7 +126,7 @@ impl BootstrapOptions {
             rounds: 4,
             first_share: 0.4,
             holdout: 0.2,
-            target: 0.97,
+            target: None,
             sampling: Sampling::Representative,
             k: 10,
             seed: 7,
@@ -159,6 +162,11 @@ pub struct BootstrapReport {
     pub unreadable_rows: usize,
     pub sampling: Sampling,
     pub rounds: Vec<RoundReport>,
+    /// Rows asked twice, and how often the LLM gave the same label.
+    pub llm_retest_rows: usize,
+    pub llm_self_agreement: Option<f64>,
+    /// The agreement target the thresholds were calibrated for.
+    pub target: f64,
     pub stopped_because: String,
     pub labelled_rows: usize,
     pub spent_usd: f64,
@@ -257,6 +265,9 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         unreadable_rows: unreadable,
         sampling: o.sampling,
         rounds: Vec::new(),
+        llm_retest_rows: 0,
+        llm_self_agreement: None,
+        target: o.target.unwrap_or(MAX_AUTO_TARGET),
         stopped_because: String::new(),
         labelled_rows: 0,
         spent_usd: 0.0,
@@ -274,9 +285,11 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         writable: false,
     };
     let mut last_dir: Option<PathBuf> = None;
+    // What asking the LLM twice cost (it counts against a dollar budget).
+    let mut retest_cost = 0.0;
     let mut prev_escalated: Option<f64> = None;
     for round in 0..o.rounds {
-        let spent: f64 = labelled.values().map(|l| l.cost_usd).sum();
+        let spent: f64 = labelled.values().map(|l| l.cost_usd).sum::<f64>() + retest_cost;
         let done = labelled.len();
         let rows_left = rows_left(o, done, spent);
         if rows_left == 0 {
@@ -284,35 +297,43 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
             break;
         }
         let plan_path = work.join(format!("plan-{round}.json"));
-        let plan: Vec<String> = match std::fs::read_to_string(&plan_path) {
-            Ok(t) => {
-                serde_json::from_str(&t).map_err(|e| Error::input(&plan_path, e.to_string()))?
-            }
+        let plan: Plan = match std::fs::read_to_string(&plan_path) {
+            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::input(&plan_path, e.to_string()))?,
             Err(_) => {
-                let want = if round + 1 == o.rounds {
+                let mut want = if round + 1 == o.rounds {
                     rows_left
                 } else if round == 0 {
                     first_round_rows(o, &labels, &pool).min(rows_left)
                 } else {
                     rows_left.div_ceil(o.rounds - round)
                 };
-                let chosen = choose(
-                    o,
-                    round,
-                    want,
-                    &pool,
-                    &labelled,
-                    last_dir.as_deref(),
-                    &copts,
-                )?;
-                let ids: Vec<String> = chosen.iter().map(|&i| pool.rows[i].id.clone()).collect();
+                // Round 0 also draws the held-back sample, uniformly at random.
+                let holdout = if round == 0 {
+                    let n = holdout_rows(o, &labels).min(rows_left.saturating_sub(1));
+                    want = want.min(rows_left - n);
+                    let mut rng = fastrand::Rng::with_seed(o.seed ^ 0x5eed);
+                    let mut all: Vec<usize> = (0..pool.rows.len()).collect();
+                    rng.shuffle(&mut all);
+                    all.truncate(n);
+                    all
+                } else {
+                    Vec::new()
+                };
+                let held: HashSet<usize> = holdout.iter().copied().collect();
+                let chosen = choose(o, round, want, &pool, &labelled, &held, last_dir.as_deref(), &copts)?;
+                let p = Plan {
+                    train: chosen.iter().map(|&i| pool.rows[i].id.clone()).collect(),
+                    holdout: holdout.iter().map(|&i| pool.rows[i].id.clone()).collect(),
+                };
                 let tmp = plan_path.with_extension("json.tmp");
-                std::fs::write(&tmp, serde_json::to_vec(&ids).expect("ids serialise"))
+                std::fs::write(&tmp, serde_json::to_vec(&p).expect("plan serialises"))
                     .map_err(|e| Error::io(&tmp, e))?;
                 crate::fsio::commit(&tmp, &plan_path)?;
-                ids
+                p
             }
         };
+        let held_ids: HashSet<String> = plan.holdout.iter().cloned().collect();
+        let plan: Vec<String> = plan.train.into_iter().chain(plan.holdout).collect();
         let todo: Vec<usize> = plan
             .iter()
             .filter(|id| !labelled.contains_key(*id))
@@ -324,7 +345,6 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         }
         if !todo.is_empty() {
             label_rows(
-                o,
                 &cfg,
                 &labels,
                 &tax,
@@ -335,13 +355,26 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
                 last_dir.as_deref(),
                 &copts,
                 &labelled_path,
+                &held_ids,
                 &mut labelled,
             )?;
+        }
+        if round == 0 && o.target.is_none() && report.llm_self_agreement.is_none() {
+            let (n, a, cost) = retest(&work, &cfg, &labels, &encoder, &pool, &labelled)?;
+            report.llm_retest_rows = n;
+            report.llm_self_agreement = a;
+            retest_cost = cost;
+            if let Some(a) = a {
+                // The upper end of its 95 % interval: the bar is never set below what the LLM
+                // may really achieve with itself.
+                let k = (a * n as f64).round() as usize;
+                report.target = crate::calibrate::wilson(k, n).hi.min(MAX_AUTO_TARGET);
+            }
         }
         // The index of this round, calibrated against the LLM on the held-back rows.
         let dir = work.join(format!("round-{round}"));
         let (exemplars, agreement, escalated) =
-            build_round(&encoder, &pool, &labelled, &dir, o, &copts)?;
+            build_round(&encoder, &pool, &labelled, &dir, o, report.target, &copts)?;
         let this_round = labelled.values().filter(|l| l.round == round).count();
         report.rounds.push(RoundReport {
             round,
@@ -396,7 +429,7 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         .cloned()
         .collect();
     report.labelled_rows = labelled.len();
-    report.spent_usd = labelled.values().map(|l| l.cost_usd).sum();
+    report.spent_usd = labelled.values().map(|l| l.cost_usd).sum::<f64>() + retest_cost;
     let per_row = report.spent_usd / labelled.len().max(1) as f64;
     report.llm_only_per_million_usd = per_row * 1e6;
     let escalated = report.rounds.last().map_or(1.0, |r| r.escalated_share);
@@ -525,11 +558,102 @@ fn read_labelled(path: &Path) -> Result<BTreeMap<String, Labelled>> {
     Ok(m)
 }
 
-/// Whether a row is held back for calibration (a stable function of its id).
-fn is_holdout(id: &str, share: f64, seed: u64) -> bool {
-    let h = crate::hash::text_hash(&format!("{seed}:{id}"));
-    let x = u64::from_str_radix(&h[..12], 16).unwrap_or(0) as f64 / (1u64 << 48) as f64;
-    x < share
+/// What a round asks the LLM about: rows for the index, and (round 0) the held-back sample.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Plan {
+    train: Vec<String>,
+    holdout: Vec<String>,
+}
+
+/// The highest agreement target chosen automatically.
+const MAX_AUTO_TARGET: f64 = 0.97;
+/// Held-back rows the LLM is asked about twice.
+const RETEST_ROWS: usize = 150;
+
+/// Rows of the held-back sample: its share of a row budget (of the first round's size with a
+/// dollar budget), at least two per label when the budget allows.
+fn holdout_rows(o: &BootstrapOptions, labels: &[String]) -> usize {
+    if o.holdout <= 0.0 {
+        return 0;
+    }
+    let base = o.budget_rows.unwrap_or(labels.len() * 10 * o.rounds);
+    ((base as f64 * o.holdout).round() as usize).max(2 * labels.len().min(base / 10))
+}
+
+/// Asks the LLM again (no cache) about part of the held-back rows: how often it repeats
+/// itself bounds how well anything can agree with it. Kept in the work folder, so a resumed
+/// bootstrap does not pay for it twice. Returns (rows asked twice, self-agreement).
+fn retest(
+    work: &Path,
+    cfg: &LlmConfig,
+    labels: &[String],
+    encoder: &Encoder,
+    pool: &Pool,
+    labelled: &BTreeMap<String, Labelled>,
+) -> Result<(usize, Option<f64>, f64)> {
+    let path = work.join("retest.json");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if let Ok(x) = serde_json::from_str::<(usize, Option<f64>, f64)>(&t) {
+            return Ok(x);
+        }
+    }
+    let first: Vec<(&String, &String)> = labelled
+        .values()
+        .filter(|l| l.holdout)
+        .filter_map(|l| l.label.as_ref().map(|x| (&l.id, x)))
+        .take(RETEST_ROWS)
+        .collect();
+    if first.len() < 20 {
+        return Ok((0, None, 0.0));
+    }
+    let mut cfg = cfg.clone();
+    cfg.cache = Some("off".into());
+    let rows: Vec<Classified> = first
+        .iter()
+        .filter_map(|(id, _)| pool.by_id.get(*id))
+        .map(|&i| escalated_item(&pool.rows[i], Vec::new()))
+        .collect();
+    let mut tier = LlmTier::new(cfg, labels.to_vec(), encoder.token_counter())?
+        .with_system_turns(encoder.include_system_turns());
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<OutputRow>>(64);
+    let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
+    let r = tier.submit(rows, &tx).and_then(|_| tier.finish(&tx));
+    drop(tx);
+    let again = collector
+        .join()
+        .map_err(|_| Error::Internal("the retest collector panicked".into()))?;
+    r?;
+    let second: HashMap<&str, &str> = again
+        .iter()
+        .filter(|r| r.decided_by == DecidedBy::Llm)
+        .filter_map(|r| r.label.as_deref().map(|l| (r.id.as_str(), l)))
+        .collect();
+    let both: Vec<bool> = first
+        .iter()
+        .filter_map(|(id, l)| second.get(id.as_str()).map(|m| *m == l.as_str()))
+        .collect();
+    let out = (
+        both.len(),
+        (both.len() >= 20).then(|| both.iter().filter(|&&x| x).count() as f64 / both.len() as f64),
+        tier.stats.cost_usd,
+    );
+    std::fs::write(&path, serde_json::to_vec(&out).expect("serialises"))
+        .map_err(|e| Error::io(&path, e))?;
+    Ok(out)
+}
+
+/// A pool row as the LLM tier takes it (nothing decided; `examples` for the prompt).
+fn escalated_item(r: &Row, examples: Vec<(String, String)>) -> Classified {
+    let mut out = OutputRow::error(r.id.clone(), String::new(), Vec::new());
+    out.decided_by = DecidedBy::Escalate;
+    out.error = None;
+    Classified {
+        out,
+        content: r.content.clone().ok(),
+        vector: None,
+        scores: None,
+        examples,
+    }
 }
 
 /// The rows a round asks the LLM about.
@@ -539,11 +663,12 @@ fn choose(
     want: usize,
     pool: &Pool,
     labelled: &BTreeMap<String, Labelled>,
+    held: &HashSet<usize>,
     last_dir: Option<&Path>,
     copts: &ClassifierOptions,
 ) -> Result<Vec<usize>> {
     let unlabelled: Vec<usize> = (0..pool.rows.len())
-        .filter(|&i| !labelled.contains_key(&pool.rows[i].id))
+        .filter(|&i| !labelled.contains_key(&pool.rows[i].id) && !held.contains(&i))
         .collect();
     let chosen_vecs: Vec<f32> = labelled
         .keys()
@@ -607,7 +732,6 @@ fn decide_pool(c: &Classifier, pool: &Pool, which: &[usize]) -> Result<Vec<Decid
 /// arrives.
 #[allow(clippy::too_many_arguments)]
 fn label_rows(
-    o: &BootstrapOptions,
     cfg: &LlmConfig,
     labels: &[String],
     tax: &TaxonomyFile,
@@ -618,6 +742,7 @@ fn label_rows(
     last_dir: Option<&Path>,
     copts: &ClassifierOptions,
     path: &Path,
+    held: &HashSet<String>,
     labelled: &mut BTreeMap<String, Labelled>,
 ) -> Result<()> {
     let seeds: Vec<(String, String)> = tax
@@ -645,7 +770,7 @@ fn label_rows(
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    let (holdout, seed) = (o.holdout, o.seed);
+    let held = held.clone();
     let p = path.to_path_buf();
     let writer = std::thread::spawn(move || -> Result<Vec<Labelled>> {
         let mut w = std::io::BufWriter::new(file);
@@ -653,7 +778,7 @@ fn label_rows(
         for rows in rx {
             for r in rows {
                 let l = Labelled {
-                    holdout: is_holdout(&r.id, holdout, seed),
+                    holdout: held.contains(&r.id),
                     id: r.id,
                     label: (r.decided_by == DecidedBy::Llm)
                         .then_some(r.label)
@@ -685,21 +810,8 @@ fn label_rows(
                     .collect()
             }
             None => rows
-                .into_iter()
-                .map(|r| Classified {
-                    out: OutputRow {
-                        decided_by: DecidedBy::Escalate,
-                        ..OutputRow::error(r.id.clone(), String::new(), Vec::new())
-                    },
-                    content: r.content.ok(),
-                    vector: None,
-                    scores: None,
-                    examples: seeds.clone(),
-                })
-                .map(|mut c| {
-                    c.out.error = None;
-                    c
-                })
+                .iter()
+                .map(|r| escalated_item(r, seeds.clone()))
                 .collect(),
         };
         if let Err(e) = tier.submit(items, &tx) {
@@ -734,6 +846,7 @@ fn build_round(
     labelled: &BTreeMap<String, Labelled>,
     dir: &Path,
     o: &BootstrapOptions,
+    target: f64,
     copts: &ClassifierOptions,
 ) -> Result<(usize, Interval, f64)> {
     if dir.exists() {
@@ -777,7 +890,7 @@ fn build_round(
     }
     let n = ex.len();
     index.add(&vectors, ex)?;
-    crate::calibrate::auto_calibrate(&mut index, o.target)?;
+    crate::calibrate::auto_calibrate(&mut index, target)?;
     index.save()?;
     drop(index);
     let mut c = Classifier::open(dir, copts)?;
@@ -804,7 +917,7 @@ fn build_round(
             &mut c,
             Some(&scorer),
             &CalibrateOptions {
-                target: Some(o.target),
+                target: Some(target),
                 ..Default::default()
             },
         )?;

@@ -317,10 +317,11 @@ pub struct BootstrapArgs {
     /// Read and embed at most this many input rows (a seeded random subset).
     #[arg(long, default_value_t = 200_000)]
     pub max_rows: usize,
-    /// Wanted agreement with the LLM on the rows the index keeps.
-    #[arg(long, default_value_t = 0.97)]
-    pub target: f64,
-    /// Share of LLM-labelled rows held back to calibrate on.
+    /// Wanted agreement with the LLM on the rows the index keeps (default: as high as the LLM
+    /// agrees with itself when asked twice, at most 0.97).
+    #[arg(long)]
+    pub target: Option<f64>,
+    /// Share of the row budget spent on a random sample held back to calibrate on.
     #[arg(long, default_value_t = 0.2)]
     pub holdout: f64,
     #[arg(long, default_value_t = 7)]

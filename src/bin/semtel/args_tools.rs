@@ -196,6 +196,9 @@ pub struct BenchBootstrapArgs {
     /// Wrong answers of the simulated LLM.
     #[arg(long, default_value_t = 0.05)]
     pub error_rate: f64,
+    /// Agreement target of the bootstrap (default: its automatic one).
+    #[arg(long)]
+    pub target: Option<f64>,
     /// Work folder (replaced).
     #[arg(long, default_value = "out/bench-bootstrap")]
     pub work: PathBuf,

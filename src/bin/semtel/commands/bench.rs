@@ -151,6 +151,7 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
             encoder: ctx.encoder_options(),
             work: a.work.clone(),
             variants: a.variants.clone(),
+            target: a.target,
         },
         &mut |r| {
             eprintln!(
@@ -178,7 +179,12 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
                     100.0 * x.escalated_share
                 );
             }
-            eprintln!("    stopped: {}", r.stopped_because);
+            eprintln!(
+                "    stopped: {}; LLM self-agreement {}, target {:.3}",
+                r.stopped_because,
+                r.llm_self_agreement.map_or("-".into(), |a| format!("{a:.3}")),
+                r.target
+            );
         },
     )?;
     if a.json {

@@ -53,6 +53,14 @@ pub fn run(ctx: &Ctx, a: BootstrapArgs) -> Result<()> {
         );
     }
     eprintln!("stopped: {}", r.stopped_because);
+    if let Some(a) = r.llm_self_agreement {
+        eprintln!(
+            "the LLM gave the same label to {:.1} % of {} rows asked twice; thresholds target {:.1} % agreement with it",
+            100.0 * a,
+            r.llm_retest_rows,
+            100.0 * r.target
+        );
+    }
     eprintln!(
         "index {}: {} LLM-labelled rows, ${:.4} spent; projected LLM cost per million conversations: ${:.2} hybrid vs ${:.2} LLM-only",
         r.index.display(),
