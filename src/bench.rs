@@ -875,7 +875,6 @@ pub fn llm_benchmark(
             }
         }
     }
-    drop(go);
     if has("external") {
         let cfg = o.external.clone().ok_or_else(|| {
             Error::Config("the external scenario needs an LLM configuration (--llm)".into())

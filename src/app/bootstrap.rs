@@ -298,7 +298,9 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         }
         let plan_path = work.join(format!("plan-{round}.json"));
         let plan: Plan = match std::fs::read_to_string(&plan_path) {
-            Ok(t) => serde_json::from_str(&t).map_err(|e| Error::input(&plan_path, e.to_string()))?,
+            Ok(t) => {
+                serde_json::from_str(&t).map_err(|e| Error::input(&plan_path, e.to_string()))?
+            }
             Err(_) => {
                 let mut want = if round + 1 == o.rounds {
                     rows_left
@@ -320,7 +322,16 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
                     Vec::new()
                 };
                 let held: HashSet<usize> = holdout.iter().copied().collect();
-                let chosen = choose(o, round, want, &pool, &labelled, &held, last_dir.as_deref(), &copts)?;
+                let chosen = choose(
+                    o,
+                    round,
+                    want,
+                    &pool,
+                    &labelled,
+                    &held,
+                    last_dir.as_deref(),
+                    &copts,
+                )?;
                 let p = Plan {
                     train: chosen.iter().map(|&i| pool.rows[i].id.clone()).collect(),
                     holdout: holdout.iter().map(|&i| pool.rows[i].id.clone()).collect(),
@@ -657,6 +668,7 @@ fn escalated_item(r: &Row, examples: Vec<(String, String)>) -> Classified {
 }
 
 /// The rows a round asks the LLM about.
+#[allow(clippy::too_many_arguments)]
 fn choose(
     o: &BootstrapOptions,
     round: usize,

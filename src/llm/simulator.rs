@@ -1,11 +1,15 @@
 //! A loopback OpenAI-compatible chat server for tests and benchmarks (`semtel llm simulate`).
 //!
 //! It answers semtel's item-numbered prompts from a file of true labels (with a configurable
-//! error rate, so runs are checkable), enforces requests- and tokens-per-minute limits with real
-//! 429s and `x-ratelimit-*` / `Retry-After` headers, draws latency from a normal distribution,
-//! and injects faults on demand: 5xx, hangs past the client's timeout, malformed JSON, labels
-//! outside the schema, truncated replies, dropped items. It binds to 127.0.0.1 only and records
-//! the shape of every request (path, auth header kind) for protocol tests.
+//! error rate, so runs are checkable), enforces requests- and tokens-per-minute limits (with a
+//! burst allowance) with real 429s and the rate-limit headers of OpenAI (`x-ratelimit-limit-*`,
+//! `-remaining-*`, `-reset-*`, `Retry-After(-ms)`), of Azure (`-remaining-*`) or of a gateway
+//! that strips them (a whole-seconds `Retry-After` only), draws latency from a normal
+//! distribution whose mean may drift, and injects faults on demand from a seeded generator:
+//! 5xx, hangs past the client's deadline, malformed JSON, labels outside the schema, truncated
+//! replies, dropped items, bodies that trickle, 400s, HTML pages; plus outage windows (503 at
+//! once, or held then 503). It binds to 127.0.0.1 only and records the shape of every request
+//! (path, auth header kind) for protocol tests. One instance is one endpoint.
 
 use crate::Result;
 use bytes::Bytes;
@@ -882,6 +886,20 @@ pub fn truth_from_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn schedule_flags_parse() {
+        assert_eq!(parse_window("30-90"), Ok((30.0, 90.0)));
+        assert_eq!(parse_window(" 0.5 - 2 "), Ok((0.5, 2.0)));
+        assert!(parse_window("90-30").is_err());
+        assert!(parse_window("soon").is_err());
+        assert_eq!("none".parse::<HeaderMode>(), Ok(HeaderMode::None));
+        assert!("most".parse::<HeaderMode>().is_err());
+        assert_eq!("hang".parse::<OutageMode>(), Ok(OutageMode::Hang));
+        let f = Faults::spread(0.3, &["400".into(), "trickle".into(), "html".into()]).unwrap();
+        assert!((f.bad_request - 0.1).abs() < 1e-12 && (f.trickle - 0.1).abs() < 1e-12);
+        assert!(Faults::spread(0.3, &["gremlins".into()]).is_err());
+    }
 
     #[test]
     fn reads_semtel_prompts() {

@@ -2,12 +2,18 @@
 //! without losing or duplicating a row.
 //!
 //! A single dispatcher task owns all state: it deduplicates identical conversations, answers
-//! from the response cache, packs items into calls of N, picks an endpoint (weighted, within its
-//! token buckets and adaptive concurrency), sends, parses, and routes every item to exactly one
-//! outcome: a label of the schema (`decided_by = "llm"`), or, after its retries, a failure that
-//! keeps the row as `escalate` with the reason and the raw reply. Items missing or unreadable
-//! in a batched reply are retried alone; an "other" answer to a narrowed candidate list is
-//! re-asked with the full schema.
+//! from the response cache, packs items into calls of N, picks an endpoint (among those whose
+//! learned pacing, concurrency and circuit breaker let a call start now, weighted by weight ×
+//! learned capacity; see [`super::limiter`]), sends with a deadline from the endpoint's observed
+//! latencies, hedges a call that runs far past them (first answer wins, the copy is
+//! cancelled), parses, and routes every item to exactly one outcome: a label of the schema
+//! (`decided_by = "llm"`), or, after its retries, a failure that keeps the row as `escalate`
+//! with the reason and the raw reply. Items missing from a batched reply ride the next call;
+//! items with an unreadable answer are retried alone; an "other" answer to a narrowed
+//! candidate list is re-asked with the full schema. A 429 spends no attempt; a 400 splits the
+//! call once; an item waits at most `max_item_wait_s`. What waiting cannot fix (every endpoint
+//! refusing the key, the model, the quota or the requests) ends the dispatcher with
+//! [`Error::LlmRefused`]: rows not yet answered are then not written, so `--resume` redoes them.
 //!
 //! The classification pipeline is synchronous; this module bridges it to a tokio runtime of
 //! its own. It must never write files other than the response cache.
@@ -797,7 +803,9 @@ impl Dispatcher {
         Ok(*candidates.last().expect("not empty"))
     }
 
-    /// Starts one send of `live`'s request on endpoint `ep`.
+    /// Starts one send of a call's request on endpoint `ep` (a hedge adds a copy to the live
+    /// call).
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
         inflight: &mut JoinSet<Outcome>,

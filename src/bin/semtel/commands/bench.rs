@@ -182,7 +182,8 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
             eprintln!(
                 "    stopped: {}; LLM self-agreement {}, target {:.3}",
                 r.stopped_because,
-                r.llm_self_agreement.map_or("-".into(), |a| format!("{a:.3}")),
+                r.llm_self_agreement
+                    .map_or("-".into(), |a| format!("{a:.3}")),
                 r.target
             );
         },
