@@ -534,8 +534,8 @@ fn echo_401_server() -> (String, std::thread::JoinHandle<Vec<String>>) {
     (format!("http://{addr}"), h)
 }
 
-/// An API key in the endpoint URL or echoed back in a 401 body never reaches the output, and
-/// the URL keeps its query string after the path.
+/// An API key in the endpoint URL or echoed back in a 401 body never reaches the output or
+/// the error that stops the run, and the URL keeps its query string after the path.
 #[test]
 fn secrets_never_reach_the_output() {
     let dir = tmpdir("rob-secrets");
@@ -582,13 +582,13 @@ fn secrets_never_reach_the_output() {
     for secret in [key, "HEADERSECRET0123456789", "QUERYSECRET42xyz"] {
         assert!(!all.contains(secret), "{secret} leaked: {all}");
     }
-    let rows = jsonl_rows(&out);
-    assert_eq!(rows.len(), 1);
+    // A refused key stops the run with the (scrubbed) reason; the row is left for --resume.
+    assert_eq!(o.status.code(), Some(1), "{all}");
     assert!(
-        rows[0]["error"].as_str().unwrap().contains("401"),
-        "{}",
-        rows[0]
+        String::from_utf8_lossy(&o.stderr).contains("refused the API key (401"),
+        "{all}"
     );
+    assert_eq!(jsonl_rows(&out).len(), 0);
     drop(o);
     let seen = server.join().unwrap();
     assert!(
