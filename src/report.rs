@@ -330,6 +330,131 @@ conversations first; kNN decides the rest. Figures, CSV and JSON: accuracy_cost.
     )
 }
 
+/// Writes `bootstrap.svg` and `report.html` for a bootstrap into `dir` (its work folder): per
+/// round, the share of the corpus the index would escalate and the agreement with the LLM on
+/// the rows it keeps (with its interval).
+pub fn write_bootstrap(dir: &Path, r: &crate::app::bootstrap::BootstrapReport) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    font();
+    let svg = dir.join("bootstrap.svg");
+    let err = |e: &dyn std::fmt::Display| Error::Report {
+        path: svg.clone(),
+        msg: e.to_string(),
+    };
+    {
+        let root = SVGBackend::new(&svg, (900, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let n = r.rounds.len().max(1) as f64;
+        let mut c = ChartBuilder::on(&root)
+            .margin(15)
+            .caption(
+                format!(
+                    "bootstrap: {} LLM-labelled rows, ${:.4}",
+                    r.labelled_rows, r.spent_usd
+                ),
+                ("sans-serif", 16),
+            )
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(-0.5f64..(n - 0.5), 0f64..100f64)
+            .map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .light_line_style(WHITE)
+            .x_desc("round")
+            .y_desc("%")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(|e| err(&e))?;
+        let blue = RGBColor(31, 119, 180);
+        let red = RGBColor(214, 39, 40);
+        let pts = |f: &dyn Fn(&crate::app::bootstrap::RoundReport) -> f64| -> Vec<(f64, f64)> {
+            r.rounds.iter().map(|x| (x.round as f64, f(x))).collect()
+        };
+        c.draw_series(LineSeries::new(
+            pts(&|x| 100.0 * x.escalated_share),
+            red.stroke_width(2),
+        ))
+        .map_err(|e| err(&e))?
+        .label("share of the corpus that would escalate")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(2)));
+        c.draw_series(LineSeries::new(
+            pts(&|x| 100.0 * x.agreement.value),
+            blue.stroke_width(2),
+        ))
+        .map_err(|e| err(&e))?
+        .label("agreement with the LLM on kept rows (95 % interval)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+        for x in &r.rounds {
+            c.draw_series(std::iter::once(PathElement::new(
+                vec![
+                    (x.round as f64, 100.0 * x.agreement.lo),
+                    (x.round as f64, 100.0 * x.agreement.hi),
+                ],
+                blue.stroke_width(1),
+            )))
+            .map_err(|e| err(&e))?;
+        }
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    let svg_text = std::fs::read_to_string(&svg).map_err(|e| Error::io(&svg, e))?;
+    let mut rows = String::new();
+    for x in &r.rounds {
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>${:.4}</td><td>{:.1}% [{:.1}, {:.1}]</td><td>{:.1}%</td></tr>",
+            x.round,
+            x.labelled,
+            x.labelled_total,
+            x.spent_usd,
+            100.0 * x.agreement.value,
+            100.0 * x.agreement.lo,
+            100.0 * x.agreement.hi,
+            100.0 * x.escalated_share
+        ));
+    }
+    let names = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            esc(&v.join(", "))
+        }
+    };
+    let html = format!(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>semtel bootstrap</title>\
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}</style></head><body>\
+<h1>Bootstrap of {}</h1><p>{} rows read, {} embedded ({} duplicates skipped); sampling {:?}; stopped: {}.</p>\
+<p>LLM self-agreement {} on {} rows asked twice; thresholds calibrated for {:.1}% agreement with the LLM.</p>\
+{}<table><tr><th>round</th><th>labelled</th><th>in all</th><th>spent</th><th>agreement on kept rows</th><th>would escalate</th></tr>{}</table>\
+<p>Projected LLM cost per million conversations: <b>${:.2}</b> hybrid vs ${:.2} LLM-only.</p>\
+<p>Labels the LLM never gave: {}. Labels given to fewer than 3 rows: {}.</p></body></html>",
+        esc(&r.index.display().to_string()),
+        r.input_rows,
+        r.pool_rows,
+        r.duplicates_skipped,
+        r.sampling,
+        esc(&r.stopped_because),
+        r.llm_self_agreement
+            .map_or("not measured".into(), |a| format!("{:.1}%", 100.0 * a)),
+        r.llm_retest_rows,
+        100.0 * r.target,
+        svg_text,
+        rows,
+        r.hybrid_per_million_usd,
+        r.llm_only_per_million_usd,
+        names(&r.labels_unused),
+        names(&r.labels_rare),
+    );
+    let p = dir.join("report.html");
+    std::fs::write(&p, html).map_err(|e| Error::io(&p, e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,6 +123,8 @@ fn bootstrap_builds_a_calibrated_index_from_llm_labels_and_resumes_without_payin
         .collect();
     let unique: HashSet<&String> = ids.iter().collect();
     assert_eq!(unique.len(), 30);
+    let html = std::fs::read_to_string(work.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("round"), "{html}");
     let index = semtel::index::ExemplarIndex::open(&dir.join("idx"), true).unwrap();
     assert_eq!(index.len(), 30, "held-back rows join the final index");
     for e in index.exemplars() {
@@ -159,6 +161,7 @@ fn bootstrap_builds_a_calibrated_index_from_llm_labels_and_resumes_without_payin
     assert!(String::from_utf8_lossy(&o.stderr).contains("--overwrite"));
 }
 
+/// (With the labels taken from a Prompty file's front matter.)
 #[test]
 fn random_sampling_and_a_dollar_budget_work_too() {
     let dir = tmpdir("bootstrap-random");
@@ -183,6 +186,7 @@ fn random_sampling_and_a_dollar_budget_work_too() {
         "{report}"
     );
     assert!(report["labelled_rows"].as_u64().unwrap() >= 10, "{report}");
+    assert!(report["labels_unused"].as_array().unwrap().len() < LABELS.len());
 }
 
 #[test]

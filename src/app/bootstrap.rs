@@ -44,10 +44,21 @@ pub struct TaxonomyFile {
 impl TaxonomyFile {
     /// A TOML file with a `[labels]` table (`label = "description"`, the table the LLM
     /// configuration accepts) and an optional `[examples]` table (`label = ["text", …]`).
+    ///
+    /// A `.prompty` file works too: its label list is read from the front matter, from
+    /// `sample.labels` or `inputs.labels.default` — a list of names, of `{name, description}`
+    /// mappings, or a mapping of name to description.
     pub fn load(path: &Path) -> Result<TaxonomyFile> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let t: TaxonomyFile =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let t: TaxonomyFile = if path.extension().is_some_and(|x| x == "prompty") {
+            TaxonomyFile {
+                labels: labels_from_prompty(&text)
+                    .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?,
+                examples: BTreeMap::new(),
+            }
+        } else {
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        };
         if t.labels.len() < 2 {
             return Err(Error::Config(format!(
                 "{}: a [labels] table with at least two `label = \"description\"` entries is needed",
@@ -62,6 +73,57 @@ impl TaxonomyFile {
         }
         Ok(t)
     }
+}
+
+/// The label list a Prompty file carries in its front matter.
+pub fn labels_from_prompty(text: &str) -> std::result::Result<BTreeMap<String, String>, String> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut lines = text.lines();
+    if lines.next().map(str::trim) != Some("---") {
+        return Err("a .prompty file starts with a `---` line and YAML front matter".into());
+    }
+    let yaml: Vec<&str> = lines.take_while(|l| l.trim() != "---").collect();
+    let fm: serde_json::Value = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&yaml.join("\n"))
+        .map_err(|e| format!("front matter is not valid YAML: {e}"))
+        .and_then(|v| serde_json::to_value(v).map_err(|e| e.to_string()))?;
+    let list = [&fm["sample"]["labels"], &fm["inputs"]["labels"]["default"]]
+        .into_iter()
+        .find(|v| !v.is_null())
+        .ok_or("no label list in the front matter: put it under `sample: labels:` or `inputs: labels: default:`")?;
+    let mut out = BTreeMap::new();
+    match list {
+        serde_json::Value::Array(items) => {
+            for it in items {
+                match it {
+                    serde_json::Value::String(n) => {
+                        out.insert(n.clone(), String::new());
+                    }
+                    serde_json::Value::Object(m) => {
+                        let name = m
+                            .get("name")
+                            .and_then(|v| v.as_str())
+                            .ok_or("a label mapping needs `name:`")?;
+                        let d = m.get("description").and_then(|v| v.as_str()).unwrap_or("");
+                        out.insert(name.to_string(), d.to_string());
+                    }
+                    other => {
+                        return Err(format!("a label must be a name or a mapping, not {other}"))
+                    }
+                }
+            }
+        }
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                out.insert(k.clone(), v.as_str().unwrap_or("").to_string());
+            }
+        }
+        other => {
+            return Err(format!(
+                "the label list must be a list or a mapping, not {other}"
+            ))
+        }
+    }
+    Ok(out)
 }
 
 /// How the first round chooses rows.
@@ -209,7 +271,8 @@ impl Pool {
     }
 }
 
-fn work_dir(out: &Path) -> PathBuf {
+/// The work folder of a bootstrap into `out`: `<out>.bootstrap/` (plans, answers, report).
+pub fn work_dir(out: &Path) -> PathBuf {
     let mut name = out
         .file_name()
         .map(|n| n.to_os_string())
@@ -1018,4 +1081,21 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::labels_from_prompty;
+
+    #[test]
+    fn a_prompty_file_carries_the_label_list() {
+        let p = "---\nname: c\nsample:\n  labels:\n    - name: billing\n      description: money\n    - refunds\n---\nsystem:\nhi\n";
+        let l = labels_from_prompty(p).unwrap();
+        assert_eq!(l.get("billing").map(String::as_str), Some("money"));
+        assert_eq!(l.get("refunds").map(String::as_str), Some(""));
+        let p = "---\nname: c\ninputs:\n  labels:\n    default:\n      a: first\n      b: second\n---\nuser:\nx\n";
+        assert_eq!(labels_from_prompty(p).unwrap().len(), 2);
+        assert!(labels_from_prompty("---\nname: c\n---\nuser:\nx\n").is_err());
+        assert!(labels_from_prompty("no front matter").is_err());
+    }
 }

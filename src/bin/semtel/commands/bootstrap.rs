@@ -31,6 +31,8 @@ pub fn run(ctx: &Ctx, a: BootstrapArgs) -> Result<()> {
     let progress = ctx.progress(None, "embed");
     let r = bootstrap::run(&o, &progress)?;
     progress.finish();
+    let work = bootstrap::work_dir(&r.index);
+    semtel::report::write_bootstrap(&work, &r)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     }
@@ -82,6 +84,10 @@ pub fn run(ctx: &Ctx, a: BootstrapArgs) -> Result<()> {
             r.labels_rare.join(", ")
         );
     }
+    eprintln!(
+        "report: {} (and report.json beside it)",
+        work.join("report.html").display()
+    );
     eprintln!(
         "next: semtel classify --index {} --input … --output … --llm … --grow",
         r.index.display()
