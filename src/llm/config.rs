@@ -108,9 +108,10 @@ pub struct LlmConfig {
     pub cache: Option<String>,
     /// Items accepted from the kNN stage before `classify` waits for the LLM tier.
     pub max_pending: usize,
-    /// Adaptive flow control (token buckets from rpm/tpm, AIMD concurrency, rate-limit
-    /// headers). `false` sends at a fixed concurrency of `max_concurrency` and only backs off
-    /// exponentially on errors: the naive baseline the benchmark compares against.
+    /// Adaptive flow control: pacing learned from rate-limit headers and 429s (capped by
+    /// `rpm`/`tpm`), additive concurrency that shrinks only on queueing, latency-based
+    /// deadlines, hedging. `false` sends at a fixed concurrency of `max_concurrency` and only
+    /// backs off exponentially on errors: the naive baseline the benchmark compares against.
     pub adaptive: bool,
     /// Label descriptions shown in the prompt (label → description).
     pub labels: BTreeMap<String, String>,
