@@ -4,12 +4,14 @@
 //! 1. Read the input (a seeded random subset of at most `max_rows`, bounded memory), drop exact
 //!    duplicates, embed once.
 //! 2. Round 0: the LLM labels representatives of the embedding space ([`crate::sample`]:
-//!    k-means++ seeding, a few Lloyd steps, each cluster's medoid; near-duplicates never both).
+//!    k-means++ seeding, a few Lloyd steps, each cluster's medoid; near-duplicates never both),
+//!    plus a uniformly random sample held back for calibration; part of that sample is asked
+//!    twice, and the LLM's agreement with itself sets the agreement target (unless given).
 //! 3. Build the index from what the LLM said (`source = llm`, model and prompt version kept),
-//!    calibrate it for *agreement with the LLM* on a held-back share of the LLM-labelled rows.
+//!    calibrate it for *agreement with the LLM* on the held-back sample.
 //! 4. Active rounds: spend the rest of the budget on representatives of the rows the current
 //!    index would escalate; rebuild and re-calibrate; stop at the budget or when the projected
-//!    escalation rate stops falling.
+//!    escalation rate stops falling (two rounds in a row).
 //! 5. The held-back rows join the final index (its thresholds were chosen without them, so they
 //!    are conservative); the report goes next to it.
 //!
@@ -351,6 +353,7 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
     // What asking the LLM twice cost (it counts against a dollar budget).
     let mut retest_cost = 0.0;
     let mut prev_escalated: Option<f64> = None;
+    let mut flat_rounds = 0;
     for round in 0..o.rounds {
         let spent: f64 = labelled.values().map(|l| l.cost_usd).sum::<f64>() + retest_cost;
         let done = labelled.len();
@@ -462,17 +465,20 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         });
         last_dir = Some(dir);
         // The projected rate is trusted once there are enough rows to calibrate on (ten per
-        // label); before that it moves with the noise of tiny samples.
+        // label); before that it moves with the noise of tiny samples. Even then one round's
+        // estimate is noisy (thresholds come from a few hundred held-back rows), so it takes
+        // two rounds in a row without a fall of a point to stop before the budget is spent.
         let enough = labelled.len() >= 10 * labels.len();
-        if let (Some(p), true) = (prev_escalated, enough) {
-            if p - escalated < 0.01 {
-                report.stopped_because = format!(
-                    "the projected escalation rate stopped falling ({:.1} % → {:.1} %)",
-                    100.0 * p,
-                    100.0 * escalated
-                );
-                break;
-            }
+        flat_rounds = match (prev_escalated, enough) {
+            (Some(p), true) if p - escalated < 0.01 => flat_rounds + 1,
+            _ => 0,
+        };
+        if flat_rounds >= 2 {
+            report.stopped_because = format!(
+                "the projected escalation rate stopped falling (under a point in each of the last two rounds, now {:.1} %)",
+                100.0 * escalated
+            );
+            break;
         }
         prev_escalated = Some(escalated);
     }
