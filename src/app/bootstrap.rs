@@ -258,6 +258,30 @@ struct Labelled {
     cost_usd: f64,
 }
 
+impl Labelled {
+    /// The exemplar this answer makes, with the row's place in the pool (`None`: no label, or
+    /// the row is not in this pool).
+    fn exemplar(&self, pool: &Pool) -> Option<(usize, Exemplar)> {
+        let (label, &i) = (self.label.as_ref()?, pool.by_id.get(&self.id)?);
+        let text = pool.rows[i]
+            .content
+            .as_ref()
+            .map(|c| c.flatten())
+            .unwrap_or_default();
+        Some((
+            i,
+            Exemplar {
+                id: self.id.clone(),
+                label: label.clone(),
+                source: "llm".into(),
+                llm_model: self.model.clone(),
+                prompt_version: self.prompt_version.clone(),
+                text,
+            },
+        ))
+    }
+}
+
 /// The pool: the rows the bootstrap works on, embedded once.
 struct Pool {
     rows: Vec<Row>,
@@ -693,16 +717,9 @@ fn retest(
         .filter_map(|(id, _)| pool.by_id.get(*id))
         .map(|&i| escalated_item(&pool.rows[i], Vec::new()))
         .collect();
-    let mut tier = LlmTier::new(cfg, labels.to_vec(), encoder.token_counter())?
+    let tier = LlmTier::new(cfg, labels.to_vec(), encoder.token_counter())?
         .with_system_turns(encoder.include_system_turns());
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<OutputRow>>(64);
-    let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
-    let r = tier.submit(rows, &tx).and_then(|_| tier.finish(&tx));
-    drop(tx);
-    let again = collector
-        .join()
-        .map_err(|_| Error::Internal("the retest collector panicked".into()))?;
-    r?;
+    let (again, stats) = super::compare::run_tier(tier, rows)?;
     let second: HashMap<&str, &str> = again
         .iter()
         .filter(|r| r.decided_by == DecidedBy::Llm)
@@ -715,7 +732,7 @@ fn retest(
     let out = (
         both.len(),
         (both.len() >= 20).then(|| both.iter().filter(|&&x| x).count() as f64 / both.len() as f64),
-        tier.stats.cost_usd,
+        stats.cost_usd,
     );
     std::fs::write(&path, serde_json::to_vec(&out).expect("serialises"))
         .map_err(|e| Error::io(&path, e))?;
@@ -943,26 +960,15 @@ fn build_round(
     let (mut vectors, mut ex) = (Vec::new(), Vec::new());
     let mut held: Vec<(usize, String)> = Vec::new();
     for l in labelled.values() {
-        let (Some(label), Some(&i)) = (&l.label, pool.by_id.get(&l.id)) else {
+        let Some((i, e)) = l.exemplar(pool) else {
             continue;
         };
         if l.holdout {
-            held.push((i, label.clone()));
+            held.push((i, e.label));
             continue;
         }
         vectors.extend_from_slice(pool.vector(i));
-        ex.push(Exemplar {
-            id: l.id.clone(),
-            label: label.clone(),
-            source: "llm".into(),
-            llm_model: l.model.clone(),
-            prompt_version: l.prompt_version.clone(),
-            text: pool.rows[i]
-                .content
-                .as_ref()
-                .map(|c| c.flatten())
-                .unwrap_or_default(),
-        });
+        ex.push(e);
     }
     if ex.is_empty() {
         return Err(Error::Llm(
@@ -1044,23 +1050,13 @@ fn finish_index(
     copy_dir(last, &tmp)?;
     let mut index = ExemplarIndex::open(&tmp, false)?;
     let (mut vectors, mut ex) = (Vec::new(), Vec::new());
-    for l in labelled.values().filter(|l| l.holdout) {
-        let (Some(label), Some(&i)) = (&l.label, pool.by_id.get(&l.id)) else {
-            continue;
-        };
+    for (i, e) in labelled
+        .values()
+        .filter(|l| l.holdout)
+        .filter_map(|l| l.exemplar(pool))
+    {
         vectors.extend_from_slice(pool.vector(i));
-        ex.push(Exemplar {
-            id: l.id.clone(),
-            label: label.clone(),
-            source: "llm".into(),
-            llm_model: l.model.clone(),
-            prompt_version: l.prompt_version.clone(),
-            text: pool.rows[i]
-                .content
-                .as_ref()
-                .map(|c| c.flatten())
-                .unwrap_or_default(),
-        });
+        ex.push(e);
     }
     if !ex.is_empty() {
         index.add(&vectors, ex)?;

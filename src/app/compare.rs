@@ -84,7 +84,16 @@ pub fn label_all(
     rows: Vec<Classified>,
 ) -> Result<(Vec<OutputRow>, LlmStats)> {
     cfg.cache = Some("off".into());
-    let mut tier = super::classify::llm_tier_from(classifier, cfg)?;
+    run_tier(super::classify::llm_tier_from(classifier, cfg)?, rows)
+}
+
+/// Sends `rows` (already escalated) through `tier` and collects every row it produces, with
+/// its statistics; an error that stopped the tier is returned after what it answered is
+/// dropped (callers that keep partial answers stream them instead).
+pub fn run_tier(
+    mut tier: crate::llm::LlmTier,
+    rows: Vec<Classified>,
+) -> Result<(Vec<OutputRow>, LlmStats)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<OutputRow>>(64);
     let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
     let mut failed = None;
