@@ -485,24 +485,19 @@ pub fn llm_label_all(
     counter: crate::llm::tier::TokenCounter,
     rows: &[crate::pipeline::Classified],
 ) -> Result<(Vec<crate::row::OutputRow>, crate::llm::LlmStats)> {
-    use crate::pipeline::Escalation;
     let mut tier = crate::llm::LlmTier::new(cfg, labels.to_vec(), counter)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<crate::row::OutputRow>>(1024);
     let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
-    for chunk in rows.chunks(256) {
-        let part = chunk
+    let copies = rows.chunks(256).map(|chunk| {
+        Ok(chunk
             .iter()
             .map(|c| crate::pipeline::Classified {
-                out: c.out.clone(),
-                content: c.content.clone(),
                 vector: None,
-                scores: c.scores.clone(),
-                examples: c.examples.clone(),
+                ..c.clone()
             })
-            .collect();
-        tier.submit(part, &tx)?;
-    }
-    tier.finish(&tx)?;
+            .collect())
+    });
+    tier.submit_all(copies, &tx)?;
     drop(tx);
     let out = collector.join().expect("collector");
     Ok((out, tier.stats.clone()))

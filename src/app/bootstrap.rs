@@ -25,7 +25,7 @@ use crate::embed::{Encoder, EncoderOptions};
 use crate::index::{BuildInfo, Exemplar, ExemplarIndex, ModelInfo};
 use crate::input::InputOptions;
 use crate::llm::{LlmConfig, LlmTier};
-use crate::pipeline::{Classified, Classifier, ClassifierOptions, Escalation, RowVector};
+use crate::pipeline::{Classified, Classifier, ClassifierOptions, RowVector};
 use crate::progress::Progress;
 use crate::row::{DecidedBy, OutputRow};
 use crate::{Error, Result};
@@ -895,10 +895,9 @@ fn label_rows(
         }
         Ok(got)
     });
-    let mut failed = None;
-    for chunk in todo.chunks(512) {
+    let groups = todo.chunks(512).map(|chunk| -> Result<Vec<Classified>> {
         let rows: Vec<Row> = chunk.iter().map(|&i| pool.rows[i].clone()).collect();
-        let items: Vec<Classified> = match &forced {
+        Ok(match &forced {
             Some(c) => {
                 let vectors = chunk.iter().map(|&i| Ok(pool.vector(i).to_vec())).collect();
                 let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| pool.ids[i].clone()).collect();
@@ -911,17 +910,9 @@ fn label_rows(
                 .iter()
                 .map(|r| escalated_item(r, seeds.clone()))
                 .collect(),
-        };
-        if let Err(e) = tier.submit(items, &tx) {
-            failed = Some(e);
-            break;
-        }
-    }
-    if failed.is_none() {
-        if let Err(e) = tier.finish(&tx) {
-            failed = Some(e);
-        }
-    }
+        })
+    });
+    let done = tier.submit_all(groups, &tx);
     drop(tx);
     let got = writer
         .join()
@@ -929,10 +920,7 @@ fn label_rows(
     for l in got {
         labelled.insert(l.id.clone(), l);
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    done
 }
 
 /// Builds the round's index from the LLM-labelled rows not held back, calibrates it against

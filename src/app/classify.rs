@@ -219,8 +219,13 @@ fn retry_escalated(opts: &ClassifyOptions, classifier: &Classifier) -> Result<Re
     let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
     let mut reader = input::open(&opts.input, &opts.input_options)?;
     let mut seen = std::collections::HashSet::new();
-    let mut failed: Option<Error> = None;
-    while let Some(batch) = reader.next_batch()? {
+    let mut sent = 0usize;
+    let groups = std::iter::from_fn(|| loop {
+        let batch = match reader.next_batch() {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
         let rows: Vec<_> = batch
             .into_iter()
             .filter(|r| escalated.contains(&r.id) && seen.insert(r.id.clone()))
@@ -230,22 +235,14 @@ fn retry_escalated(opts: &ClassifyOptions, classifier: &Classifier) -> Result<Re
         }
         // Every one of them goes to the LLM (the classifier escalates everything): they were
         // escalated before, and the question now is only what the LLM says.
-        let forced: Vec<_> = forced_classifier
-            .classify(rows)?
-            .into_iter()
-            .filter(|c| c.content.is_some())
-            .collect();
-        report.sent += forced.len();
-        if let Err(e) = crate::pipeline::Escalation::submit(&mut tier, forced, &tx) {
-            failed = Some(e);
-            break;
-        }
-    }
-    if failed.is_none() {
-        if let Err(e) = crate::pipeline::Escalation::finish(&mut tier, &tx) {
-            failed = Some(e);
-        }
-    }
+        return Some(forced_classifier.classify(rows).map(|c| {
+            let forced: Vec<_> = c.into_iter().filter(|c| c.content.is_some()).collect();
+            sent += forced.len();
+            forced
+        }));
+    });
+    let done = tier.submit_all(groups, &tx);
+    report.sent = sent;
     drop(tx);
     let answers = collector
         .join()
@@ -268,10 +265,7 @@ fn retry_escalated(opts: &ClassifyOptions, classifier: &Classifier) -> Result<Re
     // What was answered is kept even when the tier stopped (a refused key mid-way).
     crate::output::patch_escalated_in_place(&opts.output, |id| patches.get(id).cloned())?;
     report.llm = Some(tier.stats.clone());
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(report),
-    }
+    done.map(|()| report)
 }
 
 /// The LLM tier for a classifier's label set from a configuration file.

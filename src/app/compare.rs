@@ -7,7 +7,7 @@
 
 use crate::input::InputOptions;
 use crate::llm::{LlmConfig, LlmStats};
-use crate::pipeline::{Classified, Classifier, ClassifierOptions, Escalation};
+use crate::pipeline::{Classified, Classifier, ClassifierOptions};
 use crate::row::{DecidedBy, OutputRow};
 use crate::{Error, Result};
 use serde::Serialize;
@@ -96,26 +96,12 @@ pub fn run_tier(
 ) -> Result<(Vec<OutputRow>, LlmStats)> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<OutputRow>>(64);
     let collector = std::thread::spawn(move || rx.iter().flatten().collect::<Vec<_>>());
-    let mut failed = None;
-    for chunk in rows.chunks(512) {
-        if let Err(e) = tier.submit(chunk.to_vec(), &tx) {
-            failed = Some(e);
-            break;
-        }
-    }
-    if failed.is_none() {
-        if let Err(e) = tier.finish(&tx) {
-            failed = Some(e);
-        }
-    }
+    let done = tier.submit_all(rows.chunks(512).map(|c| Ok(c.to_vec())), &tx);
     drop(tx);
     let out = collector
         .join()
         .map_err(|_| Error::Internal("the compare collector panicked".into()))?;
-    match failed {
-        Some(e) => Err(e),
-        None => Ok((out, tier.stats.clone())),
-    }
+    done.map(|()| (out, tier.stats.clone()))
 }
 
 /// Cohen's kappa of two label sequences (same length).

@@ -506,6 +506,20 @@ impl Escalation for LlmTier {
 }
 
 impl LlmTier {
+    /// Submits every group of rows, then finishes: the first error (a group that could not be
+    /// built, or the tier stopping) ends it. Rows answered before that have gone to `out`, so
+    /// callers keep them.
+    pub fn submit_all(
+        &mut self,
+        groups: impl IntoIterator<Item = Result<Vec<Classified>>>,
+        out: &SyncSender<Vec<OutputRow>>,
+    ) -> Result<()> {
+        for g in groups {
+            self.submit(g?, out)?;
+        }
+        self.finish(out)
+    }
+
     fn fail_reason(&mut self) -> Error {
         match self.dispatcher.take() {
             Some(h) => match self.rt.block_on(h) {
