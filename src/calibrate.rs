@@ -15,16 +15,34 @@ use crate::{Error, Result};
 /// Default kept-accuracy target for automatic calibration.
 pub const DEFAULT_TARGET: f64 = 0.95;
 
-/// Leave-one-out kNN predictions over the exemplars.
+/// Rows a calibration scores at most: thresholds need a few thousand scored rows, not every
+/// exemplar of a 200k index (scoring all of them made calibration cost more than embedding).
+pub const MAX_CALIBRATION_ROWS: usize = 20_000;
+
+/// The rows (of `n`) a calibration scores: all of them, or a seeded random
+/// `MAX_CALIBRATION_ROWS`, in ascending order.
+pub fn calibration_sample(n: usize, seed: u64) -> Vec<usize> {
+    let mut all: Vec<usize> = (0..n).collect();
+    if n > MAX_CALIBRATION_ROWS {
+        fastrand::Rng::with_seed(seed).shuffle(&mut all);
+        all.truncate(MAX_CALIBRATION_ROWS);
+        all.sort_unstable();
+    }
+    all
+}
+
+/// Leave-one-out kNN predictions over the exemplars (a random sample of them in large
+/// indexes: [`calibration_sample`]).
 pub fn leave_one_out(index: &ExemplarIndex, k: usize, signal: Signal) -> Result<Vec<Scored>> {
-    let vectors = index.vectors()?;
+    let keys = calibration_sample(index.len(), 11);
+    let vectors = index.vectors_of(&keys)?;
     let hits = index.search_batch(&vectors, k + 1)?;
     let label_of = index.label_indices();
     let mut scratch = vec![0f32; index.labels().len()];
     Ok(hits
         .into_iter()
-        .enumerate()
-        .map(|(key, nb)| {
+        .zip(keys)
+        .map(|(nb, key)| {
             let others: Vec<(u64, f32)> = nb
                 .into_iter()
                 .filter(|&(kk, _)| kk != key as u64)
@@ -43,7 +61,6 @@ pub fn leave_one_out(index: &ExemplarIndex, k: usize, signal: Signal) -> Result<
 /// Leave-one-out for a multi-label index: each row (group of exemplars sharing an id) is
 /// predicted from the other rows; correct means the exact label set.
 pub fn leave_one_out_multi(index: &ExemplarIndex, k: usize) -> Result<Vec<Scored>> {
-    let vectors = index.vectors()?;
     let label_of = index.label_indices();
     let ex = index.exemplars();
     // One query per row: its first exemplar.
@@ -56,11 +73,9 @@ pub fn leave_one_out_multi(index: &ExemplarIndex, k: usize) -> Result<Vec<Scored
         }
         g.push(label_of[i]);
     }
-    let d = index.manifest.model.dims;
-    let mut q = Vec::with_capacity(first.len() * d);
-    for &i in &first {
-        q.extend_from_slice(&vectors[i * d..(i + 1) * d]);
-    }
+    let sample = calibration_sample(first.len(), 11);
+    let first: Vec<usize> = sample.iter().map(|&r| first[r]).collect();
+    let q = index.vectors_of(&first)?;
     let hits = index.search_batch(&q, (k + 1) * 4)?;
     let group_of = |key: u64| -> u64 {
         let id = &ex[key as usize].id;
@@ -296,40 +311,43 @@ impl Curves {
     }
 }
 
-/// Out-of-fold scores of every exemplar: leave-one-out kNN, K-fold head.
+/// Out-of-fold scores of the exemplars ([`calibration_sample`] of them in large indexes):
+/// leave-one-out kNN, K-fold head. Returns (rows scored, their scores).
 fn out_of_fold(
     c: &Classifier,
     vectors: &[f32],
     ids: &[Vec<u32>],
     opts: &CalibrateOptions,
-) -> Result<Vec<Scores>> {
+) -> Result<(Vec<usize>, Vec<Scores>)> {
     let index = &c.index;
     let label_of = index.label_indices();
     let n_labels = index.labels().len();
     let d = index.manifest.model.dims;
-    let hits = index.search_batch(vectors, c.k + 1)?;
+    let n = vectors.len() / d.max(1);
+    let scored = calibration_sample(n, opts.head.seed);
+    let mut q = Vec::with_capacity(scored.len() * d);
+    for &i in &scored {
+        q.extend_from_slice(&vectors[i * d..(i + 1) * d]);
+    }
+    let hits = index.search_batch(&q, c.k + 1)?;
     let neighbors: Vec<Vec<(u64, f32)>> = hits
         .into_iter()
-        .enumerate()
-        .map(|(key, nb)| {
+        .zip(&scored)
+        .map(|(nb, &key)| {
             nb.into_iter()
                 .filter(|&(kk, _)| kk != key as u64)
                 .take(c.k)
                 .collect()
         })
         .collect();
-    let n = neighbors.len();
-    let mut head_probs: Vec<Option<Vec<f32>>> = vec![None; n];
+    // Position of each scored row in `scored`.
+    let mut at = vec![usize::MAX; n];
+    for (j, &i) in scored.iter().enumerate() {
+        at[i] = j;
+    }
+    let mut head_probs: Vec<Option<Vec<f32>>> = vec![None; scored.len()];
     if opts.train_head && opts.folds >= 2 {
-        let mut order: Vec<usize> = (0..n).collect();
-        fastrand::Rng::with_seed(opts.head.seed).shuffle(&mut order);
-        let fold_of: Vec<usize> = {
-            let mut f = vec![0; n];
-            for (r, &i) in order.iter().enumerate() {
-                f[i] = r % opts.folds;
-            }
-            f
-        };
+        let fold_of = fold_assignment(n, opts.folds, opts.head.seed);
         let results: Vec<Result<FoldScores>> = (0..opts.folds)
             .into_par_iter()
             .map(|fold| {
@@ -341,25 +359,26 @@ fn out_of_fold(
                 let tid: Vec<&[u32]> = train.iter().map(|&i| ids[i].as_slice()).collect();
                 let y: Vec<u32> = train.iter().map(|&i| label_of[i]).collect();
                 let h = Head::train(&x, d, &tid, &y, n_labels, &opts.head)?;
-                Ok((0..n)
-                    .filter(|&i| fold_of[i] == fold)
-                    .map(|i| (i, h.predict(&vectors[i * d..(i + 1) * d], &ids[i])))
+                Ok(scored
+                    .iter()
+                    .filter(|&&i| fold_of[i] == fold)
+                    .map(|&i| (at[i], h.predict(&vectors[i * d..(i + 1) * d], &ids[i])))
                     .collect())
             })
             .collect();
         for r in results {
-            for (i, p) in r? {
-                head_probs[i] = Some(p);
+            for (j, p) in r? {
+                head_probs[j] = Some(p);
             }
         }
     }
     let mut scratch = vec![0f32; n_labels];
-    Ok((0..n)
-        .map(|i| {
-            let v = vote(&neighbors[i], label_of, &mut scratch);
-            let (head, mix) = match &head_probs[i] {
+    let scores = (0..scored.len())
+        .map(|j| {
+            let v = vote(&neighbors[j], label_of, &mut scratch);
+            let (head, mix) = match &head_probs[j] {
                 Some(p) => {
-                    let labeled: Vec<(u32, f32)> = neighbors[i]
+                    let labeled: Vec<(u32, f32)> = neighbors[j]
                         .iter()
                         .map(|&(k, s)| (label_of[k as usize], s))
                         .collect();
@@ -371,7 +390,259 @@ fn out_of_fold(
             };
             Scores { vote: v, head, mix }
         })
+        .collect();
+    Ok((scored, scores))
+}
+
+/// A seeded random fold (0..folds) for each of `n` rows, as even as possible.
+fn fold_assignment(n: usize, folds: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    fastrand::Rng::with_seed(seed).shuffle(&mut order);
+    let mut f = vec![0; n];
+    for (r, &i) in order.iter().enumerate() {
+        f[i] = r % folds.max(1);
+    }
+    f
+}
+
+/// One row to calibrate a multi-label index on: its embedding, word-piece ids, and gold label
+/// set (indices into the index's labels).
+#[derive(Debug, Clone)]
+pub struct MultiRow {
+    pub vector: Vec<f32>,
+    pub ids: Vec<u32>,
+    pub gold: Vec<u32>,
+}
+
+/// The exemplar rows of a multi-label index (exemplars sharing an id are one row), with the
+/// first exemplar key of each.
+pub fn multi_exemplar_rows(
+    index: &ExemplarIndex,
+    renderer: &crate::render::Renderer,
+) -> Result<Vec<(usize, MultiRow)>> {
+    let vectors = index.vectors()?;
+    let d = index.manifest.model.dims;
+    let label_of = index.label_indices();
+    let mut at: std::collections::HashMap<&str, usize> = Default::default();
+    let mut rows: Vec<(usize, MultiRow)> = Vec::new();
+    for (k, e) in index.exemplars().iter().enumerate() {
+        match at.get(e.id.as_str()) {
+            Some(&r) => rows[r].1.gold.push(label_of[k]),
+            None => {
+                at.insert(e.id.as_str(), rows.len());
+                rows.push((
+                    k,
+                    MultiRow {
+                        vector: vectors[k * d..(k + 1) * d].to_vec(),
+                        ids: Vec::new(),
+                        gold: vec![label_of[k]],
+                    },
+                ));
+            }
+        }
+    }
+    let ex = index.exemplars();
+    rows.par_iter_mut().for_each(|(k, r)| {
+        r.gold.sort_unstable();
+        r.gold.dedup();
+        r.ids = renderer
+            .render(&crate::conversation::Content::Text(ex[*k].text.clone()))
+            .map(|x| renderer.content_ids(&x.ids).to_vec())
+            .unwrap_or_default();
+    });
+    Ok(rows)
+}
+
+/// The kNN vote's label sets for query vectors (`skip`: an exemplar id each query must not
+/// see, for leave-one-out).
+fn multi_votes(
+    index: &ExemplarIndex,
+    k: usize,
+    queries: &[f32],
+    skip: Option<&[&str]>,
+) -> Result<Vec<Vec<u32>>> {
+    let ex = index.exemplars();
+    let label_of = index.label_indices();
+    let hits = index.search_batch(queries, (k + 1) * 4)?;
+    Ok(hits
+        .into_iter()
+        .enumerate()
+        .map(|(q, nb)| {
+            let labeled: Vec<(u64, u32, f32)> = nb
+                .into_iter()
+                .filter(|&(kk, _)| skip.is_none_or(|s| ex[kk as usize].id != s[q]))
+                .map(|(kk, s)| {
+                    (
+                        crate::hash::group_key(&ex[kk as usize].id),
+                        label_of[kk as usize],
+                        s,
+                    )
+                })
+                .collect();
+            crate::decide::multi_vote(&labeled, k).labels
+        })
         .collect())
+}
+
+/// Calibrates a multi-label index: trains the one-vs-rest head on its exemplar rows, chooses
+/// each label's cut (best F1) and the probabilities at which its in/out verdicts are kept
+/// (right at least `target` of the time), on out-of-fold predictions of the exemplar rows or
+/// on `held_out` rows, and records the rules in the manifest (saved by the caller with the
+/// returned head). The kNN vote is measured on the same rows, for comparison.
+pub fn calibrate_multi(
+    index: &mut ExemplarIndex,
+    renderer: &crate::render::Renderer,
+    held_out: Option<&[MultiRow]>,
+    opts: &CalibrateOptions,
+) -> Result<(Head, crate::index::MultiCalibrationReport)> {
+    if opts.budget.is_some() {
+        return Err(Error::Config(
+            "--budget applies to single-label indexes; give a multi-label index a --target".into(),
+        ));
+    }
+    let target = opts.target.unwrap_or(0.97);
+    let rows = multi_exemplar_rows(index, renderer)?;
+    if rows.len() < 2 * opts.folds.max(2) {
+        return Err(Error::index(
+            index.dir(),
+            "too few exemplar rows to calibrate a multi-label head; add labelled rows first",
+        ));
+    }
+    let d = index.manifest.model.dims;
+    let n_labels = index.labels().len();
+    let k = index.manifest.decision.k;
+    let train = |which: &[usize], ho: &HeadOptions| -> Result<Head> {
+        let mut x = Vec::with_capacity(which.len() * d);
+        for &i in which {
+            x.extend_from_slice(&rows[i].1.vector);
+        }
+        let ids: Vec<&[u32]> = which.iter().map(|&i| rows[i].1.ids.as_slice()).collect();
+        let y: Vec<Vec<u32>> = which.iter().map(|&i| rows[i].1.gold.clone()).collect();
+        Head::train_for(&x, d, &ids, crate::head::Targets::Multi(&y), n_labels, ho)
+    };
+    let all: Vec<usize> = (0..rows.len()).collect();
+    let folds = opts.folds.max(2);
+    let fold_of = fold_assignment(rows.len(), folds, opts.head.seed);
+    // The exemplar rows cross-validation scores (a sample of a large index).
+    let scored = calibration_sample(rows.len(), opts.head.seed);
+    // Probabilities on the calibration rows from a head trained without them (the held-out
+    // rows, or each exemplar row's fold), and the head trained on every exemplar row.
+    let calibration_probs = |ho: &HeadOptions| -> Result<(Vec<Vec<f32>>, Head)> {
+        let head = train(&all, ho)?;
+        if let Some(held) = held_out {
+            let p = held
+                .par_iter()
+                .map(|r| head.predict(&r.vector, &r.ids))
+                .collect();
+            return Ok((p, head));
+        }
+        let mut probs: Vec<Vec<f32>> = vec![Vec::new(); scored.len()];
+        let per_fold: Vec<Result<FoldScores>> = (0..folds)
+            .into_par_iter()
+            .map(|f| {
+                let which: Vec<usize> = all.iter().copied().filter(|&i| fold_of[i] != f).collect();
+                let h = train(&which, ho)?;
+                Ok(scored
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &i)| fold_of[i] == f)
+                    .map(|(j, &i)| (j, h.predict(&rows[i].1.vector, &rows[i].1.ids)))
+                    .collect())
+            })
+            .collect();
+        for r in per_fold {
+            for (i, p) in r? {
+                probs[i] = p;
+            }
+        }
+        Ok((probs, head))
+    };
+    let (method, gold, votes) = match held_out {
+        Some(held) => {
+            let q: Vec<f32> = held.iter().flat_map(|r| r.vector.iter().copied()).collect();
+            (
+                "held-out labelled rows".to_string(),
+                held.iter().map(|r| r.gold.clone()).collect::<Vec<_>>(),
+                multi_votes(index, k, &q, None)?,
+            )
+        }
+        None => {
+            let q: Vec<f32> = scored
+                .iter()
+                .flat_map(|&i| rows[i].1.vector.iter().copied())
+                .collect();
+            let ex = index.exemplars();
+            let skip: Vec<&str> = scored.iter().map(|&i| ex[rows[i].0].id.as_str()).collect();
+            (
+                format!(
+                    "cross-validation over the exemplar rows ({folds}-fold head, leave-one-out vote{})",
+                    if scored.len() < rows.len() {
+                        format!(", scored on a random {} of {}", scored.len(), rows.len())
+                    } else {
+                        String::new()
+                    }
+                ),
+                scored.iter().map(|&i| rows[i].1.gold.clone()).collect(),
+                multi_votes(index, k, &q, Some(&skip))?,
+            )
+        }
+    };
+    // With and without the word-piece features; the better micro-F1 on the calibration rows
+    // wins (both are scored the same way, with cuts fitted on those rows).
+    let mut best: Option<(f64, bool, Vec<Vec<f32>>, Head)> = None;
+    let mut variants = Vec::new();
+    for lexical in [true, false] {
+        let ho = HeadOptions {
+            lexical,
+            ..opts.head.clone()
+        };
+        let (probs, head) = calibration_probs(&ho)?;
+        let rules = crate::multilabel::fit_rules(&probs, &gold, n_labels, target);
+        let preds: Vec<Vec<u32>> = probs
+            .iter()
+            .map(|p| crate::multilabel::decide(p, &rules).labels)
+            .collect();
+        let f1 = crate::multilabel::set_metrics(&preds, &gold, n_labels).micro_f1;
+        variants.push(crate::index::HeadVariant {
+            word_pieces: lexical,
+            micro_f1: f1,
+        });
+        if best.as_ref().is_none_or(|b| f1 > b.0) {
+            best = Some((f1, lexical, probs, head));
+        }
+    }
+    let (_, _, probs, head) = best.expect("two variants ran");
+    let rules = crate::multilabel::fit_rules(&probs, &gold, n_labels, target);
+    let decisions: Vec<crate::multilabel::MultiDecision> = probs
+        .iter()
+        .map(|p| crate::multilabel::decide(p, &rules))
+        .collect();
+    let preds: Vec<Vec<u32>> = decisions.iter().map(|x| x.labels.clone()).collect();
+    let names = index.labels().to_vec();
+    let positives = |l: usize| gold.iter().filter(|g| g.contains(&(l as u32))).count();
+    let report = crate::index::MultiCalibrationReport {
+        method,
+        head_variants: variants,
+        rows: probs.len(),
+        target_precision: target,
+        vote: crate::multilabel::set_metrics(&votes, &gold, n_labels),
+        head: crate::multilabel::set_metrics(&preds, &gold, n_labels),
+        kept: crate::multilabel::kept_verdicts(&decisions, &gold, n_labels),
+        labels_default_cut: (0..n_labels)
+            .filter(|&l| positives(l) < 5)
+            .map(|l| names[l].clone())
+            .collect(),
+        labels_never_kept: (0..n_labels)
+            .filter(|&l| rules[l].keep_in > 1.0)
+            .map(|l| names[l].clone())
+            .collect(),
+    };
+    let dm = &mut index.manifest.decision;
+    dm.signal = DecisionSignal::MultiHead;
+    dm.label_rules = names.iter().cloned().zip(rules).collect();
+    dm.per_label.clear();
+    dm.calibration = Some(Calibration::Multi(report.clone()));
+    Ok((head, report))
 }
 
 /// Out-of-fold head probabilities: (row, probabilities) for one fold.
@@ -400,8 +671,9 @@ pub fn calibrate(
                 .unwrap_or_default()
         })
         .collect();
-    let oof = out_of_fold(c, &vectors, &ids, opts)?;
-    let gold: Vec<Option<u32>> = c.index.label_indices().iter().map(|&l| Some(l)).collect();
+    let (scored_rows, oof) = out_of_fold(c, &vectors, &ids, opts)?;
+    let label_of = c.index.label_indices();
+    let gold: Vec<Option<u32>> = scored_rows.iter().map(|&i| Some(label_of[i])).collect();
     let target = opts.target.unwrap_or(0.97);
     let signal_reports = |scores: &[Scores], gold: &[Option<u32>]| -> Vec<(Signal, SignalReport)> {
         ALL_SIGNALS
@@ -463,8 +735,13 @@ pub fn calibrate(
         }
         None => (
             format!(
-                "cross-validation over the exemplars (leave-one-out kNN, {}-fold head)",
-                opts.folds
+                "cross-validation over the exemplars (leave-one-out kNN, {}-fold head{})",
+                opts.folds,
+                if gold.len() < c.index.len() {
+                    format!(", scored on a random {} of {}", gold.len(), c.index.len())
+                } else {
+                    String::new()
+                }
             ),
             oof,
             gold,
@@ -585,4 +862,35 @@ pub fn calibrate(
     }
     c.thresholds = th;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_indexes_are_calibrated_on_a_seeded_sample() {
+        assert_eq!(calibration_sample(500, 1), (0..500).collect::<Vec<_>>());
+        let s = calibration_sample(3 * MAX_CALIBRATION_ROWS, 1);
+        assert_eq!(s.len(), MAX_CALIBRATION_ROWS);
+        assert!(s.windows(2).all(|w| w[0] < w[1]), "sorted, no repeats");
+        assert_eq!(
+            s,
+            calibration_sample(3 * MAX_CALIBRATION_ROWS, 1),
+            "deterministic"
+        );
+        assert!(
+            *s.last().unwrap() > 2 * MAX_CALIBRATION_ROWS,
+            "spread over the index"
+        );
+    }
+
+    #[test]
+    fn folds_are_even() {
+        let f = fold_assignment(103, 5, 9);
+        for k in 0..5 {
+            let c = f.iter().filter(|&&x| x == k).count();
+            assert!((20..=21).contains(&c), "fold {k}: {c}");
+        }
+    }
 }

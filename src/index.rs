@@ -29,6 +29,10 @@ const FORMAT_VERSION: u32 = 1;
 /// Up to this many exemplars, search is exact (brute force): deterministic, and cheaper than
 /// embedding the query itself (100k × 384 multiply-adds versus ~10M per token).
 pub const EXACT_SEARCH_LIMIT: usize = 100_000;
+/// A batch of searches is exact only while (queries × exemplars) stays under this: brute
+/// force over a whole index for every one of its own exemplars (calibration) is quadratic —
+/// 50k exemplars took two minutes that way — where the graph answers in a few milliseconds.
+pub const EXACT_SEARCH_PAIRS: usize = 250_000_000;
 /// Exemplar text kept for LLM few-shot prompts and for humans reading the index.
 const MAX_STORED_TEXT: usize = 2000;
 
@@ -103,6 +107,10 @@ pub struct DecisionConfig {
     /// How the thresholds were chosen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Calibration>,
+    /// Multi-label indexes calibrated with the one-vs-rest head: each label's cut and the
+    /// probabilities at which its in/out verdicts are kept.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_rules: BTreeMap<String, crate::multilabel::LabelRule>,
 }
 
 /// The confidence signal an index's thresholds apply to: one of the single-label signals, or
@@ -111,6 +119,8 @@ pub struct DecisionConfig {
 pub enum DecisionSignal {
     Single(crate::decide::Signal),
     MultiVote,
+    /// The one-vs-rest head with per-label rules (`semtel calibrate` on a multi-label index).
+    MultiHead,
 }
 
 impl Default for DecisionSignal {
@@ -124,13 +134,14 @@ impl DecisionSignal {
         match self {
             DecisionSignal::Single(s) => s.name(),
             DecisionSignal::MultiVote => "multi",
+            DecisionSignal::MultiHead => "multi_head",
         }
     }
     /// The single-label signal, or `None` for a multi-label index.
     pub fn single(&self) -> Option<crate::decide::Signal> {
         match self {
             DecisionSignal::Single(s) => Some(*s),
-            DecisionSignal::MultiVote => None,
+            DecisionSignal::MultiVote | DecisionSignal::MultiHead => None,
         }
     }
 }
@@ -144,8 +155,10 @@ impl Serialize for DecisionSignal {
 impl<'de> Deserialize<'de> for DecisionSignal {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if s == "multi" {
-            return Ok(DecisionSignal::MultiVote);
+        match s.as_str() {
+            "multi" => return Ok(DecisionSignal::MultiVote),
+            "multi_head" => return Ok(DecisionSignal::MultiHead),
+            _ => {}
         }
         s.parse()
             .map(DecisionSignal::Single)
@@ -161,6 +174,36 @@ pub enum Calibration {
     Calibrated(CalibrationReport),
     /// `index build` / `index add`: leave-one-out over the exemplars.
     LeaveOneOut(LeaveOneOut),
+    /// `semtel calibrate` on a multi-label index.
+    Multi(MultiCalibrationReport),
+}
+
+/// One head tried by multi-label calibration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeadVariant {
+    pub word_pieces: bool,
+    pub micro_f1: f64,
+}
+
+/// What `semtel calibrate` chose for a multi-label index, and what it measured on the rows it
+/// chose by (out-of-fold predictions of the exemplar rows, or held-out labelled rows).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MultiCalibrationReport {
+    pub method: String,
+    pub rows: usize,
+    pub target_precision: f64,
+    /// Micro-F1 of the head with and without the word-piece features; the better is kept.
+    #[serde(default)]
+    pub head_variants: Vec<HeadVariant>,
+    /// The plain kNN vote (labels with at least half the neighbours' weight).
+    pub vote: crate::multilabel::SetMetrics,
+    /// The one-vs-rest head with the chosen cuts.
+    pub head: crate::multilabel::SetMetrics,
+    pub kept: crate::multilabel::KeptVerdicts,
+    /// Labels with too few rows to choose a cut for (they take the pooled one).
+    pub labels_default_cut: Vec<String>,
+    /// Labels none of whose "in" verdicts is sure enough to keep.
+    pub labels_never_kept: Vec<String>,
 }
 
 impl Calibration {
@@ -230,6 +273,7 @@ impl Default for DecisionConfig {
             per_label: BTreeMap::new(),
             signal: DecisionSignal::default(),
             calibration: None,
+            label_rules: BTreeMap::new(),
         }
     }
 }
@@ -549,7 +593,8 @@ impl ExemplarIndex {
     /// (key, cosine similarity), best first.
     pub fn search_batch(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(u64, f32)>>> {
         let d = self.manifest.model.dims;
-        let exact = self.len() <= EXACT_SEARCH_LIMIT;
+        let exact = self.len() <= EXACT_SEARCH_LIMIT
+            && (queries.len() / d.max(1)).saturating_mul(self.len()) <= EXACT_SEARCH_PAIRS;
         let k = k.min(self.len());
         queries
             .par_chunks(d)
@@ -580,11 +625,17 @@ impl ExemplarIndex {
 
     /// Copies out all vectors in key order (`len() * dims` values).
     pub fn vectors(&self) -> Result<Vec<f32>> {
+        let keys: Vec<usize> = (0..self.len()).collect();
+        self.vectors_of(&keys)
+    }
+
+    /// Copies out the vectors of `keys`, in that order.
+    pub fn vectors_of(&self, keys: &[usize]) -> Result<Vec<f32>> {
         let d = self.manifest.model.dims;
-        let mut out = vec![0f32; self.len() * d];
+        let mut out = vec![0f32; keys.len() * d];
         out.par_chunks_mut(d)
-            .enumerate()
-            .try_for_each(|(key, buf)| self.index.get(key as u64, buf).map(|_| ()))
+            .zip(keys)
+            .try_for_each(|(buf, &key)| self.index.get(key as u64, buf).map(|_| ()))
             .map_err(|e| Error::index(&self.dir, format!("reading vectors: {e}")))?;
         Ok(out)
     }

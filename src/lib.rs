@@ -25,6 +25,7 @@ pub mod index;
 pub mod input;
 pub mod llm;
 pub mod model;
+pub mod multilabel;
 pub mod output;
 pub mod pipeline;
 pub mod progress;

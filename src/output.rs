@@ -69,7 +69,8 @@ impl OutFormat {
 pub struct OutputSpec {
     pub passthrough: Vec<(String, DataType)>,
     /// Additional taxonomies: (name, multi-label). Each adds `<name>_label` (or
-    /// `<name>_labels`), `<name>_confidence` and `<name>_decided_by`.
+    /// `<name>_labels`, plus `<name>_uncertain`: the labels whose verdict was escalated),
+    /// `<name>_confidence` and `<name>_decided_by`.
     pub taxonomies: Vec<(String, bool)>,
     /// Close a Parquet part after this many rows…
     pub part_rows: usize,
@@ -157,6 +158,11 @@ pub fn schema(spec: &OutputSpec) -> SchemaRef {
                 list(DataType::Utf8),
                 true,
             ));
+            fields.push(Field::new(
+                format!("{name}_uncertain"),
+                list(DataType::Utf8),
+                true,
+            ));
         } else {
             fields.push(Field::new(format!("{name}_label"), DataType::Utf8, true));
         }
@@ -240,19 +246,23 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
             r.extra.get(j)
         }
         if *multi {
-            let mut b = ListBuilder::new(StringBuilder::new());
-            for r in rows {
-                match get(r, j).and_then(|t| t.labels.as_ref()) {
-                    Some(ls) => {
-                        for l in ls {
-                            b.values().append_value(l);
+            let lists = |f: fn(&TaxOut) -> Option<&Vec<String>>| -> ArrayRef {
+                let mut b = ListBuilder::new(StringBuilder::new());
+                for r in rows {
+                    match get(r, j).and_then(f) {
+                        Some(ls) => {
+                            for l in ls {
+                                b.values().append_value(l);
+                            }
+                            b.append(true);
                         }
-                        b.append(true);
+                        None => b.append(false),
                     }
-                    None => b.append(false),
                 }
-            }
-            cols.push(Arc::new(b.finish()));
+                Arc::new(b.finish())
+            };
+            cols.push(lists(|t| t.labels.as_ref()));
+            cols.push(lists(|t| t.uncertain.as_ref()));
         } else {
             let mut b = StringBuilder::new();
             rows.iter()
@@ -347,6 +357,10 @@ pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
             m.insert(
                 format!("{name}_labels"),
                 json!(t.and_then(|t| t.labels.clone())),
+            );
+            m.insert(
+                format!("{name}_uncertain"),
+                json!(t.and_then(|t| t.uncertain.clone())),
             );
         } else {
             m.insert(

@@ -48,6 +48,9 @@ pub struct Taxonomy {
     pub thresholds: Thresholds,
     pub head: Option<crate::head::Head>,
     pub multi_label: bool,
+    /// Per-label rules of a multi-label index calibrated with the head (else empty: the
+    /// kNN vote decides).
+    pub rules: Vec<crate::multilabel::LabelRule>,
 }
 
 impl Taxonomy {
@@ -68,12 +71,28 @@ impl Taxonomy {
                 thresholds.per_label[i] = *t;
             }
         }
-        let head = if multi_label {
+        let multi_head = d.signal == crate::index::DecisionSignal::MultiHead;
+        let head = if multi_label && !multi_head {
             None
         } else {
             crate::head::Head::load(dir)?
         };
-        if signal.needs_head() && head.is_none() {
+        let rules: Vec<crate::multilabel::LabelRule> = if multi_head {
+            index
+                .labels()
+                .iter()
+                .map(|l| d.label_rules.get(l).copied().unwrap_or_default())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if multi_head && !head.as_ref().is_some_and(|h| h.multi_label()) {
+            return Err(Error::index(
+                dir,
+                "its multi-label head is missing or is not one-vs-rest; rerun `semtel calibrate`",
+            ));
+        }
+        if !multi_label && signal.needs_head() && head.is_none() {
             return Err(Error::index(
                 dir,
                 "its signal needs the learned head, which is missing; rerun `semtel calibrate`",
@@ -86,6 +105,7 @@ impl Taxonomy {
             thresholds,
             head,
             multi_label,
+            rules,
         })
     }
 
@@ -99,6 +119,21 @@ impl Taxonomy {
     ) -> crate::row::TaxOut {
         let labels = self.index.labels();
         let label_of = self.index.label_indices();
+        if let (true, Some(h)) = (self.multi_label && !self.rules.is_empty(), &self.head) {
+            let d = crate::multilabel::decide(&h.predict(vector, ids), &self.rules);
+            let names = |v: &[u32]| v.iter().map(|&l| labels[l as usize].clone()).collect();
+            return crate::row::TaxOut {
+                label: None,
+                labels: Some(names(&d.labels)),
+                uncertain: Some(names(&d.uncertain)),
+                confidence: Some(d.confidence),
+                decided_by: if d.uncertain.is_empty() {
+                    DecidedBy::Knn
+                } else {
+                    DecidedBy::Escalate
+                },
+            };
+        }
         if self.multi_label {
             let group = |key: u64| crate::hash::group_key(&self.index.exemplar(key).id);
             let labeled: Vec<(u64, u32, f32)> = hits
@@ -115,6 +150,7 @@ impl Taxonomy {
                         .map(|&l| labels[l as usize].clone())
                         .collect(),
                 ),
+                uncertain: None,
                 confidence: Some(v.confidence),
                 decided_by: if keep {
                     DecidedBy::Knn
@@ -140,6 +176,7 @@ impl Taxonomy {
         crate::row::TaxOut {
             label: label.map(|l| labels[l as usize].clone()),
             labels: None,
+            uncertain: None,
             confidence: Some(conf),
             decided_by: if keep {
                 DecidedBy::Knn

@@ -45,6 +45,9 @@ pub struct TaxOut {
     pub label: Option<String>,
     /// Multi-label taxonomies: the label set.
     pub labels: Option<Vec<String>>,
+    /// Multi-label taxonomies decided by the head: the labels whose in/out verdict was not
+    /// sure enough to keep (the row is `escalate` for those, kept for the rest).
+    pub uncertain: Option<Vec<String>>,
     pub confidence: Option<f32>,
     pub decided_by: DecidedBy,
 }

@@ -2,8 +2,10 @@
 //! kept-accuracy target or an escalation budget, by cross-validation over the exemplars or on
 //! held-out labelled rows; train the learned head; store everything with the index.
 
-use crate::calibrate::{CalibrateOptions, CalibrationReport};
+use crate::calibrate::{CalibrateOptions, CalibrationReport, MultiRow};
 use crate::decide::Scores;
+use crate::embed::Encoder;
+use crate::index::{ExemplarIndex, MultiCalibrationReport};
 use crate::input::InputOptions;
 use crate::pipeline::{Classifier, ClassifierOptions};
 use crate::progress::Progress;
@@ -23,15 +25,30 @@ pub struct CalibrateJob {
 /// What a calibration chose.
 #[derive(Debug, Clone)]
 pub struct CalibrateOutcome {
-    pub report: CalibrationReport,
+    pub report: Calibrated,
     /// The global threshold stored in the index.
     pub threshold: f32,
     pub seconds: f64,
 }
 
+/// A single-label index's calibration, or a multi-label one's.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(untagged)]
+pub enum Calibrated {
+    Single(CalibrationReport),
+    Multi(MultiCalibrationReport),
+}
+
 /// Runs the calibration and saves the head and the manifest into the index.
 pub fn run(job: &CalibrateJob) -> Result<CalibrateOutcome> {
     let t = std::time::Instant::now();
+    if ExemplarIndex::open(&job.index, true)?
+        .manifest
+        .build
+        .multi_label
+    {
+        return run_multi(job, t);
+    }
     let mut classifier = Classifier::open(&job.index, &job.classifier)?;
     let held = |c: &Classifier| -> Result<Vec<(Scores, Option<u32>)>> {
         let (path, opts) = job
@@ -56,8 +73,61 @@ pub fn run(job: &CalibrateJob) -> Result<CalibrateOutcome> {
     }
     classifier.index.save_manifest()?;
     Ok(CalibrateOutcome {
-        report,
+        report: Calibrated::Single(report),
         threshold: classifier.index.manifest.decision.threshold,
+        seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// The multi-label calibration: the one-vs-rest head and per-label rules.
+fn run_multi(job: &CalibrateJob, t: std::time::Instant) -> Result<CalibrateOutcome> {
+    let mut index = ExemplarIndex::open(&job.index, false)?;
+    let mut enc = job.classifier.encoder.clone();
+    if enc.model.is_none() {
+        enc.model = Some(crate::index::default_model(&index.manifest.model));
+    }
+    let encoder = Encoder::load(&enc)?;
+    index.check_model(&encoder.files, encoder.dim())?;
+    let held: Option<Vec<MultiRow>> = match &job.labelled {
+        Some((path, opts)) => {
+            let labels = index.labels().to_vec();
+            let mut rows = Vec::new();
+            super::eval::for_each_multi_labelled(
+                &encoder,
+                path,
+                opts,
+                &Progress::hidden(),
+                |batch| {
+                    for (e, gold) in batch {
+                        rows.push(MultiRow {
+                            vector: e.vector.clone(),
+                            ids: encoder.content_ids(&e.ids).to_vec(),
+                            // Labels the index does not know cannot be predicted; they
+                            // count as misses through the rows' other labels only.
+                            gold: gold
+                                .iter()
+                                .filter_map(|g| labels.binary_search(g).ok().map(|i| i as u32))
+                                .collect(),
+                        });
+                    }
+                    Ok(())
+                },
+            )?;
+            Some(rows)
+        }
+        None => None,
+    };
+    let (head, report) = crate::calibrate::calibrate_multi(
+        &mut index,
+        &encoder.renderer,
+        held.as_deref(),
+        &job.options,
+    )?;
+    head.save(&job.index)?;
+    index.save_manifest()?;
+    Ok(CalibrateOutcome {
+        report: Calibrated::Multi(report),
+        threshold: index.manifest.decision.threshold,
         seconds: t.elapsed().as_secs_f64(),
     })
 }

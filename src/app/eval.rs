@@ -152,6 +152,39 @@ pub struct MultiReport {
     pub macro_f1: f64,
     pub at_target: Vec<crate::eval::TargetPoint>,
     pub at_index_threshold: crate::eval::CoveragePoint,
+    /// With the one-vs-rest head: how many per-label verdicts its rules keep, and how right.
+    pub kept: Option<crate::multilabel::KeptVerdicts>,
+}
+
+/// Reads a labelled multi-label file in batches and embeds it: `f` gets each batch's
+/// (embedding, sorted gold label set) pairs. Unreadable, unlabelled and unembeddable rows are
+/// skipped (evaluation and calibration score only what has a gold set).
+pub fn for_each_multi_labelled(
+    encoder: &Encoder,
+    path: &Path,
+    opts: &InputOptions,
+    progress: &Progress,
+    mut f: impl FnMut(&[(crate::embed::Embedded, Vec<String>)]) -> Result<()>,
+) -> Result<()> {
+    let mut reader = input::open(path, opts)?;
+    while let Some(rows) = reader.next_batch()? {
+        progress.inc(rows.len() as u64);
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter(|r| r.content.is_ok() && r.label.is_some())
+            .collect();
+        let batch: Vec<(crate::embed::Embedded, Vec<String>)> = encoder
+            .embed_rows(&rows)?
+            .into_iter()
+            .zip(&rows)
+            .filter_map(|(e, r)| {
+                let gold = parse_label_set(r.label.as_deref()?);
+                e.ok().map(|e| (e, gold))
+            })
+            .collect();
+        f(&batch)?;
+    }
+    Ok(())
 }
 
 pub fn evaluate_multi(
@@ -162,7 +195,6 @@ pub fn evaluate_multi(
     progress: &Progress,
 ) -> Result<MultiReport> {
     let labels = tax.index.labels();
-    let mut reader = input::open(path, opts)?;
     let mut scored = Vec::new();
     let (mut tp, mut fp, mut fnn) = (
         vec![0usize; labels.len()],
@@ -171,28 +203,18 @@ pub fn evaluate_multi(
     );
     let mut exact = 0usize;
     let mut n = 0usize;
-    while let Some(rows) = reader.next_batch()? {
-        progress.inc(rows.len() as u64);
-        let rows: Vec<_> = rows
-            .into_iter()
-            .filter(|r| r.content.is_ok() && r.label.is_some())
-            .collect();
-        let ok: Vec<(usize, crate::embed::Embedded)> = encoder
-            .embed_rows(&rows)?
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.ok().map(|e| (i, e)))
-            .collect();
-        let vecs: Vec<f32> = ok
+    let mut scratch = vec![0f32; labels.len()];
+    let mut decisions = Vec::new();
+    let mut golds = Vec::new();
+    for_each_multi_labelled(encoder, path, opts, progress, |batch| {
+        let vecs: Vec<f32> = batch
             .iter()
-            .flat_map(|(_, e)| e.vector.iter().copied())
+            .flat_map(|(e, _)| e.vector.iter().copied())
             .collect();
         let hits = tax.index.search_batch(&vecs, tax.k * 4)?;
-        let mut scratch = vec![0f32; labels.len()];
-        for ((i, e), h) in ok.iter().zip(hits) {
-            let out = tax.decide(&h, &e.vector, encoder.content_ids(&e.ids), &mut scratch);
-            let pred: Vec<String> = out.labels.unwrap_or_default();
-            let gold = parse_label_set(rows[*i].label.as_ref().unwrap());
+        for ((e, gold), h) in batch.iter().zip(&hits) {
+            let out = tax.decide(h, &e.vector, encoder.content_ids(&e.ids), &mut scratch);
+            let pred: Vec<String> = out.labels.clone().unwrap_or_default();
             for (l, name) in labels.iter().enumerate() {
                 match (pred.contains(name), gold.contains(name)) {
                     (true, true) => tp[l] += 1,
@@ -201,7 +223,7 @@ pub fn evaluate_multi(
                     _ => {}
                 }
             }
-            let right = pred == gold;
+            let right = pred == *gold;
             exact += usize::from(right);
             n += 1;
             scored.push(Scored {
@@ -209,8 +231,22 @@ pub fn evaluate_multi(
                 gold: Some(if right { 0 } else { 1 }),
                 confidence: out.confidence.unwrap_or(0.0),
             });
+            if let Some(u) = &out.uncertain {
+                let idx = |v: &[String]| -> Vec<u32> {
+                    v.iter()
+                        .filter_map(|x| labels.binary_search(x).ok().map(|i| i as u32))
+                        .collect()
+                };
+                decisions.push(crate::multilabel::MultiDecision {
+                    labels: idx(&pred),
+                    uncertain: idx(u),
+                    confidence: out.confidence.unwrap_or(0.0),
+                });
+                golds.push(idx(gold));
+            }
         }
-    }
+        Ok(())
+    })?;
     if n == 0 {
         return Err(Error::input(path, "no labelled rows to evaluate"));
     }
@@ -241,5 +277,7 @@ pub fn evaluate_multi(
             kept_accuracy: (!kept.is_empty()).then(|| kept_ok as f64 / kept.len() as f64),
             kept: kept.len(),
         },
+        kept: (!decisions.is_empty())
+            .then(|| crate::multilabel::kept_verdicts(&decisions, &golds, labels.len())),
     })
 }

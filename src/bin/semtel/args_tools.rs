@@ -177,6 +177,30 @@ pub enum BenchCmd {
     /// simulator answering from their gold labels with 5 % wrong answers standing in for the
     /// LLM: `bootstrap` then `classify --llm --grow`, against gold and against LLM-only.
     Bootstrap(BenchBootstrapArgs),
+    /// Index build and calibration at 10k/50k/200k exemplars (single- and multi-label,
+    /// synthesised from the shared data) against the cost of embedding them; peak memory.
+    Build(BenchBuildArgs),
+}
+
+#[derive(Args)]
+pub struct BenchBuildArgs {
+    /// Folder with the shared data sets.
+    #[arg(long, default_value = "../shared")]
+    pub shared: PathBuf,
+    /// Labelled rows per index.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000,200000")]
+    pub sizes: Vec<usize>,
+    /// Label kinds: single, multi.
+    #[arg(long, value_delimiter = ',', default_value = "single,multi")]
+    pub kinds: Vec<String>,
+    /// Real rows embedded per kind (the rest are near-paraphrases of them).
+    #[arg(long, default_value_t = 4000)]
+    pub sample: usize,
+    /// Work folder (its index folders are replaced).
+    #[arg(long, default_value = "out/bench-build")]
+    pub work: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -105,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Llm(a)) => bench::llm(&ctx, a),
         Cmd::Bench(BenchCmd::AccuracyCost(a)) => accuracy_cost::run(&ctx, a),
         Cmd::Bench(BenchCmd::Bootstrap(a)) => bench::bootstrap(&ctx, a),
+        Cmd::Bench(BenchCmd::Build(a)) => bench::build(&ctx, a),
         Cmd::Llm(c) => llm::run(&ctx, c),
     }
 }

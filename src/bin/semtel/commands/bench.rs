@@ -1,7 +1,7 @@
 //! `semtel bench embed|llm`: benchmarks that print figures.
 
 use crate::args::ColumnArgs;
-use crate::args_tools::{BenchBootstrapArgs, BenchEmbedArgs, BenchLlmArgs};
+use crate::args_tools::{BenchBootstrapArgs, BenchBuildArgs, BenchEmbedArgs, BenchLlmArgs};
 use crate::options::Ctx;
 use anyhow::Result;
 use semtel::pipeline::Classifier;
@@ -185,6 +185,54 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
                 r.llm_self_agreement
                     .map_or("-".into(), |a| format!("{a:.3}")),
                 r.target
+            );
+        },
+    )?;
+    if a.json {
+        for r in runs {
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}
+
+pub fn build(ctx: &Ctx, a: BenchBuildArgs) -> Result<()> {
+    let kinds = a
+        .kinds
+        .iter()
+        .map(|k| match k.as_str() {
+            "single" => Ok(false),
+            "multi" => Ok(true),
+            other => Err(anyhow::anyhow!("unknown kind `{other}` (single, multi)")),
+        })
+        .collect::<Result<Vec<bool>>>()?;
+    eprintln!(
+        "kind    rows     exemplars labels  embed (est.)  insert  auto-cal  save  calibrate  after/embed  peak RSS"
+    );
+    let runs = semtel::bench::scale::scale_benchmark(
+        &semtel::bench::scale::ScaleOptions {
+            shared: a.shared.clone(),
+            sizes: a.sizes.clone(),
+            kinds,
+            sample: a.sample,
+            encoder: ctx.encoder_options(),
+            work: a.work.clone(),
+            seed: 7,
+        },
+        &mut |r| {
+            eprintln!(
+                "{:<7} {:<8} {:<9} {:<7} {:>9.0} s  {:>5.1} s {:>6.1} s {:>4.1} s {:>7.1} s  {:>9.1} %  {:>6.0} MB",
+                if r.multi_label { "multi" } else { "single" },
+                r.rows,
+                r.exemplars,
+                r.labels,
+                r.embed_s,
+                r.insert_s,
+                r.auto_calibrate_s,
+                r.save_s,
+                r.calibrate_s,
+                100.0 * r.after_embedding_share,
+                r.peak_rss_mb
             );
         },
     )?;

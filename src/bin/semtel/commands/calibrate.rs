@@ -3,7 +3,7 @@
 use crate::args::CalibrateArgs;
 use crate::options::Ctx;
 use anyhow::Result;
-use semtel::app::calibrate::CalibrateJob;
+use semtel::app::calibrate::{CalibrateJob, Calibrated};
 use semtel::calibrate::CalibrateOptions;
 use semtel::decide::Signal;
 
@@ -33,10 +33,54 @@ pub fn run(ctx: &Ctx, a: CalibrateArgs) -> Result<()> {
         options,
     };
     let outcome = semtel::app::calibrate::run(&job)?;
-    let report = &outcome.report;
     if a.json {
-        println!("{}", serde_json::to_string(report)?);
+        println!("{}", serde_json::to_string(&outcome.report)?);
     }
+    let report = match &outcome.report {
+        Calibrated::Single(r) => r,
+        Calibrated::Multi(r) => {
+            eprintln!(
+                "calibrated {} (multi-label, one-vs-rest head) on {} rows by {} ({:.1}s)",
+                a.index.display(),
+                r.rows,
+                r.method,
+                outcome.seconds
+            );
+            let m = |x: &semtel::multilabel::SetMetrics| {
+                format!(
+                    "micro-F1 {:.4}  macro-F1 {:.4}  exact-set {:.4}",
+                    x.micro_f1, x.macro_f1, x.subset_accuracy
+                )
+            };
+            eprintln!("kNN vote   {}", m(&r.vote));
+            eprintln!("head       {}", m(&r.head));
+            for v in &r.head_variants {
+                eprintln!(
+                    "  head {} word pieces: micro-F1 {:.4}",
+                    if v.word_pieces { "with   " } else { "without" },
+                    v.micro_f1
+                );
+            }
+            eprintln!(
+                "at {:.0}% per-verdict precision: {}",
+                100.0 * r.target_precision,
+                semtel::multilabel::describe_kept(&r.kept)
+            );
+            if !r.labels_default_cut.is_empty() {
+                eprintln!(
+                    "too few rows to tune a cut of their own (pooled cut): {}",
+                    r.labels_default_cut.join(", ")
+                );
+            }
+            if !r.labels_never_kept.is_empty() {
+                eprintln!(
+                    "never sure enough to keep as present (always escalated when predicted): {}",
+                    r.labels_never_kept.join(", ")
+                );
+            }
+            return Ok(());
+        }
+    };
     eprintln!(
         "calibrated {} on {} rows by {} ({:.1}s)",
         a.index.display(),

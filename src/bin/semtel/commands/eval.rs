@@ -29,6 +29,10 @@ pub fn run(ctx: &Ctx, a: EvalArgs) -> Result<()> {
             "multi-label: rows {}  exact-set accuracy {:.4}  micro-F1 {:.4}  macro-F1 {:.4}",
             r.rows, r.subset_accuracy, r.micro_f1, r.macro_f1
         );
+        if let Some(k) = &r.kept {
+            println!("{}", semtel::multilabel::describe_kept(k));
+            return Ok(());
+        }
         let p = &r.at_index_threshold;
         println!(
             "index threshold {:.3}: keep {:.1}% at {} exact-set accuracy",

@@ -61,6 +61,16 @@ pub fn build(
         if threshold.is_some() { "given" } else { "leave-one-out, 95% kept-accuracy" }
     );
     report_skips(&s);
+    if index.manifest.decision.threshold >= 1e8 {
+        eprintln!(
+            "warning: no threshold reaches 95% kept-accuracy in leave-one-out, so every row will be escalated; {}",
+            if index.manifest.build.multi_label {
+                "run `semtel calibrate` (the multi-label head keeps per-label verdicts it is sure of)"
+            } else {
+                "add exemplars, or run `semtel calibrate` with a lower --target"
+            }
+        );
+    }
     Ok(())
 }
 

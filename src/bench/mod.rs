@@ -6,6 +6,8 @@
 //! through sentence-transformers (`benches/st_embed.py`) in the same invocation, as a ratio.
 //! This module must never be used by the classification path.
 
+pub mod scale;
+
 use crate::embed::{embed_sequences, BatchOptions, Embedder, Encoder};
 use crate::pipeline::Classifier;
 use crate::render::Renderer;
