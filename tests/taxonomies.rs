@@ -224,6 +224,24 @@ fn several_taxonomies_from_one_embedding_pass() {
     assert!(r["head"]["micro_f1"].as_f64().unwrap() > 0.6, "{r}");
     assert!(r["vote"]["micro_f1"].as_f64().unwrap() > 0.5, "{r}");
     assert!(r["kept"]["verdicts_kept"].as_f64().unwrap() > 0.5, "{r}");
+    // Held-out rows without the label column: a clear error, and the calibration stands.
+    let bad = semtel(&[
+        "calibrate",
+        "--index",
+        tags.to_str().unwrap(),
+        "--labelled",
+        conv.to_str().unwrap(),
+        "--label-col",
+        "no_such_column",
+        "--model",
+        md,
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--label-col"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tags.join("manifest.json")).unwrap())
             .unwrap();

@@ -113,6 +113,12 @@ fn run_multi(job: &CalibrateJob, t: std::time::Instant) -> Result<CalibrateOutco
                     Ok(())
                 },
             )?;
+            if rows.is_empty() {
+                return Err(crate::Error::input(
+                    path,
+                    "no readable, labelled rows to calibrate on (check --label-col and --split)",
+                ));
+            }
             Some(rows)
         }
         None => None,
