@@ -589,7 +589,13 @@ pub fn calibrate_multi(
     };
     // With and without the word-piece features; the better micro-F1 on the calibration rows
     // wins (both are scored the same way, with cuts fitted on those rows).
-    let mut best: Option<(f64, bool, Vec<Vec<f32>>, Head)> = None;
+    struct Candidate {
+        micro_f1: f64,
+        head: Head,
+        rules: Vec<crate::multilabel::LabelRule>,
+        decisions: Vec<crate::multilabel::MultiDecision>,
+    }
+    let mut best: Option<Candidate> = None;
     let mut variants = Vec::new();
     for lexical in [true, false] {
         let ho = HeadOptions {
@@ -598,38 +604,44 @@ pub fn calibrate_multi(
         };
         let (probs, head) = calibration_probs(&ho)?;
         let rules = crate::multilabel::fit_rules(&probs, &gold, n_labels, target);
-        let preds: Vec<Vec<u32>> = probs
+        let decisions: Vec<crate::multilabel::MultiDecision> = probs
             .iter()
-            .map(|p| crate::multilabel::decide(p, &rules).labels)
+            .map(|p| crate::multilabel::decide(p, &rules))
             .collect();
-        let f1 = crate::multilabel::set_metrics(&preds, &gold, n_labels).micro_f1;
+        let preds: Vec<Vec<u32>> = decisions.iter().map(|x| x.labels.clone()).collect();
+        let micro_f1 = crate::multilabel::set_metrics(&preds, &gold, n_labels).micro_f1;
         variants.push(crate::index::HeadVariant {
             word_pieces: lexical,
-            micro_f1: f1,
+            micro_f1,
         });
-        if best.as_ref().is_none_or(|b| f1 > b.0) {
-            best = Some((f1, lexical, probs, head));
+        if best.as_ref().is_none_or(|b| micro_f1 > b.micro_f1) {
+            best = Some(Candidate {
+                micro_f1,
+                head,
+                rules,
+                decisions,
+            });
         }
     }
-    let (_, _, probs, head) = best.expect("two variants ran");
-    let rules = crate::multilabel::fit_rules(&probs, &gold, n_labels, target);
-    let decisions: Vec<crate::multilabel::MultiDecision> = probs
-        .iter()
-        .map(|p| crate::multilabel::decide(p, &rules))
-        .collect();
+    let Candidate {
+        head,
+        rules,
+        decisions,
+        ..
+    } = best.expect("two variants ran");
     let preds: Vec<Vec<u32>> = decisions.iter().map(|x| x.labels.clone()).collect();
     let names = index.labels().to_vec();
     let positives = |l: usize| gold.iter().filter(|g| g.contains(&(l as u32))).count();
     let report = crate::index::MultiCalibrationReport {
         method,
         head_variants: variants,
-        rows: probs.len(),
+        rows: gold.len(),
         target_precision: target,
         vote: crate::multilabel::set_metrics(&votes, &gold, n_labels),
         head: crate::multilabel::set_metrics(&preds, &gold, n_labels),
         kept: crate::multilabel::kept_verdicts(&decisions, &gold, n_labels),
         labels_default_cut: (0..n_labels)
-            .filter(|&l| positives(l) < 5)
+            .filter(|&l| positives(l) < crate::multilabel::MIN_POSITIVES)
             .map(|l| names[l].clone())
             .collect(),
         labels_never_kept: (0..n_labels)

@@ -80,6 +80,23 @@ pub fn decide(p: &[f32], rules: &[LabelRule]) -> MultiDecision {
     }
 }
 
+/// Labels with fewer gold rows than this take the pooled cut rather than one of their own.
+pub const MIN_POSITIVES: usize = 5;
+
+/// A label the index does not know, in a gold set: it can never be predicted, so it keeps the
+/// set from matching exactly and counts towards no label's F1.
+pub const UNKNOWN: u32 = u32::MAX;
+
+/// Label names as sorted indices into `known` (sorted), unknown ones as [`UNKNOWN`].
+pub fn indices_of(known: &[String], names: &[String]) -> Vec<u32> {
+    let mut v: Vec<u32> = names
+        .iter()
+        .map(|x| known.binary_search(x).map_or(UNKNOWN, |i| i as u32))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 /// Chooses every label's rule from probabilities `probs[row][label]` and gold label sets, for
 /// kept verdicts right at least `target` of the time. A label with fewer than `MIN_POSITIVES`
 /// gold rows takes the cut that is best for all labels pooled (an F1 optimum over two rows is
@@ -90,7 +107,6 @@ pub fn fit_rules(
     n_labels: usize,
     target: f64,
 ) -> Vec<LabelRule> {
-    const MIN_POSITIVES: usize = 5;
     let pooled: Vec<(f32, bool)> = probs
         .iter()
         .zip(gold)

@@ -189,19 +189,22 @@ fn several_taxonomies_from_one_embedding_pass() {
         md,
     ]));
     // Multi-label evaluation.
-    let e = ok(semtel(&[
-        "eval",
-        "--index",
-        tags.to_str().unwrap(),
-        "--input",
-        conv.to_str().unwrap(),
-        "--label-col",
-        "tags",
-        "--json",
-        "--model",
-        md,
-    ]));
-    let v: serde_json::Value = serde_json::from_str(e.lines().next().unwrap()).unwrap();
+    let eval_tags = || -> serde_json::Value {
+        let e = ok(semtel(&[
+            "eval",
+            "--index",
+            tags.to_str().unwrap(),
+            "--input",
+            conv.to_str().unwrap(),
+            "--label-col",
+            "tags",
+            "--json",
+            "--model",
+            md,
+        ]));
+        serde_json::from_str(e.lines().next().unwrap()).unwrap()
+    };
+    let v = eval_tags();
     let vote_f1 = v["micro_f1"].as_f64().unwrap();
     assert!(vote_f1 > 0.8, "{v}");
     assert!(
@@ -253,19 +256,7 @@ fn several_taxonomies_from_one_embedding_pass() {
             .len()
             >= 2
     );
-    let e = ok(semtel(&[
-        "eval",
-        "--index",
-        tags.to_str().unwrap(),
-        "--input",
-        conv.to_str().unwrap(),
-        "--label-col",
-        "tags",
-        "--json",
-        "--model",
-        md,
-    ]));
-    let v: serde_json::Value = serde_json::from_str(e.lines().next().unwrap()).unwrap();
+    let v = eval_tags();
     assert!(v["micro_f1"].as_f64().unwrap() > 0.75, "{v}");
     let kept = &v["kept"];
     assert!(kept["verdicts_kept"].as_f64().unwrap() > 0.3, "{v}");

@@ -102,12 +102,9 @@ fn run_multi(job: &CalibrateJob, t: std::time::Instant) -> Result<CalibrateOutco
                         rows.push(MultiRow {
                             vector: e.vector.clone(),
                             ids: encoder.content_ids(&e.ids).to_vec(),
-                            // Labels the index does not know cannot be predicted; they
-                            // count as misses through the rows' other labels only.
-                            gold: gold
-                                .iter()
-                                .filter_map(|g| labels.binary_search(g).ok().map(|i| i as u32))
-                                .collect(),
+                            // Labels the index does not know stay in the set as
+                            // `UNKNOWN`: such a row can never be exactly right.
+                            gold: crate::multilabel::indices_of(&labels, gold),
                         });
                     }
                     Ok(())

@@ -194,18 +194,12 @@ pub fn evaluate_multi(
     opts: &InputOptions,
     progress: &Progress,
 ) -> Result<MultiReport> {
+    use crate::multilabel::{indices_of, MultiDecision};
     let labels = tax.index.labels();
     let mut scored = Vec::new();
-    let (mut tp, mut fp, mut fnn) = (
-        vec![0usize; labels.len()],
-        vec![0usize; labels.len()],
-        vec![0usize; labels.len()],
-    );
-    let mut exact = 0usize;
-    let mut n = 0usize;
     let mut scratch = vec![0f32; labels.len()];
-    let mut decisions = Vec::new();
-    let mut golds = Vec::new();
+    let (mut preds, mut golds) = (Vec::new(), Vec::new());
+    let (mut decisions, mut decided_golds) = (Vec::new(), Vec::new());
     for_each_multi_labelled(encoder, path, opts, progress, |batch| {
         let vecs: Vec<f32> = batch
             .iter()
@@ -214,49 +208,31 @@ pub fn evaluate_multi(
         let hits = tax.index.search_batch(&vecs, tax.k * 4)?;
         for ((e, gold), h) in batch.iter().zip(&hits) {
             let out = tax.decide(h, &e.vector, encoder.content_ids(&e.ids), &mut scratch);
-            let pred: Vec<String> = out.labels.clone().unwrap_or_default();
-            for (l, name) in labels.iter().enumerate() {
-                match (pred.contains(name), gold.contains(name)) {
-                    (true, true) => tp[l] += 1,
-                    (true, false) => fp[l] += 1,
-                    (false, true) => fnn[l] += 1,
-                    _ => {}
-                }
-            }
-            let right = pred == *gold;
-            exact += usize::from(right);
-            n += 1;
+            let pred = indices_of(labels, out.labels.as_deref().unwrap_or_default());
+            let gold = indices_of(labels, gold);
             scored.push(Scored {
                 pred: Some(0),
-                gold: Some(if right { 0 } else { 1 }),
+                gold: Some(if pred == gold { 0 } else { 1 }),
                 confidence: out.confidence.unwrap_or(0.0),
             });
             if let Some(u) = &out.uncertain {
-                let idx = |v: &[String]| -> Vec<u32> {
-                    v.iter()
-                        .filter_map(|x| labels.binary_search(x).ok().map(|i| i as u32))
-                        .collect()
-                };
-                decisions.push(crate::multilabel::MultiDecision {
-                    labels: idx(&pred),
-                    uncertain: idx(u),
+                decisions.push(MultiDecision {
+                    labels: pred.clone(),
+                    uncertain: indices_of(labels, u),
                     confidence: out.confidence.unwrap_or(0.0),
                 });
-                golds.push(idx(gold));
+                decided_golds.push(gold.clone());
             }
+            preds.push(pred);
+            golds.push(gold);
         }
         Ok(())
     })?;
+    let n = scored.len();
     if n == 0 {
         return Err(Error::input(path, "no labelled rows to evaluate"));
     }
-    let (stp, sfp, sfn): (usize, usize, usize) =
-        (tp.iter().sum(), fp.iter().sum(), fnn.iter().sum());
-    let micro = 2.0 * stp as f64 / (2 * stp + sfp + sfn).max(1) as f64;
-    let per: Vec<f64> = (0..labels.len())
-        .filter(|&l| tp[l] + fp[l] + fnn[l] > 0)
-        .map(|l| 2.0 * tp[l] as f64 / (2 * tp[l] + fp[l] + fnn[l]) as f64)
-        .collect();
+    let m = crate::multilabel::set_metrics(&preds, &golds, labels.len());
     let kept: Vec<&Scored> = scored
         .iter()
         .filter(|s| s.confidence >= tax.thresholds.global)
@@ -264,9 +240,9 @@ pub fn evaluate_multi(
     let kept_ok = kept.iter().filter(|s| s.correct()).count();
     Ok(MultiReport {
         rows: n,
-        subset_accuracy: exact as f64 / n as f64,
-        micro_f1: micro,
-        macro_f1: per.iter().sum::<f64>() / per.len().max(1) as f64,
+        subset_accuracy: m.subset_accuracy,
+        micro_f1: m.micro_f1,
+        macro_f1: m.macro_f1,
         at_target: [0.90, 0.95, 0.97, 0.98]
             .iter()
             .map(|&t| crate::eval::coverage_at(&scored, t))
@@ -278,6 +254,6 @@ pub fn evaluate_multi(
             kept: kept.len(),
         },
         kept: (!decisions.is_empty())
-            .then(|| crate::multilabel::kept_verdicts(&decisions, &golds, labels.len())),
+            .then(|| crate::multilabel::kept_verdicts(&decisions, &decided_golds, labels.len())),
     })
 }

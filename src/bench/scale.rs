@@ -11,7 +11,7 @@
 //! save, then `semtel calibrate` (cross-validated head, thresholds). Peak memory is the
 //! process's resident high-water mark, reset before each size.
 
-use crate::app::calibrate::{CalibrateJob, Calibrated};
+use crate::app::calibrate::CalibrateJob;
 use crate::calibrate::CalibrateOptions;
 use crate::embed::{Encoder, EncoderOptions};
 use crate::index::{BuildInfo, Exemplar, ExemplarIndex, ModelInfo};
@@ -222,7 +222,7 @@ pub fn scale_benchmark(o: &ScaleOptions, each: &mut dyn FnMut(&ScaleRun)) -> Res
             let labels = index.labels().len();
             drop(index);
             let t = Instant::now();
-            let outcome = crate::app::calibrate::run(&CalibrateJob {
+            crate::app::calibrate::run(&CalibrateJob {
                 index: dir.clone(),
                 classifier: ClassifierOptions {
                     encoder: o.encoder.clone(),
@@ -233,9 +233,6 @@ pub fn scale_benchmark(o: &ScaleOptions, each: &mut dyn FnMut(&ScaleRun)) -> Res
                 options: CalibrateOptions::default(),
             })?;
             let calibrate_s = t.elapsed().as_secs_f64();
-            if let Calibrated::Multi(r) = &outcome.report {
-                std::hint::black_box(r.head.micro_f1);
-            }
             let embed_s = n as f64 / b.rows_per_s;
             let after = insert_s + auto_calibrate_s + save_s + calibrate_s;
             let run = ScaleRun {
