@@ -31,6 +31,52 @@ pub fn calibration_sample(n: usize, seed: u64) -> Vec<usize> {
     all
 }
 
+/// The exemplar rows cross-validation may score: a [`calibration_sample`], restricted for an
+/// index whose encoder was tuned on its exemplars to the calibration fold it never trained on
+/// (a tuned encoder has pulled its training rows together, so scoring them would overstate
+/// confidence). `id_of` names row `i`'s exemplar id.
+pub fn cv_rows<'a>(
+    index: &'a ExemplarIndex,
+    n: usize,
+    seed: u64,
+    id_of: impl Fn(usize) -> &'a str,
+) -> Result<Vec<usize>> {
+    match &index.manifest.model.tuned {
+        None => Ok(calibration_sample(n, seed)),
+        Some(t) if t.calibration_share > 0.0 => {
+            let fold: Vec<usize> = (0..n)
+                .filter(|&i| crate::index::in_calibration_fold(id_of(i), t.calibration_share))
+                .collect();
+            let mut keep = fold;
+            if keep.len() > MAX_CALIBRATION_ROWS {
+                fastrand::Rng::with_seed(seed).shuffle(&mut keep);
+                keep.truncate(MAX_CALIBRATION_ROWS);
+                keep.sort_unstable();
+            }
+            if keep.len() < 10 {
+                return Err(Error::index(
+                    index.dir(),
+                    format!("only {} exemplars in the tuned encoder's calibration fold: calibrate with --labelled held-out rows", keep.len()),
+                ));
+            }
+            Ok(keep)
+        }
+        Some(_) => Err(Error::index(
+            index.dir(),
+            "this index's encoder was tuned on every exemplar, so cross-validating over them would overstate confidence; calibrate with --labelled held-out rows (or run `semtel tune` without --labelled, which keeps a calibration fold)",
+        )),
+    }
+}
+
+/// How [`cv_rows`] chose the rows it scores, for reports.
+fn sample_kind(index: &ExemplarIndex) -> &'static str {
+    if index.manifest.model.tuned.is_some() {
+        "the tuned encoder's calibration fold (never trained on):"
+    } else {
+        "a random"
+    }
+}
+
 /// Leave-one-out kNN predictions over the exemplars (a random sample of them in large
 /// indexes: [`calibration_sample`]).
 pub fn leave_one_out(index: &ExemplarIndex, k: usize, signal: Signal) -> Result<Vec<Scored>> {
@@ -318,13 +364,20 @@ fn out_of_fold(
     vectors: &[f32],
     ids: &[Vec<u32>],
     opts: &CalibrateOptions,
+    // Held-out rows calibrate instead: these scores only feed the report, so an index tuned
+    // on every exemplar may still be scored (optimistically) rather than refused.
+    lenient: bool,
 ) -> Result<(Vec<usize>, Vec<Scores>)> {
     let index = &c.index;
     let label_of = index.label_indices();
     let n_labels = index.labels().len();
     let d = index.manifest.model.dims;
     let n = vectors.len() / d.max(1);
-    let scored = calibration_sample(n, opts.head.seed);
+    let ex = index.exemplars();
+    let scored = match cv_rows(index, n, opts.head.seed, |i| ex[i].id.as_str()) {
+        Err(_) if lenient => calibration_sample(n, opts.head.seed),
+        r => r?,
+    };
     let mut q = Vec::with_capacity(scored.len() * d);
     for &i in &scored {
         q.extend_from_slice(&vectors[i * d..(i + 1) * d]);
@@ -523,8 +576,16 @@ pub fn calibrate_multi(
     let all: Vec<usize> = (0..rows.len()).collect();
     let folds = opts.folds.max(2);
     let fold_of = fold_assignment(rows.len(), folds, opts.head.seed);
-    // The exemplar rows cross-validation scores (a sample of a large index).
-    let scored = calibration_sample(rows.len(), opts.head.seed);
+    // The exemplar rows cross-validation scores (a sample of a large index; the calibration
+    // fold of a tuned one).
+    let ex = index.exemplars();
+    let scored = if held_out.is_some() {
+        calibration_sample(rows.len(), opts.head.seed)
+    } else {
+        cv_rows(index, rows.len(), opts.head.seed, |i| {
+            ex[rows[i].0].id.as_str()
+        })?
+    };
     // Probabilities on the calibration rows from a head trained without them (the held-out
     // rows, or each exemplar row's fold), and the head trained on every exemplar row.
     let calibration_probs = |ho: &HeadOptions| -> Result<(Vec<Vec<f32>>, Head)> {
@@ -577,7 +638,7 @@ pub fn calibrate_multi(
                 format!(
                     "cross-validation over the exemplar rows ({folds}-fold head, leave-one-out vote{})",
                     if scored.len() < rows.len() {
-                        format!(", scored on a random {} of {}", scored.len(), rows.len())
+                        format!(", scored on {} {} of {}", sample_kind(index), scored.len(), rows.len())
                     } else {
                         String::new()
                     }
@@ -683,7 +744,7 @@ pub fn calibrate(
                 .unwrap_or_default()
         })
         .collect();
-    let (scored_rows, oof) = out_of_fold(c, &vectors, &ids, opts)?;
+    let (scored_rows, oof) = out_of_fold(c, &vectors, &ids, opts, held_out.is_some())?;
     let label_of = c.index.label_indices();
     let gold: Vec<Option<u32>> = scored_rows.iter().map(|&i| Some(label_of[i])).collect();
     let target = opts.target.unwrap_or(0.97);
@@ -750,7 +811,12 @@ pub fn calibrate(
                 "cross-validation over the exemplars (leave-one-out kNN, {}-fold head{})",
                 opts.folds,
                 if gold.len() < c.index.len() {
-                    format!(", scored on a random {} of {}", gold.len(), c.index.len())
+                    format!(
+                        ", scored on {} {} of {}",
+                        sample_kind(&c.index),
+                        gold.len(),
+                        c.index.len()
+                    )
                 } else {
                     String::new()
                 }

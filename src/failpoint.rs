@@ -6,7 +6,8 @@
 //! Points: `batch-written` (output rows written and flushed), `part-closed` (a Parquet part
 //! committed), `before-final-commit` / `final-commit` (either side of renaming the assembled
 //! Parquet file into place), `llm-reply` (an LLM answer received, not yet recorded),
-//! `index-save` (between the files of an index save: mid `index build`/`add`/`--grow` save).
+//! `index-save` (between the files of an index save: mid `index build`/`add`/`--grow` save),
+//! `tune-checkpoint` (a fine-tuning checkpoint just written).
 //!
 //! `SEMTEL_PANIC_ON_ROW=ID` makes classifying the row with that id panic, to test that a bug
 //! costs one row (an error row) and never the run.

@@ -47,6 +47,43 @@ pub struct ModelInfo {
     /// run elsewhere (Spark workers); the digest is checked whatever folder is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_dir: Option<String>,
+    /// Set when the encoder was fine-tuned on this index's exemplars (`semtel tune`): its
+    /// folder inside the index directory and the model it started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuned: Option<TunedInfo>,
+}
+
+/// A fine-tuned encoder stored with its index.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TunedInfo {
+    /// Folder (relative to the index directory) holding the tuned model.
+    pub dir: String,
+    pub base_id: String,
+    pub base_weights_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_source_dir: Option<String>,
+    pub loss: String,
+    pub epochs: usize,
+    pub lr: f64,
+    pub steps: usize,
+    /// Held-out kNN accuracy of the frozen encoder and of the chosen candidate (the search).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_accuracy: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuned_accuracy: Option<f64>,
+    pub seconds: f64,
+    /// Share of exemplar ids (chosen by [`in_calibration_fold`]) the final run never trained
+    /// on, so that cross-validated calibration scores only rows the encoder has not seen; 0
+    /// when it trained on every exemplar (calibrate such an index on held-out rows).
+    #[serde(default)]
+    pub calibration_share: f64,
+}
+
+/// Whether exemplar `id` belongs to a tuned index's calibration fold (a fixed hash of the id,
+/// so the fold survives `index add` and reopening).
+pub fn in_calibration_fold(id: &str, share: f64) -> bool {
+    let h = crate::hash::group_key(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < share
 }
 
 impl ModelInfo {
@@ -60,14 +97,24 @@ impl ModelInfo {
             source_dir: std::fs::canonicalize(&files.dir)
                 .ok()
                 .map(|p| p.display().to_string()),
+            tuned: None,
         }
     }
 }
 
-/// The model to load for an index when none is named: `$SEMTEL_MODEL`, else the folder the
-/// index was built from (when this machine has it), else its id (a folder under `models/`, or
-/// a Hugging Face id in the local hf-hub cache). The one place this rule lives.
-pub fn default_model(m: &ModelInfo) -> String {
+/// The model to load for an index when none is named: the tuned encoder stored in the index
+/// (`semtel tune`), else `$SEMTEL_MODEL`, else the folder the index was built from (when this
+/// machine has it), else its id (a folder under `models/`, or a Hugging Face id in the local
+/// hf-hub cache). The one place this rule lives.
+pub fn default_model(index_dir: &Path, m: &ModelInfo) -> String {
+    if let Some(t) = &m.tuned {
+        return index_dir.join(&t.dir).display().to_string();
+    }
+    base_model(m)
+}
+
+/// The rule of [`default_model`] for an untuned model description.
+pub fn base_model(m: &ModelInfo) -> String {
     std::env::var("SEMTEL_MODEL")
         .ok()
         .or_else(|| {
@@ -512,6 +559,16 @@ impl ExemplarIndex {
         // (source_dir is a location hint, not part of the identity)
         if m.weights_sha256 != files.weights_sha256 || m.dims != dims || m.pooling != files.pooling
         {
+            if let Some(t) = &m.tuned {
+                return Err(Error::index(
+                    &self.dir,
+                    format!(
+                        "its encoder was fine-tuned (`semtel tune`) and lives in {}; drop --model (and SEMTEL_MODEL does not apply) so the tuned model is used, or rebuild the index for `{}`",
+                        self.dir.join(&t.dir).display(),
+                        files.id
+                    ),
+                ));
+            }
             return Err(Error::index(
                 &self.dir,
                 format!(
@@ -621,6 +678,37 @@ impl ExemplarIndex {
                     .collect())
             })
             .collect()
+    }
+
+    /// Replaces every exemplar's vector (key order, `len() * dims` values) and the model that
+    /// made them: what re-embedding with a tuned encoder does. Not saved until [`save`](Self::save).
+    pub fn replace_vectors(&mut self, vectors: &[f32], model: ModelInfo) -> Result<()> {
+        if self.read_only {
+            return Err(Error::index(
+                &self.dir,
+                "opened read-only; reopen for writing",
+            ));
+        }
+        if model.dims == 0 || vectors.len() != self.len() * model.dims {
+            return Err(Error::Internal(format!(
+                "{} values for {} exemplars of {} dims",
+                vectors.len(),
+                self.len(),
+                model.dims
+            )));
+        }
+        let index = new_usearch(model.dims, &self.manifest.build)?;
+        index
+            .reserve_capacity_and_threads(self.len().max(1), rayon::current_num_threads().max(1))
+            .map_err(|e| Error::index(&self.dir, e.to_string()))?;
+        vectors
+            .par_chunks(model.dims)
+            .enumerate()
+            .try_for_each(|(j, v)| index.add(j as u64, v))
+            .map_err(|e| Error::index(&self.dir, format!("usearch add: {e}")))?;
+        self.index = index;
+        self.manifest.model = model;
+        Ok(())
     }
 
     /// Copies out all vectors in key order (`len() * dims` values).

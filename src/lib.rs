@@ -35,6 +35,7 @@ pub mod report;
 pub mod row;
 pub mod sample;
 pub mod sink;
+pub mod tune;
 
 pub use error::{Error, Result};
 

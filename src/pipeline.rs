@@ -259,7 +259,10 @@ impl Classifier {
         let index = ExemplarIndex::open(index_dir, !opts.writable)?;
         let mut enc_opts = opts.encoder.clone();
         if enc_opts.model.is_none() {
-            enc_opts.model = Some(crate::index::default_model(&index.manifest.model));
+            enc_opts.model = Some(crate::index::default_model(
+                index_dir,
+                &index.manifest.model,
+            ));
         }
         enc_opts.include_system_turns |= index.manifest.build.include_system_turns;
         let encoder = Encoder::load(&enc_opts)?;

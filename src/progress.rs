@@ -27,6 +27,33 @@ impl Progress {
         Progress { bar }
     }
 
+    /// A bar over optimizer steps with a message (the loss) and ETA; `reset` starts a new phase.
+    pub fn steps(what: &str, quiet: bool) -> Self {
+        let bar = ProgressBar::new(0);
+        if quiet || !std::io::stderr().is_terminal() {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} steps  {msg}  ETA {eta}",
+            )
+            .unwrap(),
+        );
+        bar.set_prefix(what.to_string());
+        Progress { bar }
+    }
+
+    /// Moves a step bar: phase name, position, length and message.
+    pub fn set_step(&self, phase: &str, pos: u64, len: u64, msg: String) {
+        if self.bar.length() != Some(len) || pos < self.bar.position() {
+            self.bar.reset();
+            self.bar.set_length(len);
+            self.bar.set_prefix(phase.to_string());
+        }
+        self.bar.set_position(pos);
+        self.bar.set_message(msg);
+    }
+
     pub fn hidden() -> Self {
         Progress::new(None, "", true)
     }

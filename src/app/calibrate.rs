@@ -84,7 +84,10 @@ fn run_multi(job: &CalibrateJob, t: std::time::Instant) -> Result<CalibrateOutco
     let mut index = ExemplarIndex::open(&job.index, false)?;
     let mut enc = job.classifier.encoder.clone();
     if enc.model.is_none() {
-        enc.model = Some(crate::index::default_model(&index.manifest.model));
+        enc.model = Some(crate::index::default_model(
+            &job.index,
+            &index.manifest.model,
+        ));
     }
     let encoder = Encoder::load(&enc)?;
     index.check_model(&encoder.files, encoder.dim())?;

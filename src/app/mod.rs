@@ -11,6 +11,7 @@
 //! | embed a file to Parquet | [`embed::embed_file`] |
 //! | the bundled demo | [`demo::run`] |
 //! | cold start: taxonomy + LLM + unlabelled rows → calibrated index | [`bootstrap::run`] |
+//! | fine-tune the encoder on the exemplars, re-embed, re-calibrate | [`tune::run`] |
 //! | two LLM configurations on the same rows (agreement, kappa, cost) | [`compare::run`] |
 //!
 //! This layer must never print, parse flags or read environment variables for options: it takes
@@ -25,3 +26,4 @@ pub mod demo;
 pub mod embed;
 pub mod eval;
 pub mod index;
+pub mod tune;

@@ -90,6 +90,11 @@ pub enum Cmd {
     /// Choose the confidence signal and escalation thresholds (global and per label) from
     /// labelled data, train the learned head, and store them in the index.
     Calibrate(CalibrateArgs),
+    /// Fine-tune the encoder on the index's exemplars (contrastive, SetFit-style; epochs and
+    /// learning rate chosen on a held-out fold), store it in the index, re-embed the
+    /// exemplars, retrain the head and re-calibrate. Keeps the frozen encoder when tuning does
+    /// not help. Resumable.
+    Tune(TuneArgs),
     /// Cold start: from a taxonomy, an LLM and unlabelled conversations to a calibrated index
     /// (the LLM labels representative rows, then the rows the index is least sure of, in
     /// rounds; thresholds are calibrated for agreement with the LLM). Resumable.
@@ -142,6 +147,9 @@ pub enum IndexCmd {
         /// The label column holds a set of labels per row (a JSON list or `a|b`).
         #[arg(long)]
         multi_label: bool,
+        /// Then fine-tune the encoder on the exemplars (`semtel tune` with its defaults).
+        #[arg(long)]
+        tune: bool,
     },
     /// Add labelled rows to an existing index.
     Add {
@@ -274,6 +282,49 @@ pub struct CalibrateArgs {
     pub head_l2: Option<f64>,
     #[arg(long)]
     pub head_lr: Option<f64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct TuneArgs {
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Stop within this wall-clock time (`90s`, `20m`, `1h`, or seconds): the search shrinks
+    /// to fit, and a final run cut short leaves a checkpoint the next run continues.
+    #[arg(long)]
+    pub time_budget: Option<String>,
+    /// Contrastive loss: `supcon` (in-batch supervised contrastive) or `pairs` (SetFit's
+    /// cosine-similarity pairs).
+    #[arg(long, default_value = "supcon")]
+    pub loss: String,
+    /// Train this many epochs (with --lr: skip the held-out search).
+    #[arg(long, requires = "lr")]
+    pub epochs: Option<usize>,
+    /// Learning rate (with --epochs: skip the held-out search).
+    #[arg(long, requires = "epochs")]
+    pub lr: Option<f64>,
+    /// Candidate learning rates for the search.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![5e-5, 1e-4, 2e-4])]
+    pub lrs: Vec<f64>,
+    /// The most epochs a search candidate trains.
+    #[arg(long, default_value_t = 3)]
+    pub max_epochs: usize,
+    /// Rows per training batch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_rows: usize,
+    /// Re-calibrate on this labelled file (e.g. a validation split) instead of
+    /// cross-validating over the exemplars.
+    #[arg(long)]
+    pub labelled: Option<PathBuf>,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// Wanted accuracy on the rows kNN keeps (re-calibration).
+    #[arg(long, default_value_t = 0.97)]
+    pub target: f64,
+    /// Seconds between checkpoints of the final run.
+    #[arg(long, default_value_t = 60.0, hide = true)]
+    pub checkpoint_every: f64,
     #[arg(long)]
     pub json: bool,
 }

@@ -69,6 +69,7 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
             overwrite,
             multi_label,
+            tune: then_tune,
         }) => index::build(
             &ctx,
             &exemplars,
@@ -78,7 +79,14 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
             overwrite,
             multi_label,
-        ),
+        )
+        .and_then(|()| {
+            if then_tune {
+                tune::run(&ctx, tune::defaults(out))
+            } else {
+                Ok(())
+            }
+        }),
         Cmd::Index(IndexCmd::Add {
             index,
             exemplars,
@@ -88,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Classify(a) => classify::run(&ctx, a),
         Cmd::Eval(a) => eval::run(&ctx, a),
         Cmd::Calibrate(a) => calibrate::run(&ctx, a),
+        Cmd::Tune(a) => tune::run(&ctx, a),
         Cmd::Bootstrap(a) => bootstrap::run(&ctx, a),
         Cmd::Demo(a) => demo::run(&ctx, a),
         Cmd::Embed {

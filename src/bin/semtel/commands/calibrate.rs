@@ -36,12 +36,22 @@ pub fn run(ctx: &Ctx, a: CalibrateArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&outcome.report)?);
     }
+    print_outcome(&a.index, a.target, &outcome);
+    Ok(())
+}
+
+/// The terminal summary of a calibration (also printed by `semtel tune`).
+pub fn print_outcome(
+    index: &std::path::Path,
+    target: f64,
+    outcome: &semtel::app::calibrate::CalibrateOutcome,
+) {
     let report = match &outcome.report {
         Calibrated::Single(r) => r,
         Calibrated::Multi(r) => {
             eprintln!(
                 "calibrated {} (multi-label, one-vs-rest head) on {} rows by {} ({:.1}s)",
-                a.index.display(),
+                index.display(),
                 r.rows,
                 r.method,
                 outcome.seconds
@@ -78,19 +88,19 @@ pub fn run(ctx: &Ctx, a: CalibrateArgs) -> Result<()> {
                     r.labels_never_kept.join(", ")
                 );
             }
-            return Ok(());
+            return;
         }
     };
     eprintln!(
         "calibrated {} on {} rows by {} ({:.1}s)",
-        a.index.display(),
+        index.display(),
         report.rows,
         report.method,
         outcome.seconds
     );
     eprintln!(
         "signal      AURC    accuracy  kept at {:.0}% (one threshold)",
-        a.target * 100.0
+        target * 100.0
     );
     for s in &report.signals {
         eprintln!(
@@ -119,5 +129,4 @@ pub fn run(ctx: &Ctx, a: CalibrateArgs) -> Result<()> {
         ci(&report.expected_coverage),
         ci(&report.expected_kept_accuracy)
     );
-    Ok(())
 }

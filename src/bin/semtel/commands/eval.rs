@@ -13,7 +13,7 @@ pub fn run(ctx: &Ctx, a: EvalArgs) -> Result<()> {
     if manifest.build.multi_label {
         let mut eo = ctx.encoder_options();
         if eo.model.is_none() {
-            eo.model = Some(semtel::index::default_model(&manifest.model));
+            eo.model = Some(semtel::index::default_model(&a.index, &manifest.model));
         }
         let encoder = Encoder::load(&eo)?;
         let tax = semtel::pipeline::Taxonomy::open("eval", &a.index, &encoder)?;

@@ -90,7 +90,7 @@ pub fn add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Resul
     let mut index = ExemplarIndex::open(dir, false)?;
     let mut eo = ctx.encoder_options();
     if eo.model.is_none() {
-        eo.model = Some(semtel::index::default_model(&index.manifest.model));
+        eo.model = Some(semtel::index::default_model(dir, &index.manifest.model));
     }
     let encoder = Encoder::load(&eo)?;
     index.check_model(&encoder.files, encoder.dim())?;
