@@ -13,7 +13,7 @@
 use crate::app::calibrate::{CalibrateJob, CalibrateOutcome};
 use crate::calibrate::CalibrateOptions;
 use crate::conversation::Content;
-use crate::embed::{Device, Encoder, EncoderOptions};
+use crate::embed::{Encoder, EncoderOptions};
 use crate::index::{ExemplarIndex, ModelInfo, TunedInfo};
 use crate::input::InputOptions;
 use crate::pipeline::ClassifierOptions;
@@ -139,15 +139,7 @@ pub fn run(job: &TuneJob, on_step: &mut dyn FnMut(&StepEvent)) -> Result<TuneOut
         use rayon::prelude::*;
         order.par_iter().map(|t| render(t)).collect()
     };
-    let device = match job.encoder.device {
-        Device::Cpu => candle_core::Device::Cpu,
-        Device::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
-            Error::Embed(format!(
-                "CUDA device unavailable ({e}); build with `--features cuda` on a machine with a GPU, or use --device cpu"
-            ))
-        })?,
-        Device::Auto => candle_core::Device::cuda_if_available(0)?,
-    };
+    let device = job.encoder.device.candle()?;
     let model = TrainBert::load(
         &base.files.weights,
         &base.files.dir.join("config.json"),

@@ -61,15 +61,7 @@ pub struct CandleBert {
 impl CandleBert {
     /// `half`: run in f16 (CUDA only; the CPU path is always f32).
     pub fn load(files: &ModelFiles, device: Device, half: bool) -> Result<Self> {
-        let device = match device {
-            Device::Cpu => candle_core::Device::Cpu,
-            Device::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
-                Error::Embed(format!(
-                    "CUDA device unavailable ({e}); build with `--features cuda` on a machine with a GPU, or use --device cpu"
-                ))
-            })?,
-            Device::Auto => candle_core::Device::cuda_if_available(0)?,
-        };
+        let device = device.candle()?;
         let cfg_path = files.dir.join("config.json");
         let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config: Config = serde_json::from_str(&cfg_text).map_err(|e| {

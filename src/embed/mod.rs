@@ -144,6 +144,21 @@ pub enum Device {
     Cuda,
 }
 
+impl Device {
+    /// The candle device this choice runs on (the one place CUDA availability is decided).
+    pub fn candle(self) -> Result<candle_core::Device> {
+        Ok(match self {
+            Device::Cpu => candle_core::Device::Cpu,
+            Device::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
+                Error::Embed(format!(
+                    "CUDA device unavailable ({e}); build with `--features cuda` on a machine with a GPU, or use --device cpu"
+                ))
+            })?,
+            Device::Auto => candle_core::Device::cuda_if_available(0)?,
+        })
+    }
+}
+
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
