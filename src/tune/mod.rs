@@ -772,6 +772,15 @@ pub fn tune(
             }
             let frozen = held_out_accuracy(model, embed, data, &train, &held)?;
             report.frozen_accuracy = Some(frozen);
+            if frozen + opts.min_gain > 1.0 {
+                return keep_frozen(
+                    report,
+                    format!(
+                        "the frozen encoder already gets {:.2} % of the held-out exemplars right: nothing for tuning to gain",
+                        frozen * 100.0
+                    ),
+                );
+            }
             let mut best: Option<(f64, usize, f64)> = None;
             for &lr in &opts.lrs {
                 let tc = Instant::now();
