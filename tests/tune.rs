@@ -270,3 +270,61 @@ fn tune_keeps_the_frozen_encoder_when_there_is_too_little_data() {
     assert_eq!(std::fs::read(idx.join("manifest.json")).unwrap(), before);
     assert!(!idx.join(".tune").exists());
 }
+
+/// A multi-label index tunes on label sets (positives share any label) and is re-calibrated
+/// with the one-vs-rest head on the calibration fold the final run never saw.
+#[test]
+fn tune_handles_a_multi_label_index() {
+    let dir = tmpdir("tune-multi");
+    let single = labelled_file(&dir);
+    let mut out = String::new();
+    let mut kinds: Vec<String> = Vec::new();
+    for l in std::fs::read_to_string(&single).unwrap().lines() {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let label = v["label"].as_str().unwrap().to_string();
+        if !kinds.contains(&label) {
+            kinds.push(label.clone());
+        }
+        let group = if kinds.iter().position(|k| *k == label).unwrap() % 2 == 0 {
+            "even"
+        } else {
+            "odd"
+        };
+        v["label"] = serde_json::json!([label, group]);
+        out.push_str(&v.to_string());
+        out.push('\n');
+    }
+    let file = dir.join("multi.jsonl");
+    std::fs::write(&file, out).unwrap();
+    let idx = dir.join("idx");
+    ok(semtel_cmd(&[
+        "index",
+        "build",
+        "--multi-label",
+        "--out",
+        idx.to_str().unwrap(),
+    ])
+    .arg("--exemplars")
+    .arg(&file)
+    .arg("--model")
+    .arg(model_dir())
+    .output()
+    .unwrap());
+    let text = ok(tune_cmd(
+        &idx,
+        &["--epochs", "1", "--lr", "5e-5", "--batch-rows", "16"],
+    )
+    .output()
+    .unwrap());
+    assert!(text.contains("calibration fold"), "{text}");
+    let m = ExemplarIndex::read_manifest(&idx).unwrap();
+    let t = m.model.tuned.expect("tuned model recorded");
+    assert!(t.calibration_share > 0.0);
+    assert_eq!(m.decision.signal.name(), "multi_head");
+    let eval = ok(semtel_cmd(&["eval", "--index", idx.to_str().unwrap()])
+        .arg("--input")
+        .arg(&file)
+        .output()
+        .unwrap());
+    assert!(eval.contains("micro-F1"), "{eval}");
+}
