@@ -1081,13 +1081,20 @@ pub struct BootstrapBenchOptions {
     pub variants: Vec<String>,
     /// Agreement target (`None`: the bootstrap's automatic one).
     pub target: Option<f64>,
+    /// Runs of each (set, variant); run `r` uses seed `seed + r` for the bootstrap's sampling
+    /// and the simulator's mistakes. One run says little: which rows the LLM gets wrong, the
+    /// ~300 rows thresholds are calibrated on and the order answers arrive in during
+    /// `classify --grow` all move the figures by a point or more.
+    pub repeats: usize,
+    pub seed: u64,
 }
 
-/// One (set, variant) of `semtel bench bootstrap`.
+/// One (set, variant, seed) of `semtel bench bootstrap`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BootstrapRun {
     pub set: String,
     pub variant: String,
+    pub seed: u64,
     pub rows: usize,
     pub bootstrap_labelled: usize,
     /// Rows the classify pass sent to the LLM that it had not labelled before.
@@ -1207,11 +1214,21 @@ pub fn bootstrap_benchmark(
                 .count() as f64
                 / n as f64
         };
-        for variant in &o.variants {
+        for (variant, seed) in o
+            .variants
+            .iter()
+            .flat_map(|v| (0..o.repeats.max(1) as u64).map(move |r| (v, o.seed + r)))
+        {
             let t = Instant::now();
-            let vdir = dir.join(variant);
+            let vdir = dir.join(format!("{variant}-{seed}"));
             std::fs::create_dir_all(&vdir).map_err(|e| Error::io(&vdir, e))?;
-            let h = simulator::start(sim_cfg.clone(), 0)?;
+            let h = simulator::start(
+                simulator::SimConfig {
+                    seed,
+                    ..sim_cfg.clone()
+                },
+                0,
+            )?;
             let cache = vdir.join("llm-cache.jsonl");
             let cfg = crate::llm::LlmConfig {
                 cache: Some(cache.display().to_string()),
@@ -1228,6 +1245,7 @@ pub fn bootstrap_benchmark(
             );
             bo.budget_rows = Some((o.budget_share * n as f64).round() as usize);
             bo.target = o.target;
+            bo.seed = seed;
             match variant.as_str() {
                 "active" => {}
                 "random" => {
@@ -1295,6 +1313,7 @@ pub fn bootstrap_benchmark(
             let r = BootstrapRun {
                 set: name.clone(),
                 variant: variant.clone(),
+                seed,
                 rows: n,
                 bootstrap_labelled: b.labelled_rows,
                 classify_llm_new,

@@ -223,6 +223,13 @@ pub struct BenchBootstrapArgs {
     /// Agreement target of the bootstrap (default: its automatic one).
     #[arg(long)]
     pub target: Option<f64>,
+    /// Runs of each (set, variant), each with its own seed (sampling and the simulator's
+    /// mistakes); with more than one, the medians are printed too.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// Seed of the first run (the next runs add 1, 2, …).
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
     /// Work folder (replaced).
     #[arg(long, default_value = "out/bench-bootstrap")]
     pub work: PathBuf,

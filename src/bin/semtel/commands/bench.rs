@@ -152,12 +152,15 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
             work: a.work.clone(),
             variants: a.variants.clone(),
             target: a.target,
+            repeats: a.repeats,
+            seed: a.seed,
         },
         &mut |r| {
             eprintln!(
-                "{} {}: {} rows; accuracy vs gold {:.2} % (LLM-only {:.2} %); LLM labelled {:.1} % of rows ({} bootstrap + {} escalated), {} left unlabelled; {:.0} s",
+                "{} {} (seed {}): {} rows; accuracy vs gold {:.2} % (LLM-only {:.2} %); LLM labelled {:.1} % of rows ({} bootstrap + {} escalated), {} left unlabelled; {:.0} s",
                 r.set,
                 r.variant,
+                r.seed,
                 r.rows,
                 100.0 * r.accuracy,
                 100.0 * r.llm_only_accuracy,
@@ -188,6 +191,34 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
             );
         },
     )?;
+    if a.repeats > 1 {
+        let mut groups: Vec<(&str, &str)> = runs
+            .iter()
+            .map(|r| (r.set.as_str(), r.variant.as_str()))
+            .collect();
+        groups.dedup();
+        for (set, variant) in groups {
+            let of = |f: &dyn Fn(&semtel::bench::BootstrapRun) -> f64| -> (f64, f64, f64) {
+                let mut v: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.set == set && r.variant == variant)
+                    .map(f)
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                (v[0], v[v.len() / 2], v[v.len() - 1])
+            };
+            let (alo, amed, ahi) = of(&|r| 100.0 * r.accuracy);
+            let (slo, smed, shi) = of(&|r| 100.0 * r.llm_share);
+            let llm_only = runs
+                .iter()
+                .find(|r| r.set == set)
+                .map_or(0.0, |r| 100.0 * r.llm_only_accuracy);
+            eprintln!(
+                "{set} {variant}, {} runs: accuracy median {amed:.2} % (range {alo:.2}–{ahi:.2}; LLM-only {llm_only:.2} %), rows sent to the LLM median {smed:.1} % (range {slo:.1}–{shi:.1})",
+                a.repeats
+            );
+        }
+    }
     if a.json {
         for r in runs {
             println!("{}", serde_json::to_string(&r)?);
