@@ -997,6 +997,8 @@ fn build_round(
             Some(&scorer),
             &CalibrateOptions {
                 target: Some(target),
+                // The target is the operating point, and fixed.
+                choose_signal: crate::calibrate::SignalChoice::CoverageAtTarget,
                 ..Default::default()
             },
         )?;

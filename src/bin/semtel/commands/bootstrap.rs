@@ -62,6 +62,13 @@ pub fn run(ctx: &Ctx, a: BootstrapArgs) -> Result<()> {
             r.llm_retest_rows,
             100.0 * r.target
         );
+        if a > 0.99 {
+            // At temperature 0 an LLM repeats itself whatever its accuracy.
+            eprintln!(
+                "note: an LLM that (almost) always repeats itself (temperature 0?) says little about its accuracy; thresholds sit at the {:.0} % cap. Give --target (the agreement you measured between this LLM and hand labels) to spend less",
+                100.0 * r.target
+            );
+        }
     }
     eprintln!(
         "index {}: {} LLM-labelled rows, ${:.4} spent; projected LLM cost per million conversations: ${:.2} hybrid vs ${:.2} LLM-only",
