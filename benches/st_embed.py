@@ -15,6 +15,7 @@ ap.add_argument("--batch-size", type=int, default=32)
 ap.add_argument("--dtypes", default="f32,bf16", help="any of f32, bf16, f16")
 ap.add_argument("--device", default="cpu", help="cpu or cuda")
 ap.add_argument("--out", default=None, help="write the bf16/f32 vectors here (.npy prefix)")
+ap.add_argument("--max-tokens", type=int, default=256, help="token budget (semtel passes the model's own)")
 a = ap.parse_args()
 
 import torch
@@ -29,7 +30,7 @@ def sync():
 
 for dt in a.dtypes.split(","):
     m = SentenceTransformer(a.model, device=a.device)
-    m.max_seq_length = 256
+    m.max_seq_length = a.max_tokens
     if dt == "f32":
         m = m.to(torch.float32)  # a half-precision folder may load in half precision
     elif dt == "bf16":
@@ -37,7 +38,9 @@ for dt in a.dtypes.split(","):
     elif dt == "f16":
         m = m.to(torch.float16)
     tok = m.tokenizer
-    real = sum(min(len(tok(t, add_special_tokens=True)["input_ids"]), 256) for t in texts)
+    # The model's default prompt (E5's "query: ") is prepended by encode(): count it too.
+    prompt = m.prompts.get(m.default_prompt_name, "") if getattr(m, "default_prompt_name", None) else ""
+    real = sum(min(len(tok(prompt + t, add_special_tokens=True)["input_ids"]), a.max_tokens) for t in texts)
     m.encode(texts[:256], batch_size=a.batch_size)  # warm-up
     sync()
     times = []

@@ -23,6 +23,7 @@ pub mod hash;
 pub mod head;
 pub mod index;
 pub mod input;
+pub mod lang;
 pub mod llm;
 pub mod model;
 pub mod multilabel;

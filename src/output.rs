@@ -97,6 +97,8 @@ pub const RESERVED: &[&str] = &[
     "llm_tokens_in",
     "llm_tokens_out",
     "llm_cost_usd",
+    "lang",
+    "escalate_reason",
 ];
 
 impl OutputSpec {
@@ -150,6 +152,8 @@ pub fn schema(spec: &OutputSpec) -> SchemaRef {
         Field::new("llm_tokens_in", DataType::Int64, true),
         Field::new("llm_tokens_out", DataType::Int64, true),
         Field::new("llm_cost_usd", DataType::Float64, true),
+        Field::new("lang", DataType::Utf8, true),
+        Field::new("escalate_reason", DataType::Utf8, true),
     ];
     for (name, multi) in &spec.taxonomies {
         if *multi {
@@ -202,7 +206,11 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
     let mut tin = Int64Builder::with_capacity(n);
     let mut tout = Int64Builder::with_capacity(n);
     let mut cost = Float64Builder::with_capacity(n);
+    let mut lang = StringBuilder::new();
+    let mut reason = StringBuilder::new();
     for r in rows {
+        lang.append_option(r.lang.as_deref());
+        reason.append_option(r.escalate_reason.map(|e| e.as_str()));
         id.append_value(&r.id);
         label.append_option(r.label.as_deref());
         conf.append_option(r.confidence);
@@ -240,6 +248,8 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
         Arc::new(tin.finish()),
         Arc::new(tout.finish()),
         Arc::new(cost.finish()),
+        Arc::new(lang.finish()),
+        Arc::new(reason.finish()),
     ];
     for (j, (_, multi)) in spec.taxonomies.iter().enumerate() {
         fn get(r: &OutputRow, j: usize) -> Option<&TaxOut> {
@@ -345,6 +355,11 @@ pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
         ),
     );
     m.insert("error".into(), json!(r.error));
+    m.insert("lang".into(), json!(r.lang));
+    m.insert(
+        "escalate_reason".into(),
+        json!(r.escalate_reason.map(|e| e.as_str())),
+    );
     if let Some(l) = &r.llm {
         m.insert("llm_model".into(), json!(l.model));
         m.insert("llm_tokens_in".into(), json!(l.tokens_in));

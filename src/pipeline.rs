@@ -9,7 +9,7 @@ use crate::embed::{Encoder, EncoderOptions};
 use crate::index::ExemplarIndex;
 use crate::input::RowReader;
 use crate::progress::Progress;
-use crate::row::{DecidedBy, NeighborOut, OutputRow};
+use crate::row::{DecidedBy, EscalateReason, NeighborOut, OutputRow};
 use crate::sink::{Done, RowSink};
 use crate::{Error, Result};
 use std::collections::HashSet;
@@ -435,7 +435,15 @@ impl Classifier {
         let label_of = self.index.label_indices();
         let mut scratch = vec![0f32; labels.len()];
         let mut out = Vec::with_capacity(rows.len());
+        let languages = &self.encoder.files.languages;
+        let detected: Vec<Option<crate::lang::Detected>> = {
+            use rayon::prelude::*;
+            rows.par_iter()
+                .map(|r| r.content.as_ref().ok().and_then(crate::lang::detect))
+                .collect()
+        };
         for (i, (row, vec)) in rows.into_iter().zip(vectors).enumerate() {
+            let lang = detected[i];
             let vector = match vec {
                 Ok(v) => v,
                 Err(msg) => {
@@ -503,6 +511,15 @@ impl Classifier {
             let top1 = d.scores.vote.top1_sim;
             let knn_label = d.scores.vote.label.map(|l| labels[l as usize].clone());
             let (scores, label, conf, keep) = (d.scores, d.label, d.confidence, d.keep);
+            let foreign = lang.is_some_and(|l| crate::lang::outside(languages, &l));
+            let escalate_reason = if foreign {
+                Some(EscalateReason::Language)
+            } else if !keep {
+                Some(EscalateReason::Confidence)
+            } else {
+                None
+            };
+            let keep = keep && !foreign;
             let neighbors = nb
                 .iter()
                 .take(self.report_neighbors)
@@ -557,6 +574,8 @@ impl Classifier {
                     llm: None,
                     passthrough: row.passthrough,
                     extra,
+                    lang: lang.map(|l| l.code.to_string()),
+                    escalate_reason,
                 },
                 content: if escalate { row.content.ok() } else { None },
                 vector: if escalate { Some(vector) } else { None },
@@ -592,6 +611,10 @@ pub struct RunSummary {
     /// Share of rows escalated by kNN in each input chunk, in input order (shows the effect of
     /// `--grow`).
     pub escalation_by_chunk: Vec<f64>,
+    /// Rows per detected language (`und` where it could not be told), largest first in print.
+    pub languages: std::collections::BTreeMap<String, u64>,
+    /// Rows escalated because the index's encoder does not cover their language.
+    pub escalated_language: u64,
 }
 
 /// What happens to escalated rows. The default keeps them as `escalate` in the output; the LLM
@@ -671,8 +694,10 @@ pub fn run(
             Ok((read, skipped, dups))
         });
         // Writer: rows → disk, checkpointing at least every few seconds.
-        let writer_h = s.spawn(move || -> Result<(Box<dyn RowSink>, [u64; 4])> {
+        type Langs = (std::collections::BTreeMap<String, u64>, u64);
+        let writer_h = s.spawn(move || -> Result<(Box<dyn RowSink>, [u64; 4], Langs)> {
             let mut counts = [0u64; 4];
+            let mut langs: Langs = Default::default();
             let mut last = Instant::now();
             loop {
                 match out_rx.recv_timeout(Duration::from_secs(1)) {
@@ -684,6 +709,13 @@ pub fn run(
                                 DecidedBy::Llm => 2,
                                 DecidedBy::Error => 3,
                             }] += 1;
+                            if r.decided_by != DecidedBy::Error {
+                                let l = r.lang.as_deref().unwrap_or("und");
+                                *langs.0.entry(l.to_string()).or_insert(0) += 1;
+                            }
+                            if r.escalate_reason == Some(EscalateReason::Language) {
+                                langs.1 += 1;
+                            }
                         }
                         writer.write(&rows)?;
                     }
@@ -695,7 +727,7 @@ pub fn run(
                     last = Instant::now();
                 }
             }
-            Ok((writer, counts))
+            Ok((writer, counts, langs))
         });
         // Compute on this thread: render → embed → search → decide → escalate.
         let mut by_chunk = Vec::new();
@@ -743,7 +775,9 @@ pub fn run(
             }
             other => other?,
         }
-        let (writer, counts) = write_res?;
+        let (writer, counts, (languages, escalated_language)) = write_res?;
+        summary.languages = languages;
+        summary.escalated_language = escalated_language;
         let (read, skipped, dups) = read_res?;
         summary.duplicate_ids = dups;
         summary.internal_errors = internal_errors;

@@ -101,6 +101,28 @@ impl Renderer {
         })
     }
 
+    /// Puts the model's prompt (E5's `query: `) after the opening special tokens of every
+    /// sequence, inside the token budget, as sentence-transformers does when it prepends the
+    /// prompt to the text. The prompt is tokenized without its trailing space: a word-piece or
+    /// SentencePiece tokenizer then gives the same ids as for the prompt and text together.
+    pub fn with_prompt(mut self, prompt: Option<&str>) -> Result<Self> {
+        let Some(p) = prompt.map(str::trim_end).filter(|p| !p.is_empty()) else {
+            return Ok(self);
+        };
+        let ids = self
+            .tok
+            .encode_fast(p, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        self.prefix.extend_from_slice(ids.get_ids());
+        if self.max_tokens <= self.prefix.len() + self.suffix.len() + MIN_PIECE {
+            return Err(Error::Tokenizer(format!(
+                "max_tokens {} leaves no room for content after the prompt `{p}`",
+                self.max_tokens
+            )));
+        }
+        Ok(self)
+    }
+
     pub fn with_system_turns(mut self, include: bool) -> Self {
         self.include_system = include;
         self

@@ -472,3 +472,78 @@ mod tests {
         assert!((c.last().unwrap().cost_per_1k_usd - 10.0).abs() < 1e-9);
     }
 }
+
+/// A grouped bar chart as SVG: one group per distinct first field (in order of appearance),
+/// one coloured bar per distinct second field, heights in 0..1 (drawn as percent).
+pub fn grouped_bars(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    bars: &[(String, String, f64)],
+) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| Error::Report {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    let mut groups: Vec<&str> = Vec::new();
+    let mut series: Vec<&str> = Vec::new();
+    for (g, s, _) in bars {
+        if !groups.contains(&g.as_str()) {
+            groups.push(g);
+        }
+        if !series.contains(&s.as_str()) {
+            series.push(s);
+        }
+    }
+    let colours = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+    ];
+    let width = (groups.len() * series.len()) as u32 * 18 + groups.len() as u32 * 14 + 140;
+    let root = SVGBackend::new(path, (width.max(640), 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let n = (groups.len() * (series.len() + 1)) as f64;
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 16))
+        .margin(15)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..n, 0f64..100f64)
+        .map_err(|e| err(&e))?;
+    let per = series.len() + 1;
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len() * per)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if i % per == per / 2 {
+                groups.get(i / per).map_or(String::new(), |g| g.to_string())
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_desc)
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (si, s) in series.iter().enumerate() {
+        let col = colours[si % colours.len()];
+        c.draw_series(bars.iter().filter(|b| b.1 == *s).map(|(g, _, v)| {
+            let gi = groups.iter().position(|x| x == g).unwrap_or(0);
+            let x0 = (gi * per + si) as f64;
+            Rectangle::new([(x0, 0.0), (x0 + 0.9, v * 100.0)], col.filled())
+        }))
+        .map_err(|e| err(&e))?
+        .label(s.to_string())
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], col.filled()));
+    }
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}

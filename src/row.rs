@@ -69,6 +69,30 @@ pub struct OutputRow {
     /// One entry per additional taxonomy, in the classifier's taxonomy order (empty for error
     /// rows).
     pub extra: Vec<TaxOut>,
+    /// The row's language (ISO 639-1 where it has one), when it could be told.
+    pub lang: Option<String>,
+    /// Why the row went to the LLM tier (`confidence`, or `language`: the index's encoder was
+    /// not trained on the row's language); `None` for rows kept by kNN and error rows.
+    pub escalate_reason: Option<EscalateReason>,
+}
+
+/// Why a row was escalated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EscalateReason {
+    /// The decision signal fell below the threshold.
+    Confidence,
+    /// The index's encoder does not cover the row's language.
+    Language,
+}
+
+impl EscalateReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EscalateReason::Confidence => "confidence",
+            EscalateReason::Language => "language",
+        }
+    }
 }
 
 impl OutputRow {
@@ -86,6 +110,8 @@ impl OutputRow {
             llm: None,
             passthrough,
             extra: Vec::new(),
+            lang: None,
+            escalate_reason: None,
         }
     }
 }

@@ -285,11 +285,14 @@ pub fn llm_tier_from(classifier: &Classifier, cfg: crate::llm::LlmConfig) -> Res
 }
 
 /// Rows the LLM labels join the growth overlay (when their kNN confidence was high enough and
-/// the label is in the index's schema).
+/// the label is in the index's schema). Rows escalated for their language never do: the
+/// encoder does not cover it, so their vectors would be misplaced exemplars.
 pub fn attach_growth(tier: &mut LlmTier, g: Arc<Growth>, labels: Vec<String>) {
     let version = tier.prompt_version().to_string();
     tier.on_label(Box::new(move |row, v, text| {
-        if row.confidence.unwrap_or(0.0) < g.min_confidence {
+        if row.confidence.unwrap_or(0.0) < g.min_confidence
+            || row.escalate_reason == Some(crate::row::EscalateReason::Language)
+        {
             return;
         }
         let (Some(label), Some(llm)) = (&row.label, &row.llm) else {

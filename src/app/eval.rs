@@ -61,7 +61,10 @@ pub fn evaluate(
     let mut all_scores = Vec::new();
     let mut by_gold: std::collections::BTreeMap<String, [usize; 4]> = Default::default();
     let mut ids = Vec::new();
+    // Rows the language gate escalates whatever their score (`escalate_reason = language`).
+    let mut gated = Vec::new();
     for_each_labelled(classifier, path, opts, progress, |c, gold| {
+        gated.push(c.out.escalate_reason == Some(crate::row::EscalateReason::Language));
         let g = labels.binary_search(&gold).ok().map(|i| i as u32);
         let e = by_gold.entry(gold.clone()).or_default();
         e[0] += 1;
@@ -99,7 +102,9 @@ pub fn evaluate(
     let mut report = report(&scored, labels.len(), &signal, unseen.clone());
     let kept: Vec<&Scored> = scored
         .iter()
-        .filter(|s| classifier.thresholds.keep(s.pred, s.confidence))
+        .zip(&gated)
+        .filter(|(s, gated)| !**gated && classifier.thresholds.keep(s.pred, s.confidence))
+        .map(|(s, _)| s)
         .collect();
     let ok = kept.iter().filter(|s| s.correct()).count();
     report.at_index_thresholds = Some(crate::eval::CoveragePoint {

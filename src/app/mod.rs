@@ -13,6 +13,7 @@
 //! | cold start: taxonomy + LLM + unlabelled rows → calibrated index | [`bootstrap::run`] |
 //! | fine-tune the encoder on the exemplars, re-embed, re-calibrate | [`tune::run`] |
 //! | two LLM configurations on the same rows (agreement, kappa, cost) | [`compare::run`] |
+//! | the encoders semtel knows, present here or not, and their speed here | [`models::list`] |
 //!
 //! This layer must never print, parse flags or read environment variables for options: it takes
 //! resolved, typed options and returns typed reports; adapters decide how to show them.
@@ -26,4 +27,5 @@ pub mod demo;
 pub mod embed;
 pub mod eval;
 pub mod index;
+pub mod models;
 pub mod tune;

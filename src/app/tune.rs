@@ -70,7 +70,16 @@ fn base_spec(m: &ModelInfo) -> (String, String) {
 /// Copies the files that make a model folder besides its weights.
 fn copy_model_files(from: &Path, to: &Path, max_tokens: usize) -> Result<()> {
     std::fs::create_dir_all(to.join("1_Pooling")).map_err(|e| Error::io(to, e))?;
-    for f in ["config.json", "tokenizer.json", "1_Pooling/config.json"] {
+    // The prompt (config_sentence_transformers.json) and the card's languages (README.md) travel
+    // with the weights: they are part of what the model expects and covers.
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "1_Pooling/config.json",
+        "config_sentence_transformers.json",
+        "modules.json",
+        "README.md",
+    ] {
         let src = from.join(f);
         if src.is_file() {
             std::fs::copy(&src, to.join(f)).map_err(|e| Error::io(&src, e))?;

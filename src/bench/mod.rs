@@ -6,6 +6,7 @@
 //! through sentence-transformers (`benches/st_embed.py`) in the same invocation, as a ratio.
 //! This module must never be used by the classification path.
 
+pub mod encoders;
 pub mod scale;
 
 use crate::embed::{embed_sequences, BatchOptions, Embedder, Encoder};
@@ -1001,6 +1002,8 @@ pub fn embed_benchmark(
             .arg(&tf)
             .arg(&model_dir)
             .args([
+                "--max-tokens",
+                &first.files.max_tokens.to_string(),
                 "--threads",
                 &threads.to_string(),
                 "--repeats",

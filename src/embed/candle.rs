@@ -7,7 +7,7 @@
 //! and runs candle's `BertEncoder` on them, so half precision works on the GPU.
 
 use super::{normalize_rows, BatchOptions, Device, Embedder};
-use crate::model::{ModelFiles, Pooling};
+use crate::model::{Architecture, Family, ModelFiles, Pooling};
 use crate::{Error, Result};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
@@ -56,6 +56,67 @@ pub struct CandleBert {
     dtype: DType,
     pooling: Pooling,
     dim: usize,
+}
+
+/// The candle engine for a model folder: candle-transformers' BERT for the BERT family, and
+/// semtel's own candle forward (`tune::TrainBert`, the same ops fine-tuning differentiates) for
+/// families candle-transformers lacks (MPNet).
+pub fn load_candle(files: &ModelFiles, device: Device, half: bool) -> Result<Box<dyn Embedder>> {
+    match Architecture::read(&files.dir)?.family {
+        Family::Bert => Ok(Box::new(CandleBert::load(files, device, half)?)),
+        Family::Mpnet => Ok(Box::new(CandleOwn::load(files, device)?)),
+    }
+}
+
+/// semtel's candle forward in f32 (CPU or CUDA), padded per batch.
+pub struct CandleOwn {
+    model: crate::tune::TrainBert,
+}
+
+impl CandleOwn {
+    pub fn load(files: &ModelFiles, device: Device) -> Result<Self> {
+        let device = device.candle()?;
+        let model = crate::tune::TrainBert::load(
+            &files.weights,
+            &files.dir.join("config.json"),
+            files.pooling,
+            &device,
+        )?;
+        Ok(CandleOwn { model })
+    }
+}
+
+impl Embedder for CandleOwn {
+    fn dim(&self) -> usize {
+        self.model.shape.hidden
+    }
+
+    fn pads(&self) -> bool {
+        true
+    }
+
+    fn on_gpu(&self) -> bool {
+        self.model.device().is_cuda()
+    }
+
+    fn describe(&self) -> String {
+        let on = if self.on_gpu() { "CUDA" } else { "CPU" };
+        format!("candle (semtel forward) f32 on {on}")
+    }
+
+    fn embed(&self, ids: &[u32], cu: &[usize]) -> Result<Vec<f32>> {
+        if cu.len() < 2 {
+            return Ok(Vec::new());
+        }
+        let seqs: Vec<&[u32]> = cu.windows(2).map(|w| &ids[w[0]..w[1]]).collect();
+        let (ids, mask) = self.model.batch(&seqs)?;
+        Ok(self
+            .model
+            .forward(&ids, &mask)?
+            .detach()
+            .flatten_all()?
+            .to_vec1()?)
+    }
 }
 
 impl CandleBert {

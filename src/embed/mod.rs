@@ -12,7 +12,7 @@ mod candle;
 pub mod fast;
 pub mod static_model;
 
-pub use self::candle::CandleBert;
+pub use self::candle::{load_candle, CandleBert, CandleOwn};
 pub use self::fast::FastBert;
 pub use self::static_model::{StaticEmbedder, STATIC_META, STATIC_TABLE};
 
@@ -259,20 +259,21 @@ impl Encoder {
 
     pub fn from_files(files: ModelFiles, opts: &EncoderOptions) -> Result<Self> {
         let renderer = Renderer::from_file(&files.dir.join("tokenizer.json"), files.max_tokens)?
+            .with_prompt(files.prompt.as_deref())?
             .with_system_turns(opts.include_system_turns);
         let engine: Box<dyn Embedder> = if files.kind == crate::model::ModelKind::Static {
             Box::new(StaticEmbedder::load(&files.dir)?)
         } else if cuda_wanted(opts.device) || opts.engine == Engine::Candle {
-            Box::new(CandleBert::load(&files, opts.device, !opts.gpu_f32)?)
+            load_candle(&files, opts.device, !opts.gpu_f32)?
         } else {
             match (FastBert::try_load(&files)?, opts.engine) {
                 (Some(f), _) => Box::new(f),
                 (None, Engine::Fast) => {
                     return Err(Error::Embed(
-                        "--engine fast needs a CPU with AVX512-BF16 and a BERT model whose head size is a multiple of 32; use --engine auto".into(),
+                        "--engine fast needs a CPU with AVX512-BF16 and a BERT or MPNet model whose head size is a multiple of 32; use --engine auto".into(),
                     ))
                 }
-                (None, _) => Box::new(CandleBert::load(&files, Device::Cpu, false)?),
+                (None, _) => load_candle(&files, Device::Cpu, false)?,
             }
         };
         let batch = engine.batch_options();

@@ -1,4 +1,5 @@
-//! A BERT encoder whose forward pass candle can differentiate, for fine-tuning.
+//! A BERT/MPNet encoder whose forward pass candle can differentiate, for fine-tuning (and, for
+//! MPNet, which candle-transformers lacks, the candle engine's inference path).
 //!
 //! The inference engines (candle-transformers' BERT, the fast bf16 kernels) use fused
 //! LayerNorm and softmax ops that have no backward pass in candle 0.11, so training needs its
@@ -13,7 +14,7 @@
 //!
 //! This module must never tokenize, read conversations or decide anything.
 
-use crate::model::Pooling;
+use crate::model::{Architecture, Pooling};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ pub struct Shape {
 /// Weights: a frozen part and a trained part (the [`Var`]s the optimizer updates).
 pub struct TrainBert {
     pub shape: Shape,
+    arch: Architecture,
     pub pooling: Pooling,
     frozen: HashMap<String, Tensor>,
     trained: Vec<(String, Var)>,
@@ -53,37 +55,18 @@ impl TrainBert {
         pooling: Pooling,
         device: &Device,
     ) -> Result<TrainBert> {
-        let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(config).map_err(|e| Error::io(config, e))?,
-        )
-        .map_err(|e| Error::Model(format!("{}: {e}", config.display())))?;
-        let num = |k: &str| {
-            cfg.get(k)
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .ok_or_else(|| {
-                    Error::Model(format!(
-                        "{}: `{k}` missing; not a BERT config",
-                        config.display()
-                    ))
-                })
-        };
+        let dir = config.parent().unwrap_or(Path::new("."));
+        let arch = Architecture::read(dir)?;
         let shape = Shape {
-            hidden: num("hidden_size")?,
-            heads: num("num_attention_heads")?,
-            layers: num("num_hidden_layers")?,
-            eps: cfg
-                .get("layer_norm_eps")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-12),
+            hidden: arch.hidden,
+            heads: arch.heads,
+            layers: arch.layers,
+            eps: arch.eps,
         };
-        let act = cfg
-            .get("hidden_act")
-            .and_then(|v| v.as_str())
-            .unwrap_or("gelu");
-        if act != "gelu" {
+        if arch.activation != "gelu" {
             return Err(Error::Model(format!(
-                "fine-tuning supports BERT models with `gelu` activations; this one uses `{act}`"
+                "fine-tuning supports encoders with `gelu` activations; this one uses `{}`",
+                arch.activation
             )));
         }
         let raw = candle_core::safetensors::load(weights, device)
@@ -111,8 +94,10 @@ impl TrainBert {
             .enumerate()
             .map(|(i, (n, _))| (n.clone(), i))
             .collect();
+        let last_norm = arch.layer(shape.layers - 1, arch.layer_names.out_norm, "weight");
         let m = TrainBert {
             shape,
+            arch,
             pooling,
             frozen,
             trained,
@@ -120,10 +105,7 @@ impl TrainBert {
             device: device.clone(),
         };
         m.get("embeddings.word_embeddings.weight")?;
-        m.get(&format!(
-            "encoder.layer.{}.output.LayerNorm.weight",
-            shape.layers - 1
-        ))?;
+        m.get(&last_norm)?;
         Ok(m)
     }
 
@@ -197,28 +179,53 @@ impl TrainBert {
         let nh = self.shape.heads;
         let hd = h / nh;
         let word = self.get("embeddings.word_embeddings.weight")?;
-        let pos = self
+        let off = self.arch.position_offset;
+        if l + off > self.arch.max_positions {
+            return Err(Error::Embed(format!(
+                "sequence of {l} tokens exceeds the model's {} positions",
+                self.arch.max_sequence()
+            )));
+        }
+        let mut pos = self
             .get("embeddings.position_embeddings.weight")?
-            .narrow(0, 0, l)?;
-        let typ = self
-            .get("embeddings.token_type_embeddings.weight")?
-            .narrow(0, 0, 1)?;
+            .narrow(0, off, l)?;
+        if self.arch.token_types {
+            let typ = self
+                .get("embeddings.token_type_embeddings.weight")?
+                .narrow(0, 0, 1)?;
+            pos = pos.broadcast_add(&typ)?;
+        }
         let x = word
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, l, h))?;
-        let x = x.broadcast_add(&pos.broadcast_add(&typ)?.unsqueeze(0)?)?;
+        let x = x.broadcast_add(&pos.unsqueeze(0)?)?;
         let mut x = self.norm(&x.reshape((b * l, h))?, "embeddings.LayerNorm")?;
         // Additive key mask: finite, so 0 · mask can never make NaN.
-        let bias = mask.affine(1.0e4, -1.0e4)?.reshape((b, 1, 1, l))?;
+        let mut bias = mask.affine(1.0e4, -1.0e4)?.reshape((b, 1, 1, l))?;
+        if let Some(rb) = self.arch.relative_bias {
+            // (heads, l, l): bias[h][i][j] = table[bucket(j − i)][h], shared by every layer.
+            let buckets: Vec<u32> = (0..l * l)
+                .map(|k| rb.bucket((k % l) as i64 - (k / l) as i64) as u32)
+                .collect();
+            let buckets = Tensor::from_vec(buckets, l * l, &self.device)?;
+            let rel = self
+                .get("encoder.relative_attention_bias.weight")?
+                .index_select(&buckets, 0)?
+                .reshape((l, l, nh))?
+                .permute((2, 0, 1))?
+                .unsqueeze(0)?;
+            bias = bias.broadcast_add(&rel)?;
+        }
         let scale = 1.0 / (hd as f64).sqrt();
+        let names = self.arch.layer_names;
         for i in 0..self.shape.layers {
-            let p = format!("encoder.layer.{i}");
+            let name = |part: &str| format!("encoder.layer.{i}.{part}");
             let split = |t: Tensor| -> Result<Tensor> {
                 Ok(t.reshape((b, l, nh, hd))?.transpose(1, 2)?.contiguous()?)
             };
-            let q = split(self.linear(&x, &format!("{p}.attention.self.query"))?)?;
-            let k = split(self.linear(&x, &format!("{p}.attention.self.key"))?)?;
-            let v = split(self.linear(&x, &format!("{p}.attention.self.value"))?)?;
+            let q = split(self.linear(&x, &name(names.query))?)?;
+            let k = split(self.linear(&x, &name(names.key))?)?;
+            let v = split(self.linear(&x, &name(names.value))?)?;
             let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
             // Softmax by exp / sum; the row maximum is a constant shift (no gradient needed).
             let s = s
@@ -230,13 +237,11 @@ impl TrainBert {
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((b * l, h))?;
-            let a = self.linear(&ctx, &format!("{p}.attention.output.dense"))?;
-            let a = self.norm(&(a + &x)?, &format!("{p}.attention.output.LayerNorm"))?;
-            let f = self
-                .linear(&a, &format!("{p}.intermediate.dense"))?
-                .gelu_erf()?;
-            let f = self.linear(&f, &format!("{p}.output.dense"))?;
-            x = self.norm(&(f + a)?, &format!("{p}.output.LayerNorm"))?;
+            let a = self.linear(&ctx, &name(names.attn_out))?;
+            let a = self.norm(&(a + &x)?, &name(names.attn_norm))?;
+            let f = self.linear(&a, &name(names.ffn_in))?.gelu_erf()?;
+            let f = self.linear(&f, &name(names.ffn_out))?;
+            x = self.norm(&(f + a)?, &name(names.out_norm))?;
         }
         let x = x.reshape((b, l, h))?;
         let pooled = match self.pooling {

@@ -120,6 +120,19 @@ pub enum Cmd {
     Llm(LlmCmd),
     /// Run the whole job on the bundled sample (builds an index from data/, classifies, reports).
     Demo(DemoArgs),
+    /// The encoders semtel knows: languages, dimensions, layers, licence, how to fetch them,
+    /// whether models/ has them, and (--measure) their tokens/s on this machine.
+    Models(ModelsArgs),
+}
+
+#[derive(Args)]
+pub struct ModelsArgs {
+    /// Load each model present and time it on the bundled conversations (data/).
+    #[arg(long)]
+    pub measure: bool,
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand)]

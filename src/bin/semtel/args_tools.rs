@@ -180,6 +180,33 @@ pub enum BenchCmd {
     /// Index build and calibration at 10k/50k/200k exemplars (single- and multi-label,
     /// synthesised from the shared data) against the cost of embedding them; peak memory.
     Build(BenchBuildArgs),
+    /// Every encoder on the same rows in one run: kNN and head accuracy, share kept at the
+    /// calibrated target (thresholds chosen without the test split) and tokens/s, on
+    /// Banking77, CLINC150 (with oos) and xSID (13 languages; English-only and per-language
+    /// indexes). JSON, CSV and an SVG plot.
+    Encoders(BenchEncodersArgs),
+}
+
+#[derive(Args)]
+pub struct BenchEncodersArgs {
+    /// Model folders or names; default: every known model present under models/.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Any of banking77, clinc150, xsid.
+    #[arg(long, value_delimiter = ',', default_value = "banking77,clinc150,xsid")]
+    pub sets: Vec<String>,
+    /// Folder with the shared data sets.
+    #[arg(long, default_value = "../shared")]
+    pub shared: PathBuf,
+    /// The multilingual set (scripts/make-xsid.py).
+    #[arg(long, default_value = "data/xsid/xsid.jsonl.gz")]
+    pub xsid: PathBuf,
+    /// Kept-accuracy target the thresholds are calibrated for.
+    #[arg(long, default_value_t = 0.97)]
+    pub target: f64,
+    /// Indexes and reports (encoders.json, encoders.csv, encoders.svg).
+    #[arg(long, default_value = "out/reports/encoders")]
+    pub out: PathBuf,
 }
 
 #[derive(Args)]

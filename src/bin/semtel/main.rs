@@ -99,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tune(a) => tune::run(&ctx, a),
         Cmd::Bootstrap(a) => bootstrap::run(&ctx, a),
         Cmd::Demo(a) => demo::run(&ctx, a),
+        Cmd::Models(a) => models::run(&ctx, a),
         Cmd::Embed {
             input,
             output,
@@ -115,6 +116,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::AccuracyCost(a)) => accuracy_cost::run(&ctx, a),
         Cmd::Bench(BenchCmd::Bootstrap(a)) => bench::bootstrap(&ctx, a),
         Cmd::Bench(BenchCmd::Build(a)) => bench::build(&ctx, a),
+        Cmd::Bench(BenchCmd::Encoders(a)) => bench::encoders(&ctx, a),
         Cmd::Llm(c) => llm::run(&ctx, c),
     }
 }

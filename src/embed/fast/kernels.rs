@@ -426,8 +426,11 @@ pub unsafe fn softmax_exp_bf16(row: &[f32], len: usize, out: &mut [u16]) -> f32 
 ///
 /// `qkv` holds the sequence's rows (stride `ld` bf16), Q at `qoff`, K at `koff`, V at `voff`,
 /// each `hd` wide (a multiple of 32), Q already scaled by 1/√hd. Writes the head's output
-/// (bf16) into `out` rows (stride `ldo`) at column `ooff`. `scratch` is reused between calls.
+/// (bf16) into `out` rows (stride `ldo`) at column `ooff`. `rel`, when given, is a relative
+/// position bias `(by_distance, center)`: score(i, j) += `by_distance[center + j − i]` (MPNet).
+/// `scratch` is reused between calls.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn attention_head(
     qkv: &[u16],
     ld: usize,
@@ -437,6 +440,7 @@ pub unsafe fn attention_head(
     out: &mut [u16],
     ldo: usize,
     ooff: usize,
+    rel: Option<(&[f32], usize)>,
     scratch: &mut AttnScratch,
 ) {
     debug_assert!(hd.is_multiple_of(NR));
@@ -504,6 +508,17 @@ pub unsafe fn attention_head(
                 scratch.scores.as_mut_ptr().add(p * NR),
                 lpad,
             );
+        }
+        if let Some((by_distance, center)) = rel {
+            for r in 0..rows {
+                // Keys j of query i = r0 + r use by_distance[center - i + j], j in 0..len.
+                let start = center - (r0 + r);
+                let bias = &by_distance[start..start + len];
+                let srow = &mut scratch.scores[r * lpad..r * lpad + len];
+                for (s, b) in srow.iter_mut().zip(bias) {
+                    *s += b;
+                }
+            }
         }
         let mut inv = [0f32; MR];
         for (r, inv) in inv.iter_mut().enumerate().take(rows) {

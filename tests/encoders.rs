@@ -1,0 +1,320 @@
+//! Every encoder semtel fetches runs on every engine and agrees with sentence-transformers:
+//! all-mpnet-base-v2 (MPNet: relative position bias, offset positions, no token types) and
+//! multilingual-e5-small (BERT with an XLM-R Unigram vocabulary and the `query: ` prompt).
+//! Reference vectors were made by sentence-transformers 6.3 (f32, CPU) from the same folders
+//! (`tests/fixtures/make_encoder_reference.py`) on texts in many scripts, long dialogues and
+//! the multilingual fixture. Cosine ≥ 0.999 for f32 engines, ≥ 0.995 for the bf16 engine.
+//! The multilingual fixture goes through `index build` + `classify` with each model and engine.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use semtel::embed::{Encoder, EncoderOptions, Engine};
+use semtel::model::{Family, Languages};
+use std::path::PathBuf;
+
+struct Case {
+    dir: &'static str,
+    reference: &'static str,
+    family: Family,
+    dim: usize,
+    prompt: Option<&'static str>,
+    english_only: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        dir: "all-mpnet-base-v2",
+        reference: "tests/fixtures/mpnet_reference.jsonl",
+        family: Family::Mpnet,
+        dim: 768,
+        prompt: None,
+        english_only: true,
+    },
+    Case {
+        dir: "multilingual-e5-small",
+        reference: "tests/fixtures/e5_reference.jsonl",
+        family: Family::Bert,
+        dim: 384,
+        prompt: Some("query: "),
+        english_only: false,
+    },
+];
+
+fn model(case: &Case) -> PathBuf {
+    let p = repo().join("models").join(case.dir);
+    assert!(
+        p.join("model.safetensors").is_file(),
+        "{} is missing: run `scripts/fetch-model {}` (scripts/test does it for you)",
+        p.display(),
+        case.dir
+    );
+    p
+}
+
+fn load(case: &Case, engine: Engine) -> Encoder {
+    Encoder::load(&EncoderOptions {
+        model: Some(model(case).display().to_string()),
+        engine,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn reference(case: &Case) -> Vec<Reference> {
+    std::fs::read_to_string(repo().join(case.reference))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["text"].as_str().unwrap().to_string(),
+                v["tokens_untruncated"].as_u64().unwrap() as usize,
+                v["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// Worst cosine to the reference over every text, and the token counts checked on the way.
+fn worst_cosine(case: &Case, enc: &Encoder) -> f32 {
+    let rows = reference(case);
+    assert!(rows.len() >= 30);
+    let texts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let got = enc.embed_texts(&texts).unwrap();
+    let d = enc.dim();
+    assert_eq!(d, case.dim);
+    let mut worst = f32::MAX;
+    for (i, (text, tokens, want)) in rows.iter().enumerate() {
+        let c = cosine(&got[i * d..(i + 1) * d], want);
+        worst = worst.min(c);
+        assert_eq!(
+            enc.renderer.count_tokens(text).unwrap() + 2,
+            *tokens,
+            "{}: token count for {:?}",
+            case.dir,
+            &text[..text.floor_char_boundary(60)]
+        );
+    }
+    eprintln!(
+        "{} on {}: worst cosine {worst:.6}",
+        case.dir,
+        enc.engine.describe()
+    );
+    worst
+}
+
+#[test]
+fn model_description_comes_from_the_folder() {
+    for case in CASES {
+        let enc = load(case, Engine::Candle);
+        let arch = semtel::model::Architecture::read(&enc.files.dir).unwrap();
+        assert_eq!(arch.family, case.family, "{}", case.dir);
+        assert_eq!(enc.files.prompt.as_deref(), case.prompt, "{}", case.dir);
+        assert_eq!(
+            matches!(enc.files.languages, Languages::Only(_)),
+            case.english_only,
+            "{}: {:?}",
+            case.dir,
+            enc.files.languages
+        );
+        assert!(enc.files.languages.covers("en"));
+        assert_eq!(enc.files.languages.covers("zh"), !case.english_only);
+    }
+}
+
+#[test]
+fn candle_engine_matches_sentence_transformers() {
+    for case in CASES {
+        let w = worst_cosine(case, &load(case, Engine::Candle));
+        assert!(w >= 0.999, "{}: worst cosine {w}", case.dir);
+    }
+}
+
+#[test]
+fn fast_engine_matches_sentence_transformers() {
+    if !semtel::embed::fast::kernels::supported() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16 (the fast engine cannot run here)");
+        return;
+    }
+    for case in CASES {
+        let enc = load(case, Engine::Fast);
+        assert!(enc.engine.describe().contains("bf16"));
+        let w = worst_cosine(case, &enc);
+        assert!(w >= 0.995, "{}: worst cosine {w}", case.dir);
+    }
+}
+
+/// Fine-tuning's differentiable forward is the same model for every family.
+#[test]
+fn training_forward_matches_sentence_transformers() {
+    for case in CASES {
+        let enc = load(case, Engine::Candle);
+        let m = semtel::tune::TrainBert::load(
+            &enc.files.weights,
+            &enc.files.dir.join("config.json"),
+            enc.files.pooling,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let rows = reference(case);
+        let ids: Vec<Vec<u32>> = rows
+            .iter()
+            .take(12)
+            .map(|r| enc.renderer.encode_head(&r.0).unwrap())
+            .collect();
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let got = m.embed(&refs, 4096).unwrap();
+        for (i, r) in rows.iter().take(12).enumerate() {
+            let c = cosine(&got[i * case.dim..(i + 1) * case.dim], &r.2);
+            assert!(c >= 0.999, "{}: cosine {c}", case.dir);
+        }
+    }
+}
+
+/// The multilingual fixture (long CJK/Arabic/Devanagari text, emoji, NUL, a 20 KB word, empty
+/// rows, dialogues) through `index build` and `classify` on every model and engine: exit 0 and
+/// one output row per input row.
+#[test]
+fn multilingual_fixture_through_every_model_and_engine() {
+    let input = repo().join("tests/fixtures/multilingual.jsonl");
+    let rows = std::fs::read_to_string(&input).unwrap().lines().count();
+    for case in CASES {
+        for engine in ["fast", "candle"] {
+            let dir = tmpdir(&format!("enc-fixture-{}-{engine}", case.dir));
+            let idx = dir.join("idx");
+            let out = dir.join("out.jsonl");
+            let m = model(case);
+            ok(semtel_cmd(&["--engine", engine, "index", "build"])
+                .args(["--exemplars", "data/exemplars.jsonl", "--out"])
+                .arg(&idx)
+                .arg("--model")
+                .arg(&m)
+                .output()
+                .unwrap());
+            let info = ok(
+                semtel_cmd(&["index", "info", "--index", idx.to_str().unwrap()])
+                    .output()
+                    .unwrap(),
+            );
+            assert!(info.contains(case.dir), "{info}");
+            let printed = ok(semtel_cmd(&["--engine", engine, "classify", "--json"])
+                .arg("--index")
+                .arg(&idx)
+                .arg("--input")
+                .arg(&input)
+                .arg("--output")
+                .arg(&out)
+                .output()
+                .unwrap());
+            let out_rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(out_rows.len(), rows, "{} / {engine}", case.dir);
+            // Language awareness: rows in scripts an English-only encoder cannot read are
+            // escalated for their language, never guessed; the multilingual encoder keeps them.
+            let foreign = [
+                "zh", "ar", "ru", "ja", "ko", "hi", "th", "he", "el", "ka", "ta", "bn",
+            ];
+            let non_english: Vec<&serde_json::Value> = out_rows
+                .iter()
+                .filter(|r| foreign.contains(&r["lang"].as_str().unwrap_or("")))
+                .collect();
+            assert!(
+                non_english.len() >= 60,
+                "{}: {} rows detected as non-English",
+                case.dir,
+                non_english.len()
+            );
+            let gated = |r: &serde_json::Value| r["escalate_reason"] == "language";
+            if case.english_only {
+                for r in &non_english {
+                    assert!(
+                        gated(r) && r["decided_by"] == "escalate",
+                        "{}: {r}",
+                        case.dir
+                    );
+                }
+                assert!(out_rows
+                    .iter()
+                    .filter(|r| r["lang"] == "en")
+                    .all(|r| !gated(r)));
+            } else {
+                assert!(out_rows.iter().all(|r| !gated(r)), "{}", case.dir);
+            }
+            let summary: serde_json::Value =
+                serde_json::from_str(printed.lines().next().unwrap()).unwrap();
+            assert!(
+                summary["languages"]["zh"].as_u64().unwrap() > 0,
+                "{summary}"
+            );
+            assert_eq!(
+                summary["escalated_language"].as_u64().unwrap() > 0,
+                case.english_only,
+                "{summary}"
+            );
+        }
+    }
+}
+
+fn hostile() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "\\PC{0,60}",
+        "[\u{4e00}-\u{9fff}\u{0600}-\u{06ff}\u{0900}-\u{097f}\u{0400}-\u{04ff}\u{0e00}-\u{0e7f} ]{1,80}",
+        "[a\u{0301}\u{0308}\u{200d}\u{200f}\u{1f468}\u{1f469}\u{1f3fd}\u{0000}\u{feff}]{1,60}",
+        "x{500,6000}",
+    ]
+}
+
+/// One encoder per model and engine for the whole property test (a 470 MB model per case
+/// would dominate the suite).
+fn engines() -> &'static Vec<(usize, Encoder, Encoder)> {
+    static E: std::sync::OnceLock<Vec<(usize, Encoder, Encoder)>> = std::sync::OnceLock::new();
+    E.get_or_init(|| {
+        CASES
+            .iter()
+            .map(|c| (c.dim, load(c, Engine::Auto), load(c, Engine::Candle)))
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Any text through either new model's tokenizer and engines: no panic, a finite unit
+    /// vector for whatever renders, and the two engines agree.
+    #[test]
+    fn any_text_gives_a_unit_vector_on_every_model(texts in proptest::collection::vec(hostile(), 1..4)) {
+        let rows: Vec<semtel::conversation::Row> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| semtel::conversation::Row {
+                index: i as u64,
+                id: format!("r{i}"),
+                content: Ok(semtel::conversation::Content::Text(t.clone())),
+                label: None,
+                passthrough: Vec::new(),
+            })
+            .collect();
+        for (dim, auto, candle) in engines() {
+            let a = auto.embed_rows(&rows).unwrap();
+            let b = candle.embed_rows(&rows).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                prop_assert_eq!(x.is_ok(), y.is_ok());
+                if let (Ok(x), Ok(y)) = (x, y) {
+                    prop_assert_eq!(x.vector.len(), *dim);
+                    let n: f32 = x.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
+                    prop_assert!(x.vector.iter().all(|v| v.is_finite()) && (n - 1.0).abs() < 1e-3);
+                    prop_assert!(cosine(&x.vector, &y.vector) > 0.99, "engines disagree");
+                }
+            }
+        }
+    }
+}
