@@ -64,7 +64,11 @@ fn sample(content: &Content) -> String {
 
 /// The first few kilobytes of `t`, cut on a character boundary.
 fn bounded(t: &str) -> &str {
-    &t[..t.floor_char_boundary(SAMPLE_CHARS * 4)]
+    let mut end = t.len().min(SAMPLE_CHARS * 4);
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    &t[..end]
 }
 
 /// Detects the language of a conversation; `None` when there is no text to judge (emoji,

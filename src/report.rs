@@ -481,6 +481,7 @@ pub fn grouped_bars(
     y_desc: &str,
     bars: &[(String, String, f64)],
 ) -> Result<()> {
+    font();
     let err = |e: &dyn std::fmt::Display| Error::Report {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -546,4 +547,24 @@ pub fn grouped_bars(
         .draw()
         .map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
+}
+
+#[cfg(test)]
+mod bar_tests {
+    #[test]
+    fn grouped_bars_draw_with_the_bundled_font() {
+        let dir = std::env::temp_dir().join(format!("semtel-bars-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bars.svg");
+        let bars = vec![
+            ("en".to_string(), "a".to_string(), 0.9),
+            ("en".to_string(), "b".to_string(), 0.8),
+            ("zh".to_string(), "a".to_string(), 0.3),
+            ("zh".to_string(), "b".to_string(), 0.7),
+        ];
+        super::grouped_bars(&p, "title", "accuracy (%)", &bars).unwrap();
+        let svg = std::fs::read_to_string(&p).unwrap();
+        assert!(svg.contains("<rect") && svg.contains("zh"), "{svg}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

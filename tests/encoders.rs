@@ -98,7 +98,7 @@ fn worst_cosine(case: &Case, enc: &Encoder) -> f32 {
             *tokens,
             "{}: token count for {:?}",
             case.dir,
-            &text[..text.floor_char_boundary(60)]
+            text.chars().take(60).collect::<String>()
         );
     }
     eprintln!(

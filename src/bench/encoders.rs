@@ -34,7 +34,7 @@ pub struct EncoderBenchOptions {
 }
 
 /// One (model, set, test language) result.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EncoderBenchRow {
     pub model: String,
     pub set: String,
@@ -271,6 +271,16 @@ fn split_xsid(src: &Path, dir: &Path) -> Result<PathBuf> {
         std::fs::write(&p, body).map_err(|e| Error::io(&p, e))?;
     }
     Ok(dir.to_path_buf())
+}
+
+/// Rewrites the CSV and the plot from a run's `encoders.json` (`--replot`).
+pub fn replot(dir: &Path) -> Result<Vec<EncoderBenchRow>> {
+    let p = dir.join("encoders.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let rows: Vec<EncoderBenchRow> =
+        serde_json::from_str(&text).map_err(|e| Error::input(&p, e.to_string()))?;
+    write_reports(dir, &rows)?;
+    Ok(rows)
 }
 
 /// `encoders.json`, `encoders.csv` and `encoders.svg` (xSID kNN accuracy per language for an

@@ -76,7 +76,7 @@ pub struct CandleOwn {
 impl CandleOwn {
     pub fn load(files: &ModelFiles, device: Device) -> Result<Self> {
         let device = device.candle()?;
-        let model = crate::tune::TrainBert::load(
+        let model = crate::tune::TrainBert::load_frozen(
             &files.weights,
             &files.dir.join("config.json"),
             files.pooling,

@@ -55,6 +55,27 @@ impl TrainBert {
         pooling: Pooling,
         device: &Device,
     ) -> Result<TrainBert> {
+        Self::load_with(weights, config, pooling, device, true)
+    }
+
+    /// The same model for inference only: every weight a plain tensor, so no forward pass
+    /// records a gradient graph (which would keep every activation of a batch alive).
+    pub fn load_frozen(
+        weights: &Path,
+        config: &Path,
+        pooling: Pooling,
+        device: &Device,
+    ) -> Result<TrainBert> {
+        Self::load_with(weights, config, pooling, device, false)
+    }
+
+    fn load_with(
+        weights: &Path,
+        config: &Path,
+        pooling: Pooling,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<TrainBert> {
         let dir = config.parent().unwrap_or(Path::new("."));
         let arch = Architecture::read(dir)?;
         let shape = Shape {
@@ -82,7 +103,7 @@ impl TrainBert {
                 .map(str::to_string)
                 .unwrap_or(name);
             let t = t.to_dtype(DType::F32)?;
-            if is_frozen(&name) {
+            if !trainable || is_frozen(&name) {
                 frozen.insert(name, t);
             } else {
                 trained.push((name, Var::from_tensor(&t)?));

@@ -15,7 +15,8 @@ pub fn semtel_cmd(args: &[&str]) -> Command {
 pub fn ok(out: Output) -> String {
     assert!(
         out.status.success(),
-        "semtel failed: {}\n{}",
+        "semtel failed ({}): {}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );

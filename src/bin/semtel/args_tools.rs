@@ -207,6 +207,9 @@ pub struct BenchEncodersArgs {
     /// Indexes and reports (encoders.json, encoders.csv, encoders.svg).
     #[arg(long, default_value = "out/reports/encoders")]
     pub out: PathBuf,
+    /// Only rewrite the CSV and the plot from `--out`'s encoders.json.
+    #[arg(long)]
+    pub replot: bool,
 }
 
 #[derive(Args)]

@@ -228,6 +228,15 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
 }
 
 pub fn encoders(ctx: &Ctx, a: crate::args_tools::BenchEncodersArgs) -> Result<()> {
+    if a.replot {
+        let rows = semtel::bench::encoders::replot(&a.out)?;
+        eprintln!(
+            "rewrote the reports of {} results in {}",
+            rows.len(),
+            a.out.display()
+        );
+        return Ok(());
+    }
     let models = if a.models.is_empty() {
         semtel::model::KNOWN_MODELS
             .iter()
