@@ -62,23 +62,7 @@ fn load(case: &Case, engine: Engine) -> Encoder {
 }
 
 fn reference(case: &Case) -> Vec<Reference> {
-    std::fs::read_to_string(repo().join(case.reference))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["text"].as_str().unwrap().to_string(),
-                v["tokens_untruncated"].as_u64().unwrap() as usize,
-                v["embedding"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect(),
-            )
-        })
-        .collect()
+    read_reference(&repo().join(case.reference))
 }
 
 /// Worst cosine to the reference over every text, and the token counts checked on the way.

@@ -66,6 +66,27 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 /// One reference row: text, token count, reference embedding.
 pub type Reference = (String, usize, Vec<f32>);
 
+/// Reads a reference file: one `{"text", "tokens_untruncated", "embedding"}` object per line.
+pub fn read_reference(path: &Path) -> Vec<Reference> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["text"].as_str().unwrap().to_string(),
+                v["tokens_untruncated"].as_u64().unwrap() as usize,
+                v["embedding"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
 /// Reference texts and sentence-transformers embeddings: our own fixture plus the shared one.
 pub fn reference_sets() -> Vec<(String, Vec<Reference>)> {
     let mut sets = Vec::new();
@@ -73,23 +94,7 @@ pub fn reference_sets() -> Vec<(String, Vec<Reference>)> {
         repo().join("tests/fixtures/minilm_reference.jsonl"),
         shared().join("reference/all-MiniLM-L6-v2.sentence-transformers.jsonl"),
     ] {
-        let text = std::fs::read_to_string(&path).unwrap();
-        let rows = text
-            .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (
-                    v["text"].as_str().unwrap().to_string(),
-                    v["tokens_untruncated"].as_u64().unwrap() as usize,
-                    v["embedding"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x.as_f64().unwrap() as f32)
-                        .collect(),
-                )
-            })
-            .collect();
+        let rows = read_reference(&path);
         sets.push((path.display().to_string(), rows));
     }
     sets
