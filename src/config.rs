@@ -20,6 +20,29 @@ pub struct Config {
     pub classify: ClassifySection,
     /// Path of the LLM tier's configuration (see `semtel llm --help`).
     pub llm: Option<String>,
+    /// `semtel serve`: each key mirrors its flag.
+    pub serve: ServeSection,
+}
+
+/// The `[serve]` section: keys named like `semtel serve`'s flags (with `_` for `-`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeSection {
+    pub index: Option<String>,
+    /// `NAME=INDEX_DIR` entries, like `--also`.
+    pub also: Option<Vec<String>>,
+    pub addr: Option<String>,
+    pub results: Option<String>,
+    pub grow: Option<bool>,
+    pub grow_min_confidence: Option<f32>,
+    pub max_batch_tokens: Option<usize>,
+    pub max_batch_wait_ms: Option<u64>,
+    pub max_concurrent_requests: Option<usize>,
+    pub max_queue: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    pub max_items: Option<usize>,
+    pub max_text_bytes: Option<usize>,
+    pub escalate_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -9,6 +9,9 @@
 //! `index-save` (between the files of an index save: mid `index build`/`add`/`--grow` save),
 //! `tune-checkpoint` (a fine-tuning checkpoint just written).
 //!
+//! `SEMTEL_SERVE_START_DELAY_MS=N` holds `semtel serve` for N ms after it starts listening and
+//! before it loads the model, so a test can see the 503 it answers while starting.
+//!
 //! `SEMTEL_PANIC_ON_ROW=ID` makes classifying the row with that id panic, to test that a bug
 //! costs one row (an error row) and never the run.
 //!
@@ -63,5 +66,15 @@ pub fn panic_on_row(id: &str) {
         == Some(id)
     {
         panic!("SEMTEL_PANIC_ON_ROW={id}: injected panic");
+    }
+}
+
+/// Sleeps for `SEMTEL_SERVE_START_DELAY_MS` (when set) where `semtel serve` would load its model.
+pub fn serve_start_delay() {
+    if let Some(ms) = std::env::var("SEMTEL_SERVE_START_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

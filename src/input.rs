@@ -194,6 +194,17 @@ fn parse_turns(v: &Value) -> std::result::Result<Vec<Turn>, String> {
     Ok(out)
 }
 
+/// A row from one JSON object, exactly as a JSONL input line is read (the live service and
+/// its journal read requests with it).
+pub fn row_from_json(
+    obj: &serde_json::Map<String, Value>,
+    index: u64,
+    stem: &str,
+    cols: &Columns,
+) -> Row {
+    row_from_object(obj, index, stem, cols)
+}
+
 /// Shared row construction from a JSON object (JSONL rows).
 fn row_from_object(
     obj: &serde_json::Map<String, Value>,

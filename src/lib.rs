@@ -35,6 +35,8 @@ pub mod render;
 pub mod report;
 pub mod row;
 pub mod sample;
+#[cfg(feature = "serve")]
+pub mod server;
 pub mod sink;
 pub mod tune;
 

@@ -9,43 +9,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Gold label by simulator key, and (id, text, label) rows.
-type Truth = (HashMap<String, String>, Vec<(String, String, String)>);
-
-/// Gold labels of the bundled conversations, keyed the way the simulator looks them up.
-fn sample_truth() -> Truth {
-    let mut truth = HashMap::new();
-    let mut rows = Vec::new();
-    for l in std::fs::read_to_string(repo().join("data/conversations.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        let text = if let Some(t) = v["text"].as_str() {
-            t.to_string()
-        } else {
-            v["turns"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|t| t["role"] != "system")
-                .map(|t| {
-                    format!(
-                        "{}: {}",
-                        t["role"].as_str().unwrap(),
-                        t["content"].as_str().unwrap()
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
-        let label = v["label"].as_str().unwrap().to_string();
-        truth.insert(simulator::truth_key(&text), label.clone());
-        rows.push((v["id"].as_str().unwrap().to_string(), text, label));
-    }
-    (truth, rows)
-}
-
 fn sim(cfg: SimConfig) -> SimHandle {
     simulator::start(cfg, 0).unwrap()
 }

@@ -8,6 +8,7 @@
 
 pub mod encoders;
 pub mod scale;
+pub mod serve;
 
 use crate::embed::{embed_sequences, BatchOptions, Embedder, Encoder};
 use crate::pipeline::Classifier;
@@ -1077,6 +1078,9 @@ pub struct BootstrapBenchOptions {
     /// Rows the bootstrap may have labelled, as a share of the stream.
     pub budget_share: f64,
     pub error_rate: f64,
+    /// The simulator's error models to run under: `uniform`, `confusable` (see
+    /// [`crate::llm::simulator::ErrorModel`]).
+    pub error_models: Vec<String>,
     pub encoder: crate::embed::EncoderOptions,
     pub work: PathBuf,
     /// Variants: `active` (representative sampling + active rounds), `random` (random
@@ -1097,6 +1101,8 @@ pub struct BootstrapBenchOptions {
 pub struct BootstrapRun {
     pub set: String,
     pub variant: String,
+    /// The simulator's error model (`uniform` or `confusable`).
+    pub error_model: String,
     pub seed: u64,
     pub rows: usize,
     pub bootstrap_labelled: usize,
@@ -1164,177 +1170,219 @@ pub fn bootstrap_benchmark(
         }
         std::fs::write(&tax, t).map_err(|e| Error::io(&tax, e))?;
         let n = gold.len();
-        let sim_cfg = simulator::SimConfig {
-            latency_ms: 5.0,
-            jitter_ms: 1.0,
-            error_rate: o.error_rate,
-            truth: truth.clone(),
-            ..Default::default()
-        };
-        let endpoint = |url: String| EndpointConfig {
-            name: "sim".into(),
-            kind: Default::default(),
-            url,
-            model: "sim-1".into(),
-            deployment: None,
-            api_version: "2024-10-21".into(),
-            api_key_env: None,
-            weight: 1.0,
-            rpm: 0,
-            tpm: 0,
-            price_in_per_1k: 0.00015,
-            price_out_per_1k: 0.0006,
-            max_concurrency: 32,
-        };
-        // LLM-only: every row of the stream through the same simulated LLM.
-        let llm_only_accuracy = {
-            let h = simulator::start(sim_cfg.clone(), 0)?;
-            let cfg = crate::llm::LlmConfig {
-                cache: Some("off".into()),
-                endpoints: vec![endpoint(h.url())],
-                ..Default::default()
-            };
-            let encoder = crate::embed::Encoder::load(&o.encoder)?;
-            let rows: Vec<crate::pipeline::Classified> =
-                crate::input::read_all(&stream, &Default::default())?
-                    .into_iter()
-                    .map(|r| crate::pipeline::Classified {
-                        out: crate::row::OutputRow {
-                            decided_by: crate::row::DecidedBy::Escalate,
-                            error: None,
-                            ..crate::row::OutputRow::error(r.id, String::new(), Vec::new())
-                        },
-                        content: r.content.ok(),
-                        vector: None,
-                        scores: None,
-                        examples: Vec::new(),
-                    })
-                    .collect();
-            let all: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
-            let (out, _) = llm_label_all(cfg, &all, encoder.token_counter(), &rows)?;
-            out.iter()
-                .filter(|r| r.label.as_ref() == gold.get(&r.id))
-                .count() as f64
-                / n as f64
-        };
-        for (variant, seed) in o
-            .variants
-            .iter()
-            .flat_map(|v| (0..o.repeats.max(1) as u64).map(move |r| (v, o.seed + r)))
-        {
-            let t = Instant::now();
-            let vdir = dir.join(format!("{variant}-{seed}"));
-            std::fs::create_dir_all(&vdir).map_err(|e| Error::io(&vdir, e))?;
-            let h = simulator::start(
-                simulator::SimConfig {
-                    seed,
-                    ..sim_cfg.clone()
-                },
-                0,
-            )?;
-            let cache = vdir.join("llm-cache.jsonl");
-            let cfg = crate::llm::LlmConfig {
-                cache: Some(cache.display().to_string()),
-                endpoints: vec![endpoint(h.url())],
-                ..Default::default()
-            };
-            let idx = vdir.join("idx");
-            let mut bo = BootstrapOptions::new(
-                stream.clone(),
-                tax.clone(),
-                cfg.clone(),
-                idx.clone(),
-                o.encoder.clone(),
-            );
-            bo.budget_rows = Some((o.budget_share * n as f64).round() as usize);
-            bo.target = o.target;
-            bo.seed = seed;
-            match variant.as_str() {
-                "active" => {}
-                "random" => {
-                    bo.sampling = Sampling::Random;
-                    bo.rounds = 1;
+        let mut error_models = Vec::new();
+        for em in &o.error_models {
+            error_models.push(match em.as_str() {
+                "uniform" => simulator::ErrorModel::Uniform,
+                "confusable" => {
+                    let encoder = crate::embed::Encoder::load(&o.encoder)?;
+                    simulator::confusable_from_file(
+                        &stream_labelled(file, splits)?,
+                        &encoder,
+                        o.error_rate,
+                    )?
                 }
                 other => {
                     return Err(Error::Config(format!(
-                        "unknown variant `{other}` (active, random)"
+                        "unknown error model `{other}` (uniform, confusable)"
                     )))
                 }
-            }
-            let b = bootstrap::run(&bo, &crate::progress::Progress::hidden())?;
-            let llm_path = vdir.join("llm.toml");
-            let toml = format!(
+            });
+        }
+        for errors in error_models {
+            let sim_cfg = simulator::SimConfig {
+                latency_ms: 5.0,
+                jitter_ms: 1.0,
+                error_rate: o.error_rate,
+                errors: errors.clone(),
+                truth: truth.clone(),
+                ..Default::default()
+            };
+            let endpoint = |url: String| EndpointConfig {
+                name: "sim".into(),
+                kind: Default::default(),
+                url,
+                model: "sim-1".into(),
+                deployment: None,
+                api_version: "2024-10-21".into(),
+                api_key_env: None,
+                weight: 1.0,
+                rpm: 0,
+                tpm: 0,
+                price_in_per_1k: 0.00015,
+                price_out_per_1k: 0.0006,
+                max_concurrency: 32,
+            };
+            // LLM-only: every row of the stream through the same simulated LLM.
+            let llm_only_accuracy = {
+                let h = simulator::start(sim_cfg.clone(), 0)?;
+                let cfg = crate::llm::LlmConfig {
+                    cache: Some("off".into()),
+                    endpoints: vec![endpoint(h.url())],
+                    ..Default::default()
+                };
+                let encoder = crate::embed::Encoder::load(&o.encoder)?;
+                let rows: Vec<crate::pipeline::Classified> =
+                    crate::input::read_all(&stream, &Default::default())?
+                        .into_iter()
+                        .map(|r| crate::pipeline::Classified {
+                            out: crate::row::OutputRow {
+                                decided_by: crate::row::DecidedBy::Escalate,
+                                error: None,
+                                ..crate::row::OutputRow::error(r.id, String::new(), Vec::new())
+                            },
+                            content: r.content.ok(),
+                            vector: None,
+                            scores: None,
+                            examples: Vec::new(),
+                        })
+                        .collect();
+                let all: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
+                let (out, _) = llm_label_all(cfg, &all, encoder.token_counter(), &rows)?;
+                out.iter()
+                    .filter(|r| r.label.as_ref() == gold.get(&r.id))
+                    .count() as f64
+                    / n as f64
+            };
+            for (variant, seed) in o
+                .variants
+                .iter()
+                .flat_map(|v| (0..o.repeats.max(1) as u64).map(move |r| (v, o.seed + r)))
+            {
+                let t = Instant::now();
+                let vdir = dir.join(format!("{}-{variant}-{seed}", errors.name()));
+                std::fs::create_dir_all(&vdir).map_err(|e| Error::io(&vdir, e))?;
+                let h = simulator::start(
+                    simulator::SimConfig {
+                        seed,
+                        ..sim_cfg.clone()
+                    },
+                    0,
+                )?;
+                let cache = vdir.join("llm-cache.jsonl");
+                let cfg = crate::llm::LlmConfig {
+                    cache: Some(cache.display().to_string()),
+                    endpoints: vec![endpoint(h.url())],
+                    ..Default::default()
+                };
+                let idx = vdir.join("idx");
+                let mut bo = BootstrapOptions::new(
+                    stream.clone(),
+                    tax.clone(),
+                    cfg.clone(),
+                    idx.clone(),
+                    o.encoder.clone(),
+                );
+                bo.budget_rows = Some((o.budget_share * n as f64).round() as usize);
+                bo.target = o.target;
+                bo.seed = seed;
+                match variant.as_str() {
+                    "active" => {}
+                    "random" => {
+                        bo.sampling = Sampling::Random;
+                        bo.rounds = 1;
+                    }
+                    other => {
+                        return Err(Error::Config(format!(
+                            "unknown variant `{other}` (active, random)"
+                        )))
+                    }
+                }
+                let b = bootstrap::run(&bo, &crate::progress::Progress::hidden())?;
+                let llm_path = vdir.join("llm.toml");
+                let toml = format!(
                 "cache = {:?}\n[[endpoints]]\nname = \"sim\"\nurl = {:?}\nmodel = \"sim-1\"\nprice_in_per_1k = 0.00015\nprice_out_per_1k = 0.0006\nmax_concurrency = 32\n",
                 cache.display().to_string(),
                 h.url()
             );
-            std::fs::write(&llm_path, toml).map_err(|e| Error::io(&llm_path, e))?;
-            let out_path = vdir.join("labels.jsonl");
-            let job =
-                crate::app::classify::ClassifyJob::open(crate::app::classify::ClassifyOptions {
-                    index: idx.clone(),
-                    input: stream.clone(),
-                    output: out_path.clone(),
-                    classifier: crate::pipeline::ClassifierOptions {
-                        encoder: o.encoder.clone(),
-                        k: None,
-                        threshold: None,
-                        signal: None,
-                        writable: false,
+                std::fs::write(&llm_path, toml).map_err(|e| Error::io(&llm_path, e))?;
+                let out_path = vdir.join("labels.jsonl");
+                let job = crate::app::classify::ClassifyJob::open(
+                    crate::app::classify::ClassifyOptions {
+                        index: idx.clone(),
+                        input: stream.clone(),
+                        output: out_path.clone(),
+                        classifier: crate::pipeline::ClassifierOptions {
+                            encoder: o.encoder.clone(),
+                            k: None,
+                            threshold: None,
+                            signal: None,
+                            writable: false,
+                        },
+                        also: Vec::new(),
+                        input_options: Default::default(),
+                        part_rows: 100_000,
+                        existing: crate::output::Existing::Overwrite,
+                        llm: Some(llm_path),
+                        grow_min_confidence: Some(0.0),
+                        retry_escalated: false,
                     },
-                    also: Vec::new(),
-                    input_options: Default::default(),
-                    part_rows: 100_000,
-                    existing: crate::output::Existing::Overwrite,
-                    llm: Some(llm_path),
-                    grow_min_confidence: Some(0.0),
-                    retry_escalated: false,
-                })?;
-            let rep = job.run(&crate::progress::Progress::hidden())?;
-            let st = rep.llm.clone().unwrap_or_default();
-            let classify_llm_new =
-                st.rows_labelled
-                    .saturating_sub(st.cache_hits + st.deduplicated) as usize;
-            let out = crate::output::read_stored_rows(&out_path)?;
-            let _ = out;
-            let mut right = 0usize;
-            let mut unlabelled = 0usize;
-            for line in std::fs::read_to_string(&out_path)
-                .map_err(|e| Error::io(&out_path, e))?
-                .lines()
-            {
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .map_err(|e| Error::output(&out_path, e.to_string()))?;
-                let id = v["id"].as_str().unwrap_or_default();
-                match v["label"].as_str() {
-                    Some(l) if v["decided_by"] != "escalate" => {
-                        right += usize::from(gold.get(id).map(String::as_str) == Some(l))
+                )?;
+                let rep = job.run(&crate::progress::Progress::hidden())?;
+                let st = rep.llm.clone().unwrap_or_default();
+                let classify_llm_new = st
+                    .rows_labelled
+                    .saturating_sub(st.cache_hits + st.deduplicated)
+                    as usize;
+                let out = crate::output::read_stored_rows(&out_path)?;
+                let _ = out;
+                let mut right = 0usize;
+                let mut unlabelled = 0usize;
+                for line in std::fs::read_to_string(&out_path)
+                    .map_err(|e| Error::io(&out_path, e))?
+                    .lines()
+                {
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .map_err(|e| Error::output(&out_path, e.to_string()))?;
+                    let id = v["id"].as_str().unwrap_or_default();
+                    match v["label"].as_str() {
+                        Some(l) if v["decided_by"] != "escalate" => {
+                            right += usize::from(gold.get(id).map(String::as_str) == Some(l))
+                        }
+                        _ => unlabelled += 1,
                     }
-                    _ => unlabelled += 1,
                 }
+                let r = BootstrapRun {
+                    set: name.clone(),
+                    variant: variant.clone(),
+                    error_model: errors.name().to_string(),
+                    seed,
+                    rows: n,
+                    bootstrap_labelled: b.labelled_rows,
+                    classify_llm_new,
+                    // Rows asked twice to measure the LLM's self-agreement are paid for too.
+                    llm_share: (b.labelled_rows + b.llm_retest_rows + classify_llm_new) as f64
+                        / n as f64,
+                    accuracy: right as f64 / n as f64,
+                    llm_only_accuracy,
+                    unlabelled,
+                    rounds: b.rounds.clone(),
+                    stopped_because: b.stopped_because.clone(),
+                    llm_self_agreement: b.llm_self_agreement,
+                    target: b.target,
+                    seconds: t.elapsed().as_secs_f64(),
+                };
+                report(&r);
+                runs.push(r);
             }
-            let r = BootstrapRun {
-                set: name.clone(),
-                variant: variant.clone(),
-                seed,
-                rows: n,
-                bootstrap_labelled: b.labelled_rows,
-                classify_llm_new,
-                // Rows asked twice to measure the LLM's self-agreement are paid for too.
-                llm_share: (b.labelled_rows + b.llm_retest_rows + classify_llm_new) as f64
-                    / n as f64,
-                accuracy: right as f64 / n as f64,
-                llm_only_accuracy,
-                unlabelled,
-                rounds: b.rounds.clone(),
-                stopped_because: b.stopped_because.clone(),
-                llm_self_agreement: b.llm_self_agreement,
-                target: b.target,
-                seconds: t.elapsed().as_secs_f64(),
-            };
-            report(&r);
-            runs.push(r);
         }
     }
     Ok(runs)
+}
+
+/// The labelled rows of `splits` of `file`, as `(flattened text, label)`.
+fn stream_labelled(file: &Path, splits: &[String]) -> Result<Vec<(String, String)>> {
+    let mut items = Vec::new();
+    for split in splits {
+        let opts = crate::input::InputOptions {
+            split: Some(split.clone()),
+            ..Default::default()
+        };
+        for r in crate::input::read_all(file, &opts)? {
+            if let (Ok(c), Some(l)) = (r.content, r.label) {
+                items.push((c.flatten(), l));
+            }
+        }
+    }
+    Ok(items)
 }

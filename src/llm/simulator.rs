@@ -105,8 +105,11 @@ pub struct SimConfig {
     pub tpm: u64,
     pub latency_ms: f64,
     pub jitter_ms: f64,
-    /// Probability that an item's answer is a wrong (but valid) label.
+    /// Probability that an item's answer is a wrong (but valid) label (the overall rate; with
+    /// [`ErrorModel::Confusable`] each known item has its own).
     pub error_rate: f64,
+    /// Where the wrong answers fall: uniformly, or on the ambiguous items.
+    pub errors: ErrorModel,
     pub faults: Faults,
     /// How long a "hang" holds the request before answering.
     pub hang_s: f64,
@@ -196,6 +199,7 @@ impl Default for SimConfig {
             latency_ms: 50.0,
             jitter_ms: 10.0,
             error_rate: 0.0,
+            errors: ErrorModel::Uniform,
             faults: Faults::default(),
             hang_s: 30.0,
             truth: HashMap::new(),
@@ -211,6 +215,209 @@ impl Default for SimConfig {
             faults_after: 0,
         }
     }
+}
+
+/// Where the simulated LLM's wrong answers fall.
+///
+/// A real LLM does not err at random: it errs on the items that are hard, the ones near other
+/// labels' items, and then it picks one of those neighbouring labels. A kNN vote is unsure of
+/// the same items, so uniform errors flatter every cascade that escalates the uncertain rows
+/// (the LLM looks most reliable exactly where it is asked). [`confusable_errors`] builds the
+/// realistic model from the items' embeddings.
+#[derive(Debug, Clone, Default)]
+pub enum ErrorModel {
+    /// Every item wrong with probability `error_rate`, the wrong label uniform over the allowed.
+    #[default]
+    Uniform,
+    /// Per item (by [`truth_key`]): its own error probability and the labels it is confused
+    /// with. Items not in the map fall back to the uniform model.
+    Confusable(Arc<HashMap<String, Hardness>>),
+}
+
+impl ErrorModel {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ErrorModel::Uniform => "uniform",
+            ErrorModel::Confusable(_) => "confusable",
+        }
+    }
+}
+
+/// How hard one item is for the simulated LLM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hardness {
+    /// Probability that its answer is wrong.
+    pub p_wrong: f64,
+    /// Labels a wrong answer is drawn from, with weights (its nearest other-label neighbours).
+    pub confusions: Vec<(String, f32)>,
+}
+
+/// Share of the error mass spread evenly over all items; the rest follows ambiguity. Even an
+/// LLM errs now and then on a clear item (a slip, a misread), so no item is error-free.
+const EVEN_SHARE: f64 = 0.15;
+/// No item is wrong more often than this: a hard item is still answered right sometimes.
+const MAX_P_WRONG: f64 = 0.9;
+
+/// The realistic error model for labelled `items` (`(text, label)`) with L2-normalised
+/// `vectors` (`dim` wide, one row per item), at overall error rate `rate`.
+///
+/// An item's ambiguity is the similarity-weighted share of its `k` nearest other items
+/// (leave-one-out, exact) whose label differs from its own. Its error probability is
+/// proportional to `EVEN_SHARE + (1 - EVEN_SHARE) * ambiguity / mean ambiguity`, capped at
+/// `MAX_P_WRONG` and rescaled so that the mean over all items is `rate`. A wrong answer is
+/// drawn from the other labels among those neighbours, weighted by similarity (uniform when
+/// every neighbour agrees). Pure and deterministic.
+pub fn confusable_errors(
+    items: &[(String, String)],
+    vectors: &[f32],
+    dim: usize,
+    rate: f64,
+    k: usize,
+) -> HashMap<String, Hardness> {
+    let n = items.len();
+    if n == 0 || dim == 0 || vectors.len() != n * dim {
+        return HashMap::new();
+    }
+    let neighbours = exact_knn(vectors, dim, k.max(1));
+    let mut amb = Vec::with_capacity(n);
+    let mut confusions = Vec::with_capacity(n);
+    for (i, nb) in neighbours.iter().enumerate() {
+        let own = &items[i].1;
+        let (mut total, mut other) = (0f64, 0f64);
+        let mut conf: Vec<(String, f32)> = Vec::new();
+        for &(j, sim) in nb {
+            let w = (sim.max(0.0) as f64) + 1e-6;
+            total += w;
+            let l = &items[j].1;
+            if l != own {
+                other += w;
+                match conf.iter_mut().find(|(c, _)| c == l) {
+                    Some(c) => c.1 += w as f32,
+                    None => conf.push((l.clone(), w as f32)),
+                }
+            }
+        }
+        amb.push(if total > 0.0 { other / total } else { 0.0 });
+        conf.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        confusions.push(conf);
+    }
+    let mean = amb.iter().sum::<f64>() / n as f64;
+    let raw: Vec<f64> = amb
+        .iter()
+        .map(|&a| {
+            if mean > 0.0 {
+                EVEN_SHARE + (1.0 - EVEN_SHARE) * a / mean
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    // Scale so the capped probabilities average to `rate` (a few passes: capping moves mass).
+    let target = rate.clamp(0.0, MAX_P_WRONG);
+    let mut scale = target;
+    let mut p: Vec<f64> = Vec::new();
+    for _ in 0..20 {
+        p = raw.iter().map(|&r| (r * scale).min(MAX_P_WRONG)).collect();
+        let m = p.iter().sum::<f64>() / n as f64;
+        if m <= 0.0 || (m - target).abs() < 1e-6 {
+            break;
+        }
+        scale *= target / m;
+    }
+    let mut out = HashMap::with_capacity(n);
+    for (i, ((text, _), conf)) in items.iter().zip(confusions).enumerate() {
+        out.insert(
+            truth_key(text),
+            Hardness {
+                p_wrong: p[i],
+                confusions: conf,
+            },
+        );
+    }
+    out
+}
+
+/// Neighbours an item's ambiguity is measured over (a kNN vote's usual width).
+pub const CONFUSABLE_K: usize = 10;
+
+/// [`ErrorModel::Confusable`] for labelled `items` (`(text, label)`), embedded with `encoder`.
+pub fn confusable_from_file(
+    items: &[(String, String)],
+    encoder: &crate::embed::Encoder,
+    rate: f64,
+) -> Result<ErrorModel> {
+    let texts: Vec<&str> = items.iter().map(|(t, _)| t.as_str()).collect();
+    let mut vectors = Vec::with_capacity(items.len() * encoder.dim());
+    for chunk in texts.chunks(4096) {
+        vectors.extend(encoder.embed_texts(chunk)?);
+    }
+    crate::embed::normalize_rows(&mut vectors, encoder.dim());
+    Ok(ErrorModel::Confusable(Arc::new(confusable_errors(
+        items,
+        &vectors,
+        encoder.dim(),
+        rate,
+        CONFUSABLE_K,
+    ))))
+}
+
+/// The `k` nearest other rows of each row (cosine = dot product of normalised rows), exact:
+/// blocks of the full similarity matrix with the `gemm` crate.
+fn exact_knn(v: &[f32], dim: usize, k: usize) -> Vec<Vec<(usize, f32)>> {
+    use rayon::prelude::*;
+    let n = v.len() / dim;
+    const BLOCK: usize = 256;
+    (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .flat_map_iter(|b| {
+            let lo = b * BLOCK;
+            let m = BLOCK.min(n - lo);
+            let mut sims = vec![0f32; m * n];
+            // SAFETY: the pointers and strides describe `v` (n × dim, row-major), its transpose
+            // and `sims` (m × n, row-major), all of the sizes given.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    dim,
+                    sims.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    v[lo * dim..].as_ptr(),
+                    1,
+                    dim as isize,
+                    v.as_ptr(),
+                    dim as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            (0..m)
+                .map(|r| {
+                    let row = &sims[r * n..(r + 1) * n];
+                    let mut best: Vec<(usize, f32)> = row
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, _)| j != lo + r)
+                        .map(|(j, &s)| (j, s))
+                        .collect();
+                    let kk = k.min(best.len());
+                    if kk > 0 && kk < best.len() {
+                        best.select_nth_unstable_by(kk - 1, |a, b| b.1.total_cmp(&a.1));
+                    }
+                    best.truncate(kk);
+                    best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    best
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// The key under which the simulator looks up an item's true label.
@@ -735,9 +942,37 @@ async fn handle(
                 }
                 None => String::new(),
             };
-            if st.cfg.error_rate > 0.0 && rng.f64() < st.cfg.error_rate && pool.len() > 1 {
-                let wrong: Vec<&&String> = pool.iter().filter(|l| ***l != label).collect();
-                label = wrong[rng.usize(0..wrong.len())].to_string();
+            let hard = match &st.cfg.errors {
+                ErrorModel::Uniform => None,
+                ErrorModel::Confusable(m) => m.get(&truth_key(&it.text)),
+            };
+            let p_wrong = hard.map_or(st.cfg.error_rate, |h| h.p_wrong);
+            if p_wrong > 0.0 && rng.f64() < p_wrong && pool.len() > 1 {
+                // A confusable neighbour's label when one is allowed here, else any other.
+                let near: Vec<&(String, f32)> = hard
+                    .map(|h| {
+                        h.confusions
+                            .iter()
+                            .filter(|(l, _)| *l != label && pool.contains(&l))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let total: f32 = near.iter().map(|(_, w)| *w).sum();
+                if total > 0.0 {
+                    let mut r = rng.f32() * total;
+                    let mut pick = &near[near.len() - 1].0;
+                    for (l, w) in &near {
+                        r -= *w;
+                        if r <= 0.0 {
+                            pick = l;
+                            break;
+                        }
+                    }
+                    label = pick.clone();
+                } else {
+                    let wrong: Vec<&&String> = pool.iter().filter(|l| ***l != label).collect();
+                    label = wrong[rng.usize(0..wrong.len())].to_string();
+                }
             }
             if !it.candidates.is_empty() && !it.candidates.contains(&label) {
                 if let Some(e) = &escape {
@@ -911,5 +1146,37 @@ mod tests {
         assert_eq!(items[0].candidates, vec!["a", "b"]);
         assert_eq!(items[0].text, "user: hi\nassistant: yo");
         assert_eq!(items[1].n, 2);
+    }
+
+    #[test]
+    fn confusable_errors_fall_on_ambiguous_items() {
+        // Two clusters (labels a, b) on a circle, plus items half-way between them.
+        let mut items = Vec::new();
+        let mut v = Vec::new();
+        let mut push = |text: String, label: &str, angle: f32| {
+            items.push((text, label.to_string()));
+            v.extend_from_slice(&[angle.cos(), angle.sin()]);
+        };
+        for i in 0..40 {
+            push(format!("clear a {i}"), "a", 0.0 + i as f32 * 0.002);
+            push(format!("clear b {i}"), "b", 1.5 + i as f32 * 0.002);
+        }
+        for i in 0..10 {
+            let l = if i % 2 == 0 { "a" } else { "b" };
+            push(format!("between {i}"), l, 0.75 + i as f32 * 0.001);
+        }
+        let m = confusable_errors(&items, &v, 2, 0.05, 10);
+        assert_eq!(m.len(), items.len());
+        let mean = m.values().map(|h| h.p_wrong).sum::<f64>() / m.len() as f64;
+        assert!((mean - 0.05).abs() < 1e-3, "mean error rate {mean}");
+        let hard = &m[&truth_key("between 0")];
+        let easy = &m[&truth_key("clear a 3")];
+        assert!(hard.p_wrong > 5.0 * easy.p_wrong, "{hard:?} vs {easy:?}");
+        assert!(easy.p_wrong > 0.0, "no item is error-free");
+        assert_eq!(hard.confusions[0].0, "b");
+        assert!(m.values().all(|h| h.p_wrong <= MAX_P_WRONG));
+        // Degenerate inputs give an empty model, never a panic.
+        assert!(confusable_errors(&items, &v[..3], 2, 0.05, 10).is_empty());
+        assert!(confusable_errors(&[], &[], 2, 0.05, 10).is_empty());
     }
 }

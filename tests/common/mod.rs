@@ -127,3 +127,43 @@ pub fn id_counts(out: &Path) -> std::collections::HashMap<String, usize> {
     }
     m
 }
+
+/// Gold label by simulator key, and (id, text, label) rows.
+pub type Truth = (
+    std::collections::HashMap<String, String>,
+    Vec<(String, String, String)>,
+);
+
+/// Gold labels of the bundled conversations, keyed the way the simulator looks them up.
+pub fn sample_truth() -> Truth {
+    let mut truth = std::collections::HashMap::new();
+    let mut rows = Vec::new();
+    for l in std::fs::read_to_string(repo().join("data/conversations.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let text = if let Some(t) = v["text"].as_str() {
+            t.to_string()
+        } else {
+            v["turns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["role"] != "system")
+                .map(|t| {
+                    format!(
+                        "{}: {}",
+                        t["role"].as_str().unwrap(),
+                        t["content"].as_str().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let label = v["label"].as_str().unwrap().to_string();
+        truth.insert(semtel::llm::simulator::truth_key(&text), label.clone());
+        rows.push((v["id"].as_str().unwrap().to_string(), text, label));
+    }
+    (truth, rows)
+}

@@ -123,6 +123,67 @@ pub enum Cmd {
     /// The encoders semtel knows: languages, dimensions, layers, licence, how to fetch them,
     /// whether models/ has them, and (--measure) their tokens/s on this machine.
     Models(ModelsArgs),
+    /// A live classification service over HTTP: POST /v1/classify, /v1/embeddings
+    /// (OpenAI-compatible), GET /v1/results/{id}, /health, /ready, /info, /metrics,
+    /// POST /admin/reload (and SIGHUP). Bearer key from SEMTEL_API_KEY when set. Every flag
+    /// has a key in the config file's [serve] section.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The index to serve.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Another taxonomy from the same embeddings: NAME=INDEX_DIR (repeatable).
+    #[arg(long, value_name = "NAME=DIR")]
+    pub also: Vec<String>,
+    /// LLM tier configuration (TOML) for escalated conversations.
+    #[arg(long)]
+    pub llm: Option<PathBuf>,
+    /// Address to listen on (loopback by default; port 0 picks a free one, printed at start).
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// Result log for escalate=async (JSONL, Parquet file or dataset directory), with its
+    /// journal of accepted items beside it; a restart resumes what has no result.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// Add LLM-labelled conversations to the index (saved on reload and at shutdown).
+    #[arg(long)]
+    pub grow: bool,
+    /// With --grow: only rows whose kNN confidence was at least this are added.
+    #[arg(long)]
+    pub grow_min_confidence: Option<f32>,
+    /// A micro-batch closes at this many (estimated) tokens … [default: 16384]
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// … or when its first request has waited this long. [default: 5]
+    #[arg(long)]
+    pub max_batch_wait_ms: Option<u64>,
+    /// Requests in progress at most; more get 429. [default: 512]
+    #[arg(long)]
+    pub max_concurrent_requests: Option<usize>,
+    /// Requests waiting for the model at most; more get 429. [default: 256]
+    #[arg(long)]
+    pub max_queue: Option<usize>,
+    /// Largest request body; larger get 413. [default: 4194304]
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Conversations per request at most; more get 413. [default: 256]
+    #[arg(long)]
+    pub max_items: Option<usize>,
+    /// Bytes of text per conversation at most; longer ones are error rows. [default: 262144]
+    #[arg(long)]
+    pub max_text_bytes: Option<usize>,
+    /// Deadline of escalate=wait when a request names none. [default: 10000]
+    #[arg(long)]
+    pub escalate_timeout_ms: Option<u64>,
+    /// Neighbours per vote (default: the index's).
+    #[arg(long)]
+    pub k: Option<usize>,
+    /// Confidence threshold (default: the index's calibrated thresholds).
+    #[arg(long)]
+    pub threshold: Option<f32>,
 }
 
 #[derive(Args)]

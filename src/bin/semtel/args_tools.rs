@@ -119,9 +119,13 @@ pub struct SimulateArgs {
     pub latency_ms: f64,
     #[arg(long, default_value_t = 50.0)]
     pub jitter_ms: f64,
-    /// Probability of a wrong (but valid) label per item.
+    /// Probability of a wrong (but valid) label per item (the overall rate).
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
+    /// Where wrong answers fall: uniform (any item, any other label) or confusable (on the
+    /// ambiguous items, a neighbouring label: the truth file is embedded with --model at start).
+    #[arg(long, default_value = "uniform", value_parser = ["uniform", "confusable"])]
+    pub error_model: String,
     /// Probability of an injected fault per request.
     #[arg(long, default_value_t = 0.0)]
     pub fault_rate: f64,
@@ -185,6 +189,46 @@ pub enum BenchCmd {
     /// Banking77, CLINC150 (with oos) and xSID (13 languages; English-only and per-language
     /// indexes). JSON, CSV and an SVG plot.
     Encoders(BenchEncodersArgs),
+    /// The live service (`semtel serve`, a child process) under a bounded loopback load: 1, 8
+    /// and 64 concurrent clients sending one conversation or 32 per request; p50/p95/p99
+    /// latency and rows/s against `semtel classify` on the same rows in the same run;
+    /// optionally a memory soak.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args)]
+pub struct BenchServeArgs {
+    /// The index to serve (build one first, e.g. from Banking77's train split).
+    #[arg(long)]
+    pub index: PathBuf,
+    /// Conversations to send [default: ../shared/data/banking77/banking77.jsonl, split test].
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Rows per level (the input is cycled).
+    #[arg(long, default_value_t = 3080)]
+    pub rows: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub clients: Vec<usize>,
+    /// Conversations per request.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub batch: Vec<usize>,
+    /// Runs per level (the median is reported); the batch path runs as often, half before
+    /// and half after the levels.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// A level stops after this many seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub max_seconds: f64,
+    /// Memory soak after the levels: 8 clients for this many seconds, the server's RSS
+    /// sampled every 10 s (e.g. 600).
+    #[arg(long, default_value_t = 0)]
+    pub soak: u64,
+    #[arg(long, default_value = "out/bench-serve")]
+    pub work: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -250,6 +294,10 @@ pub struct BenchBootstrapArgs {
     /// Wrong answers of the simulated LLM.
     #[arg(long, default_value_t = 0.05)]
     pub error_rate: f64,
+    /// Where those wrong answers fall, one run of each: uniform (any item, any other label) or
+    /// confusable (on ambiguous items, a neighbouring label; embedded with --model).
+    #[arg(long, value_delimiter = ',', default_value = "uniform,confusable")]
+    pub error_models: Vec<String>,
     /// Agreement target of the bootstrap (default: its automatic one).
     #[arg(long)]
     pub target: Option<f64>,

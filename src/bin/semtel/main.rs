@@ -100,6 +100,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bootstrap(a) => bootstrap::run(&ctx, a),
         Cmd::Demo(a) => demo::run(&ctx, a),
         Cmd::Models(a) => models::run(&ctx, a),
+        Cmd::Serve(a) => serve::run(&ctx, a),
         Cmd::Embed {
             input,
             output,
@@ -117,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Bootstrap(a)) => bench::bootstrap(&ctx, a),
         Cmd::Bench(BenchCmd::Build(a)) => bench::build(&ctx, a),
         Cmd::Bench(BenchCmd::Encoders(a)) => bench::encoders(&ctx, a),
+        Cmd::Bench(BenchCmd::Serve(a)) => bench::serve(&ctx, a),
         Cmd::Llm(c) => llm::run(&ctx, c),
     }
 }

@@ -1,7 +1,9 @@
 //! `semtel bench embed|llm`: benchmarks that print figures.
 
 use crate::args::ColumnArgs;
-use crate::args_tools::{BenchBootstrapArgs, BenchBuildArgs, BenchEmbedArgs, BenchLlmArgs};
+use crate::args_tools::{
+    BenchBootstrapArgs, BenchBuildArgs, BenchEmbedArgs, BenchLlmArgs, BenchServeArgs,
+};
 use crate::options::Ctx;
 use anyhow::Result;
 use semtel::pipeline::Classifier;
@@ -148,6 +150,7 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
             sets,
             budget_share: a.budget_share,
             error_rate: a.error_rate,
+            error_models: a.error_models.clone(),
             encoder: ctx.encoder_options(),
             work: a.work.clone(),
             variants: a.variants.clone(),
@@ -157,9 +160,10 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
         },
         &mut |r| {
             eprintln!(
-                "{} {} (seed {}): {} rows; accuracy vs gold {:.2} % (LLM-only {:.2} %); LLM labelled {:.1} % of rows ({} bootstrap + {} escalated), {} left unlabelled; {:.0} s",
+                "{} {} errors {} (seed {}): {} rows; accuracy vs gold {:.2} % (LLM-only {:.2} %); LLM labelled {:.1} % of rows ({} bootstrap + {} escalated), {} left unlabelled; {:.0} s",
                 r.set,
                 r.variant,
+                r.error_model,
                 r.seed,
                 r.rows,
                 100.0 * r.accuracy,
@@ -192,18 +196,17 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
         },
     )?;
     if a.repeats > 1 {
-        let mut groups: Vec<(&str, &str)> = runs
+        let mut groups: Vec<(&str, &str, &str)> = runs
             .iter()
-            .map(|r| (r.set.as_str(), r.variant.as_str()))
+            .map(|r| (r.set.as_str(), r.error_model.as_str(), r.variant.as_str()))
             .collect();
         groups.dedup();
-        for (set, variant) in groups {
+        for (set, errors, variant) in groups {
+            let mine = |r: &&semtel::bench::BootstrapRun| {
+                r.set == set && r.variant == variant && r.error_model == errors
+            };
             let of = |f: &dyn Fn(&semtel::bench::BootstrapRun) -> f64| -> (f64, f64, f64) {
-                let mut v: Vec<f64> = runs
-                    .iter()
-                    .filter(|r| r.set == set && r.variant == variant)
-                    .map(f)
-                    .collect();
+                let mut v: Vec<f64> = runs.iter().filter(mine).map(f).collect();
                 v.sort_by(f64::total_cmp);
                 (v[0], v[v.len() / 2], v[v.len() - 1])
             };
@@ -211,10 +214,10 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
             let (slo, smed, shi) = of(&|r| 100.0 * r.llm_share);
             let llm_only = runs
                 .iter()
-                .find(|r| r.set == set)
+                .find(mine)
                 .map_or(0.0, |r| 100.0 * r.llm_only_accuracy);
             eprintln!(
-                "{set} {variant}, {} runs: accuracy median {amed:.2} % (range {alo:.2}–{ahi:.2}; LLM-only {llm_only:.2} %), rows sent to the LLM median {smed:.1} % (range {slo:.1}–{shi:.1})",
+                "{set} {variant} errors {errors}, {} runs: accuracy median {amed:.2} % (range {alo:.2}–{ahi:.2}; LLM-only {llm_only:.2} %), rows sent to the LLM median {smed:.1} % (range {slo:.1}–{shi:.1})",
                 a.repeats
             );
         }
@@ -349,6 +352,81 @@ pub fn build(ctx: &Ctx, a: BenchBuildArgs) -> Result<()> {
         for r in runs {
             println!("{}", serde_json::to_string(&r)?);
         }
+    }
+    Ok(())
+}
+
+pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
+    let g = &ctx.global;
+    let mut global_args = Vec::new();
+    if let Some(t) = g.threads {
+        global_args.extend(["--threads".to_string(), t.to_string()]);
+    }
+    if let Some(m) = &g.model {
+        global_args.extend(["--model".to_string(), m.clone()]);
+    }
+    if let Some(e) = g.engine {
+        let name = match e {
+            semtel::embed::Engine::Auto => "auto",
+            semtel::embed::Engine::Fast => "fast",
+            semtel::embed::Engine::Candle => "candle",
+        };
+        global_args.extend(["--engine".to_string(), name.to_string()]);
+    }
+    let (input, split) = match &a.input {
+        Some(p) => (p.clone(), a.split.clone()),
+        None => (
+            std::path::PathBuf::from("../shared/data/banking77/banking77.jsonl"),
+            Some(a.split.clone().unwrap_or_else(|| "test".into())),
+        ),
+    };
+    let o = semtel::bench::serve::ServeBenchOptions {
+        exe: std::env::current_exe()?,
+        index: a.index.clone(),
+        input,
+        split,
+        rows: a.rows,
+        clients: a.clients.clone(),
+        batch: a.batch.clone(),
+        repeats: a.repeats,
+        max_seconds: a.max_seconds,
+        soak_s: a.soak,
+        global_args,
+        work: a.work.clone(),
+    };
+    let r = semtel::bench::serve::serve_benchmark(&o, &mut |l| eprintln!("{l}"))?;
+    eprintln!(
+        "\nbatch path: {:.1} rows/s (median of {:?})",
+        r.batch_rows_per_s, r.batch_runs
+    );
+    eprintln!("| clients | rows/request | rows/s | vs batch | p50 ms | p95 ms | p99 ms | errors |");
+    eprintln!("|---|---|---|---|---|---|---|---|");
+    for l in &r.levels {
+        eprintln!(
+            "| {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {} |",
+            l.clients,
+            l.rows_per_request,
+            l.rows_per_s,
+            l.vs_batch,
+            l.p50_ms,
+            l.p95_ms,
+            l.p99_ms,
+            l.errors
+        );
+    }
+    eprintln!("saturation: {:.2} × the batch path", r.saturation_vs_batch);
+    if let Some(s) = &r.soak {
+        eprintln!(
+            "soak: {:.0} s, {} requests ({:.1} rows/s, {} errors); server RSS {:.1} → {:.1} MB (max {:.1}), slope over the second half {:+.2} MB/min",
+            s.seconds, s.requests, s.rows_per_s, s.errors, s.rss_first_mb, s.rss_last_mb, s.rss_max_mb, s.rss_slope_mb_per_min
+        );
+    }
+    let json = serde_json::to_string_pretty(&r)?;
+    let path = a.work.join("serve.json");
+    std::fs::write(&path, &json)?;
+    eprintln!("wrote {}", path.display());
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }

@@ -10,12 +10,25 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
     match c {
         LlmCmd::Simulate(a) => {
             let truth = simulator::truth_from_file(&a.truth, &ctx.input_options(&a.cols))?;
+            let errors = match a.error_model.as_str() {
+                "confusable" => {
+                    let items: Vec<(String, String)> =
+                        semtel::input::read_all(&a.truth, &ctx.input_options(&a.cols))?
+                            .into_iter()
+                            .filter_map(|r| Some((r.content.ok()?.flatten(), r.label?)))
+                            .collect();
+                    let encoder = semtel::embed::Encoder::load(&ctx.encoder_options())?;
+                    simulator::confusable_from_file(&items, &encoder, a.error_rate)?
+                }
+                _ => simulator::ErrorModel::Uniform,
+            };
             let cfg = simulator::SimConfig {
                 rpm: a.rpm,
                 tpm: a.tpm,
                 latency_ms: a.latency_ms,
                 jitter_ms: a.jitter_ms,
                 error_rate: a.error_rate,
+                errors,
                 faults: simulator::Faults::spread(a.fault_rate, &a.faults)
                     .map_err(anyhow::Error::msg)?,
                 hang_s: a.hang_s,

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod index;
 pub mod llm;
 pub mod models;
+pub mod serve;
 pub mod tune;
 
 /// A run that finished and wrote every row, but some rows hit internal failures: exit code 3,

@@ -1,0 +1,1190 @@
+//! The live service's application handle (`semtel serve`): the same classifier, LLM tier,
+//! growth and result writer as the classify job, behind one [`Service`] that an HTTP adapter
+//! (or any other) calls with single requests.
+//!
+//! What it adds to the batch path is only what a live service needs:
+//! - **cross-request micro-batching**: requests wait in a bounded queue; one compute thread
+//!   takes the first and then more, up to `max_batch_tokens` (estimated) or `max_batch_wait`,
+//!   and runs them as one chunk through [`Classifier::classify_guarded`], so under load the
+//!   service embeds in batches as large as a file run does;
+//! - **escalation per request**: `off` (the kNN answer), `wait` (the LLM tier's answer, or the
+//!   kNN one at the request's deadline) or `async` (answered at once; the LLM's answer goes
+//!   to the result log, readable by id);
+//! - **a result log with the classify job's guarantees**: every `async` item is journaled
+//!   (fsync) before it is acknowledged, results go through the same [`OutputWriter`] (lock,
+//!   checkpoints, resume by id), and a restart resumes the journaled items that have no result:
+//!   each accepted id gets exactly one result, even across `kill -9`;
+//! - **reload without downtime**: a new classifier is opened and checked in full while the old
+//!   one serves; the swap is one pointer store, and a broken index is refused.
+//!
+//! This module never parses HTTP, reads flags or prints; it must never hold a lock across a
+//! model call (the queue, the swap and the routes are the only shared state).
+
+use crate::conversation::Row;
+use crate::grow::Growth;
+use crate::llm::LlmTier;
+use crate::output::{Existing, OutputSpec, OutputWriter};
+use crate::pipeline::{Classified, Classifier, ClassifierOptions, Escalation, Taxonomy};
+use crate::row::{DecidedBy, OutputRow};
+use crate::{Error, Result};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Everything the service needs, resolved (flags and config file merged by the adapter).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub index: PathBuf,
+    /// Additional taxonomies: (name, index directory).
+    pub also: Vec<(String, PathBuf)>,
+    pub classifier: ClassifierOptions,
+    /// LLM tier configuration; without one, escalated rows are answered as `escalate`.
+    pub llm: Option<PathBuf>,
+    /// Result log for `escalate=async` (JSONL file, Parquet file or dataset directory); its
+    /// journal of accepted items is `<results>.accepted.jsonl` beside it.
+    pub results: Option<PathBuf>,
+    /// `--grow`: LLM-labelled rows with kNN confidence at least this join the index.
+    pub grow_min_confidence: Option<f32>,
+    /// A micro-batch is closed when its estimated tokens reach this.
+    pub max_batch_tokens: usize,
+    /// … or when its first request has waited this long.
+    pub max_batch_wait: Duration,
+    /// Requests waiting for the compute thread at most (then `Busy`).
+    pub max_queue: usize,
+}
+
+impl ServeOptions {
+    pub fn new(index: PathBuf) -> Self {
+        ServeOptions {
+            index,
+            also: Vec::new(),
+            classifier: ClassifierOptions::default(),
+            llm: None,
+            results: None,
+            grow_min_confidence: None,
+            max_batch_tokens: 16_384,
+            max_batch_wait: Duration::from_millis(5),
+            max_queue: 256,
+        }
+    }
+}
+
+/// How a request wants its escalated items handled.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Escalate {
+    /// Answer with the kNN decision (`decided_by = "escalate"` for the uncertain).
+    Off,
+    /// Wait for the LLM tier up to this long, then answer with the kNN decision.
+    Wait(Duration),
+    /// Answer at once; the LLM's answer goes to the result log.
+    Async,
+}
+
+/// Why a request was not served (item-level problems are error rows, not these).
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("the queue is full ({0} requests waiting): retry after a moment")]
+    Busy(usize),
+    #[error("the service is not ready (starting, reloading its model or shutting down)")]
+    NotReady,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Failed(#[from] Error),
+}
+
+/// What `GET /info` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    pub version: &'static str,
+    pub index: String,
+    pub model: String,
+    pub engine: String,
+    pub dims: usize,
+    pub max_tokens: usize,
+    pub labels: Vec<String>,
+    pub exemplars: usize,
+    pub k: usize,
+    pub signal: String,
+    pub threshold: f32,
+    pub taxonomies: Vec<String>,
+    pub llm: bool,
+    pub results: Option<String>,
+    pub grow: bool,
+    /// How many times the index was reloaded since start.
+    pub reloads: u64,
+}
+
+/// One opened index with everything derived from it; swapped whole on reload.
+pub struct Loaded {
+    pub classifier: Classifier,
+    pub spec: OutputSpec,
+    pub info: ServiceInfo,
+}
+
+/// Live counters the adapter exports (`/metrics`); all monotonic except the gauges.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub rows_knn: AtomicU64,
+    pub rows_escalated: AtomicU64,
+    pub rows_llm: AtomicU64,
+    pub rows_error: AtomicU64,
+    pub llm_timeouts: AtomicU64,
+    pub llm_tokens_in: AtomicU64,
+    pub llm_tokens_out: AtomicU64,
+    /// Cost in micro-dollars.
+    pub llm_cost_micro_usd: AtomicU64,
+    pub batches: AtomicU64,
+    pub batch_rows: AtomicU64,
+    /// Gauge: requests waiting for the compute thread.
+    pub queue_depth: AtomicU64,
+    /// Gauge: rows waiting for the LLM.
+    pub llm_pending: AtomicU64,
+    /// Batch sizes (rows) as histogram buckets: ≤1, ≤2, ≤4 … ≤1024, more.
+    pub batch_size_buckets: [AtomicU64; 12],
+    pub async_accepted: AtomicU64,
+    pub async_resumed: AtomicU64,
+}
+
+impl Counters {
+    pub const BATCH_BUCKETS: [u64; 11] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
+
+    fn count_batch(&self, rows: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batch_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        let i = Self::BATCH_BUCKETS
+            .iter()
+            .position(|&b| rows as u64 <= b)
+            .unwrap_or(Self::BATCH_BUCKETS.len());
+        self.batch_size_buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_row(&self, r: &OutputRow) {
+        let c = match r.decided_by {
+            DecidedBy::Knn => &self.rows_knn,
+            DecidedBy::Escalate => &self.rows_escalated,
+            DecidedBy::Llm => &self.rows_llm,
+            DecidedBy::Error => &self.rows_error,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per row of an embedding request: its vector and token count, or why it has none.
+pub type Embedded = Vec<std::result::Result<(Vec<f32>, usize), String>>;
+
+/// Work for the compute thread.
+enum Work {
+    Classify {
+        rows: Vec<Row>,
+        tokens: usize,
+        reply: oneshot::Sender<Result<(Vec<Classified>, Arc<Loaded>)>>,
+    },
+    Embed {
+        rows: Vec<Row>,
+        tokens: usize,
+        reply: oneshot::Sender<Result<Embedded>>,
+    },
+}
+
+impl Work {
+    fn tokens(&self) -> usize {
+        match self {
+            Work::Classify { tokens, .. } | Work::Embed { tokens, .. } => *tokens,
+        }
+    }
+}
+
+/// Where an LLM answer goes.
+enum Route {
+    Wait {
+        id: String,
+        tx: oneshot::Sender<OutputRow>,
+    },
+    Async {
+        id: String,
+    },
+}
+
+/// Messages to the LLM thread.
+enum LlmMsg {
+    Rows(Vec<Classified>),
+    /// Drain everything submitted, then acknowledge (shutdown).
+    Finish(std::sync::mpsc::Sender<()>),
+}
+
+/// State of one `async` id.
+#[derive(Debug, Clone)]
+pub enum AsyncStatus {
+    /// Accepted; the LLM has not answered yet.
+    Pending,
+    /// Its result row (as the output writes it).
+    Done(Value),
+    /// Done in an earlier run; the row is in the result log.
+    Stored,
+}
+
+/// Results kept in memory for `GET /v1/results/{id}` (older ones are read as `Stored`).
+const RESULTS_IN_MEMORY: usize = 100_000;
+
+/// The result log of `async` items: the journal of accepted items and the writer of results.
+struct ResultLog {
+    journal_path: PathBuf,
+    journal: Mutex<std::fs::File>,
+    writer: Mutex<OutputWriter>,
+    last_checkpoint: Mutex<Instant>,
+    status: Mutex<HashMap<String, AsyncStatus>>,
+    order: Mutex<std::collections::VecDeque<String>>,
+}
+
+impl ResultLog {
+    fn journal_path(results: &Path) -> PathBuf {
+        let mut s = results.as_os_str().to_owned();
+        s.push(".accepted.jsonl");
+        PathBuf::from(s)
+    }
+
+    /// Opens (and locks) the result log; returns it with the journaled items that have no
+    /// result yet, to resume.
+    fn open(path: &Path, spec: OutputSpec) -> Result<(ResultLog, Vec<Row>)> {
+        let (writer, mut done) = OutputWriter::open(path, spec, Existing::Resume)?;
+        let journal_path = Self::journal_path(path);
+        let mut todo = Vec::new();
+        let mut status = HashMap::new();
+        if journal_path.exists() {
+            let text =
+                std::fs::read_to_string(&journal_path).map_err(|e| Error::io(&journal_path, e))?;
+            let cols = crate::input::Columns::default();
+            for (i, line) in text.lines().enumerate() {
+                // A torn last line (killed mid-write) was never acknowledged: skip it.
+                let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) else {
+                    continue;
+                };
+                let row = crate::input::row_from_json(&o, i as u64, "journal", &cols);
+                if done.take(&row.id) {
+                    status.insert(row.id.clone(), AsyncStatus::Stored);
+                } else {
+                    status.insert(row.id.clone(), AsyncStatus::Pending);
+                    todo.push(row);
+                }
+            }
+        }
+        let journal = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&journal_path)
+            .map_err(|e| Error::io(&journal_path, e))?;
+        Ok((
+            ResultLog {
+                journal_path,
+                journal: Mutex::new(journal),
+                writer: Mutex::new(writer),
+                last_checkpoint: Mutex::new(Instant::now()),
+                status: Mutex::new(status),
+                order: Mutex::new(Default::default()),
+            },
+            todo,
+        ))
+    }
+
+    /// Claims `ids` for new async items: an id already accepted is refused.
+    fn claim(&self, ids: &[&str]) -> Vec<bool> {
+        let mut st = self.status.lock().expect("status");
+        ids.iter()
+            .map(|id| {
+                if st.contains_key(*id) {
+                    false
+                } else {
+                    st.insert(id.to_string(), AsyncStatus::Pending);
+                    true
+                }
+            })
+            .collect()
+    }
+
+    /// Appends the accepted items to the journal and makes it durable (before they are
+    /// acknowledged).
+    fn journal(&self, items: &[Value]) -> Result<()> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::new();
+        for v in items {
+            buf.push_str(&v.to_string());
+            buf.push('\n');
+        }
+        let mut f = self.journal.lock().expect("journal");
+        f.write_all(buf.as_bytes())
+            .and_then(|_| f.sync_data())
+            .map_err(|e| Error::io(&self.journal_path, e))
+    }
+
+    fn write(&self, rows: &[OutputRow], spec: &OutputSpec) -> Result<()> {
+        {
+            let mut w = self.writer.lock().expect("writer");
+            w.write(rows)?;
+            let mut last = self.last_checkpoint.lock().expect("checkpoint");
+            if last.elapsed() >= Duration::from_millis(200) {
+                w.checkpoint()?;
+                *last = Instant::now();
+            }
+        }
+        let mut st = self.status.lock().expect("status");
+        let mut order = self.order.lock().expect("order");
+        for r in rows {
+            st.insert(
+                r.id.clone(),
+                AsyncStatus::Done(crate::output::to_json(r, spec)),
+            );
+            order.push_back(r.id.clone());
+        }
+        while order.len() > RESULTS_IN_MEMORY {
+            if let Some(old) = order.pop_front() {
+                st.insert(old, AsyncStatus::Stored);
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&self) -> Result<()> {
+        self.writer.lock().expect("writer").checkpoint()
+    }
+}
+
+struct Inner {
+    opts: ServeOptions,
+    loaded: RwLock<Arc<Loaded>>,
+    jobs: Mutex<Option<SyncSender<Work>>>,
+    llm: Mutex<Option<SyncSender<LlmMsg>>>,
+    routes: Arc<Mutex<HashMap<String, Route>>>,
+    next_key: AtomicU64,
+    log: Option<Arc<ResultLog>>,
+    growth: Option<Arc<Growth>>,
+    ready: AtomicBool,
+    reloads: AtomicU64,
+    /// Serialises reloads (never held by a request).
+    reload_lock: Mutex<()>,
+    pub counters: Arc<Counters>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    max_tokens: usize,
+}
+
+/// The service handle: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    pub exemplars_before: usize,
+    pub exemplars: usize,
+    pub labels: usize,
+    /// Exemplars learned by `--grow` saved into the index before it was reopened.
+    pub grown_saved: usize,
+    pub seconds: f64,
+}
+
+fn open_loaded(opts: &ServeOptions, growth: Option<&Arc<Growth>>, reloads: u64) -> Result<Loaded> {
+    let mut classifier = Classifier::open(&opts.index, &opts.classifier)?;
+    for (name, dir) in &opts.also {
+        let t = Taxonomy::open(name, dir, &classifier.encoder)?;
+        classifier.extra.push(t);
+    }
+    classifier.growth = growth.cloned();
+    let mut spec = OutputSpec::new(Vec::new());
+    spec.taxonomies = classifier.taxonomy_columns();
+    let info = ServiceInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        index: opts.index.display().to_string(),
+        model: classifier.index.manifest.model.id.clone(),
+        engine: classifier.encoder.engine.describe(),
+        dims: classifier.encoder.dim(),
+        max_tokens: classifier.encoder.files.max_tokens,
+        labels: classifier.index.labels().to_vec(),
+        exemplars: classifier.index.len(),
+        k: classifier.k,
+        signal: classifier.thresholds.signal.name().to_string(),
+        threshold: classifier.index.manifest.decision.threshold,
+        taxonomies: opts.also.iter().map(|(n, _)| n.clone()).collect(),
+        llm: opts.llm.is_some(),
+        results: opts.results.as_ref().map(|p| p.display().to_string()),
+        grow: growth.is_some(),
+        reloads,
+    };
+    Ok(Loaded {
+        classifier,
+        spec,
+        info,
+    })
+}
+
+/// Estimated tokens of a row (cheap: no tokenization; a subword is 3–4 bytes of text in most
+/// scripts), capped at the model's budget: what a micro-batch is filled by.
+fn estimate_tokens(row: &Row, max_tokens: usize) -> usize {
+    let bytes = row.content.as_ref().map_or(0, |c| c.char_len());
+    (bytes / 3 + 4).min(max_tokens.max(8))
+}
+
+impl Service {
+    /// Opens the index (and taxonomies, the LLM tier, the result log), resumes the journaled
+    /// `async` items that have no result, and starts the compute and LLM threads.
+    pub fn open(opts: ServeOptions) -> Result<Service> {
+        if opts.grow_min_confidence.is_some() && opts.llm.is_none() {
+            return Err(Error::Config(
+                "--grow needs --llm: only LLM-labelled rows grow the index".into(),
+            ));
+        }
+        let probe = open_loaded(&opts, None, 0)?;
+        let growth = match opts.grow_min_confidence {
+            Some(min) => Some(Arc::new(Growth::new(probe.classifier.encoder.dim(), min)?)),
+            None => None,
+        };
+        let loaded = Arc::new(Loaded {
+            classifier: {
+                let mut c = probe.classifier;
+                c.growth = growth.clone();
+                c
+            },
+            spec: probe.spec,
+            info: ServiceInfo {
+                grow: growth.is_some(),
+                ..probe.info
+            },
+        });
+        let max_tokens = loaded.classifier.encoder.files.max_tokens;
+        let counters = Arc::new(Counters::default());
+        // The LLM tier first: a bad configuration or a missing key stops the start before
+        // the result log is locked.
+        let tier = match &opts.llm {
+            Some(p) => {
+                let mut t = super::classify::llm_tier(&loaded.classifier, p)?;
+                if let Some(g) = &growth {
+                    super::classify::attach_growth(
+                        &mut t,
+                        g.clone(),
+                        loaded.classifier.index.labels().to_vec(),
+                    );
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        let (log, resume) = match &opts.results {
+            Some(p) => {
+                let (l, todo) = ResultLog::open(p, loaded.spec.clone())?;
+                (Some(Arc::new(l)), todo)
+            }
+            None => (None, Vec::new()),
+        };
+        let (jobs_tx, jobs_rx) = sync_channel::<Work>(opts.max_queue.max(1));
+        let inner = Arc::new(Inner {
+            loaded: RwLock::new(loaded),
+            jobs: Mutex::new(Some(jobs_tx)),
+            llm: Mutex::new(None),
+            routes: Arc::new(Mutex::new(HashMap::new())),
+            next_key: AtomicU64::new(0),
+            log,
+            growth,
+            ready: AtomicBool::new(false),
+            reloads: AtomicU64::new(0),
+            reload_lock: Mutex::new(()),
+            counters,
+            threads: Mutex::new(Vec::new()),
+            max_tokens,
+            opts,
+        });
+        let svc = Service { inner };
+        {
+            let me = svc.clone();
+            let h = std::thread::Builder::new()
+                .name("semtel-serve-compute".into())
+                .spawn(move || me.compute_loop(jobs_rx))
+                .map_err(|e| Error::Internal(format!("starting the compute thread: {e}")))?;
+            svc.inner.threads.lock().expect("threads").push(h);
+        }
+        if let Some(tier) = tier {
+            svc.start_llm(tier)?;
+        }
+        if !resume.is_empty() {
+            svc.resume(resume)?;
+        }
+        svc.inner.ready.store(true, Ordering::SeqCst);
+        Ok(svc)
+    }
+
+    fn start_llm(&self, mut tier: LlmTier) -> Result<()> {
+        let (tx, rx) = sync_channel::<LlmMsg>(1024);
+        let (out_tx, out_rx) = sync_channel::<Vec<OutputRow>>(64);
+        let counters = self.inner.counters.clone();
+        let h = std::thread::Builder::new()
+            .name("semtel-serve-llm".into())
+            .spawn(move || {
+                let mut failed = false;
+                for msg in rx.iter() {
+                    match msg {
+                        LlmMsg::Rows(rows) => {
+                            if failed {
+                                // The tier stopped (a refused key, say): answer as escalated.
+                                let rows: Vec<OutputRow> =
+                                    rows.into_iter().map(|c| c.out).collect();
+                                let _ = out_tx.send(rows);
+                                continue;
+                            }
+                            let n = rows.len() as u64;
+                            let backup: Vec<OutputRow> =
+                                rows.iter().map(|c| c.out.clone()).collect();
+                            if let Err(e) = tier.submit(rows, &out_tx) {
+                                tracing::warn!("the LLM tier stopped: {e}");
+                                failed = true;
+                                let _ = out_tx.send(backup);
+                            }
+                            let _ = n;
+                        }
+                        LlmMsg::Finish(ack) => {
+                            if !failed {
+                                if let Err(e) = tier.finish(&out_tx) {
+                                    tracing::warn!("the LLM tier stopped: {e}");
+                                }
+                            }
+                            let _ = ack.send(());
+                            return;
+                        }
+                    }
+                }
+                if !failed {
+                    let _ = tier.finish(&out_tx);
+                }
+            })
+            .map_err(|e| Error::Internal(format!("starting the LLM thread: {e}")))?;
+        let me = self.clone();
+        let r = std::thread::Builder::new()
+            .name("semtel-serve-router".into())
+            .spawn(move || me.route_loop(out_rx, counters))
+            .map_err(|e| Error::Internal(format!("starting the LLM router: {e}")))?;
+        *self.inner.llm.lock().expect("llm") = Some(tx);
+        let mut th = self.inner.threads.lock().expect("threads");
+        th.push(h);
+        th.push(r);
+        Ok(())
+    }
+
+    /// LLM answers → the request waiting for them, or the result log.
+    fn route_loop(&self, out_rx: Receiver<Vec<OutputRow>>, counters: Arc<Counters>) {
+        for rows in out_rx.iter() {
+            let mut logged = Vec::new();
+            for mut r in rows {
+                counters.llm_pending.fetch_sub(1, Ordering::Relaxed);
+                if let Some(llm) = &r.llm {
+                    counters
+                        .llm_tokens_in
+                        .fetch_add(llm.tokens_in as u64, Ordering::Relaxed);
+                    counters
+                        .llm_tokens_out
+                        .fetch_add(llm.tokens_out as u64, Ordering::Relaxed);
+                    counters
+                        .llm_cost_micro_usd
+                        .fetch_add((llm.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
+                }
+                let route = self.inner.routes.lock().expect("routes").remove(&r.id);
+                match route {
+                    Some(Route::Wait { id, tx }) => {
+                        r.id = id;
+                        // A request past its deadline has gone: its answer stays in the cache.
+                        let _ = tx.send(r);
+                    }
+                    Some(Route::Async { id }) => {
+                        r.id = id;
+                        counters.count_row(&r);
+                        logged.push(r);
+                    }
+                    None => {}
+                }
+            }
+            if let (Some(log), false) = (&self.inner.log, logged.is_empty()) {
+                let spec = self.loaded().spec.clone();
+                if let Err(e) = log.write(&logged, &spec) {
+                    tracing::error!("writing the result log: {e}");
+                }
+            }
+        }
+    }
+
+    /// The compute thread: micro-batches from the queue through the current classifier.
+    ///
+    /// A batch takes the first waiting request and whatever else is queued, up to
+    /// `max_batch_tokens`. While the model runs, new requests queue, so under load batches grow
+    /// by themselves (continuous batching) and a lone client never waits for company. Only when
+    /// the previous batch held several requests (evidence of concurrent clients) does a small
+    /// batch linger up to `max_batch_wait` for more.
+    fn compute_loop(&self, rx: Receiver<Work>) {
+        let max_tokens = self.inner.opts.max_batch_tokens.max(1);
+        let wait = self.inner.opts.max_batch_wait;
+        let mut concurrent = false;
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let mut tokens = batch[0].tokens();
+            let until = Instant::now() + wait;
+            while tokens < max_tokens {
+                let next = match rx.try_recv() {
+                    Ok(w) => Ok(w),
+                    Err(_) if concurrent => {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        rx.recv_timeout(left)
+                    }
+                    Err(_) => break,
+                };
+                match next {
+                    Ok(w) => {
+                        tokens += w.tokens();
+                        batch.push(w);
+                    }
+                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            concurrent = batch.len() > 1;
+            self.inner
+                .counters
+                .queue_depth
+                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&self, batch: Vec<Work>) {
+        let loaded = self.loaded();
+        let mut classify_rows = Vec::new();
+        let mut classify_replies = Vec::new();
+        let mut embed_rows = Vec::new();
+        let mut embed_replies = Vec::new();
+        for w in batch {
+            match w {
+                Work::Classify { rows, reply, .. } => {
+                    classify_replies.push((rows.len(), reply));
+                    classify_rows.extend(rows);
+                }
+                Work::Embed { rows, reply, .. } => {
+                    embed_replies.push((rows.len(), reply));
+                    embed_rows.extend(rows);
+                }
+            }
+        }
+        if !classify_rows.is_empty() {
+            self.inner.counters.count_batch(classify_rows.len());
+            match loaded.classifier.classify_guarded(classify_rows) {
+                Ok((rows, _panics)) => {
+                    let mut it = rows.into_iter();
+                    for (n, reply) in classify_replies {
+                        let part: Vec<Classified> = it.by_ref().take(n).collect();
+                        let _ = reply.send(Ok((part, loaded.clone())));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (_, reply) in classify_replies {
+                        let _ = reply.send(Err(Error::Internal(msg.clone())));
+                    }
+                }
+            }
+        }
+        if !embed_rows.is_empty() {
+            self.inner.counters.count_batch(embed_rows.len());
+            let enc = &loaded.classifier.encoder;
+            match enc.embed_rows(&embed_rows) {
+                Ok(out) => {
+                    let mut it = out.into_iter().map(|e| e.map(|e| (e.vector, e.ids.len())));
+                    for (n, reply) in embed_replies {
+                        let _ = reply.send(Ok(it.by_ref().take(n).collect()));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (_, reply) in embed_replies {
+                        let _ = reply.send(Err(Error::Internal(msg.clone())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The classifier now serving (a reload swaps it; requests in flight keep theirs).
+    pub fn loaded(&self) -> Arc<Loaded> {
+        self.inner.loaded.read().expect("loaded").clone()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::SeqCst)
+    }
+
+    /// Whether an LLM tier answers escalated items (`escalate=wait` is the default then).
+    pub fn has_llm(&self) -> bool {
+        self.inner.opts.llm.is_some()
+    }
+
+    pub fn info(&self) -> ServiceInfo {
+        let mut i = self.loaded().info.clone();
+        i.reloads = self.inner.reloads.load(Ordering::Relaxed);
+        i
+    }
+
+    /// Exemplars in the index plus those learned since the last save.
+    pub fn index_size(&self) -> usize {
+        self.loaded().classifier.index.len() + self.inner.growth.as_ref().map_or(0, |g| g.len())
+    }
+
+    fn enqueue(&self, w: Work) -> std::result::Result<(), ServeError> {
+        if !self.is_ready() {
+            return Err(ServeError::NotReady);
+        }
+        let guard = self.inner.jobs.lock().expect("jobs");
+        let Some(tx) = guard.as_ref() else {
+            return Err(ServeError::NotReady);
+        };
+        match tx.try_send(w) {
+            Ok(()) => {
+                self.inner
+                    .counters
+                    .queue_depth
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => Err(ServeError::Busy(self.inner.opts.max_queue)),
+            Err(TrySendError::Disconnected(_)) => Err(ServeError::NotReady),
+        }
+    }
+
+    async fn classify_rows(
+        &self,
+        rows: Vec<Row>,
+    ) -> std::result::Result<(Vec<Classified>, Arc<Loaded>), ServeError> {
+        let tokens = rows
+            .iter()
+            .map(|r| estimate_tokens(r, self.inner.max_tokens))
+            .sum();
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Work::Classify {
+            rows,
+            tokens,
+            reply: tx,
+        })?;
+        match rx.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ServeError::NotReady),
+        }
+    }
+
+    /// Embeds rows (for `/v1/embeddings`): per row its vector and token count, or why not.
+    pub async fn embed(
+        &self,
+        rows: Vec<Row>,
+    ) -> std::result::Result<Vec<std::result::Result<(Vec<f32>, usize), String>>, ServeError> {
+        let tokens = rows
+            .iter()
+            .map(|r| estimate_tokens(r, self.inner.max_tokens))
+            .sum();
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Work::Embed {
+            rows,
+            tokens,
+            reply: tx,
+        })?;
+        match rx.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ServeError::NotReady),
+        }
+    }
+
+    fn key(&self) -> String {
+        format!(
+            "\u{1}srv{}",
+            self.inner.next_key.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    fn send_llm(&self, rows: Vec<Classified>) -> bool {
+        let guard = self.inner.llm.lock().expect("llm");
+        let Some(tx) = guard.as_ref() else {
+            return false;
+        };
+        let n = rows.len() as u64;
+        self.inner
+            .counters
+            .llm_pending
+            .fetch_add(n, Ordering::Relaxed);
+        if tx.try_send(LlmMsg::Rows(rows)).is_err() {
+            self.inner
+                .counters
+                .llm_pending
+                .fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Classifies `rows` (each with its id; bad ones are error rows) and answers with one
+    /// output row (as JSON, the output files' fields) per input row, in order. `async` items
+    /// that are pending carry `"status": "pending"`.
+    pub async fn classify(
+        &self,
+        rows: Vec<Row>,
+        escalate: Escalate,
+    ) -> std::result::Result<Vec<Value>, ServeError> {
+        let has_llm = self.inner.llm.lock().expect("llm").is_some();
+        if escalate == Escalate::Async {
+            let Some(log) = &self.inner.log else {
+                return Err(ServeError::BadRequest(
+                    "escalate=async needs a result log: start the server with --results FILE"
+                        .into(),
+                ));
+            };
+            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            let fresh = log.claim(&ids);
+            let mut journal = Vec::new();
+            let mut claimed = Vec::new();
+            let mut refused = Vec::new();
+            for (r, ok) in rows.into_iter().zip(fresh) {
+                if ok {
+                    journal.push(journal_line(&r));
+                    claimed.push(r);
+                } else {
+                    refused.push(r.id);
+                }
+            }
+            log.journal(&journal)?;
+            self.inner
+                .counters
+                .async_accepted
+                .fetch_add(claimed.len() as u64, Ordering::Relaxed);
+            let mut answers = self.classify_async(claimed, has_llm).await?;
+            let spec = self.loaded().spec.clone();
+            for id in refused {
+                let mut v = crate::output::to_json(
+                    &OutputRow::error(
+                        id,
+                        "this id was already accepted for async classification: read its result at /v1/results/{id}, or send another id".into(),
+                        Vec::new(),
+                    ),
+                    &spec,
+                );
+                v["status"] = "refused".into();
+                answers.push(v);
+            }
+            return Ok(answers);
+        }
+        let (classified, loaded) = self.classify_rows(rows).await?;
+        let mut out: Vec<Option<OutputRow>> = Vec::with_capacity(classified.len());
+        let mut waits = Vec::new();
+        let mut to_llm = Vec::new();
+        for (i, mut c) in classified.into_iter().enumerate() {
+            let wait = match escalate {
+                Escalate::Wait(d) if has_llm => Some(d),
+                _ => None,
+            };
+            if let (Some(_), DecidedBy::Escalate, true) =
+                (wait, c.out.decided_by, c.content.is_some())
+            {
+                let key = self.key();
+                let (tx, rx) = oneshot::channel();
+                self.inner.routes.lock().expect("routes").insert(
+                    key.clone(),
+                    Route::Wait {
+                        id: c.out.id.clone(),
+                        tx,
+                    },
+                );
+                waits.push((i, key.clone(), rx, c.out.clone()));
+                c.out.id = key;
+                to_llm.push(c);
+                out.push(None);
+            } else {
+                out.push(Some(c.out));
+            }
+        }
+        if !to_llm.is_empty() && !self.send_llm(to_llm) {
+            // The LLM queue is full: answer with the kNN decision now.
+            for (i, key, _, fallback) in waits.drain(..) {
+                self.inner.routes.lock().expect("routes").remove(&key);
+                out[i] = Some(fallback);
+            }
+        }
+        if let Escalate::Wait(deadline) = escalate {
+            let until = tokio::time::Instant::now() + deadline;
+            for (i, key, rx, fallback) in waits {
+                match tokio::time::timeout_at(until, rx).await {
+                    Ok(Ok(row)) => out[i] = Some(row),
+                    _ => {
+                        self.inner.routes.lock().expect("routes").remove(&key);
+                        self.inner
+                            .counters
+                            .llm_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        out[i] = Some(fallback);
+                    }
+                }
+            }
+        }
+        let rows: Vec<OutputRow> = out.into_iter().flatten().collect();
+        for r in &rows {
+            self.inner.counters.count_row(r);
+        }
+        Ok(rows
+            .iter()
+            .map(|r| crate::output::to_json(r, &loaded.spec))
+            .collect())
+    }
+
+    /// `async` items (already journaled): decided rows go to the log at once; escalated ones
+    /// to the LLM, whose answers the router writes.
+    async fn classify_async(
+        &self,
+        rows: Vec<Row>,
+        has_llm: bool,
+    ) -> std::result::Result<Vec<Value>, ServeError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (classified, loaded) = self.classify_rows(rows).await?;
+        self.settle_async(classified, &loaded, has_llm)
+    }
+
+    fn settle_async(
+        &self,
+        classified: Vec<Classified>,
+        loaded: &Loaded,
+        has_llm: bool,
+    ) -> std::result::Result<Vec<Value>, ServeError> {
+        let log = self.inner.log.as_ref().expect("checked by the caller");
+        let mut answers = Vec::with_capacity(classified.len());
+        let mut decided = Vec::new();
+        let mut to_llm = Vec::new();
+        for mut c in classified {
+            let mut v = crate::output::to_json(&c.out, &loaded.spec);
+            if has_llm && c.out.decided_by == DecidedBy::Escalate && c.content.is_some() {
+                v["status"] = "pending".into();
+                let key = self.key();
+                self.inner.routes.lock().expect("routes").insert(
+                    key.clone(),
+                    Route::Async {
+                        id: c.out.id.clone(),
+                    },
+                );
+                c.out.id = key;
+                to_llm.push(c);
+            } else {
+                v["status"] = "done".into();
+                self.inner.counters.count_row(&c.out);
+                decided.push(c.out);
+            }
+            answers.push(v);
+        }
+        log.write(&decided, &loaded.spec)?;
+        if !to_llm.is_empty() {
+            let keys: Vec<(String, OutputRow)> = to_llm
+                .iter()
+                .map(|c| (c.out.id.clone(), c.out.clone()))
+                .collect();
+            if !self.send_llm(to_llm) {
+                // The LLM queue is full: the kNN decision is the result (never lost, never
+                // twice: the route is removed before writing).
+                let mut rows = Vec::new();
+                for (key, mut r) in keys {
+                    if let Some(Route::Async { id }) =
+                        self.inner.routes.lock().expect("routes").remove(&key)
+                    {
+                        r.id = id;
+                        self.inner.counters.count_row(&r);
+                        rows.push(r);
+                    }
+                }
+                log.write(&rows, &loaded.spec)?;
+            }
+        }
+        Ok(answers)
+    }
+
+    /// Journaled items without a result (the last run ended before their answer): classified
+    /// and escalated again, in the background of the start.
+    fn resume(&self, rows: Vec<Row>) -> Result<()> {
+        let has_llm = self.inner.llm.lock().expect("llm").is_some();
+        self.inner
+            .counters
+            .async_resumed
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        let loaded = self.loaded();
+        for chunk in rows.chunks(256) {
+            let (classified, _) = loaded.classifier.classify_guarded(chunk.to_vec())?;
+            self.settle_async(classified, &loaded, has_llm)
+                .map_err(|e| match e {
+                    ServeError::Failed(e) => e,
+                    other => Error::Internal(other.to_string()),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The state of an `async` id.
+    pub fn result(&self, id: &str) -> Option<AsyncStatus> {
+        let log = self.inner.log.as_ref()?;
+        log.status.lock().expect("status").get(id).cloned()
+    }
+
+    /// Opens the index again (after `index add`, `calibrate`, a new build in place) and swaps
+    /// it in when it opens and checks cleanly; otherwise the old one keeps serving and the
+    /// error says why. What `--grow` learned is saved into the index first.
+    pub fn reload(&self) -> Result<ReloadReport> {
+        let _one = self.inner.reload_lock.lock().expect("reload");
+        let t = Instant::now();
+        let before = self.loaded();
+        let grown_saved = match &self.inner.growth {
+            Some(g) => super::classify::save_growth(&self.inner.opts.index, g)?,
+            None => 0,
+        };
+        let reloads = self.inner.reloads.load(Ordering::Relaxed) + 1;
+        let fresh = open_loaded(&self.inner.opts, self.inner.growth.as_ref(), reloads)?;
+        if self.inner.llm.lock().expect("llm").is_some()
+            && fresh.classifier.index.labels() != before.classifier.index.labels()
+        {
+            return Err(Error::index(
+                &self.inner.opts.index,
+                "the reloaded index has another label set than the LLM tier was started with: restart the server to change labels",
+            ));
+        }
+        let report = ReloadReport {
+            exemplars_before: before.classifier.index.len(),
+            exemplars: fresh.classifier.index.len(),
+            labels: fresh.classifier.index.labels().len(),
+            grown_saved,
+            seconds: 0.0,
+        };
+        *self.inner.loaded.write().expect("loaded") = Arc::new(fresh);
+        self.inner.reloads.store(reloads, Ordering::Relaxed);
+        Ok(ReloadReport {
+            seconds: t.elapsed().as_secs_f64(),
+            ..report
+        })
+    }
+
+    /// Stops taking work, finishes what is queued (and what the LLM owes), flushes the result
+    /// log and saves what `--grow` learned. Idempotent.
+    pub fn shutdown(&self) -> Result<ShutdownReport> {
+        self.inner.ready.store(false, Ordering::SeqCst);
+        // Closing the queue ends the compute thread once it has drained.
+        self.inner.jobs.lock().expect("jobs").take();
+        let llm = self.inner.llm.lock().expect("llm").take();
+        if let Some(tx) = llm {
+            let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+            if tx.send(LlmMsg::Finish(ack_tx)).is_ok() {
+                let _ = ack_rx.recv();
+            }
+        }
+        let threads: Vec<_> = std::mem::take(&mut *self.inner.threads.lock().expect("threads"));
+        for h in threads {
+            let _ = h.join();
+        }
+        if let Some(log) = &self.inner.log {
+            log.checkpoint()?;
+        }
+        let grown = match &self.inner.growth {
+            Some(g) => super::classify::save_growth(&self.inner.opts.index, g)?,
+            None => 0,
+        };
+        Ok(ShutdownReport { grown_saved: grown })
+    }
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShutdownReport {
+    pub grown_saved: usize,
+}
+
+/// An accepted row as its journal line (the input shape, so the journal is read back by the
+/// same parser).
+fn journal_line(r: &Row) -> Value {
+    let mut o = serde_json::Map::new();
+    o.insert("id".into(), Value::String(r.id.clone()));
+    match &r.content {
+        Ok(crate::conversation::Content::Text(t)) => {
+            o.insert("text".into(), Value::String(t.clone()));
+        }
+        Ok(crate::conversation::Content::Turns(ts)) => {
+            o.insert(
+                "messages".into(),
+                serde_json::to_value(ts).unwrap_or(Value::Null),
+            );
+        }
+        Err(e) => {
+            o.insert("error".into(), Value::String(e.clone()));
+        }
+    }
+    Value::Object(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_lines_read_back_as_the_same_rows() {
+        let cols = crate::input::Columns::default();
+        for content in [
+            Ok(crate::conversation::Content::Text(
+                "héllo 世界 \u{0} 🙂".into(),
+            )),
+            Ok(crate::conversation::Content::Turns(vec![
+                crate::conversation::Turn {
+                    role: crate::conversation::Role::User,
+                    content: "مرحبا".into(),
+                },
+                crate::conversation::Turn {
+                    role: crate::conversation::Role::Assistant,
+                    content: "नमस्ते".into(),
+                },
+            ])),
+        ] {
+            let r = Row {
+                index: 0,
+                id: "a1".into(),
+                content,
+                label: None,
+                passthrough: Vec::new(),
+            };
+            let v = journal_line(&r);
+            let back = crate::input::row_from_json(v.as_object().unwrap(), 0, "j", &cols);
+            assert_eq!(back.id, "a1");
+            assert_eq!(back.content, r.content);
+        }
+    }
+
+    #[test]
+    fn token_estimate_is_capped() {
+        let r = Row {
+            index: 0,
+            id: "x".into(),
+            content: Ok(crate::conversation::Content::Text("x".repeat(100_000))),
+            label: None,
+            passthrough: Vec::new(),
+        };
+        assert_eq!(estimate_tokens(&r, 256), 256);
+        let e = Row {
+            content: Err("bad".into()),
+            ..r
+        };
+        assert_eq!(estimate_tokens(&e, 256), 4);
+    }
+}
