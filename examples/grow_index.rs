@@ -76,6 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         part_rows: 20_000,
         existing: Existing::Overwrite,
         llm: Some(cfg),
+        llm_overrides: Default::default(),
         grow_min_confidence: Some(0.0),
         retry_escalated: false,
     })?

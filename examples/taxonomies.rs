@@ -66,6 +66,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         part_rows: 20_000,
         existing: Existing::Overwrite,
         llm: None,
+        llm_overrides: Default::default(),
         grow_min_confidence: None,
         retry_escalated: false,
     })?

@@ -28,6 +28,7 @@ pub mod llm;
 pub mod model;
 pub mod multilabel;
 pub mod output;
+pub mod pii;
 pub mod pipeline;
 pub mod progress;
 pub mod render;

@@ -99,6 +99,7 @@ pub const RESERVED: &[&str] = &[
     "llm_cost_usd",
     "lang",
     "escalate_reason",
+    "redacted",
 ];
 
 impl OutputSpec {
@@ -154,6 +155,8 @@ pub fn schema(spec: &OutputSpec) -> SchemaRef {
         Field::new("llm_cost_usd", DataType::Float64, true),
         Field::new("lang", DataType::Utf8, true),
         Field::new("escalate_reason", DataType::Utf8, true),
+        // Entities redacted before the text left, by type, as a JSON object (`{"EMAIL": 2}`).
+        Field::new("redacted", DataType::Utf8, true),
     ];
     for (name, multi) in &spec.taxonomies {
         if *multi {
@@ -208,9 +211,15 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
     let mut cost = Float64Builder::with_capacity(n);
     let mut lang = StringBuilder::new();
     let mut reason = StringBuilder::new();
+    let mut redacted = StringBuilder::new();
     for r in rows {
         lang.append_option(r.lang.as_deref());
         reason.append_option(r.escalate_reason.map(|e| e.as_str()));
+        redacted.append_option(
+            r.redacted
+                .as_ref()
+                .and_then(|c| serde_json::to_string(&c.0).ok()),
+        );
         id.append_value(&r.id);
         label.append_option(r.label.as_deref());
         conf.append_option(r.confidence);
@@ -250,6 +259,7 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
         Arc::new(cost.finish()),
         Arc::new(lang.finish()),
         Arc::new(reason.finish()),
+        Arc::new(redacted.finish()),
     ];
     for (j, (_, multi)) in spec.taxonomies.iter().enumerate() {
         fn get(r: &OutputRow, j: usize) -> Option<&TaxOut> {
@@ -360,6 +370,7 @@ pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
         "escalate_reason".into(),
         json!(r.escalate_reason.map(|e| e.as_str())),
     );
+    m.insert("redacted".into(), json!(r.redacted.as_ref().map(|c| &c.0)));
     if let Some(l) = &r.llm {
         m.insert("llm_model".into(), json!(l.model));
         m.insert("llm_tokens_in".into(), json!(l.tokens_in));

@@ -242,6 +242,9 @@ pub struct Classifier {
     pub growth: Option<std::sync::Arc<crate::grow::Growth>>,
     /// Additional taxonomies decided from the same embeddings.
     pub extra: Vec<Taxonomy>,
+    /// Redact personal data before embedding (`[redaction] before_embedding`): the encoder,
+    /// the vote, the LLM and a grown index then only ever see placeholders.
+    pub redact_input: Option<std::sync::Arc<crate::pii::Redactor>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -340,11 +343,16 @@ impl Classifier {
             head: None,
             growth: None,
             extra: Vec::new(),
+            redact_input: None,
         })
     }
 
     /// The full chunk step: render, embed ([`Encoder::embed_rows`]), search, decide.
     pub fn classify(&self, rows: Vec<Row>) -> Result<Vec<Classified>> {
+        let (rows, counts) = match &self.redact_input {
+            Some(red) => redact_rows(red, rows),
+            None => (rows, Vec::new()),
+        };
         let mut vectors = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         for e in self.encoder.embed_rows(&rows)? {
@@ -359,7 +367,13 @@ impl Classifier {
                 }
             }
         }
-        self.decide(rows, vectors, &ids)
+        let mut out = self.decide(rows, vectors, &ids)?;
+        for (c, n) in out.iter_mut().zip(counts) {
+            if !n.is_empty() {
+                c.out.redacted = Some(n);
+            }
+        }
+        Ok(out)
     }
 
     /// [`classify`](Self::classify) as the last line of defence against bugs: a panic while
@@ -576,6 +590,7 @@ impl Classifier {
                     extra,
                     lang: lang.map(|l| l.code.to_string()),
                     escalate_reason,
+                    redacted: None,
                 },
                 content: if escalate { row.content.ok() } else { None },
                 vector: if escalate { Some(vector) } else { None },
@@ -585,6 +600,24 @@ impl Classifier {
         }
         Ok(out)
     }
+}
+
+/// Rows with their personal data replaced (in parallel), and what each lost.
+fn redact_rows(red: &crate::pii::Redactor, rows: Vec<Row>) -> (Vec<Row>, Vec<crate::pii::Counts>) {
+    use rayon::prelude::*;
+    rows.into_par_iter()
+        .map(|mut r| {
+            let counts = match &r.content {
+                Ok(c) => {
+                    let (c, n) = red.redact_content(c);
+                    r.content = Ok(c);
+                    n
+                }
+                Err(_) => crate::pii::Counts::default(),
+            };
+            (r, counts)
+        })
+        .unzip()
 }
 
 pub use crate::error::panic_message;
@@ -615,6 +648,8 @@ pub struct RunSummary {
     pub languages: std::collections::BTreeMap<String, u64>,
     /// Rows escalated because the index's encoder does not cover their language.
     pub escalated_language: u64,
+    /// Personal data replaced before anything left (or before embedding), by type.
+    pub redacted: crate::pii::Counts,
 }
 
 /// What happens to escalated rows. The default keeps them as `escalate` in the output; the LLM
@@ -694,7 +729,12 @@ pub fn run(
             Ok((read, skipped, dups))
         });
         // Writer: rows → disk, checkpointing at least every few seconds.
-        type Langs = (std::collections::BTreeMap<String, u64>, u64);
+        // Rows per language, rows escalated for their language, entities redacted.
+        type Langs = (
+            std::collections::BTreeMap<String, u64>,
+            u64,
+            crate::pii::Counts,
+        );
         let writer_h = s.spawn(move || -> Result<(Box<dyn RowSink>, [u64; 4], Langs)> {
             let mut counts = [0u64; 4];
             let mut langs: Langs = Default::default();
@@ -715,6 +755,9 @@ pub fn run(
                             }
                             if r.escalate_reason == Some(EscalateReason::Language) {
                                 langs.1 += 1;
+                            }
+                            if let Some(c) = &r.redacted {
+                                langs.2.add(c);
                             }
                         }
                         writer.write(&rows)?;
@@ -775,7 +818,8 @@ pub fn run(
             }
             other => other?,
         }
-        let (writer, counts, (languages, escalated_language)) = write_res?;
+        let (writer, counts, (languages, escalated_language, redacted)) = write_res?;
+        summary.redacted = redacted;
         summary.languages = languages;
         summary.escalated_language = escalated_language;
         let (read, skipped, dups) = read_res?;

@@ -74,6 +74,10 @@ pub struct OutputRow {
     /// Why the row went to the LLM tier (`confidence`, or `language`: the index's encoder was
     /// not trained on the row's language); `None` for rows kept by kNN and error rows.
     pub escalate_reason: Option<EscalateReason>,
+    /// Personal data replaced before the row's text left for the LLM (or before embedding,
+    /// when configured): entities by type, never the values. `None` when nothing was redacted
+    /// or the text never left.
+    pub redacted: Option<crate::pii::Counts>,
 }
 
 /// Why a row was escalated.
@@ -112,6 +116,7 @@ impl OutputRow {
             extra: Vec::new(),
             lang: None,
             escalate_reason: None,
+            redacted: None,
         }
     }
 }

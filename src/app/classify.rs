@@ -30,6 +30,8 @@ pub struct ClassifyOptions {
     pub existing: Existing,
     /// LLM tier configuration file; escalated rows stay `escalate` without one.
     pub llm: Option<PathBuf>,
+    /// `--redact`, `--show-sent`: win over the LLM configuration file.
+    pub llm_overrides: crate::llm::config::Overrides,
     /// `--grow`: add LLM-labelled rows whose kNN confidence is at least this to the index.
     pub grow_min_confidence: Option<f32>,
     /// `--retry-escalated`: after the run, send every row the output holds as `escalate` (the
@@ -114,7 +116,11 @@ impl ClassifyJob {
         // The LLM tier first: a bad configuration or a missing key must stop the run before
         // the output is created or locked.
         let mut tier = match &opts.llm {
-            Some(p) => Some(llm_tier(&classifier, p)?),
+            Some(p) => {
+                let cfg = crate::llm::LlmConfig::load_with(p, &opts.llm_overrides)?;
+                classifier.redact_input = cfg.input_redactor()?;
+                Some(llm_tier_from(&classifier, cfg)?)
+            }
             None => None,
         };
         let (writer, done) = OutputWriter::open(&opts.output, spec, opts.existing)?;
@@ -207,7 +213,11 @@ fn retry_escalated(opts: &ClassifyOptions, classifier: &Classifier) -> Result<Re
     if escalated.is_empty() {
         return Ok(report);
     }
-    let mut tier = llm_tier(classifier, opts.llm.as_deref().expect("checked in open"))?;
+    let mut tier = llm_tier(
+        classifier,
+        opts.llm.as_deref().expect("checked in open"),
+        &opts.llm_overrides,
+    )?;
     let forced_classifier = Classifier::open(
         &opts.index,
         &ClassifierOptions {
@@ -269,8 +279,15 @@ fn retry_escalated(opts: &ClassifyOptions, classifier: &Classifier) -> Result<Re
 }
 
 /// The LLM tier for a classifier's label set from a configuration file.
-pub fn llm_tier(classifier: &Classifier, config: &std::path::Path) -> Result<LlmTier> {
-    llm_tier_from(classifier, crate::llm::LlmConfig::load(config)?)
+pub fn llm_tier(
+    classifier: &Classifier,
+    config: &std::path::Path,
+    overrides: &crate::llm::config::Overrides,
+) -> Result<LlmTier> {
+    llm_tier_from(
+        classifier,
+        crate::llm::LlmConfig::load_with(config, overrides)?,
+    )
 }
 
 /// The LLM tier for a classifier's label set, counting tokens with its tokenizer (the CLI and

@@ -14,6 +14,7 @@
 //! | fine-tune the encoder on the exemplars, re-embed, re-calibrate | [`tune::run`] |
 //! | two LLM configurations on the same rows (agreement, kappa, cost) | [`compare::run`] |
 //! | the encoders semtel knows, present here or not, and their speed here | [`models::list`] |
+//! | personal data replaced by typed placeholders in a whole file | [`redact::run`] |
 //! | the live service: micro-batched classify/embed, escalation per request, result log, reload | [`serve::Service`] |
 //!
 //! This layer must never print, parse flags or read environment variables for options: it takes
@@ -29,5 +30,6 @@ pub mod embed;
 pub mod eval;
 pub mod index;
 pub mod models;
+pub mod redact;
 pub mod serve;
 pub mod tune;

@@ -47,6 +47,8 @@ pub struct ServeOptions {
     pub classifier: ClassifierOptions,
     /// LLM tier configuration; without one, escalated rows are answered as `escalate`.
     pub llm: Option<PathBuf>,
+    /// `--redact`, `--show-sent`: win over the LLM configuration file.
+    pub llm_overrides: crate::llm::config::Overrides,
     /// Result log for `escalate=async` (JSONL file, Parquet file or dataset directory); its
     /// journal of accepted items is `<results>.accepted.jsonl` beside it.
     pub results: Option<PathBuf>,
@@ -67,6 +69,7 @@ impl ServeOptions {
             also: Vec::new(),
             classifier: ClassifierOptions::default(),
             llm: None,
+            llm_overrides: Default::default(),
             results: None,
             grow_min_confidence: None,
             max_batch_tokens: 16_384,
@@ -395,6 +398,10 @@ pub struct ReloadReport {
 
 fn open_loaded(opts: &ServeOptions, growth: Option<&Arc<Growth>>, reloads: u64) -> Result<Loaded> {
     let mut classifier = Classifier::open(&opts.index, &opts.classifier)?;
+    if let Some(p) = &opts.llm {
+        let cfg = crate::llm::LlmConfig::load_with(p, &opts.llm_overrides)?;
+        classifier.redact_input = cfg.input_redactor()?;
+    }
     for (name, dir) in &opts.also {
         let t = Taxonomy::open(name, dir, &classifier.encoder)?;
         classifier.extra.push(t);
@@ -466,7 +473,7 @@ impl Service {
         // the result log is locked.
         let tier = match &opts.llm {
             Some(p) => {
-                let mut t = super::classify::llm_tier(&loaded.classifier, p)?;
+                let mut t = super::classify::llm_tier(&loaded.classifier, p, &opts.llm_overrides)?;
                 if let Some(g) = &growth {
                     super::classify::attach_growth(
                         &mut t,

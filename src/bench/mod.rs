@@ -7,6 +7,7 @@
 //! This module must never be used by the classification path.
 
 pub mod encoders;
+pub mod redact;
 pub mod scale;
 pub mod serve;
 
@@ -1314,6 +1315,7 @@ pub fn bootstrap_benchmark(
                         part_rows: 100_000,
                         existing: crate::output::Existing::Overwrite,
                         llm: Some(llm_path),
+                        llm_overrides: Default::default(),
                         grow_min_confidence: Some(0.0),
                         retry_escalated: false,
                     },

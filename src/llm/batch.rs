@@ -4,7 +4,7 @@
 //! Rows not answered (or answered outside the schema) stay `escalate` with the reason.
 
 use super::parse::{parse_reply, Answer};
-use super::tier::{head_tail_chars, PromptBuilder, PromptItem};
+use super::tier::{head_tail_chars, PromptBuilder};
 use crate::conversation::{Content, Role};
 use crate::index::ExemplarIndex;
 use crate::input::{self, InputOptions};
@@ -22,6 +22,8 @@ pub struct ExportSummary {
     pub requests: usize,
     pub escalated_rows: usize,
     pub missing_from_input: usize,
+    /// Personal data replaced in the exported conversations, by type.
+    pub redacted: crate::pii::Counts,
 }
 
 /// Writes one Batch API request per escalated row of `labels` to `out`.
@@ -78,18 +80,20 @@ pub fn export(
                 }
             };
             let candidates = pb.candidates(o.neighbor_labels.iter().map(String::as_str));
-            let examples = o
+            let examples: Vec<(String, String)> = o
                 .neighbor_ids
                 .iter()
                 .zip(&o.neighbor_labels)
                 .filter_map(|(id, l)| texts.get(id.as_str()).map(|t| (l.clone(), t.to_string())))
                 .collect();
-            let item = PromptItem {
-                text: head_tail_chars(&text, pb.cfg.max_item_chars),
-                full_schema: candidates.is_empty(),
+            let full = candidates.is_empty();
+            let (item, counts) = pb.item(
+                &head_tail_chars(&text, pb.cfg.max_item_chars),
                 candidates,
-                examples,
-            };
+                &examples,
+                full,
+            );
+            s.redacted.add(&counts);
             let (req, _) = pb.request(&[&item]);
             let mut body = serde_json::Map::new();
             body.insert("model".into(), model.clone().into());
@@ -246,7 +250,11 @@ pub fn run(
         .endpoints
         .first()
         .ok_or_else(|| Error::Config("no endpoint configured".into()))?;
-    let client = Arc::new(HttpClient::new(ep)?);
+    let sent = match &cfg.show_sent {
+        Some(p) => Some(Arc::new(super::client::SentLog::open(p)?)),
+        None => None,
+    };
+    let client = Arc::new(HttpClient::new(ep)?.with_sent_log(sent));
     let f = std::fs::File::open(requests).map_err(|e| Error::io(requests, e))?;
     let mut lines: Vec<Value> = Vec::new();
     for (n, l) in std::io::BufReader::new(f).lines().enumerate() {
@@ -339,10 +347,14 @@ pub fn run(
 
 /// The index and prompt builder of a Batch API export or import. Token counts only size
 /// requests here (nothing is rate-limited), so a length estimate stands in for the tokenizer.
-pub fn prompt_builder(index: &Path, llm: &Path) -> Result<(ExemplarIndex, PromptBuilder)> {
+pub fn prompt_builder(
+    index: &Path,
+    llm: &Path,
+    overrides: &super::config::Overrides,
+) -> Result<(ExemplarIndex, PromptBuilder)> {
     let idx = ExemplarIndex::open(index, true)?;
     let pb = PromptBuilder::new(
-        super::LlmConfig::load(llm)?,
+        super::LlmConfig::load_with(llm, overrides)?,
         idx.labels().to_vec(),
         std::sync::Arc::new(|t: &str| t.len() / 4),
     )?;

@@ -126,6 +126,8 @@ pub struct HttpClient {
     /// Every credential this client knows (the key, credential values in the URL): scrubbed
     /// from each error message it returns.
     secrets: Vec<String>,
+    /// `--show-sent`: where every body sent is recorded.
+    sent: Option<std::sync::Arc<SentLog>>,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -184,7 +186,45 @@ pub fn chat_url(cfg: &EndpointConfig) -> String {
     }
 }
 
+/// `--show-sent`: every request body exactly as it leaves, one JSON line per request
+/// (endpoint, URL without its query, body). Headers are not written, so no key is.
+pub struct SentLog {
+    path: std::path::PathBuf,
+    file: std::sync::Mutex<std::fs::File>,
+}
+
+impl SentLog {
+    pub fn open(path: &std::path::Path) -> Result<SentLog> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(SentLog {
+            path: path.to_path_buf(),
+            file: std::sync::Mutex::new(file),
+        })
+    }
+
+    fn record(&self, endpoint: &str, url: &str, body: &serde_json::Value) {
+        use std::io::Write;
+        let url = url.split('?').next().unwrap_or(url);
+        let line = serde_json::json!({"endpoint": endpoint, "url": url, "body": body});
+        if let Ok(mut f) = self.file.lock() {
+            if let Err(e) = writeln!(f, "{line}") {
+                tracing::warn!("--show-sent: cannot write {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
 impl HttpClient {
+    /// Records every body this client sends in `log` (`--show-sent`).
+    pub fn with_sent_log(mut self, log: Option<std::sync::Arc<SentLog>>) -> Self {
+        self.sent = log;
+        self
+    }
+
     pub fn new(cfg: &EndpointConfig) -> Result<Self> {
         let key = match &cfg.api_key_env {
             Some(var) => match std::env::var(var) {
@@ -215,6 +255,7 @@ impl HttpClient {
             key,
             http,
             secrets,
+            sent: None,
         })
     }
 
@@ -322,6 +363,9 @@ impl HttpClient {
         body: &serde_json::Value,
         timeout: Duration,
     ) -> std::result::Result<(u16, RateInfo, String), CallError> {
+        if let Some(log) = &self.sent {
+            log.record(&self.cfg.name, &self.url, body);
+        }
         let mut rb = self.http.post(&self.url).json(body);
         if let Some(k) = &self.key {
             rb = match self.cfg.kind {

@@ -113,6 +113,15 @@ pub struct LlmConfig {
     /// deadlines, hedging. `false` sends at a fixed concurrency of `max_concurrency` and only
     /// backs off exponentially on errors: the naive baseline the benchmark compares against.
     pub adaptive: bool,
+    /// Personal data removed from every conversation and example before it is sent:
+    /// `off`, `standard` (the default) or `strict` (see [`crate::pii`]); `--redact` overrides.
+    pub redact: crate::pii::Level,
+    /// `[redaction]`: allow and deny lists, custom patterns, redaction before embedding, phone
+    /// regions.
+    pub redaction: crate::pii::Rules,
+    /// Append every request body exactly as sent to this local file (JSON Lines; no headers,
+    /// so no key), to see and prove what left the machine. `--show-sent` sets it.
+    pub show_sent: Option<PathBuf>,
     /// Label descriptions shown in the prompt (label → description).
     pub labels: BTreeMap<String, String>,
     pub endpoints: Vec<EndpointConfig>,
@@ -139,17 +148,60 @@ impl Default for LlmConfig {
             cache: None,
             max_pending: 4096,
             adaptive: true,
+            redact: crate::pii::Level::Standard,
+            redaction: crate::pii::Rules::default(),
+            show_sent: None,
             labels: BTreeMap::new(),
             endpoints: Vec::new(),
         }
     }
 }
 
+/// Command-line settings that win over the configuration file's (`--redact`, `--show-sent`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub redact: Option<crate::pii::Level>,
+    pub show_sent: Option<PathBuf>,
+}
+
+impl Overrides {
+    pub fn apply(&self, c: &mut LlmConfig) {
+        if let Some(l) = self.redact {
+            c.redact = l;
+        }
+        if let Some(p) = &self.show_sent {
+            c.show_sent = Some(p.clone());
+        }
+    }
+}
+
 impl LlmConfig {
+    /// [`load`](Self::load), then the command line's overrides.
+    pub fn load_with(path: &Path, o: &Overrides) -> Result<LlmConfig> {
+        let mut c = Self::load(path)?;
+        o.apply(&mut c);
+        Ok(c)
+    }
+
+    /// The redaction stage to run before embedding, when `[redaction] before_embedding` asks
+    /// for it (and redaction is on).
+    pub fn input_redactor(&self) -> Result<Option<std::sync::Arc<crate::pii::Redactor>>> {
+        if !self.redaction.before_embedding || self.redact == crate::pii::Level::Off {
+            return Ok(None);
+        }
+        Ok(Some(std::sync::Arc::new(crate::pii::Redactor::new(
+            self.redact,
+            &self.redaction,
+        )?)))
+    }
+
     pub fn load(path: &Path) -> Result<LlmConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut c: LlmConfig =
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        // The redaction rules are checked now: a bad pattern stops before anything is sent.
+        crate::pii::Redactor::new(c.redact, &c.redaction)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         // A relative prompt path is relative to the config file.
         if let (Some(p), Some(dir)) = (&c.prompt, path.parent()) {
             if p.is_relative() {

@@ -36,7 +36,7 @@ pub fn url_secrets(url: &str) -> Vec<String> {
         .collect()
 }
 
-fn is_secret_param(name: &str) -> bool {
+pub(crate) fn is_secret_param(name: &str) -> bool {
     SECRET_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(name))
 }
 

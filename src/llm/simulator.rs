@@ -110,6 +110,8 @@ pub struct SimConfig {
     pub error_rate: f64,
     /// Where the wrong answers fall: uniformly, or on the ambiguous items.
     pub errors: ErrorModel,
+    /// Keep every request body in [`SimState::seen`].
+    pub record_bodies: bool,
     pub faults: Faults,
     /// How long a "hang" holds the request before answering.
     pub hang_s: f64,
@@ -200,6 +202,7 @@ impl Default for SimConfig {
             jitter_ms: 10.0,
             error_rate: 0.0,
             errors: ErrorModel::Uniform,
+            record_bodies: false,
             faults: Faults::default(),
             hang_s: 30.0,
             truth: HashMap::new(),
@@ -443,6 +446,9 @@ pub struct SeenRequest {
     pub auth: String,
     pub model: Option<String>,
     pub items: usize,
+    /// The request body as received, when [`SimConfig::record_bodies`] is on (tests that
+    /// check what left semtel).
+    pub body: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -796,6 +802,10 @@ async fn handle(
         auth: auth.0.into(),
         model: v["model"].as_str().map(str::to_string),
         items: items.len(),
+        body: st
+            .cfg
+            .record_bodies
+            .then(|| String::from_utf8_lossy(&body).into_owned()),
     });
     if !(path.starts_with("/v1/chat/completions")
         || (path.starts_with("/openai/deployments/")

@@ -104,6 +104,8 @@ struct Incoming {
 /// items' candidates when they all have some), few-shot examples and the answer budget.
 pub struct PromptBuilder {
     pub cfg: LlmConfig,
+    /// Personal data out of every conversation and example before it is put in a prompt.
+    pub redactor: Arc<crate::pii::Redactor>,
     pub prompt: Prompty,
     pub schema: Schema,
     pub descriptions: Vec<String>,
@@ -137,14 +139,43 @@ impl PromptBuilder {
         } else {
             "other".to_string()
         };
+        let redactor = Arc::new(crate::pii::Redactor::new(cfg.redact, &cfg.redaction)?);
         Ok(PromptBuilder {
             cfg,
+            redactor,
             prompt,
             schema: Schema::new(labels),
             descriptions,
             other,
             counter,
         })
+    }
+
+    /// What the prompt shows of one conversation (`text`, already cut to `max_item_chars`) and
+    /// its labelled `examples`, with personal data replaced by placeholders: the only way a
+    /// conversation gets into a prompt. Returns the item and what was redacted from its text
+    /// (the examples are other people's conversations: redacted too, counted apart).
+    pub fn item(
+        &self,
+        text: &str,
+        candidates: Vec<usize>,
+        examples: &[(String, String)],
+        full_schema: bool,
+    ) -> (PromptItem, crate::pii::Counts) {
+        let red = self.redactor.redact(text);
+        let examples = examples
+            .iter()
+            .map(|(l, t)| (l.clone(), self.redactor.redact(t).text))
+            .collect();
+        (
+            PromptItem {
+                text: red.text,
+                full_schema,
+                candidates,
+                examples,
+            },
+            red.counts,
+        )
     }
 
     /// Whether items get narrowed candidate lists under this configuration.
@@ -270,10 +301,17 @@ pub struct LlmTier {
 impl LlmTier {
     /// Builds HTTP clients for every endpoint of `cfg`.
     pub fn new(cfg: LlmConfig, labels: Vec<String>, counter: TokenCounter) -> Result<LlmTier> {
+        let sent = match &cfg.show_sent {
+            Some(p) => Some(Arc::new(super::client::SentLog::open(p)?)),
+            None => None,
+        };
         let clients = cfg
             .endpoints
             .iter()
-            .map(|e| HttpClient::new(e).map(|c| Arc::new(c) as Arc<dyn LlmClient>))
+            .map(|e| {
+                HttpClient::new(e)
+                    .map(|c| Arc::new(c.with_sent_log(sent.clone())) as Arc<dyn LlmClient>)
+            })
             .collect::<Result<Vec<_>>>()?;
         Self::with_clients(cfg, labels, counter, clients)
     }
@@ -453,20 +491,24 @@ impl Escalation for LlmTier {
             let candidates = sh
                 .pb
                 .candidates(c.out.neighbors.iter().map(|n| n.label.as_str()));
+            let full = !narrow || candidates.is_empty();
+            let (p, counts) = sh.pb.item(&text, candidates, &c.examples, full);
+            let mut row = c.out;
+            if !counts.is_empty() {
+                row.redacted
+                    .get_or_insert_with(crate::pii::Counts::default)
+                    .add(&counts);
+            }
             batch.push(Incoming {
                 item: Item {
-                    hash: text_hash(&text),
-                    p: PromptItem {
-                        text,
-                        full_schema: !narrow || candidates.is_empty(),
-                        candidates,
-                        examples: c.examples.clone(),
-                    },
+                    // What is sent decides the answer: identical prompts are asked once.
+                    hash: text_hash(&p.text),
+                    p,
                     attempts: 0,
                     last_problem: None,
                 },
                 waiting: Waiting {
-                    row: c.out,
+                    row,
                     vector: c.vector,
                     text: match &c.content {
                         Some(c) => c.flatten(),

@@ -123,6 +123,10 @@ pub enum Cmd {
     /// The encoders semtel knows: languages, dimensions, layers, licence, how to fetch them,
     /// whether models/ has them, and (--measure) their tokens/s on this machine.
     Models(ModelsArgs),
+    /// Personal data replaced by typed placeholders (<EMAIL_1>, <PHONE_2>, …) in a whole file,
+    /// with the same stage the LLM tier runs before anything is sent: for sharing data. One
+    /// JSON line per input row with `redacted` (entities by type, never the values).
+    Redact(RedactArgs),
     /// A live classification service over HTTP: POST /v1/classify, /v1/embeddings
     /// (OpenAI-compatible), GET /v1/results/{id}, /health, /ready, /info, /metrics,
     /// POST /admin/reload (and SIGHUP). Bearer key from SEMTEL_API_KEY when set. Every flag
@@ -130,8 +134,59 @@ pub enum Cmd {
     Serve(ServeArgs),
 }
 
+/// What leaves the machine, on every command that calls an LLM.
+#[derive(Args, Clone, Default)]
+pub struct SendArgs {
+    /// Personal data replaced by typed placeholders before anything is sent: off, standard
+    /// or strict [default: the LLM configuration's `redact`, standard].
+    #[arg(long, value_parser = ["off", "standard", "strict"])]
+    pub redact: Option<String>,
+    /// Append every request body exactly as sent to this local file (JSON Lines; no headers,
+    /// so never the key).
+    #[arg(long, value_name = "FILE")]
+    pub show_sent: Option<PathBuf>,
+}
+
+impl SendArgs {
+    pub fn overrides(&self) -> anyhow::Result<semtel::llm::config::Overrides> {
+        Ok(semtel::llm::config::Overrides {
+            redact: self
+                .redact
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            show_sent: self.show_sent.clone(),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct RedactArgs {
+    #[arg(long)]
+    pub input: PathBuf,
+    /// JSON Lines file to write.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long)]
+    pub overwrite: bool,
+    /// standard or strict [default: the LLM config's `redact`, else standard].
+    #[arg(long, value_parser = ["standard", "strict"])]
+    pub redact: Option<String>,
+    /// An LLM configuration whose `[redaction]` rules (allow/deny lists, patterns) apply.
+    #[arg(long)]
+    pub llm: Option<PathBuf>,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
+    #[command(flatten)]
+    pub send: SendArgs,
     /// The index to serve.
     #[arg(long)]
     pub index: Option<PathBuf>,
@@ -243,6 +298,8 @@ pub enum IndexCmd {
 
 #[derive(Args)]
 pub struct ClassifyArgs {
+    #[command(flatten)]
+    pub send: SendArgs,
     #[arg(long)]
     pub index: PathBuf,
     /// Conversations: JSONL or Parquet.
@@ -412,6 +469,8 @@ pub struct DemoArgs {
 
 #[derive(Args)]
 pub struct BootstrapArgs {
+    #[command(flatten)]
+    pub send: SendArgs,
     /// Unlabelled conversations (JSONL/Parquet); a label column, if any, is ignored.
     #[arg(long)]
     pub input: PathBuf,

@@ -30,6 +30,8 @@ pub enum LlmCmd {
     /// agreement, Cohen's kappa, label pairs they disagree on, tokens and cost of each, and the
     /// index exemplars the second would label differently.
     Compare {
+        #[command(flatten)]
+        send: crate::args::SendArgs,
         /// Index whose labels are the schema (its neighbours narrow candidates, as in classify).
         #[arg(long)]
         index: PathBuf,
@@ -54,6 +56,8 @@ pub enum LlmCmd {
     },
     /// Write the escalated rows of a classify output as an OpenAI Batch API request file.
     ExportBatch {
+        #[command(flatten)]
+        send: crate::args::SendArgs,
         #[arg(long)]
         index: PathBuf,
         /// The conversations that were classified.
@@ -73,6 +77,9 @@ pub enum LlmCmd {
     /// Execute a Batch API request file against the configured endpoint (any OpenAI-compatible
     /// server), writing a results file in the Batch API's format.
     RunBatch {
+        /// Only --show-sent applies (the bodies were built, and redacted, by export-batch).
+        #[command(flatten)]
+        send: crate::args::SendArgs,
         #[arg(long)]
         requests: PathBuf,
         #[arg(long)]
@@ -194,6 +201,31 @@ pub enum BenchCmd {
     /// latency and rows/s against `semtel classify` on the same rows in the same run;
     /// optionally a memory soak.
     Serve(BenchServeArgs),
+    /// The redaction stage on a labelled PII set: per-type precision and recall, values that
+    /// would still leave, throughput; with --presidio, Microsoft Presidio on the same set in
+    /// the same run.
+    Redact(BenchRedactArgs),
+}
+
+#[derive(Args)]
+pub struct BenchRedactArgs {
+    /// The labelled set (benches/pii/make_pii_set.py).
+    #[arg(long, default_value = "tests/fixtures/pii.jsonl")]
+    pub set: PathBuf,
+    #[arg(long, default_value = "standard", value_parser = ["standard", "strict"])]
+    pub level: String,
+    /// Timed passes (median).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// A Python with presidio-analyzer (benches/pii/setup-presidio.sh prints one).
+    #[arg(long)]
+    pub presidio: Option<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "patterns,full")]
+    pub presidio_modes: Vec<String>,
+    #[arg(long, default_value = "out/bench-redact")]
+    pub work: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

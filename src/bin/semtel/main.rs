@@ -101,6 +101,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(a) => demo::run(&ctx, a),
         Cmd::Models(a) => models::run(&ctx, a),
         Cmd::Serve(a) => serve::run(&ctx, a),
+        Cmd::Redact(a) => redact::run(&ctx, a),
         Cmd::Embed {
             input,
             output,
@@ -119,6 +120,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Build(a)) => bench::build(&ctx, a),
         Cmd::Bench(BenchCmd::Encoders(a)) => bench::encoders(&ctx, a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench::serve(&ctx, a),
+        Cmd::Bench(BenchCmd::Redact(a)) => bench::redact(&ctx, a),
         Cmd::Llm(c) => llm::run(&ctx, c),
     }
 }

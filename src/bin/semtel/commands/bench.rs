@@ -2,7 +2,8 @@
 
 use crate::args::ColumnArgs;
 use crate::args_tools::{
-    BenchBootstrapArgs, BenchBuildArgs, BenchEmbedArgs, BenchLlmArgs, BenchServeArgs,
+    BenchBootstrapArgs, BenchBuildArgs, BenchEmbedArgs, BenchLlmArgs, BenchRedactArgs,
+    BenchServeArgs,
 };
 use crate::options::Ctx;
 use anyhow::Result;
@@ -429,4 +430,77 @@ pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
+}
+
+pub fn redact(_ctx: &Ctx, a: BenchRedactArgs) -> Result<()> {
+    let o = semtel::bench::redact::RedactBenchOptions {
+        set: a.set.clone(),
+        level: a.level.parse().map_err(anyhow::Error::msg)?,
+        rules: semtel::pii::Rules::default(),
+        repeats: a.repeats,
+        presidio: a.presidio.clone(),
+        presidio_modes: a.presidio_modes.clone(),
+        work: a.work.clone(),
+    };
+    let r = semtel::bench::redact::redact_benchmark(&o, &mut |l| eprintln!("{l}"))?;
+    eprintln!("\n{} rows, {} characters", r.rows, r.chars);
+    let types: std::collections::BTreeSet<&String> =
+        r.runs.iter().flat_map(|run| run.by_type.keys()).collect();
+    let mut head = String::from("| type | gold |");
+    let mut rule = String::from("|---|---|");
+    for run in &r.runs {
+        head.push_str(&format!(" {} P | R |", run.tool));
+        rule.push_str("---|---|");
+    }
+    eprintln!("{head}\n{rule}");
+    for t in types {
+        let gold = r
+            .runs
+            .iter()
+            .find_map(|run| run.by_type.get(t).map(|s| s.gold))
+            .unwrap_or(0);
+        let mut line = format!("| {t} | {gold} |");
+        for run in &r.runs {
+            match run.by_type.get(t) {
+                Some(s) => line.push_str(&format!(" {} | {} |", pct(s.precision), pct(s.recall))),
+                None => line.push_str(" – | – |"),
+            }
+        }
+        eprintln!("{line}");
+    }
+    for run in &r.runs {
+        eprintln!(
+            "{}: {:.0} chars/s, {:.0} texts/s; {} alarms on near-miss rows; {} predictions of other types",
+            run.tool, run.chars_per_s, run.texts_per_s, run.false_alarms_on_clean_rows, run.other_predictions
+        );
+    }
+    if let Some(s) = r.runs.first() {
+        for p in r.runs.iter().skip(1) {
+            eprintln!(
+                "throughput: semtel {:.1}× {}",
+                s.chars_per_s / p.chars_per_s.max(1e-9),
+                p.tool
+            );
+        }
+    }
+    eprintln!(
+        "gold values still in semtel's output, by type: {:?}",
+        r.semtel_leaked
+    );
+    std::fs::create_dir_all(&a.work)?;
+    let path = a.work.join("redact.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
+    eprintln!("wrote {}", path.display());
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}
+
+fn pct(x: f64) -> String {
+    if x.is_nan() {
+        "–".into()
+    } else {
+        format!("{:.1}", 100.0 * x)
+    }
 }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use semtel::app::bootstrap::{self, BootstrapOptions, Sampling};
 
 pub fn run(ctx: &Ctx, a: BootstrapArgs) -> Result<()> {
-    let llm = semtel::llm::LlmConfig::load(&a.llm)?;
+    let llm = semtel::llm::LlmConfig::load_with(&a.llm, &a.send.overrides()?)?;
     let mut o = BootstrapOptions::new(
         a.input.clone(),
         a.labels.clone(),

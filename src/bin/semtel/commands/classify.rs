@@ -43,6 +43,7 @@ fn options(ctx: &Ctx, a: &ClassifyArgs) -> Result<ClassifyOptions> {
             Existing::Refuse
         },
         llm: a.llm.clone().or(ctx.cfg.llm.clone().map(PathBuf::from)),
+        llm_overrides: a.send.overrides()?,
         grow_min_confidence: a.grow.then_some(a.grow_min_confidence),
         retry_escalated: a.retry_escalated,
     })
@@ -72,7 +73,7 @@ pub fn run(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
         println!("{v}");
     }
     eprintln!(
-        "wrote {} rows to {} in {:.1}s ({:.0} rows/s): knn {}, escalate {}, llm {}, errors {}{}",
+        "wrote {} rows to {} in {:.1}s ({:.0} rows/s): knn {}, escalate {}, llm {}, errors {}{}{}",
         summary.rows_written,
         a.output.display(),
         summary.seconds,
@@ -85,7 +86,8 @@ pub fn run(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
             format!(", {} skipped (already done)", summary.rows_skipped_resume)
         } else {
             String::new()
-        }
+        },
+        crate::commands::redacted_note(&summary.redacted)
     );
     if let Some(s) = &report.llm {
         print_llm_summary(s, summary);

@@ -52,6 +52,7 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             }
         }
         LlmCmd::Compare {
+            send,
             index,
             input,
             cols,
@@ -67,8 +68,8 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
                 classifier: ctx.classifier_options(None, None, None)?,
                 input,
                 input_options: ctx.input_options(&cols),
-                a: (name(&a), LlmConfig::load(&a)?),
-                b: (name(&b), LlmConfig::load(&b)?),
+                a: (name(&a), LlmConfig::load_with(&a, &send.overrides()?)?),
+                b: (name(&b), LlmConfig::load_with(&b, &send.overrides()?)?),
                 rows,
                 exemplars,
             })?;
@@ -112,6 +113,7 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             Ok(())
         }
         LlmCmd::ExportBatch {
+            send,
             index,
             input: inp,
             labels,
@@ -119,7 +121,7 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             out,
             cols,
         } => {
-            let (idx, pb) = semtel::llm::batch::prompt_builder(&index, &llm)?;
+            let (idx, pb) = semtel::llm::batch::prompt_builder(&index, &llm, &send.overrides()?)?;
             let s = semtel::llm::batch::export(
                 &pb,
                 &idx,
@@ -130,21 +132,23 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
                 ctx.encoder_options().include_system_turns,
             )?;
             eprintln!(
-                "wrote {} Batch API requests to {} ({} escalated rows; {} not found in the input)",
+                "wrote {} Batch API requests to {} ({} escalated rows; {} not found in the input){}",
                 s.requests,
                 out.display(),
                 s.escalated_rows,
-                s.missing_from_input
+                s.missing_from_input,
+                crate::commands::redacted_note(&s.redacted)
             );
             Ok(())
         }
         LlmCmd::RunBatch {
+            send,
             requests,
             llm,
             out,
             concurrency,
         } => {
-            let cfg = LlmConfig::load(&llm)?;
+            let cfg = LlmConfig::load_with(&llm, &send.overrides()?)?;
             let s = semtel::llm::batch::run(&cfg, &requests, &out, concurrency)?;
             eprintln!(
                 "ran {} requests against {}: {} ok, {} failed, {} retries; results in {}",
@@ -165,7 +169,7 @@ pub fn run(ctx: &Ctx, c: LlmCmd) -> Result<()> {
             output,
             price_factor,
         } => {
-            let (_, pb) = semtel::llm::batch::prompt_builder(&index, &llm)?;
+            let (_, pb) = semtel::llm::batch::prompt_builder(&index, &llm, &Default::default())?;
             let s = semtel::llm::batch::import(&pb, &results, &labels, &output, price_factor)?;
             eprintln!(
                 "merged {} results into {}: {} labelled, {} rejected (kept as escalate with the reason), {} ids not escalated in the output; {} rows written",

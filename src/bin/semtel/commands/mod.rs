@@ -11,6 +11,7 @@ pub mod eval;
 pub mod index;
 pub mod llm;
 pub mod models;
+pub mod redact;
 pub mod serve;
 pub mod tune;
 
@@ -26,3 +27,12 @@ impl std::fmt::Display for RunHadErrors {
 }
 
 impl std::error::Error for RunHadErrors {}
+
+/// `; redacted before sending: EMAIL 3, PHONE 1` (empty when nothing was).
+pub fn redacted_note(c: &semtel::pii::Counts) -> String {
+    if c.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = c.0.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    format!("; redacted before sending: {}", parts.join(", "))
+}

@@ -35,6 +35,7 @@ fn options(ctx: &Ctx, a: &ServeArgs) -> Result<(ServeOptions, ServerOptions, Str
     s.also = also;
     s.classifier = ctx.classifier_options(a.k, a.threshold, None)?;
     s.llm = a.llm.clone().or(ctx.cfg.llm.clone().map(PathBuf::from));
+    s.llm_overrides = a.send.overrides()?;
     s.results = a.results.clone().or(c.results.clone().map(PathBuf::from));
     if a.grow || c.grow.unwrap_or(false) {
         s.grow_min_confidence = Some(

@@ -1,0 +1,299 @@
+//! `semtel bench redact`: the redaction stage on a labelled PII set (per-type precision and
+//! recall, values that would still leave, throughput), side by side with Microsoft Presidio
+//! on the same set in the same run (its runner is `benches/pii/presidio_run.py`, in a venv of
+//! its own: `benches/pii/setup-presidio.sh`).
+//!
+//! One matcher scores both: a predicted span is right when it overlaps a gold span of the
+//! same type that no other prediction has claimed; every gold span found counts once for
+//! recall. This module never prints.
+
+use crate::pii::{Level, Redactor, Rules};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct RedactBenchOptions {
+    /// The labelled set: `{"text", "spans": [{"start", "end", "type"}]}` per line, offsets in
+    /// characters (`benches/pii/make_pii_set.py` writes it).
+    pub set: PathBuf,
+    pub level: Level,
+    pub rules: Rules,
+    /// Timed passes over the set (the median is reported).
+    pub repeats: usize,
+    /// A Python with Presidio installed: its runs are added when given.
+    pub presidio: Option<PathBuf>,
+    /// Presidio modes to run: `patterns`, `full`.
+    pub presidio_modes: Vec<String>,
+    pub work: PathBuf,
+}
+
+/// Precision and recall of one type.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TypeScore {
+    pub gold: usize,
+    pub predicted: usize,
+    pub true_positives: usize,
+    pub found: usize,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+}
+
+/// One tool on the set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolRun {
+    pub tool: String,
+    pub by_type: BTreeMap<String, TypeScore>,
+    /// Predictions of types outside semtel's (Presidio's DATE_TIME, NRP, …): counted apart.
+    pub other_predictions: usize,
+    /// Predictions on the near-miss rows (rows without any gold span).
+    pub false_alarms_on_clean_rows: usize,
+    pub seconds: f64,
+    pub chars_per_s: f64,
+    pub texts_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RedactBench {
+    pub rows: usize,
+    pub chars: usize,
+    pub runs: Vec<ToolRun>,
+    /// Gold values that semtel's redacted text still contains verbatim, by type.
+    pub semtel_leaked: BTreeMap<String, usize>,
+}
+
+struct Row {
+    text: String,
+    gold: Vec<(usize, usize, String)>,
+}
+
+fn read_set(p: &Path) -> Result<Vec<Row>> {
+    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| Error::Config(format!("{}:{}: {e}", p.display(), i + 1)))?;
+        let t = v["text"].as_str().unwrap_or_default().to_string();
+        let gold = v["spans"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| {
+                        Some((
+                            s["start"].as_u64()? as usize,
+                            s["end"].as_u64()? as usize,
+                            s["type"].as_str()?.to_string(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.push(Row { text: t, gold });
+    }
+    Ok(rows)
+}
+
+/// Byte offset → character offset, for each span end.
+fn char_offsets(text: &str, spans: &[crate::pii::Span]) -> Vec<(usize, usize, String)> {
+    spans
+        .iter()
+        .map(|s| {
+            (
+                text[..s.start].chars().count(),
+                text[..s.end].chars().count(),
+                s.kind.name().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn score(
+    tool: &str,
+    rows: &[Row],
+    predicted: &[Vec<(usize, usize, String)>],
+    seconds: f64,
+) -> ToolRun {
+    let mut by: BTreeMap<String, TypeScore> = BTreeMap::new();
+    let mut other = 0;
+    let mut clean_alarms = 0;
+    for (row, pred) in rows.iter().zip(predicted) {
+        for (_, _, t) in &row.gold {
+            by.entry(t.clone()).or_default().gold += 1;
+        }
+        let mut claimed = vec![false; row.gold.len()];
+        for (s, e, t) in pred {
+            if t == "OTHER" {
+                other += 1;
+                continue;
+            }
+            if row.gold.is_empty() {
+                clean_alarms += 1;
+            }
+            let entry = by.entry(t.clone()).or_default();
+            entry.predicted += 1;
+            let hit = row
+                .gold
+                .iter()
+                .enumerate()
+                .find(|(i, (gs, ge, gt))| gt == t && s < ge && gs < e && !claimed[*i]);
+            if let Some((i, _)) = hit {
+                claimed[i] = true;
+                entry.true_positives += 1;
+                entry.found += 1;
+            } else if row
+                .gold
+                .iter()
+                .any(|(gs, ge, gt)| gt == t && s < ge && gs < e)
+            {
+                // A second piece of a gold span already found (a name split in two): neither
+                // right nor wrong.
+                entry.predicted -= 1;
+            }
+        }
+    }
+    for s in by.values_mut() {
+        s.precision = if s.predicted > 0 {
+            s.true_positives as f64 / s.predicted as f64
+        } else {
+            f64::NAN
+        };
+        s.recall = if s.gold > 0 {
+            s.found as f64 / s.gold as f64
+        } else {
+            f64::NAN
+        };
+        s.f1 = if s.precision + s.recall > 0.0 {
+            2.0 * s.precision * s.recall / (s.precision + s.recall)
+        } else {
+            0.0
+        };
+    }
+    let chars: usize = rows.iter().map(|r| r.text.chars().count()).sum();
+    ToolRun {
+        tool: tool.to_string(),
+        by_type: by,
+        other_predictions: other,
+        false_alarms_on_clean_rows: clean_alarms,
+        seconds,
+        chars_per_s: chars as f64 / seconds.max(1e-9),
+        texts_per_s: rows.len() as f64 / seconds.max(1e-9),
+    }
+}
+
+pub fn redact_benchmark(
+    o: &RedactBenchOptions,
+    report: &mut dyn FnMut(&str),
+) -> Result<RedactBench> {
+    let rows = read_set(&o.set)?;
+    let red = Redactor::new(o.level, &o.rules)?;
+    let mut times = Vec::new();
+    let mut predicted = Vec::new();
+    for _ in 0..o.repeats.max(1) {
+        let t = Instant::now();
+        let p: Vec<Vec<crate::pii::Span>> = rows.iter().map(|r| red.find(&r.text)).collect();
+        times.push(t.elapsed().as_secs_f64());
+        predicted = p;
+    }
+    let preds: Vec<_> = rows
+        .iter()
+        .zip(&predicted)
+        .map(|(r, p)| char_offsets(&r.text, p))
+        .collect();
+    let secs = super::median(&times);
+    let mut runs = vec![score(
+        &format!("semtel ({})", o.level.as_str()),
+        &rows,
+        &preds,
+        secs,
+    )];
+    report(&format!(
+        "semtel {}: {} texts in {:.4} s",
+        o.level.as_str(),
+        rows.len(),
+        secs
+    ));
+    // Values that would still leave: each gold value's text, looked for in the redacted text.
+    let mut leaked = BTreeMap::new();
+    for r in &rows {
+        let out = red.redact(&r.text).text;
+        for (s, e, t) in &r.gold {
+            let v: String = r.text.chars().skip(*s).take(e - s).collect();
+            if out.contains(v.trim()) {
+                *leaked.entry(t.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    if let Some(py) = &o.presidio {
+        std::fs::create_dir_all(&o.work).map_err(|e| Error::io(&o.work, e))?;
+        let script = [
+            PathBuf::from("benches/pii/presidio_run.py"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/pii/presidio_run.py"),
+        ]
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::Config("benches/pii/presidio_run.py not found: run from the repository".into())
+        })?;
+        for mode in &o.presidio_modes {
+            let out = o.work.join(format!("presidio-{mode}.json"));
+            let st = std::process::Command::new(py)
+                .arg(&script)
+                .arg(&o.set)
+                .arg(&out)
+                .args([
+                    "--mode",
+                    mode,
+                    "--repeats",
+                    &o.repeats.clamp(1, 3).to_string(),
+                ])
+                .status()
+                .map_err(|e| Error::io(py, e))?;
+            if !st.success() {
+                return Err(Error::Internal(format!(
+                    "presidio_run.py --mode {mode} failed"
+                )));
+            }
+            let v: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(&out).map_err(|e| Error::io(&out, e))?,
+            )
+            .map_err(|e| Error::Internal(format!("{}: {e}", out.display())))?;
+            let preds: Vec<Vec<(usize, usize, String)>> = v["rows"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| {
+                            r.as_array()
+                                .map(|x| {
+                                    x.iter()
+                                        .filter_map(|s| {
+                                            Some((
+                                                s["start"].as_u64()? as usize,
+                                                s["end"].as_u64()? as usize,
+                                                s["type"].as_str()?.to_string(),
+                                            ))
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let secs = v["seconds"].as_f64().unwrap_or(f64::NAN);
+            report(&format!(
+                "presidio {mode}: {} texts in {secs:.3} s",
+                rows.len()
+            ));
+            runs.push(score(&format!("presidio ({mode})"), &rows, &preds, secs));
+        }
+    }
+    Ok(RedactBench {
+        rows: rows.len(),
+        chars: rows.iter().map(|r| r.text.chars().count()).sum(),
+        runs,
+        semtel_leaked: leaked,
+    })
+}
