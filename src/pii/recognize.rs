@@ -322,8 +322,9 @@ fn re(p: &str) -> Regex {
     Regex::new(p).unwrap_or_else(|e| panic!("pii pattern {p}: {e}"))
 }
 
-const NAME: &str =
-    r"\p{Lu}[\p{Ll}\p{Lo}'’\-]*\p{Ll}(?:[ ]\p{Lu}\.?)?(?:[ ]\p{Lu}[\p{Ll}'’\-]*\p{Ll}){0,2}";
+// A middle initial needs its dot ("John F. Kennedy"): without it, the first letter of the
+// surname would end the match ("Maria G|onzalez"). Particles join surnames ("de Vries").
+const NAME: &str = r"\p{Lu}[\p{Ll}\p{Lo}'’\-]*\p{Ll}(?:[ ]\p{Lu}\.)?(?:[ ](?:(?:de|da|del|van|von|der|di|le|la|du|dos|bin|al)[ ])?\p{Lu}[\p{Ll}'’\-]*\p{Ll}){0,2}";
 
 /// `phonenumber`'s default database compiles its metadata patterns lazily into one shared
 /// LRU cache of 100 entries; validating a national number against 16 regions touches several
