@@ -15,8 +15,11 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// Rows of the PII set: (id, text, planted values by type).
-fn pii_rows(n: usize) -> Vec<(String, String, Vec<(String, String)>)> {
+/// One row of the PII set: id, text, planted (type, value) pairs.
+type PiiRow = (String, String, Vec<(String, String)>);
+
+/// The first `n` rows of the PII set.
+fn pii_rows(n: usize) -> Vec<PiiRow> {
     std::fs::read_to_string(repo().join("tests/fixtures/pii.jsonl"))
         .unwrap()
         .lines()
