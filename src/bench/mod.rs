@@ -531,12 +531,17 @@ pub fn accuracy_cost(o: AccuracyCostOptions<'_>) -> Result<crate::report::Accura
     let labels = classifier.index.labels().to_vec();
     let mut classified = Vec::new();
     let mut gold = Vec::new();
+    let mut row_texts: Vec<String> = Vec::new();
     while let Some(rows) = reader.next_batch()? {
         let rows: Vec<_> = rows
             .into_iter()
             .filter(|r| r.label.is_some() && r.content.is_ok())
             .collect();
         gold.extend(rows.iter().map(|r| r.label.clone().unwrap()));
+        row_texts.extend(
+            rows.iter()
+                .map(|r| r.content.as_ref().map(|c| c.flatten()).unwrap_or_default()),
+        );
         classified.extend(classifier.classify(rows)?);
     }
     if classified.is_empty() {
@@ -557,20 +562,55 @@ pub fn accuracy_cost(o: AccuracyCostOptions<'_>) -> Result<crate::report::Accura
     }
     let counter = classifier.encoder.token_counter();
     let n = classified.len();
-    let (llm_ok, cost_per_row, llm_name, basis): (Vec<bool>, f64, String, String) = if let Some(
+    // `oracle:<acc>`: right with probability acc, wrong uniformly; `oracle-confusable:<acc>`:
+    // the same overall accuracy, the errors on the ambiguous rows (see
+    // `simulator::confusable_errors`), as a real LLM errs where a kNN vote is unsure.
+    let oracle = o
+        .llm
+        .strip_prefix("oracle:")
+        .map(|a| (a, false))
+        .or_else(|| o.llm.strip_prefix("oracle-confusable:").map(|a| (a, true)));
+    let (llm_ok, cost_per_row, llm_name, basis): (Vec<bool>, f64, String, String) = if let Some((
         acc,
-    ) =
-        o.llm.strip_prefix("oracle:")
+        confusable,
+    )) = oracle
     {
-        let acc: f64 = acc
-            .parse()
-            .map_err(|_| Error::Config("--llm oracle:<accuracy>, e.g. oracle:0.95".into()))?;
+        let acc: f64 = acc.parse().map_err(|_| {
+            Error::Config(
+                "--llm oracle:<accuracy> or oracle-confusable:<accuracy>, e.g. oracle:0.95".into(),
+            )
+        })?;
+        let p_wrong: Vec<f64> = if confusable {
+            let texts: Vec<(String, String)> = row_texts
+                .iter()
+                .zip(&gold)
+                .map(|(t, g)| (t.clone(), g.clone()))
+                .collect();
+            let model = crate::llm::simulator::confusable_from_file(
+                &texts,
+                &classifier.encoder,
+                1.0 - acc,
+            )?;
+            let crate::llm::simulator::ErrorModel::Confusable(m) = model else {
+                unreachable!("confusable_from_file returns the confusable model")
+            };
+            texts
+                .iter()
+                .map(|(t, _)| {
+                    m.get(&crate::llm::simulator::truth_key(t))
+                        .map_or(1.0 - acc, |h| h.p_wrong)
+                })
+                .collect()
+        } else {
+            vec![1.0 - acc; classified.len()]
+        };
         let ok: Vec<bool> = classified
             .iter()
-            .map(|c| {
+            .zip(&p_wrong)
+            .map(|(c, &pw)| {
                 let h = crate::llm::cache::text_hash(&c.out.id);
                 let u = u64::from_str_radix(&h[..12], 16).unwrap_or(0) as f64 / (1u64 << 48) as f64;
-                u < acc
+                u >= pw
             })
             .collect();
         // Cost estimate: the prompts semtel would send (default settings: 8 rows per call,
@@ -603,7 +643,12 @@ pub fn accuracy_cost(o: AccuracyCostOptions<'_>) -> Result<crate::report::Accura
         (
                 ok,
                 cost,
-                format!("oracle:{acc} (simulated LLM: gold label, wrong at {:.0}%)", (1.0 - acc) * 100.0),
+                format!(
+                    "{}:{acc} (simulated LLM: gold label, wrong at {:.0}%{})",
+                    if confusable { "oracle-confusable" } else { "oracle" },
+                    (1.0 - acc) * 100.0,
+                    if confusable { ", on the ambiguous rows" } else { ", uniformly" }
+                ),
                 format!(
                     "estimated from prompt token counts (8 rows per call, narrowing, few-shot) at ${}/1M input and ${}/1M output tokens",
                     o.price_in, o.price_out

@@ -28,6 +28,9 @@ pub struct RedactBenchOptions {
     pub presidio: Option<PathBuf>,
     /// Presidio modes to run: `patterns`, `full`.
     pub presidio_modes: Vec<String>,
+    /// Also embed the same texts with this encoder (what redaction is compared against: the
+    /// cost every row pays anyway).
+    pub encoder: Option<crate::embed::EncoderOptions>,
     pub work: PathBuf,
 }
 
@@ -64,6 +67,11 @@ pub struct RedactBench {
     pub runs: Vec<ToolRun>,
     /// Gold values that semtel's redacted text still contains verbatim, by type.
     pub semtel_leaked: BTreeMap<String, usize>,
+    /// Embedding the same texts on the same threads: (encoder, seconds, chars/s).
+    pub embedding: Option<(String, f64, f64)>,
+    /// Redaction time over embedding time for the same texts (single-threaded redaction
+    /// against the encoder on every thread).
+    pub redaction_vs_embedding: Option<f64>,
 }
 
 struct Row {
@@ -300,10 +308,33 @@ pub fn redact_benchmark(
             runs.push(score(&format!("presidio ({mode})"), &rows, &preds, secs));
         }
     }
+    let chars: usize = rows.iter().map(|r| r.text.chars().count()).sum();
+    let mut embedding = None;
+    let mut ratio = None;
+    if let Some(eo) = &o.encoder {
+        let enc = crate::embed::Encoder::load(eo)?;
+        let texts: Vec<&str> = rows.iter().map(|r| r.text.as_str()).collect();
+        let _ = enc.embed_texts(&texts[..texts.len().min(64)])?; // warm-up
+        let mut times = Vec::new();
+        for _ in 0..o.repeats.clamp(1, 3) {
+            let t = Instant::now();
+            enc.embed_texts(&texts)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let e = super::median(&times);
+        report(&format!(
+            "embedding the same texts ({}): {e:.3} s",
+            enc.engine.describe()
+        ));
+        embedding = Some((enc.engine.describe(), e, chars as f64 / e));
+        ratio = Some(secs / e);
+    }
     Ok(RedactBench {
         rows: rows.len(),
-        chars: rows.iter().map(|r| r.text.chars().count()).sum(),
+        chars,
         runs,
         semtel_leaked: leaked,
+        embedding,
+        redaction_vs_embedding: ratio,
     })
 }

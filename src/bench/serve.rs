@@ -62,6 +62,8 @@ pub struct ServeLevel {
     pub vs_batch: f64,
     /// rows/s of every repeat.
     pub runs: Vec<f64>,
+    /// Mean rows per micro-batch the server formed over the level's runs (from `/metrics`).
+    pub mean_batch_rows: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -142,10 +144,11 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
         30.0,
     ));
 
-    let mut raw: Vec<(usize, usize, Vec<Run>)> = Vec::new();
+    let mut raw: Vec<(usize, usize, Vec<Run>, f64)> = Vec::new();
     for &b in &o.batch {
         let reqs = bodies(&rows, b.max(1));
         for &c in &o.clients {
+            let before = rt.block_on(batch_totals(&client, &server.base));
             let mut runs = Vec::new();
             for _ in 0..o.repeats.max(1) {
                 let r = rt.block_on(load(&client, &url, &reqs, c.max(1), o.max_seconds));
@@ -159,7 +162,12 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
                 ));
                 runs.push(r);
             }
-            raw.push((c, b, runs));
+            let after = rt.block_on(batch_totals(&client, &server.base));
+            let mean = (after.0 - before.0) / (after.1 - before.1).max(1.0);
+            report(&format!(
+                "serve: {c} clients × {b}: {mean:.1} rows per micro-batch"
+            ));
+            raw.push((c, b, runs, mean));
         }
     }
     let rss_after = server.rss_mb();
@@ -176,7 +184,7 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
     }
     let batch_median = super::median(&batch_runs);
     let mut levels = Vec::new();
-    for (c, b, mut runs) in raw {
+    for (c, b, mut runs, mean_batch_rows) in raw {
         let all: Vec<f64> = runs.iter().map(|r| r.rows as f64 / r.seconds).collect();
         runs.sort_by(|x, y| (x.rows as f64 / x.seconds).total_cmp(&(y.rows as f64 / y.seconds)));
         let m = &runs[runs.len() / 2];
@@ -194,6 +202,7 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
             errors: m.errors,
             vs_batch: rps / batch_median.max(1e-9),
             runs: all,
+            mean_batch_rows,
         });
     }
     let best = levels.iter().map(|l| l.rows_per_s).fold(0.0, f64::max);
@@ -206,6 +215,23 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
         soak,
         server_rss_mb_after_levels: rss_after,
     })
+}
+
+/// (rows, batches) the server has run in micro-batches so far, from its `/metrics`.
+async fn batch_totals(client: &reqwest::Client, base: &str) -> (f64, f64) {
+    let Ok(r) = client.get(format!("{base}/metrics")).send().await else {
+        return (0.0, 0.0);
+    };
+    let text = r.text().await.unwrap_or_default();
+    let get = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        get("semtel_batch_rows_sum "),
+        get("semtel_batch_rows_count "),
+    )
 }
 
 /// Text of each row of `input` (turns flattened), in order; rows without one are skipped.

@@ -101,6 +101,19 @@ pub fn embed_sequences(
 ) -> Result<Vec<f32>> {
     let dim = engine.dim();
     let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+    // A CPU engine runs one batch per thread: a small call (a live request, a small Arrow
+    // batch) that fits one batch would leave every other core idle, so it is split into at
+    // least one batch per worker. (Measured: 64-row chunks of short queries ran at 0.62 × the
+    // rate of 1,024-row chunks on 2 threads with the same CPU work, the other core waiting.)
+    let opts = if engine.on_gpu() {
+        opts
+    } else {
+        let per_thread = seqs.len().div_ceil(rayon::current_num_threads().max(1));
+        BatchOptions {
+            max_batch_rows: opts.max_batch_rows.min(per_thread.max(1)),
+            ..opts
+        }
+    };
     let batches = plan_batches(&lens, opts);
     let results: Vec<Result<(Vec<usize>, Vec<f32>)>> = batches
         .into_par_iter()

@@ -222,6 +222,9 @@ pub struct BenchRedactArgs {
     pub presidio: Option<PathBuf>,
     #[arg(long, value_delimiter = ',', default_value = "patterns,full")]
     pub presidio_modes: Vec<String>,
+    /// Skip embedding the same texts with the default encoder (the cost comparison).
+    #[arg(long)]
+    pub no_embedding: bool,
     #[arg(long, default_value = "out/bench-redact")]
     pub work: PathBuf,
     #[arg(long)]

@@ -400,11 +400,11 @@ pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
         "\nbatch path: {:.1} rows/s (median of {:?})",
         r.batch_rows_per_s, r.batch_runs
     );
-    eprintln!("| clients | rows/request | rows/s | vs batch | p50 ms | p95 ms | p99 ms | errors |");
-    eprintln!("|---|---|---|---|---|---|---|---|");
+    eprintln!("| clients | rows/request | rows/s | vs batch | p50 ms | p95 ms | p99 ms | rows/micro-batch | errors |");
+    eprintln!("|---|---|---|---|---|---|---|---|---|");
     for l in &r.levels {
         eprintln!(
-            "| {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
             l.clients,
             l.rows_per_request,
             l.rows_per_s,
@@ -412,6 +412,7 @@ pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
             l.p50_ms,
             l.p95_ms,
             l.p99_ms,
+            l.mean_batch_rows,
             l.errors
         );
     }
@@ -432,7 +433,7 @@ pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn redact(_ctx: &Ctx, a: BenchRedactArgs) -> Result<()> {
+pub fn redact(ctx: &Ctx, a: BenchRedactArgs) -> Result<()> {
     let o = semtel::bench::redact::RedactBenchOptions {
         set: a.set.clone(),
         level: a.level.parse().map_err(anyhow::Error::msg)?,
@@ -440,6 +441,7 @@ pub fn redact(_ctx: &Ctx, a: BenchRedactArgs) -> Result<()> {
         repeats: a.repeats,
         presidio: a.presidio.clone(),
         presidio_modes: a.presidio_modes.clone(),
+        encoder: (!a.no_embedding).then(|| ctx.encoder_options()),
         work: a.work.clone(),
     };
     let r = semtel::bench::redact::redact_benchmark(&o, &mut |l| eprintln!("{l}"))?;
