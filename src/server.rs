@@ -767,6 +767,15 @@ fn render_metrics(st: &AppState) -> String {
     for (name, help, v) in counters {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
+    let _ = writeln!(
+        s,
+        "# HELP semtel_redacted_entities_total Personal data replaced before text left, by type.\n# TYPE semtel_redacted_entities_total counter"
+    );
+    if let Ok(c) = c.redacted.lock() {
+        for (k, v) in &c.0 {
+            let _ = writeln!(s, "semtel_redacted_entities_total{{type=\"{k}\"}} {v}");
+        }
+    }
     s
 }
 

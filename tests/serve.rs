@@ -217,6 +217,7 @@ fn truth_sim(latency_ms: f64, faults: Faults) -> SimHandle {
         latency_ms,
         jitter_ms: 0.0,
         faults,
+        record_bodies: true,
         ..Default::default()
     })
 }
@@ -521,6 +522,29 @@ fn busy_starting_and_deadlines() {
     assert_eq!(a.status, 429, "{}", a.text());
     assert_eq!(a.headers["retry-after"], "1");
     assert_eq!(slow.join().unwrap(), 200);
+
+    // What went to the LLM was redacted: the row and the metrics say so (never the value).
+    let a = srv.post(
+        "/v1/classify?escalate=wait&timeout_ms=8000",
+        &json!({"text": "Please email the itinerary to ana.lopez@example.com before Friday"}),
+    );
+    let r = a.json();
+    assert_eq!(r["decided_by"], "llm", "{r}");
+    assert_eq!(r["redacted"]["EMAIL"], 1, "{r}");
+    let m = srv.get("/metrics").text();
+    assert!(
+        m.contains("semtel_redacted_entities_total{type=\"EMAIL\"} 1"),
+        "{m}"
+    );
+    assert!(!m.contains("ana.lopez"));
+    let seen = h.state.seen.lock().unwrap();
+    let bodies: Vec<&str> = seen.iter().filter_map(|r| r.body.as_deref()).collect();
+    assert!(bodies.iter().any(|b| b.contains("EMAIL_1")), "{bodies:?}");
+    assert!(
+        !bodies.iter().any(|b| b.contains("ana.lopez")),
+        "{bodies:?}"
+    );
+    drop(seen);
     assert!(srv.terminate().success());
 }
 

@@ -154,6 +154,8 @@ pub struct Counters {
     pub batch_size_buckets: [AtomicU64; 12],
     pub async_accepted: AtomicU64,
     pub async_resumed: AtomicU64,
+    /// Personal data replaced before text left for the LLM (or before embedding), by type.
+    pub redacted: Mutex<crate::pii::Counts>,
 }
 
 impl Counters {
@@ -170,6 +172,11 @@ impl Counters {
     }
 
     fn count_row(&self, r: &OutputRow) {
+        if let Some(n) = &r.redacted {
+            if let Ok(mut c) = self.redacted.lock() {
+                c.add(n);
+            }
+        }
         let c = match r.decided_by {
             DecidedBy::Knn => &self.rows_knn,
             DecidedBy::Escalate => &self.rows_escalated,
