@@ -429,7 +429,7 @@ pub fn write_bootstrap(dir: &Path, r: &crate::app::bootstrap::BootstrapReport) -
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>semtel bootstrap</title>\
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}</style></head><body>\
 <h1>Bootstrap of {}</h1><p>{} rows read, {} embedded ({} duplicates skipped); sampling {:?}; stopped: {}.</p>\
-<p>LLM self-agreement {} on {} rows asked twice; thresholds calibrated for {:.1}% agreement with the LLM.</p>\
+<p>LLM self-agreement {} on {} rows asked twice{}; thresholds calibrated for {:.1}% agreement with the LLM.</p>\
 {}<table><tr><th>round</th><th>labelled</th><th>in all</th><th>spent</th><th>agreement on kept rows</th><th>would escalate</th></tr>{}</table>\
 <p>Projected LLM cost per million conversations: <b>${:.2}</b> hybrid vs ${:.2} LLM-only.</p>\
 <p>Labels the LLM never gave: {}. Labels given to fewer than 3 rows: {}.</p></body></html>",
@@ -442,6 +442,11 @@ pub fn write_bootstrap(dir: &Path, r: &crate::app::bootstrap::BootstrapReport) -
         r.llm_self_agreement
             .map_or("not measured".into(), |a| format!("{:.1}%", 100.0 * a)),
         r.llm_retest_rows,
+        r.llm_self_agreement_kept.map_or(String::new(), |k| format!(
+            " ({:.1}% on the {} the index keeps)",
+            100.0 * k,
+            r.llm_retest_kept_rows
+        )),
         100.0 * r.target,
         svg_text,
         rows,

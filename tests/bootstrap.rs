@@ -56,16 +56,7 @@ fn sim(error_rate: f64, seed: u64) -> SimHandle {
 }
 
 fn llm_config(dir: &Path, name: &str, h: &SimHandle) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        format!(
-            "cache = \"off\"\nnarrow_above = 0\n[[endpoints]]\nname = \"sim\"\nurl = \"{}\"\nmodel = \"sim-1\"\nprice_in_per_1k = 0.001\nprice_out_per_1k = 0.002\n",
-            h.url()
-        ),
-    )
-    .unwrap();
-    p
+    common::sim_llm_config(&dir.join(name), &h.url(), "narrow_above = 0")
 }
 
 fn bootstrap(

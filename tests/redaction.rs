@@ -75,16 +75,7 @@ fn recording_sim(truth: HashMap<String, String>) -> SimHandle {
 }
 
 fn llm_config(dir: &Path, name: &str, h: &SimHandle, extra: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        format!(
-            "cache = \"off\"\n{extra}\n[[endpoints]]\nname = \"sim\"\nurl = \"{}\"\nmodel = \"sim-1\"\nprice_in_per_1k = 0.001\nprice_out_per_1k = 0.002\n",
-            h.url()
-        ),
-    )
-    .unwrap();
-    p
+    common::sim_llm_config(&dir.join(name), &h.url(), extra)
 }
 
 /// The text of every message in the recorded bodies, with the prompt's entity escaping undone

@@ -198,16 +198,11 @@ fn sim(cfg: SimConfig) -> SimHandle {
 }
 
 fn llm_config(dir: &Path, h: &SimHandle, extra: &str) -> PathBuf {
-    let p = dir.join("llm.toml");
-    std::fs::write(
-        &p,
-        format!(
-            "cache = \"off\"\nmax_item_wait_s = 30\n{extra}\n[[endpoints]]\nname = \"sim\"\nurl = \"{}\"\nmodel = \"sim-1\"\nprice_in_per_1k = 0.001\nprice_out_per_1k = 0.002\n",
-            h.url()
-        ),
-    )
-    .unwrap();
-    p
+    let extra = format!(
+        "max_item_wait_s = 30
+{extra}"
+    );
+    common::sim_llm_config(&dir.join("llm.toml"), &h.url(), &extra)
 }
 
 fn truth_sim(latency_ms: f64, faults: Faults) -> SimHandle {

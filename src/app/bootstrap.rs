@@ -8,7 +8,8 @@
 //!    plus a uniformly random sample held back for calibration; part of that sample is asked
 //!    twice, and the LLM's agreement with itself sets the agreement target (unless given).
 //! 3. Build the index from what the LLM said (`source = llm`, model and prompt version kept),
-//!    calibrate it for *agreement with the LLM* on the held-back sample.
+//!    calibrate it for *agreement with the LLM* on the held-back sample; re-aim the target at
+//!    the LLM's self-agreement on the retest rows that index keeps, and rebuild if it moved.
 //! 4. Active rounds: spend the rest of the budget on representatives of the rows the current
 //!    index would escalate; rebuild and re-calibrate; stop at the budget or when the projected
 //!    escalation rate stops falling (two rounds in a row).
@@ -229,6 +230,10 @@ pub struct BootstrapReport {
     /// Rows asked twice, and how often the LLM gave the same label.
     pub llm_retest_rows: usize,
     pub llm_self_agreement: Option<f64>,
+    /// The same, over the retest rows the last round's index keeps (the target when there
+    /// are enough of them).
+    pub llm_retest_kept_rows: usize,
+    pub llm_self_agreement_kept: Option<f64>,
     /// The agreement target the thresholds were calibrated for.
     pub target: f64,
     pub stopped_because: String,
@@ -356,6 +361,8 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         rounds: Vec::new(),
         llm_retest_rows: 0,
         llm_self_agreement: None,
+        llm_retest_kept_rows: 0,
+        llm_self_agreement_kept: None,
         target: o.target.unwrap_or(MAX_AUTO_TARGET),
         stopped_because: String::new(),
         labelled_rows: 0,
@@ -376,6 +383,7 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
     let mut last_dir: Option<PathBuf> = None;
     // What asking the LLM twice cost (it counts against a dollar budget).
     let mut retest_cost = 0.0;
+    let mut retested: Option<Retest> = None;
     let mut prev_escalated: Option<f64> = None;
     let mut flat_rounds = 0;
     for round in 0..o.rounds {
@@ -461,10 +469,12 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
             )?;
         }
         if round == 0 && o.target.is_none() && report.llm_self_agreement.is_none() {
-            let (n, a, cost) = retest(&work, &cfg, &labels, &encoder, &pool, &labelled)?;
-            report.llm_retest_rows = n;
-            report.llm_self_agreement = a;
-            retest_cost = cost;
+            let r = retest(&work, &cfg, &labels, &encoder, &pool, &labelled)?;
+            report.llm_retest_rows = r.rows;
+            report.llm_self_agreement = r.agreement;
+            retest_cost = r.cost_usd;
+            let a = r.agreement;
+            retested = Some(r);
             if let Some(a) = a {
                 // Kept rows should agree with the LLM as often as it agrees with itself. With
                 // an LLM right a share `p` of the time and mistakes spread over other labels,
@@ -477,8 +487,23 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         }
         // The index of this round, calibrated against the LLM on the held-back rows.
         let dir = work.join(format!("round-{round}"));
-        let (exemplars, agreement, escalated) =
+        let (mut exemplars, mut agreement, mut escalated) =
             build_round(&encoder, &pool, &labelled, &dir, o, report.target, &copts)?;
+        // Re-aim at the LLM's reliability on the rows this index keeps (see
+        // `kept_self_agreement`), and rebuild once when that moves the target.
+        if let Some(r) = retested.as_ref().filter(|_| o.target.is_none()) {
+            let (n, kept) = kept_self_agreement(&dir, &copts, &pool, r)?;
+            if let Some(k) = kept {
+                report.llm_retest_kept_rows = n;
+                report.llm_self_agreement_kept = Some(k);
+                let t = k.min(MAX_AUTO_TARGET);
+                if (t - report.target).abs() >= 0.005 {
+                    report.target = t;
+                    (exemplars, agreement, escalated) =
+                        build_round(&encoder, &pool, &labelled, &dir, o, t, &copts)?;
+                }
+            }
+        }
         let this_round = labelled.values().filter(|l| l.round == round).count();
         report.rounds.push(RoundReport {
             round,
@@ -690,7 +715,7 @@ fn holdout_rows(o: &BootstrapOptions, labels: &[String]) -> usize {
 
 /// Asks the LLM again (no cache) about part of the held-back rows: how often it repeats
 /// itself bounds how well anything can agree with it. Kept in the work folder, so a resumed
-/// bootstrap does not pay for it twice. Returns (rows asked twice, self-agreement).
+/// bootstrap does not pay for it twice.
 fn retest(
     work: &Path,
     cfg: &LlmConfig,
@@ -698,10 +723,12 @@ fn retest(
     encoder: &Encoder,
     pool: &Pool,
     labelled: &BTreeMap<String, Labelled>,
-) -> Result<(usize, Option<f64>, f64)> {
+) -> Result<Retest> {
     let path = work.join("retest.json");
     if let Ok(t) = std::fs::read_to_string(&path) {
-        if let Ok(x) = serde_json::from_str::<(usize, Option<f64>, f64)>(&t) {
+        // (An earlier version wrote a (rows, agreement, cost) tuple: serde reads it as a
+        // `Retest` without rows, and the target then stays the all-rows figure.)
+        if let Ok(x) = serde_json::from_str::<Retest>(&t) {
             return Ok(x);
         }
     }
@@ -712,7 +739,7 @@ fn retest(
         .take(RETEST_ROWS)
         .collect();
     if first.len() < 20 {
-        return Ok((0, None, 0.0));
+        return Ok(Retest::default());
     }
     let mut cfg = cfg.clone();
     cfg.cache = Some("off".into());
@@ -729,18 +756,84 @@ fn retest(
         .filter(|r| r.decided_by == DecidedBy::Llm)
         .filter_map(|r| r.label.as_deref().map(|l| (r.id.as_str(), l)))
         .collect();
-    let both: Vec<bool> = first
+    let rows: Vec<(String, bool)> = first
         .iter()
-        .filter_map(|(id, l)| second.get(id.as_str()).map(|m| *m == l.as_str()))
+        .filter_map(|(id, l)| {
+            second
+                .get(id.as_str())
+                .map(|m| ((*id).clone(), *m == l.as_str()))
+        })
         .collect();
-    let out = (
-        both.len(),
-        (both.len() >= 20).then(|| both.iter().filter(|&&x| x).count() as f64 / both.len() as f64),
-        stats.cost_usd,
-    );
+    let out = Retest {
+        rows: rows.len(),
+        agreement: agreement_of(rows.iter().map(|(_, a)| *a)),
+        cost_usd: stats.cost_usd,
+        per_row: rows,
+    };
     std::fs::write(&path, serde_json::to_vec(&out).expect("serialises"))
         .map_err(|e| Error::io(&path, e))?;
     Ok(out)
+}
+
+/// The share of `true`, when there are at least 20 (fewer say too little).
+fn agreement_of(agree: impl Iterator<Item = bool>) -> Option<f64> {
+    let (mut n, mut yes) = (0usize, 0usize);
+    for a in agree {
+        n += 1;
+        yes += a as usize;
+    }
+    (n >= 20).then(|| yes as f64 / n as f64)
+}
+
+/// The LLM asked twice about held-back rows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Retest {
+    rows: usize,
+    /// How often it gave the same label.
+    agreement: Option<f64>,
+    cost_usd: f64,
+    /// Per row asked twice: (id, same label both times).
+    #[serde(default)]
+    per_row: Vec<(String, bool)>,
+}
+
+/// Fewest retest rows among those a round's index keeps for their self-agreement to set the
+/// target (±3 points at 0.9 over 100 rows); fewer, and the whole retest sample's stands.
+const MIN_KEPT_RETEST: usize = 100;
+
+/// The LLM's self-agreement on the retest rows the round's index at `dir` would keep, with
+/// how many those are. The target should be the LLM's reliability *on the rows the index
+/// keeps*: an LLM whose mistakes fall on ambiguous rows is more reliable on the easy rows an
+/// index keeps than on average, and a target taken over all rows lets the index keep them
+/// at less accuracy than the LLM would have had. When errors fall anywhere the two agree.
+fn kept_self_agreement(
+    dir: &Path,
+    copts: &ClassifierOptions,
+    pool: &Pool,
+    retest: &Retest,
+) -> Result<(usize, Option<f64>)> {
+    let which: Vec<(usize, bool)> = retest
+        .per_row
+        .iter()
+        .filter_map(|(id, a)| pool.by_id.get(id).map(|&i| (i, *a)))
+        .collect();
+    if which.len() < MIN_KEPT_RETEST {
+        return Ok((0, None));
+    }
+    let c = Classifier::open(dir, copts)?;
+    let idx: Vec<usize> = which.iter().map(|(i, _)| *i).collect();
+    let decided = decide_pool(&c, pool, &idx)?;
+    let kept: Vec<bool> = decided
+        .iter()
+        .zip(&which)
+        .filter(|(d, _)| **d != DecidedBy::Escalate && **d != DecidedBy::Error)
+        .map(|(_, (_, a))| *a)
+        .collect();
+    let n = kept.len();
+    if n < MIN_KEPT_RETEST {
+        return Ok((n, None));
+    }
+    Ok((n, agreement_of(kept.into_iter())))
 }
 
 /// A pool row as the LLM tier takes it (nothing decided; `examples` for the prompt).
@@ -1081,7 +1174,28 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::labels_from_prompty;
+    use super::{agreement_of, labels_from_prompty, Retest};
+
+    #[test]
+    fn self_agreement_needs_twenty_rows_and_old_retest_files_still_read() {
+        assert_eq!(agreement_of(std::iter::repeat_n(true, 19)), None);
+        let a = agreement_of((0..40).map(|i| i % 4 != 0)).unwrap();
+        assert!((a - 0.75).abs() < 1e-12);
+        let r = Retest {
+            rows: 2,
+            agreement: None,
+            cost_usd: 0.5,
+            per_row: vec![("a".into(), true), ("b".into(), false)],
+        };
+        let back: Retest = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+        assert_eq!(back.per_row, r.per_row);
+        // The earlier format, a (rows, agreement, cost) tuple, reads as totals without rows.
+        let old: Retest = serde_json::from_str("[300, 0.9, 0.01]").unwrap();
+        assert_eq!(
+            (old.rows, old.agreement, old.per_row.len()),
+            (300, Some(0.9), 0)
+        );
+    }
 
     #[test]
     fn a_prompty_file_carries_the_label_list() {

@@ -786,16 +786,27 @@ impl Service {
         &self,
         rows: Vec<Row>,
     ) -> std::result::Result<(Vec<Classified>, Arc<Loaded>), ServeError> {
+        self.submit(rows, |rows, tokens, reply| Work::Classify {
+            rows,
+            tokens,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues rows for the compute thread (sized by their token estimate) and waits for the
+    /// answer; a dropped reply means the service stopped.
+    async fn submit<T>(
+        &self,
+        rows: Vec<Row>,
+        work: impl FnOnce(Vec<Row>, usize, oneshot::Sender<Result<T>>) -> Work,
+    ) -> std::result::Result<T, ServeError> {
         let tokens = rows
             .iter()
             .map(|r| estimate_tokens(r, self.inner.max_tokens))
             .sum();
         let (tx, rx) = oneshot::channel();
-        self.enqueue(Work::Classify {
-            rows,
-            tokens,
-            reply: tx,
-        })?;
+        self.enqueue(work(rows, tokens, tx))?;
         match rx.await {
             Ok(r) => Ok(r?),
             Err(_) => Err(ServeError::NotReady),
@@ -807,20 +818,12 @@ impl Service {
         &self,
         rows: Vec<Row>,
     ) -> std::result::Result<Vec<std::result::Result<(Vec<f32>, usize), String>>, ServeError> {
-        let tokens = rows
-            .iter()
-            .map(|r| estimate_tokens(r, self.inner.max_tokens))
-            .sum();
-        let (tx, rx) = oneshot::channel();
-        self.enqueue(Work::Embed {
+        self.submit(rows, |rows, tokens, reply| Work::Embed {
             rows,
             tokens,
-            reply: tx,
-        })?;
-        match rx.await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ServeError::NotReady),
-        }
+            reply,
+        })
+        .await
     }
 
     fn key(&self) -> String {

@@ -1164,6 +1164,7 @@ pub struct BootstrapRun {
     pub rounds: Vec<crate::app::bootstrap::RoundReport>,
     pub stopped_because: String,
     pub llm_self_agreement: Option<f64>,
+    pub llm_self_agreement_kept: Option<f64>,
     pub target: f64,
     pub seconds: f64,
 }
@@ -1406,6 +1407,7 @@ pub fn bootstrap_benchmark(
                     rounds: b.rounds.clone(),
                     stopped_because: b.stopped_because.clone(),
                     llm_self_agreement: b.llm_self_agreement,
+                    llm_self_agreement_kept: b.llm_self_agreement_kept,
                     target: b.target,
                     seconds: t.elapsed().as_secs_f64(),
                 };

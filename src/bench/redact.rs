@@ -79,6 +79,23 @@ struct Row {
     gold: Vec<(usize, usize, String)>,
 }
 
+/// `[{"start", "end", "type"}, …]` (character offsets) as spans; malformed entries are skipped.
+fn spans(v: &serde_json::Value) -> Vec<(usize, usize, String)> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| {
+                    Some((
+                        s["start"].as_u64()? as usize,
+                        s["end"].as_u64()? as usize,
+                        s["type"].as_str()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn read_set(p: &Path) -> Result<Vec<Row>> {
     let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
     let mut rows = Vec::new();
@@ -86,20 +103,7 @@ fn read_set(p: &Path) -> Result<Vec<Row>> {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| Error::Config(format!("{}:{}: {e}", p.display(), i + 1)))?;
         let t = v["text"].as_str().unwrap_or_default().to_string();
-        let gold = v["spans"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| {
-                        Some((
-                            s["start"].as_u64()? as usize,
-                            s["end"].as_u64()? as usize,
-                            s["type"].as_str()?.to_string(),
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let gold = spans(&v["spans"]);
         rows.push(Row { text: t, gold });
     }
     Ok(rows)
@@ -280,25 +284,7 @@ pub fn redact_benchmark(
             .map_err(|e| Error::Internal(format!("{}: {e}", out.display())))?;
             let preds: Vec<Vec<(usize, usize, String)>> = v["rows"]
                 .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|r| {
-                            r.as_array()
-                                .map(|x| {
-                                    x.iter()
-                                        .filter_map(|s| {
-                                            Some((
-                                                s["start"].as_u64()? as usize,
-                                                s["end"].as_u64()? as usize,
-                                                s["type"].as_str()?.to_string(),
-                                            ))
-                                        })
-                                        .collect()
-                                })
-                                .unwrap_or_default()
-                        })
-                        .collect()
-                })
+                .map(|a| a.iter().map(spans).collect())
                 .unwrap_or_default();
             let secs = v["seconds"].as_f64().unwrap_or(f64::NAN);
             report(&format!(

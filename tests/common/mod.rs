@@ -167,3 +167,16 @@ pub fn sample_truth() -> Truth {
     }
     (truth, rows)
 }
+
+/// An LLM config file at `path` for one simulator endpoint at `url` (no cache, known prices),
+/// with `extra` top-level lines before the endpoint table.
+pub fn sim_llm_config(path: &Path, url: &str, extra: &str) -> PathBuf {
+    std::fs::write(
+        path,
+        format!(
+            "cache = \"off\"\n{extra}\n[[endpoints]]\nname = \"sim\"\nurl = \"{url}\"\nmodel = \"sim-1\"\nprice_in_per_1k = 0.001\nprice_out_per_1k = 0.002\n"
+        ),
+    )
+    .unwrap();
+    path.to_path_buf()
+}

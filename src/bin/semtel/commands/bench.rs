@@ -188,9 +188,11 @@ pub fn bootstrap(ctx: &Ctx, a: BenchBootstrapArgs) -> Result<()> {
                 );
             }
             eprintln!(
-                "    stopped: {}; LLM self-agreement {}, target {:.3}",
+                "    stopped: {}; LLM self-agreement {} (on kept rows {}), target {:.3}",
                 r.stopped_because,
                 r.llm_self_agreement
+                    .map_or("-".into(), |a| format!("{a:.3}")),
+                r.llm_self_agreement_kept
                     .map_or("-".into(), |a| format!("{a:.3}")),
                 r.target
             );

@@ -57,9 +57,14 @@ pub fn run(ctx: &Ctx, a: BootstrapArgs) -> Result<()> {
     eprintln!("stopped: {}", r.stopped_because);
     if let Some(a) = r.llm_self_agreement {
         eprintln!(
-            "the LLM gave the same label to {:.1} % of {} rows asked twice; thresholds target {:.1} % agreement with it",
+            "the LLM gave the same label to {:.1} % of {} rows asked twice{}; thresholds target {:.1} % agreement with it",
             100.0 * a,
             r.llm_retest_rows,
+            r.llm_self_agreement_kept.map_or(String::new(), |k| format!(
+                " ({:.1} % of the {} the index keeps)",
+                100.0 * k,
+                r.llm_retest_kept_rows
+            )),
             100.0 * r.target
         );
         if a > 0.99 {

@@ -3,7 +3,7 @@
 
 use crate::args::ClassifyArgs;
 use crate::options::Ctx;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use semtel::app::classify::{ClassifyJob, ClassifyOptions};
 use semtel::output::Existing;
 use semtel::pipeline::RunSummary;
@@ -18,15 +18,7 @@ fn options(ctx: &Ctx, a: &ClassifyArgs) -> Result<ClassifyOptions> {
     } else {
         a.passthrough.clone()
     };
-    let also = a
-        .also
-        .iter()
-        .map(|spec| {
-            spec.split_once('=')
-                .map(|(n, d)| (n.to_string(), PathBuf::from(d)))
-                .with_context(|| format!("--also {spec}: expected NAME=INDEX_DIR"))
-        })
-        .collect::<Result<_>>()?;
+    let also = super::parse_also(&a.also)?;
     Ok(ClassifyOptions {
         index: a.index.clone(),
         input: a.input.clone(),

@@ -36,3 +36,16 @@ pub fn redacted_note(c: &semtel::pii::Counts) -> String {
     let parts: Vec<String> = c.0.iter().map(|(k, v)| format!("{k} {v}")).collect();
     format!("; redacted before sending: {}", parts.join(", "))
 }
+
+/// `--also NAME=INDEX_DIR` values as (name, folder) pairs.
+pub fn parse_also(specs: &[String]) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    use anyhow::Context;
+    specs
+        .iter()
+        .map(|spec| {
+            spec.split_once('=')
+                .map(|(n, d)| (n.to_string(), std::path::PathBuf::from(d)))
+                .with_context(|| format!("--also {spec}: expected NAME=INDEX_DIR"))
+        })
+        .collect()
+}

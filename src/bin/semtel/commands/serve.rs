@@ -23,14 +23,7 @@ fn options(ctx: &Ctx, a: &ServeArgs) -> Result<(ServeOptions, ServerOptions, Str
     } else {
         a.also.clone()
     };
-    let also = also_specs
-        .iter()
-        .map(|spec| {
-            spec.split_once('=')
-                .map(|(n, d)| (n.to_string(), PathBuf::from(d)))
-                .with_context(|| format!("--also {spec}: expected NAME=INDEX_DIR"))
-        })
-        .collect::<Result<_>>()?;
+    let also = super::parse_also(&also_specs)?;
     let mut s = ServeOptions::new(index);
     s.also = also;
     s.classifier = ctx.classifier_options(a.k, a.threshold, None)?;
