@@ -175,13 +175,7 @@ fn multilingual_fixture_through_every_model_and_engine() {
         .map(str::to_string)
         .collect();
     let rows = lines.len();
-    let read = |p: &std::path::Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let read = common::read_jsonl;
     for case in CASES {
         let dir = tmpdir(&format!("enc-fixture-{}", case.dir));
         let idx = dir.join("idx");

@@ -95,14 +95,6 @@ fn uncached_setup(name: &str) -> Setup {
     (rows, dir, idx, h, cfg)
 }
 
-fn rows_of(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn summary(o: &Output) -> serde_json::Value {
     assert!(
         o.status.success(),
@@ -132,7 +124,7 @@ fn schema() -> HashSet<String> {
 
 /// Every input id once; every label in the schema; returns (llm rows, correct llm rows).
 fn check_exactly_once(out: &Path, want: &[(String, String, String)]) -> (usize, usize) {
-    let rows = rows_of(out);
+    let rows = read_jsonl(out);
     let ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
     let set: HashSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), set.len(), "duplicated ids");
@@ -304,7 +296,7 @@ fn prompt_injection_cannot_produce_a_label_outside_the_schema() {
     let out = dir.join("o.jsonl");
     summary(&classify(&idx, &input, &out, &cfg, &[]));
     let schema = schema();
-    for r in rows_of(&out) {
+    for r in read_jsonl(&out) {
         if let Some(l) = r["label"].as_str() {
             assert!(schema.contains(l), "{r}");
         }
@@ -361,7 +353,7 @@ fn injection_cannot_cross_items_or_leave_the_candidates() {
     .unwrap();
     let out = dir.join("o.jsonl");
     summary(&classify(&idx, &input, &out, &cfg, &[]));
-    let got = rows_of(&out);
+    let got = read_jsonl(&out);
     assert_eq!(got.len(), 2);
     for r in &got {
         let cands: Vec<&str> = r["neighbors"]
@@ -807,7 +799,7 @@ fn a_refused_conversation_fails_alone_and_the_rest_are_labelled() {
     ));
     let (llm, right) = check_exactly_once(&out, &rows);
     assert_eq!(llm, right);
-    let refused: Vec<_> = rows_of(&out)
+    let refused: Vec<_> = read_jsonl(&out)
         .into_iter()
         .filter(|r| r["decided_by"] == "escalate")
         .collect();
@@ -942,7 +934,7 @@ fn nothing_waits_forever_and_retry_escalated_finishes_the_job() {
     ));
     assert!(t.elapsed().as_secs() < 30, "the run waited on Retry-After");
     check_exactly_once(&out, &rows);
-    let waiting: Vec<_> = rows_of(&out)
+    let waiting: Vec<_> = read_jsonl(&out)
         .into_iter()
         .filter(|r| r["decided_by"] == "escalate")
         .collect();

@@ -182,11 +182,7 @@ fn no_planted_value_reaches_the_llm_from_any_command() {
     }
     assert!(!std::fs::read_to_string(&shown).unwrap().contains("Bearer"));
     // The `redacted` column and the summary count entities, never values.
-    let rows: Vec<Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::read_jsonl(&out);
     let with_counts = rows.iter().filter(|r| r["redacted"].is_object()).count();
     assert!(
         with_counts > ROWS / 2,
@@ -381,11 +377,7 @@ fn labels_are_unaffected_by_placeholders() {
                 .output()
                 .unwrap(),
         );
-        let rows: Vec<Value> = std::fs::read_to_string(&out)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let rows = common::read_jsonl(&out);
         let right = rows
             .iter()
             .filter(|r| {
@@ -467,11 +459,7 @@ fn redact_command_gets_through_the_multilingual_fixture() {
         .output()
         .unwrap());
     let n_in = std::fs::read_to_string(&input).unwrap().lines().count();
-    let rows: Vec<Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::read_jsonl(&out);
     assert_eq!(rows.len(), n_in);
     let summary: Value = serde_json::from_str(printed.lines().next().unwrap()).unwrap();
     assert_eq!(summary["rows"].as_u64().unwrap() as usize, n_in);

@@ -35,14 +35,6 @@ fn classify(idx: &Path, input: &Path, out: &Path, extra: &[&str]) -> Output {
     semtel(&args)
 }
 
-fn jsonl_rows(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn no_panic(o: &Output) {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
@@ -115,7 +107,7 @@ fn shared_torture_set_gets_one_row_per_input_row() {
     no_panic(&o);
     ok(o);
     let want = std::fs::read_to_string(&input).unwrap().lines().count();
-    let rows = jsonl_rows(&out);
+    let rows = read_jsonl(&out);
     assert_eq!(rows.len(), want);
     let errors: Vec<_> = rows.iter().filter(|r| r["decided_by"] == "error").collect();
     assert_eq!(errors.len(), 2, "{errors:?}");
@@ -154,7 +146,7 @@ fn every_bad_row_kind_in_one_file() {
     let o = classify(&idx, &input, &out, &["--max-line-bytes", "4000"]);
     no_panic(&o);
     ok(o);
-    let rows: HashMap<String, serde_json::Value> = jsonl_rows(&out)
+    let rows: HashMap<String, serde_json::Value> = read_jsonl(&out)
         .into_iter()
         .map(|v| (v["id"].as_str().unwrap().to_string(), v))
         .collect();
@@ -198,7 +190,7 @@ fn truncated_gzip_keeps_its_readable_rows() {
     let o = classify(&idx, &input, &out, &[]);
     no_panic(&o);
     ok(o);
-    let rows = jsonl_rows(&out);
+    let rows = read_jsonl(&out);
     let errors: Vec<_> = rows.iter().filter(|r| r["decided_by"] == "error").collect();
     assert_eq!(errors.len(), 1, "{errors:?}");
     let e = errors[0]["error"].as_str().unwrap();
@@ -458,7 +450,7 @@ fn full_disk_is_reported_and_resume_recovers() {
         read("first.err")
     );
     assert_eq!(read("second.code").trim(), "0", "{}", read("second.err"));
-    let rows = jsonl_rows(&dir.join("out.jsonl"));
+    let rows = read_jsonl(&dir.join("out.jsonl"));
     assert_eq!(rows.len(), text.lines().count());
 }
 
@@ -588,7 +580,7 @@ fn secrets_never_reach_the_output() {
         String::from_utf8_lossy(&o.stderr).contains("refused the API key (401"),
         "{all}"
     );
-    assert_eq!(jsonl_rows(&out).len(), 0);
+    assert_eq!(read_jsonl(&out).len(), 0);
     drop(o);
     let seen = server.join().unwrap();
     assert!(
@@ -628,7 +620,7 @@ fn a_panic_is_one_error_row_not_the_end_of_the_run() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("1 rows hit an internal error"), "{err}");
-    let rows = jsonl_rows(&out);
+    let rows = read_jsonl(&out);
     assert_eq!(rows.len(), 50);
     for r in &rows {
         if r["id"] == "conv-003" {

@@ -150,11 +150,7 @@ fn several_taxonomies_from_one_embedding_pass() {
         "--model",
         md,
     ]));
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = common::read_jsonl(&out);
     assert_eq!(rows.len(), 50);
     let mut group_right = 0;
     let mut tags_right = 0;

@@ -586,14 +586,8 @@ pub fn accuracy_cost(o: AccuracyCostOptions<'_>) -> Result<crate::report::Accura
                 .zip(&gold)
                 .map(|(t, g)| (t.clone(), g.clone()))
                 .collect();
-            let model = crate::llm::simulator::confusable_from_file(
-                &texts,
-                &classifier.encoder,
-                1.0 - acc,
-            )?;
-            let crate::llm::simulator::ErrorModel::Confusable(m) = model else {
-                unreachable!("confusable_from_file returns the confusable model")
-            };
+            let m =
+                crate::llm::simulator::embed_confusable(&texts, &classifier.encoder, 1.0 - acc)?;
             texts
                 .iter()
                 .map(|(t, _)| {

@@ -349,19 +349,31 @@ pub fn confusable_from_file(
     encoder: &crate::embed::Encoder,
     rate: f64,
 ) -> Result<ErrorModel> {
+    Ok(ErrorModel::Confusable(Arc::new(embed_confusable(
+        items, encoder, rate,
+    )?)))
+}
+
+/// [`confusable_errors`] for labelled `items` embedded with `encoder`: per item (by
+/// [`truth_key`]) how often it is answered wrong, and with what.
+pub fn embed_confusable(
+    items: &[(String, String)],
+    encoder: &crate::embed::Encoder,
+    rate: f64,
+) -> Result<HashMap<String, Hardness>> {
     let texts: Vec<&str> = items.iter().map(|(t, _)| t.as_str()).collect();
     let mut vectors = Vec::with_capacity(items.len() * encoder.dim());
     for chunk in texts.chunks(4096) {
         vectors.extend(encoder.embed_texts(chunk)?);
     }
     crate::embed::normalize_rows(&mut vectors, encoder.dim());
-    Ok(ErrorModel::Confusable(Arc::new(confusable_errors(
+    Ok(confusable_errors(
         items,
         &vectors,
         encoder.dim(),
         rate,
         CONFUSABLE_K,
-    ))))
+    ))
 }
 
 /// The `k` nearest other rows of each row (cosine = dot product of normalised rows), exact:

@@ -180,3 +180,12 @@ pub fn sim_llm_config(path: &Path, url: &str, extra: &str) -> PathBuf {
     .unwrap();
     path.to_path_buf()
 }
+
+/// Every line of a JSON Lines file, parsed (a test's own output: any bad line fails the test).
+pub fn read_jsonl(p: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
