@@ -341,6 +341,9 @@ pub struct Manifest {
     /// damaged file is refused instead of silently changing labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checksums: BTreeMap<String, String>,
+    /// Per-language centring of the vectors (`crate::center`); absent: the model's own vectors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub centering: Option<crate::center::Centering>,
 }
 
 /// Where an exemplar's label came from.
@@ -364,6 +367,16 @@ pub struct ExemplarIndex {
     /// Label of each exemplar as an index into `manifest.labels`.
     label_of: Vec<u32>,
     read_only: bool,
+}
+
+/// The detected language of each exemplar's text (`None` where it cannot be told).
+fn exemplar_languages(exemplars: &[Exemplar]) -> Vec<Option<&'static str>> {
+    exemplars
+        .par_iter()
+        .map(|e| {
+            crate::lang::detect(&crate::conversation::Content::Text(e.text.clone())).map(|d| d.code)
+        })
+        .collect()
 }
 
 fn new_usearch(dims: usize, b: &BuildInfo) -> Result<usearch::Index> {
@@ -413,6 +426,7 @@ impl ExemplarIndex {
                 build,
                 decision: DecisionConfig::default(),
                 checksums: BTreeMap::new(),
+                centering: None,
             },
             index,
             exemplars: Vec::new(),
@@ -587,8 +601,23 @@ impl ExemplarIndex {
         Ok(())
     }
 
-    /// Adds exemplars with their (L2-normalised) vectors, `vectors.len() == n * dims`.
+    /// Adds exemplars with their model vectors (L2-normalised, `vectors.len() == n * dims`),
+    /// centred first when the index is ([`center_languages`](Self::center_languages)).
     pub fn add(&mut self, vectors: &[f32], exemplars: Vec<Exemplar>) -> Result<()> {
+        match &self.manifest.centering {
+            Some(c) if vectors.len() == exemplars.len() * c.dims() => {
+                let langs = exemplar_languages(&exemplars);
+                let mut v = vectors.to_vec();
+                c.place_exemplars(&mut v, &langs);
+                self.add_placed(&v, exemplars)
+            }
+            _ => self.add_placed(vectors, exemplars),
+        }
+    }
+
+    /// Adds exemplars whose vectors are already in the index's space (what a query's
+    /// [`query_space`](Self::query_space) made: the exemplars a run learned).
+    pub fn add_placed(&mut self, vectors: &[f32], exemplars: Vec<Exemplar>) -> Result<()> {
         if self.read_only {
             return Err(Error::index(
                 &self.dir,
@@ -680,8 +709,33 @@ impl ExemplarIndex {
             .collect()
     }
 
-    /// Replaces every exemplar's vector (key order, `len() * dims` values) and the model that
-    /// made them: what re-embedding with a tuned encoder does. Not saved until [`save`](Self::save).
+    /// Centres every exemplar's vector per language (`crate::center`) and records the means in
+    /// the manifest. The vectors must be the model's own (an index not centred yet).
+    pub fn center_languages(&mut self) -> Result<()> {
+        if self.manifest.centering.is_some() {
+            return Ok(());
+        }
+        let d = self.manifest.model.dims;
+        let mut v = self.vectors()?;
+        let langs = exemplar_languages(&self.exemplars);
+        let c = crate::center::Centering::fit(&v, d, &langs);
+        c.place_exemplars(&mut v, &langs);
+        self.rebuild(&v, d)?;
+        self.manifest.centering = Some(c);
+        Ok(())
+    }
+
+    /// The space queries are searched in: `None` for an index of the model's own vectors.
+    pub fn query_space(&self) -> Option<crate::center::QuerySpace> {
+        self.manifest
+            .centering
+            .clone()
+            .map(crate::center::QuerySpace::new)
+    }
+
+    /// Replaces every exemplar's vector (key order, `len() * dims` model vectors) and the model
+    /// that made them: what re-embedding with a tuned encoder does. A centred index is centred
+    /// again with means fitted on the new vectors. Not saved until [`save`](Self::save).
     pub fn replace_vectors(&mut self, vectors: &[f32], model: ModelInfo) -> Result<()> {
         if self.read_only {
             return Err(Error::index(
@@ -697,17 +751,27 @@ impl ExemplarIndex {
                 model.dims
             )));
         }
-        let index = new_usearch(model.dims, &self.manifest.build)?;
+        let centred = self.manifest.centering.take().is_some();
+        self.rebuild(vectors, model.dims)?;
+        self.manifest.model = model;
+        if centred {
+            self.center_languages()?;
+        }
+        Ok(())
+    }
+
+    /// A new graph holding `vectors` (key order) in place of the old one.
+    fn rebuild(&mut self, vectors: &[f32], dims: usize) -> Result<()> {
+        let index = new_usearch(dims, &self.manifest.build)?;
         index
             .reserve_capacity_and_threads(self.len().max(1), rayon::current_num_threads().max(1))
             .map_err(|e| Error::index(&self.dir, e.to_string()))?;
         vectors
-            .par_chunks(model.dims)
+            .par_chunks(dims)
             .enumerate()
             .try_for_each(|(j, v)| index.add(j as u64, v))
             .map_err(|e| Error::index(&self.dir, format!("usearch add: {e}")))?;
         self.index = index;
-        self.manifest.model = model;
         Ok(())
     }
 

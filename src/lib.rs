@@ -10,6 +10,7 @@ pub mod app;
 #[cfg(feature = "dev-tools")]
 pub mod bench;
 pub mod calibrate;
+pub mod center;
 pub mod config;
 pub mod conversation;
 pub mod decide;

@@ -51,6 +51,8 @@ pub struct Taxonomy {
     /// Per-label rules of a multi-label index calibrated with the head (else empty: the
     /// kNN vote decides).
     pub rules: Vec<crate::multilabel::LabelRule>,
+    /// The index's per-language centring, when it was built with one.
+    pub space: Option<crate::center::QuerySpace>,
 }
 
 impl Taxonomy {
@@ -101,6 +103,7 @@ impl Taxonomy {
         Ok(Taxonomy {
             name: name.to_string(),
             k: d.k,
+            space: index.query_space(),
             index,
             thresholds,
             head,
@@ -245,6 +248,8 @@ pub struct Classifier {
     /// Redact personal data before embedding (`[redaction] before_embedding`): the encoder,
     /// the vote, the LLM and a grown index then only ever see placeholders.
     pub redact_input: Option<std::sync::Arc<crate::pii::Redactor>>,
+    /// The index's per-language centring (queries are moved into it before the search).
+    pub space: Option<crate::center::QuerySpace>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -336,6 +341,7 @@ impl Classifier {
         }
         Ok(Classifier {
             encoder,
+            space: index.query_space(),
             index,
             k,
             thresholds,
@@ -424,19 +430,43 @@ impl Classifier {
         ids: &[Vec<u32>],
     ) -> Result<Vec<Classified>> {
         let d = self.encoder.dim();
-        let mut flat = Vec::with_capacity(rows.len() * d);
-        for v in vectors.iter().flatten() {
-            flat.extend_from_slice(v);
+        let languages = &self.encoder.files.languages;
+        let detected: Vec<Option<crate::lang::Detected>> = {
+            use rayon::prelude::*;
+            rows.par_iter()
+                .map(|r| r.content.as_ref().ok().and_then(crate::lang::detect))
+                .collect()
+        };
+        let mut raw = Vec::with_capacity(rows.len() * d);
+        let mut raw_langs = Vec::with_capacity(rows.len());
+        for (v, l) in vectors.iter().zip(&detected) {
+            if let Ok(v) = v {
+                raw.extend_from_slice(v);
+                raw_langs.push(l.map(|l| l.code));
+            }
         }
+        // Each index is searched in its own space (per-language centring or the model's own).
+        let flat = match &self.space {
+            Some(s) => s.place(&raw, &raw_langs),
+            None => raw.clone(),
+        };
         let neighbors = self.index.search_batch(&flat, self.k)?;
         let mut nb_iter = neighbors.into_iter();
-        // Additional taxonomies: one search per taxonomy over the same vectors.
+        // Additional taxonomies: one search per taxonomy over the same embeddings.
+        let extra_flat: Vec<Option<Vec<f32>>> = self
+            .extra
+            .iter()
+            .map(|t| t.space.as_ref().map(|s| s.place(&raw, &raw_langs)))
+            .collect();
         let extra_hits: Vec<Vec<Vec<(u64, f32)>>> = self
             .extra
             .iter()
-            .map(|t| {
-                t.index
-                    .search_batch(&flat, if t.multi_label { t.k * 4 } else { t.k })
+            .zip(&extra_flat)
+            .map(|(t, f)| {
+                t.index.search_batch(
+                    f.as_deref().unwrap_or(&raw),
+                    if t.multi_label { t.k * 4 } else { t.k },
+                )
             })
             .collect::<Result<_>>()?;
         let mut extra_scratch: Vec<Vec<f32>> = self
@@ -449,17 +479,10 @@ impl Classifier {
         let label_of = self.index.label_indices();
         let mut scratch = vec![0f32; labels.len()];
         let mut out = Vec::with_capacity(rows.len());
-        let languages = &self.encoder.files.languages;
-        let detected: Vec<Option<crate::lang::Detected>> = {
-            use rayon::prelude::*;
-            rows.par_iter()
-                .map(|r| r.content.as_ref().ok().and_then(crate::lang::detect))
-                .collect()
-        };
         for (i, (row, vec)) in rows.into_iter().zip(vectors).enumerate() {
             let lang = detected[i];
             let vector = match vec {
-                Ok(v) => v,
+                Ok(_) => flat[vec_no * d..(vec_no + 1) * d].to_vec(),
                 Err(msg) => {
                     let msg = if row.content.is_err() {
                         msg
@@ -481,9 +504,13 @@ impl Classifier {
                 .iter()
                 .enumerate()
                 .map(|(t, tax)| {
+                    let v = match &extra_flat[t] {
+                        Some(f) => &f[vec_no * d..(vec_no + 1) * d],
+                        None => &raw[vec_no * d..(vec_no + 1) * d],
+                    };
                     tax.decide(
                         &extra_hits[t][vec_no],
-                        &vector,
+                        v,
                         ids.get(i).map_or(&[][..], |x| x.as_slice()),
                         &mut extra_scratch[t],
                     )

@@ -193,6 +193,8 @@ fn multilingual_fixture_through_every_model_and_engine() {
                 .unwrap(),
         );
         assert!(info.contains(case.dir), "{info}");
+        // `auto`: a multilingual encoder's index is centred per language, an English one not.
+        assert_eq!(info.contains("\"centering\""), !case.english_only, "{info}");
         let out = dir.join("out-fast.jsonl");
         let printed = ok(semtel_cmd(&["--engine", "fast", "classify", "--json"])
             .arg("--index")
@@ -289,6 +291,156 @@ fn multilingual_fixture_through_every_model_and_engine() {
             assert_eq!(gated(r), gated(f), "{}: {r}", case.dir);
         }
         assert!(compared >= 12, "{}: {compared} rows compared", case.dir);
+    }
+}
+
+/// Per-language centring, end to end on real multilingual data (xSID, `data/xsid`): an index
+/// from English rows only, `--center-languages on` against `off`, the same mixed-language
+/// traffic classified by both. Centring must lift the non-English rows (its reason to exist),
+/// not cost the English ones, and keep the index self-consistent: an exemplar classified
+/// against its own index (English, the stored mean) finds itself at cosine 1, also after
+/// `index add`.
+#[test]
+fn language_centring_lifts_cross_lingual_transfer() {
+    use std::io::Read;
+    let case = CASES.iter().find(|c| !c.english_only).unwrap();
+    let m = model(case);
+    let dir = tmpdir("enc-centring");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(
+        std::fs::File::open(repo().join("data/xsid/xsid.jsonl.gz")).unwrap(),
+    )
+    .read_to_string(&mut text)
+    .unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pick = |lang: &str, split: &str, n: usize| -> Vec<&serde_json::Value> {
+        rows.iter()
+            .filter(|r| r["lang"] == lang && r["split"] == split)
+            .take(n)
+            .collect()
+    };
+    let write = |name: &str, rs: &[&serde_json::Value]| -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, rs.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
+        p
+    };
+    let exemplars = write("en.valid.jsonl", &pick("en", "valid", 300));
+    // Mixed traffic, languages interleaved as they arrive in a real stream.
+    let langs = [
+        "en", "ar", "da", "de", "id", "it", "ja", "kk", "lt", "nl", "sr", "tr", "zh",
+    ];
+    let per: Vec<Vec<&serde_json::Value>> = langs.iter().map(|l| pick(l, "test", 80)).collect();
+    let mut traffic = Vec::new();
+    for i in 0..80 {
+        for p in &per {
+            traffic.push(p[i]);
+        }
+    }
+    let traffic = write("traffic.jsonl", &traffic);
+    let gold: std::collections::HashMap<String, (String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                (
+                    r["label"].as_str().unwrap().to_string(),
+                    r["lang"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    // (English accuracy, non-English accuracy) of the kNN vote on the traffic.
+    let run = |choice: &str| -> (f64, f64, PathBuf) {
+        let idx = dir.join(format!("idx-{choice}"));
+        ok(
+            semtel_cmd(&["index", "build", "--center-languages", choice])
+                .arg("--exemplars")
+                .arg(&exemplars)
+                .arg("--out")
+                .arg(&idx)
+                .arg("--model")
+                .arg(&m)
+                .output()
+                .unwrap(),
+        );
+        let out = dir.join(format!("out-{choice}.jsonl"));
+        ok(semtel_cmd(&["classify"])
+            .arg("--index")
+            .arg(&idx)
+            .arg("--input")
+            .arg(&traffic)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap());
+        let (mut en, mut en_ok, mut other, mut other_ok) = (0, 0, 0, 0);
+        for r in common::read_jsonl(&out) {
+            let (label, lang) = &gold[r["id"].as_str().unwrap()];
+            let right = r["knn_label"].as_str() == Some(label.as_str());
+            if lang == "en" {
+                en += 1;
+                en_ok += right as usize;
+            } else {
+                other += 1;
+                other_ok += right as usize;
+            }
+        }
+        assert_eq!(en + other, 13 * 80);
+        (
+            en_ok as f64 / en as f64,
+            other_ok as f64 / other as f64,
+            idx,
+        )
+    };
+    let (en_off, other_off, _) = run("off");
+    let (en_on, other_on, idx) = run("on");
+    eprintln!(
+        "xSID, English index: English {:.1} % -> {:.1} %, other languages {:.1} % -> {:.1} % with centring",
+        100.0 * en_off,
+        100.0 * en_on,
+        100.0 * other_off,
+        100.0 * other_on
+    );
+    assert!(other_on >= other_off + 0.02, "{other_off} -> {other_on}");
+    assert!(en_on >= en_off - 0.03, "{en_off} -> {en_on}");
+    let info = ok(
+        semtel_cmd(&["index", "info", "--index", idx.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert!(
+        info["centering"]["languages"]["en"].as_u64().unwrap() >= 200,
+        "{info}"
+    );
+    // Self-consistency, before and after `index add`.
+    let added = write("en.added.jsonl", &pick("en", "test", 500)[400..]);
+    ok(
+        semtel_cmd(&["index", "add", "--index", idx.to_str().unwrap()])
+            .arg("--exemplars")
+            .arg(&added)
+            .output()
+            .unwrap(),
+    );
+    for (name, file) in [("exemplars", &exemplars), ("added", &added)] {
+        let out = dir.join(format!("self-{name}.jsonl"));
+        ok(semtel_cmd(&["classify", "--index", idx.to_str().unwrap()])
+            .arg("--input")
+            .arg(file)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap());
+        let en: Vec<f64> = common::read_jsonl(&out)
+            .iter()
+            .filter(|r| r["lang"] == "en")
+            .map(|r| r["top1_sim"].as_f64().unwrap())
+            .collect();
+        assert!(en.len() >= 50, "{name}: {} English rows", en.len());
+        assert!(en.iter().all(|s| *s > 0.999), "{name}: {en:?}");
     }
 }
 

@@ -1062,6 +1062,9 @@ fn build_round(
     }
     let n = ex.len();
     index.add(&vectors, ex)?;
+    if crate::center::CenterChoice::Auto.wanted(&encoder.files.languages) {
+        index.center_languages()?;
+    }
     crate::calibrate::auto_calibrate(&mut index, target)?;
     index.save()?;
     drop(index);

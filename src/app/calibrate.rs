@@ -97,6 +97,7 @@ fn run_multi(job: &CalibrateJob, t: std::time::Instant) -> Result<CalibrateOutco
             let mut rows = Vec::new();
             super::eval::for_each_multi_labelled(
                 &encoder,
+                index.query_space().as_ref(),
                 path,
                 opts,
                 &Progress::hidden(),

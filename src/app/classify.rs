@@ -338,7 +338,8 @@ pub fn save_growth(index_dir: &std::path::Path, g: &Growth) -> Result<usize> {
     let n = ex.len();
     if n > 0 {
         let mut index = ExemplarIndex::open(index_dir, false)?;
-        index.add(&vectors, ex)?;
+        // The overlay holds the vectors the vote searched with: already in the index's space.
+        index.add_placed(&vectors, ex)?;
         index.save()?;
     }
     Ok(n)

@@ -162,10 +162,12 @@ pub struct MultiReport {
 }
 
 /// Reads a labelled multi-label file in batches and embeds it: `f` gets each batch's
-/// (embedding, sorted gold label set) pairs. Unreadable, unlabelled and unembeddable rows are
+/// (embedding, sorted gold label set) pairs, the vectors moved into `space` (the index's
+/// per-language centring) when there is one. Unreadable, unlabelled and unembeddable rows are
 /// skipped (evaluation and calibration score only what has a gold set).
 pub fn for_each_multi_labelled(
     encoder: &Encoder,
+    space: Option<&crate::center::QuerySpace>,
     path: &Path,
     opts: &InputOptions,
     progress: &Progress,
@@ -178,8 +180,34 @@ pub fn for_each_multi_labelled(
             .into_iter()
             .filter(|r| r.content.is_ok() && r.label.is_some())
             .collect();
-        let batch: Vec<(crate::embed::Embedded, Vec<String>)> = encoder
-            .embed_rows(&rows)?
+        let mut embedded = encoder.embed_rows(&rows)?;
+        if let Some(space) = space {
+            let ok: Vec<usize> = (0..rows.len()).filter(|&i| embedded[i].is_ok()).collect();
+            let raw: Vec<f32> = ok
+                .iter()
+                .flat_map(|&i| embedded[i].as_ref().map_or(&[][..], |e| &e.vector[..]))
+                .copied()
+                .collect();
+            let langs: Vec<Option<&str>> = ok
+                .iter()
+                .map(|&i| {
+                    rows[i]
+                        .content
+                        .as_ref()
+                        .ok()
+                        .and_then(crate::lang::detect)
+                        .map(|l| l.code)
+                })
+                .collect();
+            let placed = space.place(&raw, &langs);
+            let d = encoder.dim();
+            for (j, &i) in ok.iter().enumerate() {
+                if let Ok(e) = &mut embedded[i] {
+                    e.vector.copy_from_slice(&placed[j * d..(j + 1) * d]);
+                }
+            }
+        }
+        let batch: Vec<(crate::embed::Embedded, Vec<String>)> = embedded
             .into_iter()
             .zip(&rows)
             .filter_map(|(e, r)| {
@@ -205,7 +233,7 @@ pub fn evaluate_multi(
     let mut scratch = vec![0f32; labels.len()];
     let (mut preds, mut golds) = (Vec::new(), Vec::new());
     let (mut decisions, mut decided_golds) = (Vec::new(), Vec::new());
-    for_each_multi_labelled(encoder, path, opts, progress, |batch| {
+    for_each_multi_labelled(encoder, tax.space.as_ref(), path, opts, progress, |batch| {
         let vecs: Vec<f32> = batch
             .iter()
             .flat_map(|(e, _)| e.vector.iter().copied())

@@ -144,10 +144,20 @@ pub fn build_index(
     threshold: Option<f32>,
     progress: &Progress,
 ) -> Result<(ExemplarIndex, AddSummary)> {
-    build_index_with(encoder, sources, out, k, threshold, false, progress)
+    build_index_with(
+        encoder,
+        sources,
+        out,
+        k,
+        threshold,
+        false,
+        crate::center::CenterChoice::Auto,
+        progress,
+    )
 }
 
-/// [`build_index`] with the multi-label choice.
+/// [`build_index`] with the multi-label and per-language centring choices.
+#[allow(clippy::too_many_arguments)] // one per `index build` flag
 pub fn build_index_with(
     encoder: &Encoder,
     sources: &[(std::path::PathBuf, InputOptions)],
@@ -155,6 +165,7 @@ pub fn build_index_with(
     k: usize,
     threshold: Option<f32>,
     multi_label: bool,
+    center: crate::center::CenterChoice,
     progress: &Progress,
 ) -> Result<(ExemplarIndex, AddSummary)> {
     let build = BuildInfo {
@@ -187,6 +198,9 @@ pub fn build_index_with(
                 total.problems.join("; ")
             ),
         ));
+    }
+    if center.wanted(&encoder.files.languages) {
+        index.center_languages()?;
     }
     match threshold {
         Some(t) => index.manifest.decision.threshold = t,

@@ -276,6 +276,11 @@ pub enum IndexCmd {
         /// The label column holds a set of labels per row (a JSON list or `a|b`).
         #[arg(long)]
         multi_label: bool,
+        /// Centre vectors per language (removes each language's offset so that queries in
+        /// languages the exemplars are not written in find their topic). `auto`: on for
+        /// multilingual encoders, off for single-language ones.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+        center_languages: String,
         /// Then fine-tune the encoder on the exemplars (`semtel tune` with its defaults).
         #[arg(long)]
         tune: bool,

@@ -69,6 +69,7 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
             overwrite,
             multi_label,
+            center_languages,
             tune: then_tune,
         }) => index::build(
             &ctx,
@@ -79,6 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             threshold,
             overwrite,
             multi_label,
+            semtel::center::CenterChoice::parse(&center_languages).unwrap_or_default(),
         )
         .and_then(|()| {
             if then_tune {

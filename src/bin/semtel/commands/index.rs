@@ -19,6 +19,7 @@ pub fn build(
     threshold: Option<f32>,
     overwrite: bool,
     multi_label: bool,
+    center: semtel::center::CenterChoice,
 ) -> Result<()> {
     if out.join(semtel::index::MANIFEST).exists() {
         if overwrite {
@@ -46,6 +47,7 @@ pub fn build(
         k,
         threshold,
         multi_label,
+        center,
         &progress,
     )?;
     progress.finish();
@@ -61,6 +63,12 @@ pub fn build(
         if threshold.is_some() { "given" } else { "leave-one-out, 95% kept-accuracy" }
     );
     report_skips(&s);
+    if let Some(c) = &index.manifest.centering {
+        eprintln!(
+            "vectors centred per language ({}; other languages: a running mean over the traffic)",
+            centering_languages(c)
+        );
+    }
     if index.manifest.decision.threshold >= 1e8 {
         eprintln!(
             "warning: no threshold reaches 95% kept-accuracy in leave-one-out, so every row will be escalated; {}",
@@ -124,8 +132,28 @@ pub fn add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Resul
 
 pub fn info(index: &Path) -> Result<()> {
     let idx = ExemplarIndex::open(index, true)?;
-    println!("{}", serde_json::to_string_pretty(&idx.manifest)?);
+    let mut m = serde_json::to_value(&idx.manifest)?;
+    // The mean vectors are for the machine; a person wants the languages and their rows.
+    if let (Some(c), Some(slot)) = (&idx.manifest.centering, m.get_mut("centering")) {
+        *slot = serde_json::json!({
+            "languages": c.languages.iter().map(|(l, m)| (l.clone(), m.rows)).collect::<std::collections::BTreeMap<_, _>>(),
+            "other_languages": format!("running traffic mean, {} pseudo-rows of the all-exemplar mean", c.prior_rows),
+        });
+    }
+    println!("{}", serde_json::to_string_pretty(&m)?);
     Ok(())
+}
+
+/// `en 12,000 rows, de 300 rows` for a centred index.
+fn centering_languages(c: &semtel::center::Centering) -> String {
+    if c.languages.is_empty() {
+        return "no language has enough exemplars for its own mean".into();
+    }
+    c.languages
+        .iter()
+        .map(|(l, m)| format!("{l} {} rows", m.rows))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn embed(ctx: &Ctx, input: &Path, output: &Path, cols: &ColumnArgs) -> Result<()> {
