@@ -16,6 +16,10 @@
 //!   The running means live in the classifier ([`QuerySpace`]) for the run or the service's
 //!   life and are never written to the index: the same index and input give the same labels.
 //!
+//! Languages are the detector's (`crate::lang`), including its guesses on short text: grouping
+//! only on confident detections was measured and loses most of the gain on short foreign
+//! queries (README, Encoders).
+//!
 //! Whether an index is centred is recorded in its manifest (`centering`); the index holds
 //! centred vectors then, and everything that searches it goes through [`QuerySpace::place`].
 //! This module must never detect languages, read files or search: it is arithmetic on vectors.
