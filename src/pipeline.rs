@@ -421,8 +421,9 @@ impl Classifier {
         Ok((out, panics))
     }
 
-    /// Search and decide for rows whose vectors (and content token ids, for the head) are
-    /// known.
+    /// Search and decide for rows whose model vectors (and content token ids, for the head)
+    /// are known. The vectors are moved into each index's space here (per-language centring),
+    /// so callers always pass the encoder's own output.
     pub fn decide(
         &self,
         rows: Vec<Row>,
@@ -446,9 +447,9 @@ impl Classifier {
             }
         }
         // Each index is searched in its own space (per-language centring or the model's own).
-        let flat = match &self.space {
-            Some(s) => s.place(&raw, &raw_langs),
-            None => raw.clone(),
+        let flat: std::borrow::Cow<[f32]> = match &self.space {
+            Some(s) => s.place(&raw, &raw_langs).into(),
+            None => raw.as_slice().into(),
         };
         let neighbors = self.index.search_batch(&flat, self.k)?;
         let mut nb_iter = neighbors.into_iter();
@@ -482,6 +483,8 @@ impl Classifier {
         for (i, (row, vec)) in rows.into_iter().zip(vectors).enumerate() {
             let lang = detected[i];
             let vector = match vec {
+                // The vector the vote searched with (what the head scores and `--grow` keeps).
+                Ok(v) if self.space.is_none() => v,
                 Ok(_) => flat[vec_no * d..(vec_no + 1) * d].to_vec(),
                 Err(msg) => {
                     let msg = if row.content.is_err() {
