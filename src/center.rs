@@ -246,8 +246,9 @@ impl QuerySpace {
         out
     }
 
-    /// Traffic rows seen per language without an exemplar mean (for reports).
-    pub fn traffic_rows(&self) -> BTreeMap<String, u64> {
+    /// Traffic rows seen per language without an exemplar mean.
+    #[cfg(test)]
+    fn traffic_rows(&self) -> BTreeMap<String, u64> {
         let t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         t.iter().map(|(l, (_, n))| (l.clone(), *n)).collect()
     }
@@ -269,33 +270,28 @@ mod tests {
         // than the topic signal, so before centring every B row is nearer to B rows than to its
         // topic's A rows.
         let dims = 4;
-        let mut ex = Vec::new();
-        let mut langs = Vec::new();
-        for i in 0..40 {
-            let t = if i % 2 == 0 {
-                [1.0, 0.1, 0.0, 0.05]
-            } else {
-                [0.1, 1.0, 0.0, -0.05]
-            };
-            ex.extend(unit(&t));
-            langs.push(Some("en"));
-        }
+        // `n` unit rows alternating between the two topics, shifted by `offset` on axis 2.
+        let two_topics = |n: usize, offset: f32| -> Vec<f32> {
+            (0..n)
+                .flat_map(|i| {
+                    let (a, b, c) = if i % 2 == 0 {
+                        (1.0, 0.1, 0.05)
+                    } else {
+                        (0.1, 1.0, -0.05)
+                    };
+                    unit(&[a, b, offset, c])
+                })
+                .collect()
+        };
+        let ex = two_topics(40, 0.0);
+        let langs = vec![Some("en"); 40];
         let c = Centering::fit(&ex, dims, &langs);
         assert_eq!(c.languages["en"].rows, 40);
         let mut placed = ex.clone();
         c.place_exemplars(&mut placed, &langs);
         let q = QuerySpace::new(c);
-        let mut queries = Vec::new();
-        let mut qlangs = Vec::new();
-        for i in 0..64 {
-            let t = if i % 2 == 0 {
-                [1.0, 0.1, 3.0, 0.05]
-            } else {
-                [0.1, 1.0, 3.0, -0.05]
-            };
-            queries.extend(unit(&t));
-            qlangs.push(Some("xx"));
-        }
+        let queries = two_topics(64, 3.0);
+        let qlangs = vec![Some("xx"); 64];
         let out = q.place(&queries, &qlangs);
         assert_eq!(q.traffic_rows()["xx"], 64);
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
