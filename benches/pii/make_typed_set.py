@@ -13,9 +13,11 @@ en dashes, street addresses in German, Dutch, Italian and Japanese, names after 
 Greek and Korean, cued dates of birth, documented-example and config secrets, and near-misses
 that must stay (`near_miss`: no span).
 
-The two variants share no template: `dev` is what the recognisers may be tuned on, `heldout`
-was written at the same time, before any tuning, with other phrasings and other values, and
-is only ever reported. Every value is synthetic; cards pass Luhn, IBANs mod-97, phone numbers
+The variants share no template: `dev` is what the recognisers may be tuned on; `heldout` was
+written at the same time, before any tuning, with other phrasings and other values; `fresh`
+(`--variant fresh`) was written after `heldout` had been read once to find what the first
+recognisers missed, before the fixes that reading suggested, so it is the set no change was
+ever made for. Every value is synthetic; cards pass Luhn, IBANs mod-97, phone numbers
 libphonenumber (checked with the `phonenumbers` package when it is installed).
 
 One JSON object per line: {"id", "category", "lang", "text", "spans": [{"start", "end",
@@ -34,8 +36,8 @@ try:
 except ImportError:
     phonenumbers = None
 
-VARIANT = "heldout" if "--variant" in sys.argv and sys.argv[sys.argv.index("--variant") + 1] == "heldout" else "dev"
-R = random.Random(2027 if VARIANT == "heldout" else 31)
+VARIANT = sys.argv[sys.argv.index("--variant") + 1] if "--variant" in sys.argv else "dev"
+R = random.Random({"heldout": 2027, "fresh": 4099}.get(VARIANT, 31))
 
 
 def digits(n):
@@ -428,6 +430,110 @@ def make(cat):
     return lang, [("user", [text])]
 
 
+def make_fresh(cat):
+    """The `fresh` variant's conversations: other phrasings, other values."""
+    if cat == "password":
+        v = password_value()
+        forms = [
+            ("en", ["here are my creds: username bob, password ", (v, "SECRET")]),
+            ("en", ["REDIS_PASSWORD: ", (v, "SECRET"), "\nREDIS_HOST: cache.internal"]),
+            ("de", ["Neues Passwort lautet ", (v, "SECRET"), " – bitte nicht weitergeben"]),
+            ("fr", ["le mdp c'est ", (v, "SECRET")]),
+            ("es", ["la clave del router es ", (v, "SECRET")]),
+            ("pt", ["minha senha: ", (v, "SECRET"), " não funciona"]),
+            ("zh", ["我的密码是", (v, "SECRET"), "，登录失败"]),
+            ("ko", ["비밀번호는 ", (v, "SECRET"), " 입니다"]),
+            ("en", ["connection string has Password=", (v, "SECRET"), ";Encrypt=True"]),
+        ]
+    elif cat == "card":
+        c = card_digits()
+        forms = [
+            ("en", ["pls refund ", (grouped(c, sep="-"), "CARD"), " asap"]),
+            ("en", ["card:\n", (grouped(c[:8], sep=".") + "\n" + grouped(c[8:], sep="."), "CARD")]),
+            ("it", ["carta ", (grouped(c), "CARD"), " rifiutata"]),
+            ("de", ["Karte ", (grouped(c, sep="."), "CARD"), ", Ablauf 11/28"]),
+        ]
+    elif cat == "iban":
+        b = iban_compact()
+        g = grouped(b)
+        cut = R.choice([2, 3, 4]) * 5 - 1
+        a, z = g[:cut], g[cut + 1:]
+        return R.choice([
+            ("en", [("user", ["refund to ", (g.lower(), "IBAN")])]),
+            ("de", [("user", ["Konto:\n", (a, "IBAN"), "\n", (z, "IBAN")])]),
+            ("en", [("user", ["account ", (a, "IBAN"), "..."]), ("user", [(z, "IBAN"), " is the rest"])]),
+            ("nl", [("user", ["mijn IBAN ", (a, "IBAN")]), ("assistant", ["Ik mis een deel."]), ("user", ["sorry: ", (z, "IBAN")])]),
+        ])
+    elif cat == "email":
+        e = obfuscated_email()
+        forms = [
+            ("en", ["my email is ", (e, "EMAIL")]),
+            ("en", ["ping me: ", (e, "EMAIL")]),
+            ("de", ["E-Mail: ", (e, "EMAIL"), " (privat)"]),
+            ("it", ["scrivetemi a ", (e, "EMAIL"), " grazie"]),
+        ]
+    elif cat == "phone":
+        p = phone()
+        forms = [
+            ("en", ["mobile ", (p, "PHONE")]),
+            ("en", ["reach me on ", (p, "PHONE"), " after 6pm"]),
+            ("de", ["Telefon: ", (p, "PHONE")]),
+            ("fr", ["mon portable : ", (p, "PHONE")]),
+        ]
+    elif cat == "address":
+        lang, cue, addr = R.choice([
+            ("de", "ich wohne in der ", R.choice(["Schloßstraße 41, 01067 Dresden", "Hafenweg 3a, 48155 Münster", "Königsallee 60, 40212 Düsseldorf"])),
+            ("nl", "adres: ", R.choice(["Herengracht 502, 1017 CB Amsterdam", "Molenweg 17, 6542 JK Nijmegen"])),
+            ("it", "spedire a ", R.choice(["Via Nazionale 91, 00184 Roma", "Piazza San Marco 1, 30124 Venezia", "Corso Italia 14, 20122 Milano"])),
+            ("ja", "住所：", R.choice(["〒460-0008 愛知県名古屋市中区栄3-5-1", "福岡県福岡市博多区博多駅前2-1-1", "北海道札幌市中央区北1条西2丁目1"])),
+        ])
+        return (lang, [("user", [cue, (addr, "ADDRESS")])])
+    elif cat == "name":
+        forms = [
+            ("ar", ["اسمي ", (R.choice(AR_NAMES), "PERSON")]),
+            ("el", ["Με λένε ", (R.choice(EL_NAMES)[0], "PERSON"), "."]),
+            ("ko", ["제 이름은 ", (R.choice(KO_NAMES), "PERSON"), "이고 회원번호를 잊어버렸어요"]),
+            ("el", ["Λέγομαι ", (R.choice(EL_NAMES)[1], "PERSON"), " και χρειάζομαι ένα τιμολόγιο"]),
+        ]
+    elif cat == "dob":
+        lang, pieces = R.choice([
+            ("en", ["DOB ", ("dot", "DATE_OF_BIRTH"), " — can you check my age"]),
+            ("en", ["born ", ("en", "DATE_OF_BIRTH")]),
+            ("de", ["Geburtsdatum ", ("iso", "DATE_OF_BIRTH")]),
+            ("fr", ["date de naissance : ", ("slash", "DATE_OF_BIRTH")]),
+            ("it", ["data di nascita ", ("slash", "DATE_OF_BIRTH")]),
+        ])
+        return (lang, [("user", [p if isinstance(p, str) else (dob_value(p[0]), p[1]) for p in pieces])])
+    elif cat == "secret":
+        forms = [
+            ("en", ["aws secret: ", (aws_like_secret(), "SECRET")]),
+            ("en", ["is wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"[:3], ("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "SECRET"), " a real key?"]),
+            ("en", ["credentials file says aws_secret_access_key: ", (aws_like_secret(), "SECRET")]),
+        ]
+    else:
+        pool = [
+            ("en", "Where do I change my password? The settings page is confusing."),
+            ("en", "I'm at the office dot matrix printer again, it jams."),
+            ("de", "Das Passwort muss mindestens 8 Zeichen haben."),
+            ("it", "Corso di italiano a Roma, quanto costa?"),
+            ("en", "Version 3.10.4 was released on 2024-06-06."),
+            ("fr", "Il coûte 1.250,00 € par mois."),
+            ("en", "What's a good birthday gift for a 5 year old?"),
+            ("en", "Secret santa rules for the office?"),
+            ("ja", "パスワードの変更方法を教えてください。"),
+            ("ko", "비밀번호를 잊어버렸어요. 어떻게 재설정하나요?"),
+            ("en", "Results: 12–9, 10–8, 11–13."),
+            ("en", "Is an IBAN the same as a SWIFT code?"),
+            ("de", "Die Schloßstraße ist heute gesperrt."),
+            ("en", "Email me at your convenience about the schedule."),
+            ("ar", "اسمي الحقيقي لا يهم هنا."),
+        ]
+        lang, text = R.choice(pool)
+        return lang, [("user", [text])]
+    lang, pieces = R.choice(forms)
+    return lang, [("user", pieces)]
+
+
 def render(lang, turns, cat, i):
     text, spans, out_turns = "", [], []
     for k, (role, pieces) in enumerate(turns):
@@ -465,11 +571,11 @@ CATS = ["password", "card", "iban", "email", "phone", "address", "name", "dob", 
 
 def main():
     out = sys.argv[1]
-    per = 24 if DEV else 20
+    per = {"dev": 24, "heldout": 20, "fresh": 15}[VARIANT]
     rows = []
     for cat in CATS:
         for _ in range(per * (2 if cat == "near_miss" else 1)):
-            lang, turns = make(cat)
+            lang, turns = make_fresh(cat) if VARIANT == "fresh" else make(cat)
             rows.append(render(lang, turns, cat, len(rows)))
     with open(out, "w", encoding="utf-8") as f:
         for r in rows:
