@@ -43,6 +43,11 @@ pub struct ServeSection {
     pub max_items: Option<usize>,
     pub max_text_bytes: Option<usize>,
     pub escalate_timeout_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub header_timeout_ms: Option<u64>,
+    pub body_timeout_ms: Option<u64>,
+    pub shutdown_timeout_ms: Option<u64>,
+    pub fair_step_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

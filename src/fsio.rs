@@ -103,3 +103,75 @@ impl PathLock {
         &self.path
     }
 }
+
+/// Makes `to` a copy of the directory tree `from` whose files are hard links of the originals
+/// (a copy where a link is impossible: another file system, a file system without links).
+/// Names `skip` refuses are left out. Only sound when every writer of `to` replaces files by
+/// rename rather than writing into them, as every index writer does ([`commit`]).
+pub fn link_tree(from: &Path, to: &Path, skip: &dyn Fn(&str) -> bool) -> Result<()> {
+    std::fs::create_dir(to).map_err(|e| Error::io(to, e))?;
+    for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+        let entry = entry.map_err(|e| Error::io(from, e))?;
+        let name = entry.file_name();
+        if skip(&name.to_string_lossy()) {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        let kind = entry.file_type().map_err(|e| Error::io(&src, e))?;
+        if kind.is_dir() {
+            link_tree(&src, &dst, skip)?;
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&src).map_err(|e| Error::io(&src, e))?;
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(&target, &dst).map_err(|e| Error::io(&dst, e))?;
+            #[cfg(not(unix))]
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+        } else if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Swaps two existing directories in one atomic step (Linux `renameat2(RENAME_EXCHANGE)`):
+/// after it, `a` holds what `b` held and the other way round, and no moment exists at which
+/// either name is missing. `Ok(false)` when the platform or file system cannot (the caller
+/// then falls back to two renames with a recovery rule).
+pub fn exchange_dirs(a: &Path, b: &Path) -> Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let ca = CString::new(a.as_os_str().as_bytes())
+            .map_err(|_| Error::Internal(format!("{}: NUL in path", a.display())))?;
+        let cb = CString::new(b.as_os_str().as_bytes())
+            .map_err(|_| Error::Internal(format!("{}: NUL in path", b.display())))?;
+        // SAFETY: two valid NUL-terminated paths relative to the working directory; the call
+        // reads them and touches nothing else of this process.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                ca.as_ptr(),
+                libc::AT_FDCWD,
+                cb.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::ENOTSUP) | Some(libc::EPERM) => {
+                Ok(false)
+            }
+            _ => Err(Error::io(b, e)),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
+}

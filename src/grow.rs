@@ -3,8 +3,8 @@
 //! the LLM falls as the run goes. At the end the overlay is written into the index, flagged as
 //! LLM-labelled with the model and prompt version.
 //!
-//! The base index stays a read-only memory map during the run; only the overlay changes, under
-//! a lock held briefly by adds (rare) and shared by searches.
+//! The base index stays read-only during the run; only the overlay changes, under a lock held
+//! briefly by adds (rare) and shared by searches.
 
 use crate::index::Exemplar;
 use crate::{Error, Result};
@@ -22,23 +22,35 @@ pub struct Growth {
     pub min_confidence: f32,
 }
 
+/// What an overlay held when it was taken: one vector, exemplar and label index each.
+#[derive(Debug, Default, Clone)]
+pub struct Grown {
+    pub vectors: Vec<f32>,
+    pub exemplars: Vec<Exemplar>,
+    pub labels: Vec<u32>,
+}
+
+fn overlay_index(dims: usize) -> Result<usearch::Index> {
+    let idx = usearch::Index::new(&IndexOptions {
+        dimensions: dims,
+        metric: MetricKind::Cos,
+        quantization: ScalarKind::F32,
+        connectivity: 16,
+        expansion_add: 64,
+        expansion_search: 64,
+        multi: false,
+    })
+    .map_err(|e| Error::vector_index("growth overlay", e))?;
+    idx.reserve_capacity_and_threads(1024, rayon::current_num_threads() + 2)
+        .map_err(|e| Error::vector_index("growth overlay", e))?;
+    Ok(idx)
+}
+
 impl Growth {
     pub fn new(dims: usize, min_confidence: f32) -> Result<Growth> {
-        let idx = usearch::Index::new(&IndexOptions {
-            dimensions: dims,
-            metric: MetricKind::Cos,
-            quantization: ScalarKind::F32,
-            connectivity: 16,
-            expansion_add: 64,
-            expansion_search: 64,
-            multi: false,
-        })
-        .map_err(|e| Error::vector_index("growth overlay", e))?;
-        idx.reserve_capacity_and_threads(1024, rayon::current_num_threads() + 2)
-            .map_err(|e| Error::vector_index("growth overlay", e))?;
         Ok(Growth {
             dims,
-            index: RwLock::new(idx),
+            index: RwLock::new(overlay_index(dims)?),
             meta: RwLock::new(Vec::new()),
             min_confidence,
         })
@@ -96,15 +108,38 @@ impl Growth {
             .clone()
     }
 
-    /// Everything grown so far: (vectors, exemplars).
-    pub fn take(&self) -> (Vec<f32>, Vec<Exemplar>) {
-        let meta = std::mem::take(&mut *self.meta.write().unwrap());
-        let mut v = Vec::with_capacity(meta.len() * self.dims);
-        let mut ex = Vec::with_capacity(meta.len());
-        for (e, _, vec) in meta {
-            v.extend(vec);
-            ex.push(e);
+    /// Everything grown so far; the overlay starts empty again (its rows are about to join
+    /// the index, which later searches see instead).
+    pub fn take(&self) -> Result<Grown> {
+        let mut meta = self.meta.write().unwrap();
+        #[allow(clippy::readonly_write_lock)]
+        let mut idx = self.index.write().unwrap();
+        *idx = overlay_index(self.dims)?;
+        let meta = std::mem::take(&mut *meta);
+        let mut g = Grown {
+            vectors: Vec::with_capacity(meta.len() * self.dims),
+            exemplars: Vec::with_capacity(meta.len()),
+            labels: Vec::with_capacity(meta.len()),
+        };
+        for (e, l, vec) in meta {
+            g.vectors.extend(vec);
+            g.exemplars.push(e);
+            g.labels.push(l);
         }
-        (v, ex)
+        Ok(g)
+    }
+
+    /// Puts back what [`take`](Self::take) returned (its save failed): nothing learned is lost.
+    pub fn restore(&self, g: Grown) {
+        for ((v, e), l) in g
+            .vectors
+            .chunks(self.dims.max(1))
+            .zip(g.exemplars)
+            .zip(g.labels)
+        {
+            if let Err(e) = self.add(v, e, l) {
+                tracing::warn!("growing the index: {e}");
+            }
+        }
     }
 }

@@ -435,12 +435,11 @@ impl ExemplarIndex {
         })
     }
 
-    /// Opens an index. `view` memory-maps the vectors read-only (shared between processes);
-    /// otherwise they are loaded so that exemplars can be added.
     /// Reads and checks an index's manifest only (finishing an interrupted save first): for
     /// callers that need its settings before deciding how to open it. Does not verify the data
     /// files; [`open`](Self::open) does.
     pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+        recover_swap(dir)?;
         recover_save(dir)?;
         let mpath = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&mpath).map_err(|e| {
@@ -477,17 +476,21 @@ impl ExemplarIndex {
         Ok(manifest)
     }
 
-    pub fn open(dir: &Path, view: bool) -> Result<Self> {
+    /// Opens an index. `read_only` refuses later additions (the serving and classifying
+    /// paths); otherwise exemplars can be added and saved.
+    ///
+    /// The vectors are always read into memory the process owns, never memory-mapped: a
+    /// mapping of a file that something later truncates or overwrites in place (`cp` of a new
+    /// index over the old one, a half-finished copy) ends the process with SIGBUS on the next
+    /// search, and a served index must survive whatever happens to its files. The cost is the
+    /// vectors' size in resident memory per process (dims × 4 bytes per exemplar plus the
+    /// graph: 10,003 MiniLM exemplars ≈ 17 MB).
+    pub fn open(dir: &Path, read_only: bool) -> Result<Self> {
         let manifest = Self::read_manifest(dir)?;
         verify_checksums(dir, &manifest)?;
         let vpath = dir.join(VECTORS);
         let vpath_s = vpath.to_string_lossy().to_string();
-        let index = if view {
-            usearch::Index::restore_view(&vpath_s)
-        } else {
-            usearch::Index::restore(&vpath_s)
-        }
-        .map_err(|e| {
+        let index = usearch::Index::restore(&vpath_s).map_err(|e| {
             Error::index(
                 dir,
                 format!("cannot read {VECTORS} ({e}); rebuild the index"),
@@ -523,23 +526,26 @@ impl ExemplarIndex {
             })
             .collect::<Result<Vec<_>>>()?;
         let threads = rayon::current_num_threads().max(1);
-        if !view {
-            index
-                .reserve_capacity_and_threads(index.size().max(1), threads)
-                .map_err(|e| Error::index(dir, e.to_string()))?;
-        }
+        index
+            .reserve_capacity_and_threads(index.size().max(1), threads)
+            .map_err(|e| Error::index(dir, e.to_string()))?;
         Ok(ExemplarIndex {
             dir: dir.to_path_buf(),
             manifest,
             index,
             exemplars,
             label_of,
-            read_only: view,
+            read_only,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The index now lives at `dir` (an [`IndexUpdate`] committed its stage there).
+    pub fn moved_to(&mut self, dir: &Path) {
+        self.dir = dir.to_path_buf();
     }
 
     pub fn len(&self) -> usize {
@@ -884,6 +890,198 @@ fn recover_save(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(&marker, e)),
     }
+}
+
+/// A rewrite of an index directory that leaves either the old index or the new one at its
+/// path, whatever fails or crashes in between — never neither, never a mix.
+///
+/// The command works in a staging directory beside the index (`.NAME.staging-PID-N`): for an
+/// existing index it starts as a copy whose files are hard links of the originals (every index
+/// writer replaces files by rename, so writing the stage never changes a file the old index
+/// uses), for a new one it starts empty. [`commit`](Self::commit) checks the staged index (its
+/// manifest and every digest in it) and swaps the two directories in one atomic rename
+/// (`renameat2(RENAME_EXCHANGE)`; where the file system cannot, two renames whose gap the
+/// next open repairs, see `recover_swap`), then deletes the old one. Dropped without a
+/// commit, the stage is deleted and the old index is untouched. The index's lock is held from
+/// start to end, so two rewrites never interleave, and leftovers of a crashed rewrite are
+/// removed by the next one.
+pub struct IndexUpdate {
+    target: PathBuf,
+    stage: PathBuf,
+    _lock: crate::fsio::PathLock,
+    committed: bool,
+}
+
+/// Files a staging copy leaves out: unfinished writes and the save journal's marker.
+fn staging_skips(name: &str) -> bool {
+    name.ends_with(".tmp") || name == SAVE_MARKER
+}
+
+fn sibling(target: &Path, what: &str) -> Result<PathBuf> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::index(target, "an index needs a directory name"))?
+        .to_string_lossy()
+        .to_string();
+    Ok(target.with_file_name(format!(".{name}.{what}")))
+}
+
+impl IndexUpdate {
+    /// Starts a rewrite of the index at `target` (which must hold one).
+    pub fn begin(target: &Path) -> Result<IndexUpdate> {
+        let u = Self::start(target)?;
+        // Finish an interrupted in-place save first, so the copy is of a whole index.
+        ExemplarIndex::read_manifest(target)?;
+        crate::fsio::link_tree(target, &u.stage, &staging_skips)?;
+        Ok(u)
+    }
+
+    /// Starts a new index at `target`; an index already there is replaced at commit only
+    /// with `overwrite` (and kept if anything fails before).
+    pub fn create(target: &Path, overwrite: bool) -> Result<IndexUpdate> {
+        if target.join(MANIFEST).exists() && !overwrite {
+            return Err(Error::index(
+                target,
+                "already holds an index; pass --overwrite to replace it or use `semtel index add`",
+            ));
+        }
+        if target.is_dir()
+            && !target.join(MANIFEST).exists()
+            && std::fs::read_dir(target)
+                .map_err(|e| Error::io(target, e))?
+                .next()
+                .is_some()
+        {
+            return Err(Error::index(
+                target,
+                "holds files but no index: choose an empty or new directory for the index",
+            ));
+        }
+        let u = Self::start(target)?;
+        std::fs::create_dir(&u.stage).map_err(|e| Error::io(&u.stage, e))?;
+        Ok(u)
+    }
+
+    fn start(target: &Path) -> Result<IndexUpdate> {
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let lock = crate::fsio::PathLock::acquire(target)?;
+        recover_swap(target)?;
+        // Leftovers of rewrites that crashed (no live one exists: we hold the lock).
+        let prefix = sibling(target, "staging-")?;
+        let prefix = prefix
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let Ok(rd) = std::fs::read_dir(parent) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if n.starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                } else if n.starts_with(&format!(".{prefix}")) && n.ends_with(".lock") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stage = sibling(target, &format!("staging-{}-{n}", std::process::id()))?;
+        Ok(IndexUpdate {
+            target: target.to_path_buf(),
+            stage,
+            _lock: lock,
+            committed: false,
+        })
+    }
+
+    /// Where the command writes: open, save and calibrate the index here.
+    pub fn dir(&self) -> &Path {
+        &self.stage
+    }
+
+    /// The index this update replaces.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Checks the staged index and swaps it in; the old one is deleted afterwards.
+    pub fn commit(mut self) -> Result<()> {
+        let manifest = ExemplarIndex::read_manifest(&self.stage)?;
+        verify_checksums(&self.stage, &manifest)?;
+        sync_dir(&self.stage);
+        crate::failpoint::hit("index-swap");
+        if self.target.exists() {
+            if !crate::fsio::exchange_dirs(&self.stage, &self.target)? {
+                // Two renames: between them only `.NAME.previous` exists, which the next
+                // open moves back (recover_swap): the old index, never neither.
+                let prev = sibling(&self.target, "previous")?;
+                let _ = std::fs::remove_dir_all(&prev);
+                std::fs::rename(&self.target, &prev).map_err(|e| Error::io(&self.target, e))?;
+                std::fs::rename(&self.stage, &self.target)
+                    .map_err(|e| Error::io(&self.target, e))?;
+                std::fs::rename(&prev, &self.stage).map_err(|e| Error::io(&prev, e))?;
+            }
+        } else {
+            std::fs::rename(&self.stage, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        }
+        if let Some(p) = self.target.parent() {
+            sync_dir(if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            });
+        }
+        self.committed = true;
+        self.cleanup();
+        Ok(())
+    }
+
+    /// Removes the stage (after a commit: the old index) and the lock file a save inside it
+    /// left beside it.
+    fn cleanup(&self) {
+        let _ = std::fs::remove_dir_all(&self.stage);
+        if let Ok(lock) = sibling(&self.stage, "lock") {
+            let _ = std::fs::remove_file(lock);
+        }
+    }
+}
+
+impl Drop for IndexUpdate {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.cleanup();
+        }
+    }
+}
+
+/// Runs `f` on a staged copy of the index at `dir` and swaps the result in when it succeeds
+/// ([`IndexUpdate`]); on an error the index is as it was.
+pub fn update<T>(dir: &Path, f: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let u = IndexUpdate::begin(dir)?;
+    let out = f(u.dir())?;
+    u.commit()?;
+    Ok(out)
+}
+
+/// The gap of a two-rename swap (file systems without `RENAME_EXCHANGE`): the index was moved
+/// aside and the new one not yet moved in. Moves the old one back.
+fn recover_swap(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let Ok(prev) = sibling(dir, "previous") else {
+        return Ok(());
+    };
+    if prev.join(MANIFEST).exists() {
+        std::fs::rename(&prev, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
 }
 
 /// Streams every file the manifest has a digest for through sha256 and refuses the index on a

@@ -228,7 +228,21 @@ fn row_from_object(
             .iter()
             .find_map(|c| obj.get(*c).filter(|v| v.is_array()).map(|v| (*c, v))),
     };
+    // A turns field that holds a string (a serialised list, or text put in the wrong field)
+    // gets a message saying so, not "no text field".
+    let stray_turns: Option<&str> = match &cols.turns {
+        Some(c) => obj.get(c).filter(|v| v.is_string()).map(|_| c.as_str()),
+        None => AUTO_TURNS
+            .iter()
+            .copied()
+            .find(|c| obj.get(*c).is_some_and(Value::is_string)),
+    };
     let content = match (turns_field, obj.get(&cols.text)) {
+        (_, None | Some(Value::Null)) if stray_turns.is_some() => Err(format!(
+            "`{}` is a string; send a list of {{\"role\", \"content\"}} messages (or the text in `{}`)",
+            stray_turns.unwrap_or_default(),
+            cols.text
+        )),
         (Some((_, v)), _) if !v.is_null() => parse_turns(v).map(Content::Turns),
         (_, Some(Value::String(s))) => Ok(Content::Text(s.clone())),
         (_, Some(Value::Null)) | (_, None) => Err(format!(
@@ -429,17 +443,25 @@ impl RowReader for JsonlReader {
             let v: Value = match serde_json::from_slice(bytes) {
                 Ok(v) => v,
                 Err(e) => {
-                    let why = if std::str::from_utf8(bytes).is_err() {
-                        "invalid UTF-8; re-encode the file as UTF-8".to_string()
-                    } else {
+                    let utf8 = std::str::from_utf8(bytes).is_ok();
+                    let why = if utf8 {
                         format!("broken JSON ({e}); fix or drop the line")
+                    } else {
+                        "invalid UTF-8; re-encode the file as UTF-8".to_string()
                     };
-                    rows.push(error_row(
-                        index,
-                        &self.stem,
-                        &cols,
-                        format!("{where_}: {why}"),
-                    ));
+                    let mut row = error_row(index, &self.stem, &cols, format!("{where_}: {why}"));
+                    // The line's id, when the rest of it is readable: the error row must say
+                    // which conversation it stands for.
+                    if !utf8 {
+                        if let Ok(Value::Object(o)) =
+                            serde_json::from_str::<Value>(&String::from_utf8_lossy(bytes))
+                        {
+                            if let Some(id) = o.get(&cols.id).and_then(value_to_string) {
+                                row.id = id;
+                            }
+                        }
+                    }
+                    rows.push(row);
                     continue;
                 }
             };
@@ -620,7 +642,8 @@ impl BatchColumns {
         let get = |name: &Option<String>| -> Option<ArrayRef> {
             name.as_ref().and_then(|n| batch.column_by_name(n).cloned())
         };
-        let text = get(&self.text);
+        // A categorical (dictionary-encoded) text column is text: decoded here once per batch.
+        let text = get(&self.text).map(decode_dictionary);
         let turns = get(&self.turns);
         let ids = get(&self.id).map(as_utf8);
         let labels = get(&self.label).map(as_utf8);
@@ -909,6 +932,15 @@ fn is_text_type(t: &DataType) -> bool {
             | DataType::LargeBinary
             | DataType::Null
     )
+}
+
+/// A dictionary-encoded column as its plain values (Polars' and pandas' categoricals are
+/// written that way); any other column as it is.
+fn decode_dictionary(a: ArrayRef) -> ArrayRef {
+    match a.data_type() {
+        DataType::Dictionary(_, v) => arrow_cast::cast(&a, v).unwrap_or(a),
+        _ => a,
+    }
 }
 
 fn as_utf8(a: ArrayRef) -> ArrayRef {

@@ -258,7 +258,7 @@ pub struct ClassifierOptions {
     pub k: Option<usize>,
     pub threshold: Option<f32>,
     pub signal: Option<Signal>,
-    /// Open the index for adding exemplars (loads it into memory instead of mapping it).
+    /// Open the index for adding exemplars (otherwise additions are refused).
     pub writable: bool,
 }
 

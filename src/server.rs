@@ -11,11 +11,23 @@
 //! | `GET /health`, `/ready`, `/info`, `/metrics` | liveness and readiness (neither needs the key), what is served, Prometheus text |
 //! | `POST /admin/reload` | reopen the index and swap it in (also on SIGHUP) |
 //!
+//! What one client can hold, and for how long, is bounded so that it cannot shut others out:
+//! connections (`max_connections`; beyond it new ones wait in the listen backlog), the time to
+//! send the request head (`header_timeout`, also the idle keep-alive limit) and the body
+//! (`body_timeout`), the body's size (a declared `Content-Length` over the limit is refused
+//! before a byte is read). A body is read whole before the request takes one of the
+//! `max_concurrent_requests` permits, so slow senders hold connections, never the service's
+//! capacity; the handle then shares the model between requests (smallest served first), so a
+//! large request never starves small ones. Shutdown stops accepting, cuts connections that
+//! have no request in a handler (half-sent heads or bodies included), gives the ones in
+//! progress `shutdown_timeout`, then cuts the rest.
+//!
 //! This module must never log conversation text or the API key, and never block the async
 //! runtime on model work (the handle's compute thread does that).
 
 use crate::app::serve::{AsyncStatus, Escalate, ServeError, Service};
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path as UrlPath, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -42,6 +54,15 @@ pub struct ServerOptions {
     pub api_key: Option<String>,
     /// `escalate=wait` deadline when the request names none.
     pub escalate_timeout: Duration,
+    /// Open connections at most; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// Time a client has to send a request head (and the longest a kept-alive connection may
+    /// sit idle): then the connection is closed.
+    pub header_timeout: Duration,
+    /// Time a client has to send the whole body: then 408.
+    pub body_timeout: Duration,
+    /// After SIGTERM, how long requests in handlers may still take; then they are cut.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -53,6 +74,10 @@ impl Default for ServerOptions {
             max_concurrent_requests: 512,
             api_key: None,
             escalate_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -85,6 +110,20 @@ struct AppState {
     permits: Arc<tokio::sync::Semaphore>,
     metrics: Mutex<HttpMetrics>,
     started: Instant,
+    /// Fires when shutdown starts: body reads in progress stop at once.
+    stopping: tokio::sync::watch::Receiver<Stop>,
+    /// Connections open now (a gauge).
+    connections: std::sync::atomic::AtomicU64,
+}
+
+/// Where shutdown stands, for connections and body reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Running,
+    /// Stop accepting; connections without a request in a handler close now.
+    Draining,
+    /// The deadline passed: every connection closes.
+    Now,
 }
 
 type Shared = Arc<AppState>;
@@ -101,9 +140,13 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     let kind = match status.as_u16() {
+        400 | 422 => "invalid_request_error",
         401 => "authentication_error",
+        404 => "not_found_error",
+        405 => "method_not_allowed",
+        408 => "timeout_error",
+        409 => "conflict_error",
         413 => "request_too_large",
-        422 => "invalid_request_error",
         429 => "rate_limit_error",
         503 => "not_ready",
         _ => "server_error",
@@ -149,9 +192,19 @@ fn serve_error(e: ServeError) -> Response {
     }
 }
 
-/// The router over the service in `svc` (503 until it is set).
+/// The router over the service in `svc` (503 until it is set), for embedding in another
+/// server; [`run`] serves it with this module's connection limits and shutdown.
 pub fn router(svc: Arc<OnceLock<Service>>, opts: ServerOptions) -> Router {
-    let state = Arc::new(AppState {
+    let (_tx, rx) = tokio::sync::watch::channel(Stop::Running);
+    router_with(state(svc, opts, rx))
+}
+
+fn state(
+    svc: Arc<OnceLock<Service>>,
+    opts: ServerOptions,
+    stopping: tokio::sync::watch::Receiver<Stop>,
+) -> Shared {
+    Arc::new(AppState {
         key_digest: opts.api_key.as_ref().map(|k| digest(k.as_bytes())),
         permits: Arc::new(tokio::sync::Semaphore::new(
             opts.max_concurrent_requests.max(1),
@@ -159,8 +212,13 @@ pub fn router(svc: Arc<OnceLock<Service>>, opts: ServerOptions) -> Router {
         svc,
         metrics: Mutex::new(HttpMetrics::default()),
         started: Instant::now(),
+        stopping,
+        connections: Default::default(),
         opts,
-    });
+    })
+}
+
+fn router_with(state: Shared) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
@@ -170,12 +228,28 @@ pub fn router(svc: Arc<OnceLock<Service>>, opts: ServerOptions) -> Router {
         .route("/v1/results/{id}", get(result))
         .route("/v1/embeddings", post(embeddings))
         .route("/admin/reload", post(reload))
-        .layer(DefaultBodyLimit::max(state.opts.max_body_bytes))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route (see GET /info for what is served)",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method",
+            )
+        })
+        // The guard has read (and bounded) the body already.
+        .layer(DefaultBodyLimit::max(
+            state.opts.max_body_bytes.saturating_add(1),
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
-/// Every request: the key, the concurrency limit, the metrics.
+/// Every request: the key, the body (read whole, bounded in size and time, before anything
+/// else is held), the concurrency limit, the metrics.
 async fn guard(State(st): State<Shared>, req: Request, next: Next) -> Response {
     let t = Instant::now();
     let route = req
@@ -186,27 +260,38 @@ async fn guard(State(st): State<Shared>, req: Request, next: Next) -> Response {
     // Liveness and readiness probes carry no token (orchestrators cannot send one).
     let resp = if route == "/health" || route == "/ready" {
         next.run(req).await
-    } else if !authorised(&st, req.headers()) {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong API key: send `Authorization: Bearer <SEMTEL_API_KEY>`",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        r
-    } else if route.starts_with("/v1/") {
-        match st.permits.clone().try_acquire_owned() {
-            Ok(_permit) => next.run(req).await,
-            Err(_) => error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "{} requests are in progress (--max-concurrent-requests): retry after a moment",
-                    st.opts.max_concurrent_requests
-                ),
-            ),
-        }
     } else {
-        next.run(req).await
+        match authorised(&st, req.headers()) {
+            Auth::Denied => {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong API key: send `Authorization: Bearer <SEMTEL_API_KEY>`",
+                );
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+            Auth::Ambiguous => error(
+                StatusCode::BAD_REQUEST,
+                "send one Authorization header, not several",
+            ),
+            Auth::Ok => match read_body(&st, req).await {
+                Err(r) => r,
+                Ok(req) if route.starts_with("/v1/") => {
+                    match st.permits.clone().try_acquire_owned() {
+                        Ok(_permit) => next.run(req).await,
+                        Err(_) => error(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            format!(
+                                "{} requests are in progress (--max-concurrent-requests): retry after a moment",
+                                st.opts.max_concurrent_requests
+                            ),
+                        ),
+                    }
+                }
+                Ok(req) => next.run(req).await,
+            },
+        }
     };
     let secs = t.elapsed().as_secs_f64();
     let mut m = st.metrics.lock().expect("metrics");
@@ -222,16 +307,111 @@ async fn guard(State(st): State<Shared>, req: Request, next: Next) -> Response {
     resp
 }
 
-fn authorised(st: &AppState, headers: &HeaderMap) -> bool {
-    let Some(want) = &st.key_digest else {
-        return true;
+/// The request with its body read into memory: refused at once when its declared length is
+/// far over the limit (413), refused when it grows past it (413), when it takes longer than
+/// `body_timeout` (408) or when shutdown starts (503).
+///
+/// A body up to twice the limit is read to its end (and dropped) before the 413 goes out:
+/// closing a connection with unread bytes makes the client's side see a reset instead of the
+/// answer. Beyond that the answer goes out at once.
+// The error is the response to return at once (see `serving`).
+#[allow(clippy::result_large_err)]
+async fn read_body(st: &AppState, req: Request) -> Result<Request, Response> {
+    use http_body_util::BodyExt;
+    let max = st.opts.max_body_bytes;
+    let drain_to = max.saturating_mul(2);
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over this server's limit of {max} bytes (--max-body-bytes): send fewer conversations per request"),
+        )
     };
-    let got = headers
-        .get(header::AUTHORIZATION)
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| digest(k.trim().as_bytes()));
-    got.is_some_and(|g| same(&g, want))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > drain_to as u64) {
+        return Err(too_large());
+    }
+    let (parts, mut body) = req.into_parts();
+    let mut stopping = st.stopping.clone();
+    let deadline = tokio::time::Instant::now() + st.opts.body_timeout;
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout_at(deadline, body.frame()) => match f {
+                Ok(f) => f,
+                Err(_) => {
+                    return Err(error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "the body took longer than {} s to arrive: send it at once",
+                            st.opts.body_timeout.as_secs_f64()
+                        ),
+                    ))
+                }
+            },
+            _ = stopping.wait_for(|s| *s != Stop::Running) => {
+                return Err(error(StatusCode::SERVICE_UNAVAILABLE, "the service is shutting down"));
+            }
+        };
+        let Some(frame) = frame else { break };
+        let Ok(frame) = frame else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "the body could not be read (the connection broke off?)",
+            ));
+        };
+        if let Ok(data) = frame.into_data() {
+            seen = seen.saturating_add(data.len());
+            if seen > drain_to {
+                return Err(too_large());
+            }
+            if seen <= max {
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    if seen > max {
+        return Err(too_large());
+    }
+    Ok(Request::from_parts(parts, Body::from(buf.freeze())))
+}
+
+enum Auth {
+    Ok,
+    Denied,
+    /// Several `Authorization` headers: which one counts is not ours to guess.
+    Ambiguous,
+}
+
+fn authorised(st: &AppState, headers: &HeaderMap) -> Auth {
+    let Some(want) = &st.key_digest else {
+        return Auth::Ok;
+    };
+    let mut all = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(v), None) = (all.next(), all.next()) else {
+        return if headers.contains_key(header::AUTHORIZATION) {
+            Auth::Ambiguous
+        } else {
+            Auth::Denied
+        };
+    };
+    // The scheme is case-insensitive (RFC 7235): `Bearer`, `bearer`, `BEARER`.
+    let got = v
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, k)| digest(k.trim().as_bytes()));
+    if got.is_some_and(|g| same(&g, want)) {
+        Auth::Ok
+    } else {
+        Auth::Denied
+    }
 }
 
 async fn ready(State(st): State<Shared>) -> Response {
@@ -287,8 +467,16 @@ fn parse_escalate(
     }
 }
 
+/// Longest id the service accepts (ids are kept while their item is pending and echoed in
+/// every answer).
+pub const MAX_ID_BYTES: usize = 256;
+
 /// A request's conversations as rows: each item parsed like an input line; a bad item is an
 /// error row, never the whole request.
+///
+/// Ids: an item without one (or with `null`) gets a unique generated id; an id must be a
+/// non-empty string of at most [`MAX_ID_BYTES`] (a number is refused: `7` and `"7"` would be
+/// one id in the result log), otherwise the item is an error row under a generated id.
 fn rows_of(st: &AppState, items: &[Value]) -> Vec<crate::conversation::Row> {
     let cols = crate::input::Columns::default();
     let stamp = format!("{:016x}", fastrand::u64(..));
@@ -300,8 +488,33 @@ fn rows_of(st: &AppState, items: &[Value]) -> Vec<crate::conversation::Row> {
             let mut row = match v {
                 Value::Object(o) => {
                     let mut r = crate::input::row_from_json(o, i as u64, "req", &cols);
-                    if !o.contains_key(&cols.id) {
+                    let bad = match o.get(&cols.id) {
+                        None | Some(Value::Null) => {
+                            r.id = generated.clone();
+                            None
+                        }
+                        Some(Value::String(s)) if s.trim().is_empty() => {
+                            Some("the id is empty: send a non-empty string, or no id (one is generated)".to_string())
+                        }
+                        Some(Value::String(s)) if s.len() > MAX_ID_BYTES => Some(format!(
+                            "the id is {} bytes, over the limit of {MAX_ID_BYTES}: send a shorter id",
+                            s.len()
+                        )),
+                        Some(Value::String(_)) => None,
+                        Some(other) => Some(format!(
+                            "ids must be strings (a {} was sent): send \"{}\"",
+                            match other {
+                                Value::Number(_) => "number",
+                                Value::Bool(_) => "boolean",
+                                Value::Array(_) => "list",
+                                _ => "object",
+                            },
+                            other.to_string().chars().take(40).collect::<String>().replace('"', "")
+                        )),
+                    };
+                    if let Some(msg) = bad {
                         r.id = generated;
+                        r.content = Err(msg);
                     }
                     r
                 }
@@ -341,6 +554,8 @@ fn rows_of(st: &AppState, items: &[Value]) -> Vec<crate::conversation::Row> {
 // passed around (boxing it would buy nothing).
 #[allow(clippy::result_large_err)]
 fn json_body(body: &[u8]) -> Result<Value, Response> {
+    // A body saved by an editor that writes a byte-order mark is still JSON to its sender.
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
     serde_json::from_slice(body).map_err(|e| {
         error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -351,12 +566,24 @@ fn json_body(body: &[u8]) -> Result<Value, Response> {
 
 async fn classify(
     State(st): State<Shared>,
-    Query(q): Query<ClassifyQuery>,
+    q: Result<Query<ClassifyQuery>, QueryRejection>,
     body: axum::body::Bytes,
 ) -> Response {
     let svc = match serving(&st) {
         Ok(s) => s.clone(),
         Err(r) => return r,
+    };
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "bad query parameters ({}): escalate=off|wait|async, timeout_ms=<milliseconds>",
+                    e.body_text()
+                ),
+            )
+        }
     };
     let v = match json_body(&body) {
         Ok(v) => v,
@@ -665,6 +892,11 @@ fn render_metrics(st: &AppState) -> String {
             in_flight as f64,
         ),
         (
+            "semtel_open_connections",
+            "HTTP connections open now.",
+            st.connections.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+        (
             "semtel_ready",
             "1 when serving.",
             f64::from(u8::from(ready)),
@@ -723,6 +955,11 @@ fn render_metrics(st: &AppState) -> String {
             "Exemplars in the served index (with those learned since the last save).",
             svc.index_size() as f64,
         ),
+        (
+            "semtel_async_journal_lines",
+            "Lines in the journal of accepted async items (compacted as items finish).",
+            svc.journal_lines().unwrap_or(0) as f64,
+        ),
     ];
     for (name, help, v) in gauges {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -779,9 +1016,12 @@ fn render_metrics(st: &AppState) -> String {
     s
 }
 
-/// Serves the routes on `listener` until `shutdown` resolves (then stops accepting and
-/// finishes the requests in progress). Every route but `/health` answers 503 until `svc` is
-/// set; SIGHUP reloads the index once it is.
+/// Serves the routes on `listener` until `shutdown` resolves. Every route but `/health`
+/// answers 503 until `svc` is set; SIGHUP reloads the index once it is.
+///
+/// Then: no new connection is accepted, connections with no request in a handler close at
+/// once (a half-sent head or body is cut), the requests in handlers get `shutdown_timeout` to
+/// finish, and whatever remains is cut; only then does this return.
 pub async fn run(
     listener: tokio::net::TcpListener,
     svc: Arc<OnceLock<Service>>,
@@ -816,9 +1056,107 @@ pub async fn run(
             }
         });
     }
-    axum::serve(listener, router(svc, opts))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(Stop::Running);
+    let max_connections = opts.max_connections.max(1);
+    let header_timeout = opts.header_timeout;
+    let shutdown_timeout = opts.shutdown_timeout;
+    let st = state(svc, opts, stop_rx.clone());
+    let app = router_with(st.clone());
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    tokio::pin!(shutdown);
+    loop {
+        // A free connection slot first: at the limit, new connections wait in the backlog.
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            s = slots.clone().acquire_owned() => s.expect("never closed"),
+        };
+        let (stream, _peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, say: wait for connections to close.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(
+            stream,
+            app.clone(),
+            st.clone(),
+            slot,
+            stop_rx.clone(),
+            header_timeout,
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(Stop::Draining);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(shutdown_timeout, slots.acquire_many(all)).await;
+    if drained.is_err() {
+        let _ = stop_tx.send(Stop::Now);
+        tracing::warn!(
+            "shutdown: requests still in progress after {} s were cut",
+            shutdown_timeout.as_secs_f64()
+        );
+        // The connections end at their next poll; give them a moment to say so.
+        let _ = tokio::time::timeout(Duration::from_secs(2), slots.acquire_many(all)).await;
+    }
+    Ok(())
+}
+
+/// One connection: HTTP/1.1 with the head timeout, counted against the connection limit
+/// (`slot`), closed early at shutdown unless a request is in a handler.
+async fn connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    st: Shared,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    mut stop: tokio::sync::watch::Receiver<Stop>,
+    header_timeout: Duration,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+    st.connections.fetch_add(1, Ordering::Relaxed);
+    let busy = Arc::new(AtomicUsize::new(0));
+    let in_handler = busy.clone();
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let app = app.clone();
+        let busy = in_handler.clone();
+        busy.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let r = app.oneshot(req.map(Body::new)).await;
+            busy.fetch_sub(1, Ordering::SeqCst);
+            r
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            changed = stop.changed() => {
+                let now = if changed.is_err() { Stop::Now } else { *stop.borrow_and_update() };
+                match now {
+                    Stop::Running => {}
+                    // A request in a handler finishes (its response is sent, then the
+                    // connection closes); nothing else is worth waiting for.
+                    Stop::Draining if busy.load(Ordering::SeqCst) > 0 => {
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    Stop::Draining | Stop::Now => break,
+                }
+            }
+        }
+    }
+    st.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(slot);
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -87,4 +87,8 @@ impl Done {
     pub fn contains(&self, id: &str) -> bool {
         self.counts.contains_key(id)
     }
+    /// The ids written (each once, however often).
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.counts.keys().map(String::as_str)
+    }
 }

@@ -192,7 +192,12 @@ fn bad_input_is_reported_per_row_and_the_run_continues() {
     assert!(err("empty").contains("empty text"));
     assert!(err("nocol").contains("--text-col"));
     assert!(err("bad:4").contains("not a JSON object"));
-    assert!(err("bad:6").contains("invalid UTF-8"), "{}", err("bad:6"));
+    // A line with invalid UTF-8 keeps its id (the rest of the line is readable).
+    assert!(
+        err("badutf8").contains("invalid UTF-8"),
+        "{}",
+        err("badutf8")
+    );
     assert!(err("turns-empty").contains("empty conversation"));
     for id in ["good", "good2", "huge"] {
         assert!(rows[id]["error"].is_null(), "{id}: {}", rows[id]);

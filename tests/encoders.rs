@@ -174,13 +174,30 @@ fn multilingual_fixture_through_every_model_and_engine() {
         .lines()
         .map(str::to_string)
         .collect();
-    let rows = lines.len();
     let read = common::read_jsonl;
+    // Where the CPU cannot run the fast engine, `auto` (candle, several times slower) runs
+    // every second row (all the kinds of row the fixture has) and the comparison below is
+    // candle against itself: what matters everywhere is that no row ends the run and each
+    // gets its row.
+    let (fast_engine, input, lines) = if semtel::embed::fast::kernels::supported() {
+        ("fast", input, lines)
+    } else {
+        eprintln!("this CPU lacks AVX512-BF16: half the fixture runs on `--engine auto` (candle)");
+        let half: Vec<String> = lines.iter().step_by(2).cloned().collect();
+        let p = tmpdir("enc-fixture-half").join("half.jsonl");
+        std::fs::write(
+            &p,
+            half.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
+        ("auto", p, half)
+    };
+    let rows = lines.len();
     for case in CASES {
         let dir = tmpdir(&format!("enc-fixture-{}", case.dir));
         let idx = dir.join("idx");
         let m = model(case);
-        ok(semtel_cmd(&["--engine", "fast", "index", "build"])
+        ok(semtel_cmd(&["--engine", fast_engine, "index", "build"])
             .args(["--exemplars", "data/exemplars.jsonl", "--out"])
             .arg(&idx)
             .arg("--model")
@@ -196,7 +213,7 @@ fn multilingual_fixture_through_every_model_and_engine() {
         // `auto`: a multilingual encoder's index is centred per language, an English one not.
         assert_eq!(info.contains("\"centering\""), !case.english_only, "{info}");
         let out = dir.join("out-fast.jsonl");
-        let printed = ok(semtel_cmd(&["--engine", "fast", "classify", "--json"])
+        let printed = ok(semtel_cmd(&["--engine", fast_engine, "classify", "--json"])
             .arg("--index")
             .arg(&idx)
             .arg("--input")
@@ -217,7 +234,7 @@ fn multilingual_fixture_through_every_model_and_engine() {
             .filter(|r| foreign.contains(&r["lang"].as_str().unwrap_or("")))
             .collect();
         assert!(
-            non_english.len() >= 60,
+            non_english.len() * 10 >= rows * 3,
             "{}: {} rows detected as non-English",
             case.dir,
             non_english.len()
@@ -290,7 +307,11 @@ fn multilingual_fixture_through_every_model_and_engine() {
             );
             assert_eq!(gated(r), gated(f), "{}: {r}", case.dir);
         }
-        assert!(compared >= 12, "{}: {compared} rows compared", case.dir);
+        assert!(
+            compared * 16 >= rows,
+            "{}: {compared} rows compared",
+            case.dir
+        );
     }
 }
 

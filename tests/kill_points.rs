@@ -204,18 +204,99 @@ fn every_kill_point_resumes_exactly_once() {
     );
 }
 
+/// The exemplar count of the index at `idx` (it must open).
+fn count(idx: &Path) -> u64 {
+    let info = ok(
+        semtel_cmd(&["index", "info", "--index", idx.to_str().unwrap()])
+            .output()
+            .unwrap(),
+    );
+    let v: serde_json::Value = serde_json::from_str(&info[..info.rfind('}').unwrap() + 1]).unwrap();
+    v["count"].as_u64().unwrap()
+}
+
+/// The first `n` bundled exemplars under new ids.
+fn exemplars(dir: &Path, n: usize, tag: &str) -> PathBuf {
+    let text: String = std::fs::read_to_string(repo().join("data/exemplars.jsonl"))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["id"] = format!("{tag}-{}", v["id"].as_str().unwrap()).into();
+            v.to_string() + "\n"
+        })
+        .collect();
+    let p = dir.join(format!("{tag}.jsonl"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Every command that rewrites an index leaves the old index or the new one, whatever stops
+/// it: an error (a model that is not there) or a kill at any point of the rewrite.
 #[test]
-fn index_build_killed_mid_save_is_rolled_forward() {
-    for point in ["index-save:1", "index-save:2", "index-save:3"] {
-        let dir = tmpdir(&format!("kill-index-{}", point.replace(':', "_")));
-        let idx = dir.join("idx");
+fn index_rewrites_leave_the_old_or_the_new_index() {
+    let dir = tmpdir("index-rewrites");
+    let idx = sample_index(&dir);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    assert_eq!(count(&idx), 100);
+    let sixty = exemplars(&dir, 60, "new");
+    // A failed rebuild keeps the old index: a model that is not there …
+    let out = semtel_cmd(&[
+        "index",
+        "build",
+        "--exemplars",
+        &s(&sixty),
+        "--out",
+        &s(&idx),
+        "--overwrite",
+        "--model",
+        "/nonexistent",
+    ])
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(count(&idx), 100);
+    // … or the default model, not found from another working directory.
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = Command::new(bin())
+        .args([
+            "index",
+            "build",
+            "--exemplars",
+            &s(&sixty),
+            "--out",
+            &s(&idx),
+            "--overwrite",
+            "-q",
+        ])
+        .current_dir(&elsewhere)
+        .env_remove("SEMTEL_MODEL")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&idx), 100);
+    // Killed at each point of a rebuild: the old index or the new, never neither.
+    for point in [
+        "index-save:1",
+        "index-save:2",
+        "index-save:3",
+        "index-build-saved",
+        "index-swap",
+    ] {
         let out = semtel_cmd(&[
             "index",
             "build",
             "--exemplars",
-            "data/exemplars.jsonl",
+            &s(&sixty),
             "--out",
-            idx.to_str().unwrap(),
+            &s(&idx),
+            "--overwrite",
         ])
         .arg("--model")
         .arg(model_dir())
@@ -223,12 +304,68 @@ fn index_build_killed_mid_save_is_rolled_forward() {
         .output()
         .unwrap();
         assert!(out.status.code().is_none(), "{point}: not aborted");
-        let info = ok(
-            semtel_cmd(&["index", "info", "--index", idx.to_str().unwrap()])
-                .output()
-                .unwrap(),
-        );
-        assert!(info.contains("\"count\": 100"), "{point}: {info}");
-        assert!(!idx.join(semtel::index::SAVE_MARKER).exists());
+        assert_eq!(count(&idx), 100, "{point}");
     }
+    // An addition killed mid-save, a calibration killed between head and manifest.
+    let extra = exemplars(&dir, 10, "extra");
+    for point in ["index-save:2", "index-swap"] {
+        let out = semtel_cmd(&[
+            "index",
+            "add",
+            "--index",
+            &s(&idx),
+            "--exemplars",
+            &s(&extra),
+        ])
+        .arg("--model")
+        .arg(model_dir())
+        .env("SEMTEL_ABORT_AT", point)
+        .output()
+        .unwrap();
+        assert!(out.status.code().is_none(), "add {point}: not aborted");
+        assert_eq!(count(&idx), 100, "add {point}");
+    }
+    let out = semtel_cmd(&["calibrate", "--index", &s(&idx)])
+        .arg("--model")
+        .arg(model_dir())
+        .env("SEMTEL_ABORT_AT", "calibrate-head-saved")
+        .output()
+        .unwrap();
+    assert!(out.status.code().is_none(), "calibrate: not aborted");
+    assert_eq!(count(&idx), 100);
+    // Then each finishes, and nothing of the killed runs is left beside the index.
+    ok(semtel_cmd(&[
+        "index",
+        "add",
+        "--index",
+        &s(&idx),
+        "--exemplars",
+        &s(&extra),
+    ])
+    .arg("--model")
+    .arg(model_dir())
+    .output()
+    .unwrap());
+    assert_eq!(count(&idx), 110);
+    ok(semtel_cmd(&[
+        "index",
+        "build",
+        "--exemplars",
+        &s(&sixty),
+        "--out",
+        &s(&idx),
+        "--overwrite",
+    ])
+    .arg("--model")
+    .arg(model_dir())
+    .output()
+    .unwrap());
+    assert_eq!(count(&idx), 60);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("staging") || n.contains("previous"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

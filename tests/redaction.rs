@@ -474,3 +474,71 @@ fn redact_command_gets_through_the_multilingual_fixture() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--overwrite"));
 }
+
+/// What people type, by category (`benches/pii/make_typed_set.py`): passwords in several
+/// languages, cards with dots or wrapped lines, IBANs in lower case or split across lines and
+/// turns, obfuscated and non-ASCII e-mail addresses, phones with slashes, `(0)`, dots and en
+/// dashes, German/Dutch/Italian/Japanese addresses, Arabic/Greek/Korean names after a cue,
+/// dates of birth, cloud secrets. Every category ≥ 90 % recall on each set (the held-out ones
+/// included), no false alarm on their near-miss rows or on the original set's.
+#[test]
+fn typed_forms_are_found_and_near_misses_left() {
+    for set in ["pii-typed", "pii-typed-heldout", "pii-typed-fresh", "pii"] {
+        let r = semtel::bench::redact::redact_benchmark(
+            &semtel::bench::redact::RedactBenchOptions {
+                set: repo().join(format!("tests/fixtures/{set}.jsonl")),
+                level: Level::Standard,
+                rules: Rules::default(),
+                repeats: 1,
+                presidio: None,
+                presidio_modes: Vec::new(),
+                encoder: None,
+                work: tmpdir(&format!("typed-{set}")),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        let run = &r.runs[0];
+        assert_eq!(run.false_alarms_on_clean_rows, 0, "{set}");
+        for (cat, s) in &run.by_category {
+            if s.gold > 0 {
+                assert!(s.recall >= 0.9, "{set}: {cat} recall {:.3}", s.recall);
+            }
+            assert_eq!(s.false_alarms, 0, "{set}: {cat}");
+        }
+        if set != "pii" {
+            assert_eq!(run.by_category.len(), 10, "{set}");
+        }
+    }
+}
+
+/// A value sent in two messages is redacted in both, under one placeholder number per part,
+/// in a conversation's turns as in its flattened form.
+#[test]
+fn a_number_split_across_turns_is_redacted_in_each() {
+    use semtel::conversation::{Content, Role, Turn};
+    let red = Redactor::new(Level::Standard, &Rules::default()).unwrap();
+    let turns = Content::Turns(vec![
+        Turn {
+            role: Role::User,
+            content: "my IBAN is DE89 3704 0044".into(),
+        },
+        Turn {
+            role: Role::Assistant,
+            content: "That looks cut off, could you send the rest?".into(),
+        },
+        Turn {
+            role: Role::User,
+            content: "sorry: 0532 0130 00".into(),
+        },
+    ]);
+    let (out, counts) = red.redact_content(&turns);
+    let flat = out.flatten();
+    assert!(!flat.contains("3704") && !flat.contains("0532"), "{flat}");
+    assert_eq!(counts.0.get("IBAN"), Some(&2), "{counts:?}");
+    let whole = red.redact(&turns.flatten()).text;
+    assert!(
+        !whole.contains("3704") && !whole.contains("0532"),
+        "{whole}"
+    );
+}

@@ -163,7 +163,8 @@ fn every_bad_row_kind_in_one_file() {
         "{}",
         err("mix:8")
     );
-    for id in ["mix:1", "mix:5", "mix:6", "mix:7", "emptyturns"] {
+    // A line with invalid UTF-8 keeps its own id ("utf8"); broken JSON gets a positional one.
+    for id in ["mix:1", "mix:5", "utf8", "mix:7", "emptyturns"] {
         assert_eq!(by(id), "error", "{id}: {}", rows[id]);
     }
 }
@@ -657,4 +658,85 @@ fn a_damaged_parquet_page_is_not_a_crash() {
     let idx = sample_index(&dir);
     let o = classify(&idx, &path, &dir.join("o.jsonl"), &[]);
     assert!(matches!(o.status.code(), Some(0) | Some(1)), "{o:?}");
+}
+
+/// A categorical (dictionary-encoded) text column is read as text; a JSON line with invalid
+/// UTF-8 keeps its id in its error row; `turns` given as a string says so.
+#[test]
+fn dictionary_text_invalid_utf8_ids_and_string_turns() {
+    use arrow_array::types::Int32Type;
+    use arrow_array::DictionaryArray;
+    let dir = tmpdir("rob-dict");
+    let idx = sample_index(&dir);
+    let input = dir.join("dict.parquet");
+    let text: DictionaryArray<Int32Type> = vec![
+        "how do I sort a list in Python",
+        "plan a trip to Lisbon",
+        "how do I sort a list in Python",
+    ]
+    .into_iter()
+    .collect();
+    write_parquet(
+        &input,
+        vec![
+            (
+                "id",
+                Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef,
+            ),
+            ("text", Arc::new(text) as ArrayRef),
+        ],
+    );
+    let out = dir.join("o.jsonl");
+    let o = classify(&idx, &input, &out, &[]);
+    no_panic(&o);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r["decided_by"] != "error"), "{rows:?}");
+
+    let jsonl = dir.join("bad.jsonl");
+    let mut bytes =
+        b"{\"id\": \"ok-1\", \"text\": \"hello\"}\n{\"id\": \"bad-utf8\", \"text\": \"caf\xe9\"}\n"
+            .to_vec();
+    bytes.extend_from_slice(b"{\"id\": \"str-turns\", \"turns\": \"user: hi\"}\n");
+    std::fs::write(&jsonl, bytes).unwrap();
+    let out = dir.join("o2.jsonl");
+    let o = classify(&idx, &jsonl, &out, &[]);
+    no_panic(&o);
+    let rows = read_jsonl(&out);
+    let by: HashMap<String, serde_json::Value> = rows
+        .into_iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r))
+        .collect();
+    assert_eq!(by.len(), 3, "{by:?}");
+    assert!(by["bad-utf8"]["error"].as_str().unwrap().contains("UTF-8"));
+    assert!(by["str-turns"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("`turns` is a string"));
+}
+
+/// An index whose files are cut or overwritten while a process has it open: searches go on
+/// (the vectors live in the process's memory, not in a mapping of the file).
+#[test]
+fn an_open_index_survives_its_files_being_cut() {
+    let dir = tmpdir("rob-cut-index");
+    let idx = sample_index(&dir);
+    let index = semtel::index::ExemplarIndex::open(&idx, true).unwrap();
+    let q = index.vectors_of(&[0, 1, 2]).unwrap();
+    let before = index.search_batch(&q, 5).unwrap();
+    let vectors = idx.join(semtel::index::VECTORS);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vectors)
+        .unwrap()
+        .set_len(64)
+        .unwrap();
+    let after = index.search_batch(&q, 5).unwrap();
+    assert_eq!(before, after);
+    // Reopening the damaged files is refused with a message, not a crash.
+    let e = semtel::index::ExemplarIndex::open(&idx, true)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("damaged"), "{e}");
 }

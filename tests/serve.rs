@@ -3,7 +3,10 @@
 //! answers, escalation (`wait`, its deadline, `async` with the result log), kill -9 and
 //! resume of accepted `async` items, reload (HTTP and SIGHUP; a damaged index refused), the
 //! API key, graceful shutdown, `/v1/embeddings`, `/metrics`, and hostile input (the
-//! multilingual fixture, broken bodies, arbitrary text) through the service.
+//! multilingual fixture, broken bodies, arbitrary text) through the service; and what one
+//! client or a neighbour process must not be able to do: damage the served index's files,
+//! leave traces of refused requests, hold shutdown with a half-sent request, lock others out
+//! with slow or huge requests.
 
 mod common;
 use common::*;
@@ -106,7 +109,8 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
             if *k == "SEMTEL_API_KEY" {
-                key = Some(v.to_string());
+                // What a client sends: the server trims whitespace around the key.
+                key = Some(v.trim().to_string());
             }
         }
         let mut child = cmd.spawn().expect("start semtel serve");
@@ -808,4 +812,514 @@ fn hostile_text() -> impl Strategy<Value = String> {
         "[\u{0}-\u{1f}\u{200d}\u{202e}\u{fe0f}\u{0301}a-z中文العربيةहिन्दी🙂👩‍👩‍👧]{0,500}",
         ".{0,20}".prop_map(|s| s.repeat(400)),
     ]
+}
+
+/// A raw HTTP/1.1 exchange on its own connection: `head` (and `body`) sent as given, the
+/// status line's code and the body read back (`None` when the server closed without answering).
+fn raw_exchange(base: &str, request: &[u8]) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(request).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    Some((code, body))
+}
+
+/// A connection that has sent `prefix` and then goes quiet (or trickles a byte every `every`).
+fn slow_connection(
+    base: &str,
+    prefix: &str,
+    every: Option<Duration>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let addr = base.trim_start_matches("http://").to_string();
+    let prefix = prefix.to_string();
+    std::thread::spawn(move || {
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+            return;
+        };
+        if s.write_all(prefix.as_bytes()).is_err() {
+            return;
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(every.unwrap_or(Duration::from_millis(200)));
+            if every.is_some() && s.write_all(b" ").is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn a_damaged_or_overwritten_index_never_takes_the_server_down() {
+    let dir = tmpdir("serve-damaged-index");
+    let idx = sample_index(&dir);
+    // Another index to copy over it the way people update one (`cp new/* idx/`).
+    let newer = dir.join("newer");
+    ok(semtel_cmd(&[
+        "index",
+        "build",
+        "--exemplars",
+        "data/exemplars.jsonl",
+        "--out",
+        s(&newer),
+        "--k",
+        "7",
+    ])
+    .arg("--model")
+    .arg(model_dir())
+    .output()
+    .unwrap());
+    let srv = Server::start(&["--index", s(&idx)], &[]).ready();
+    let ask = |srv: &Server| {
+        srv.post(
+            "/v1/classify?escalate=off",
+            &json!({"text": "how do I sort a list in Python"}),
+        )
+    };
+    assert_eq!(ask(&srv).status, 200);
+    // The vectors file cut in half under the running server: it still answers.
+    let vectors = idx.join(semtel::index::VECTORS);
+    let len = std::fs::metadata(&vectors).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&vectors)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    for _ in 0..5 {
+        let a = ask(&srv);
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    // A reload of the damaged files is refused; the loaded index keeps serving.
+    let r = srv.post("/admin/reload", &json!({}));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(ask(&srv).status, 200);
+    // The new index's files copied over the old ones in place, then a reload: served.
+    for f in [
+        semtel::index::EXEMPLARS,
+        semtel::index::MANIFEST,
+        semtel::index::VECTORS,
+    ] {
+        std::fs::copy(newer.join(f), idx.join(f)).unwrap();
+        assert_eq!(ask(&srv).status, 200, "during the copy of {f}");
+    }
+    let r = srv.post("/admin/reload", &json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(srv.get("/info").json()["k"], 7);
+    assert_eq!(ask(&srv).status, 200);
+    assert!(srv.terminate().success());
+}
+
+#[test]
+fn async_requests_refused_for_a_full_queue_leave_no_trace() {
+    let dir = tmpdir("serve-async-refused");
+    let idx = sample_index(&dir);
+    let results = dir.join("results.jsonl");
+    let args = [
+        "--index",
+        s(&idx),
+        "--results",
+        s(&results),
+        "--max-queue",
+        "1",
+    ];
+    let srv = Server::start(&args, &[]).ready();
+    let (_, rows) = sample_truth();
+    let url = srv.url("/v1/classify?escalate=async");
+    let mut accepted: Vec<String> = Vec::new();
+    let mut refused: Vec<Vec<Value>> = Vec::new();
+    for round in 0..20 {
+        let handles: Vec<_> = (0..12)
+            .map(|c| {
+                let items: Vec<Value> = rows
+                    .iter()
+                    .take(32)
+                    .enumerate()
+                    .map(|(i, (_, t, _))| json!({"id": format!("r{round}-c{c}-{i}"), "text": t}))
+                    .collect();
+                let url = url.clone();
+                std::thread::spawn(move || {
+                    let a = send(
+                        "POST",
+                        &url,
+                        Some(json!(items).to_string().into_bytes()),
+                        None,
+                    );
+                    (a.status, items, a.body)
+                })
+            })
+            .collect();
+        for h in handles {
+            let (status, items, body) = h.join().unwrap();
+            match status {
+                429 => refused.push(items),
+                200 | 202 => {
+                    let v: Value = serde_json::from_slice(&body).unwrap();
+                    for r in v["results"].as_array().unwrap() {
+                        assert_ne!(r["status"], "refused", "{r}");
+                        accepted.push(r["id"].as_str().unwrap().to_string());
+                    }
+                }
+                other => panic!("status {other}"),
+            }
+        }
+        if !refused.is_empty() && round >= 2 {
+            break;
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "no request was refused: the test proves nothing"
+    );
+    // A refused id is unknown, and sending it again is accepted (not "already accepted").
+    for items in &refused {
+        for it in items {
+            let id = it["id"].as_str().unwrap();
+            assert_eq!(srv.get(&format!("/v1/results/{id}")).status, 404, "{id}");
+        }
+    }
+    let again = srv.post("/v1/classify?escalate=async", &json!(refused[0]));
+    assert!(
+        again.status == 200 || again.status == 202,
+        "{}",
+        again.text()
+    );
+    for r in again.json()["results"].as_array().unwrap() {
+        assert_ne!(r["status"], "refused", "{r}");
+        accepted.push(r["id"].as_str().unwrap().to_string());
+    }
+    // After a restart the result log holds the accepted ids, once each, and nothing else.
+    drop(srv);
+    let srv = Server::start(&args, &[]).ready();
+    assert!(srv.terminate().success());
+    let counts = id_counts(&results);
+    assert_eq!(counts.len(), accepted.len());
+    for id in &accepted {
+        assert_eq!(counts.get(id), Some(&1), "{id}");
+    }
+}
+
+#[test]
+fn shutdown_does_not_wait_for_half_sent_requests() {
+    let dir = tmpdir("serve-half-sent");
+    let idx = sample_index(&dir);
+    let results = dir.join("results.jsonl");
+    // Long head and body timeouts: only shutdown's own rule can end these connections.
+    let srv = Server::start(
+        &[
+            "--index",
+            s(&idx),
+            "--results",
+            s(&results),
+            "--header-timeout-ms",
+            "120000",
+            "--body-timeout-ms",
+            "120000",
+        ],
+        &[],
+    )
+    .ready();
+    let a = srv.post(
+        "/v1/classify?escalate=async",
+        &json!({"id": "kept", "text": "how do I sort a list in Python"}),
+    );
+    assert!(a.status == 200 || a.status == 202, "{}", a.text());
+    let _head = slow_connection(
+        &srv.base,
+        "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Le",
+        None,
+    );
+    let _body = slow_connection(
+        &srv.base,
+        "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"te",
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let status = srv.terminate();
+    assert!(status.success(), "{status}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    // What was accepted was flushed.
+    assert_eq!(id_counts(&results).get("kept"), Some(&1));
+}
+
+#[test]
+fn slow_and_oversized_clients_do_not_shut_others_out() {
+    let dir = tmpdir("serve-slow-clients");
+    let idx = sample_index(&dir);
+    let srv = Server::start(
+        &[
+            "--index",
+            s(&idx),
+            "--max-concurrent-requests",
+            "8",
+            "--body-timeout-ms",
+            "1500",
+            "--header-timeout-ms",
+            "1500",
+        ],
+        &[],
+    )
+    .ready();
+    // 48 connections trickling a body (more than the 8 request permits).
+    let slow: Vec<_> = (0..48)
+        .map(|_| {
+            slow_connection(
+                &srv.base,
+                "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n[",
+                Some(Duration::from_millis(300)),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..10 {
+        let t = Instant::now();
+        let a = srv.post(
+            "/v1/classify?escalate=off",
+            &json!({"id": format!("n{i}"), "text": "how do I reset my password"}),
+        );
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "a normal request took {:?} behind slow bodies",
+            t.elapsed()
+        );
+    }
+    // A slow body is cut with 408 (JSON), a declared length over the limit refused at once.
+    let (code, body) = raw_exchange(
+        &srv.base,
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{",
+    )
+    .expect("an answer");
+    assert_eq!(code, 408, "{body}");
+    assert!(body.contains("\"timeout_error\""), "{body}");
+    let t = Instant::now();
+    let (code, body) = raw_exchange(
+        &srv.base,
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\nConnection: close\r\n\r\n",
+    )
+    .expect("an answer");
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("request_too_large"), "{body}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // A chunked body over the limit: 413 in the JSON error shape too.
+    let mut chunked = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..80 {
+        chunked.extend_from_slice(format!("{:x}\r\n{}\r\n", 65536, "a".repeat(65536)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (code, body) = raw_exchange(&srv.base, &chunked).expect("an answer");
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("\"error\""), "{body}");
+    // A head that never ends: the connection is closed after the head timeout.
+    let t = Instant::now();
+    let cut = raw_exchange(&srv.base, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+    assert!(
+        cut.is_none() || cut.as_ref().is_some_and(|c| c.0 == 408),
+        "{cut:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let m = srv.get("/metrics").text();
+    assert!(m.contains("semtel_open_connections"), "{m}");
+    drop(slow);
+    assert!(srv.terminate().success());
+}
+
+#[test]
+fn large_requests_share_the_model_with_small_ones() {
+    let dir = tmpdir("serve-fair");
+    let idx = sample_index(&dir);
+    // Short steps (the machine's speed decides how many rows that is; at least one).
+    let srv = Server::start(&["--index", s(&idx), "--fair-step-ms", "2"], &[]).ready();
+    let (_, rows) = sample_truth();
+    // 48 long conversations per request (every one past the token budget).
+    let long: Vec<Value> = (0..48)
+        .map(|i| {
+            let mut t = String::new();
+            while t.len() < 4000 {
+                t.push_str(&rows[(i + t.len()) % rows.len()].1);
+                t.push(' ');
+            }
+            json!({"id": format!("h{i}"), "text": t})
+        })
+        .collect();
+    let body = json!(long).to_string().into_bytes();
+    let url = srv.url("/v1/classify?escalate=off");
+    // What one such request costs alone, here.
+    let t = Instant::now();
+    assert_eq!(send("POST", &url, Some(body.clone()), None).status, 200);
+    let heavy_alone = t.elapsed();
+    // Two clients loop them; one-row requests meanwhile.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let heavy: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, body, stop) = (url.clone(), body.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut done = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(send("POST", &url, Some(body.clone()), None).status, 200);
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    std::thread::sleep(heavy_alone / 4);
+    let mut worst = Duration::ZERO;
+    for (i, row) in rows.iter().take(10).enumerate() {
+        let t = Instant::now();
+        let a = srv.post(
+            "/v1/classify?escalate=off",
+            &json!({"id": format!("small{i}"), "text": row.1}),
+        );
+        assert_eq!(a.status, 200, "{}", a.text());
+        worst = worst.max(t.elapsed());
+        std::thread::sleep(heavy_alone / 20);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let big: usize = heavy.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(big >= 1, "the large requests made progress too");
+    // Waiting behind whole large requests would take at least one of them.
+    assert!(
+        worst < heavy_alone / 2,
+        "a one-row request waited {worst:?} behind large ones (one alone takes {heavy_alone:?})"
+    );
+    assert!(srv.terminate().success());
+}
+
+#[test]
+fn ids_auth_and_error_shapes() {
+    let dir = tmpdir("serve-ids");
+    let idx = sample_index(&dir);
+    let results = dir.join("results.jsonl");
+    let srv = Server::start(
+        &["--index", s(&idx), "--results", s(&results)],
+        &[("SEMTEL_API_KEY", "k3y\n")],
+    )
+    .ready();
+    // The key was trimmed: clients send it without the newline; the scheme in any case.
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let a = rt().block_on(async {
+            client()
+                .get(srv.url("/info"))
+                .header("authorization", format!("{scheme} k3y"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        });
+        assert_eq!(a.as_u16(), 200, "{scheme}");
+    }
+    let two = rt().block_on(async {
+        client()
+            .get(srv.url("/info"))
+            .header("authorization", "Bearer k3y")
+            .header("authorization", "Bearer other")
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(two.status().as_u16(), 400);
+    // Missing or null ids get unique generated ones; async items with them are never refused.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        let a = srv.post(
+            "/v1/classify?escalate=async",
+            &json!([{"id": null, "text": "hello there"}, {"text": "good morning"}]),
+        );
+        assert!(a.status == 200 || a.status == 202, "{}", a.text());
+        for r in a.json()["results"].as_array().unwrap() {
+            assert_ne!(r["status"], "refused", "{r}");
+            assert!(seen.insert(r["id"].as_str().unwrap().to_string()), "{r}");
+        }
+    }
+    // Bad ids are error rows, in request order with the others (a refused one stays put).
+    let a = srv.post(
+        "/v1/classify?escalate=async",
+        &json!([
+            {"id": "fresh-1", "text": "hi"},
+            {"id": 7, "text": "hi"},
+            {"id": "", "text": "hi"},
+            {"id": "x".repeat(300), "text": "hi"},
+            {"id": "fresh-1", "text": "again"},
+            {"id": "fresh-2", "text": "hi"},
+        ]),
+    );
+    let out = a.json()["results"].as_array().unwrap().clone();
+    assert_eq!(out.len(), 6);
+    assert_eq!(out[0]["id"], "fresh-1");
+    assert!(
+        out[1]["error"].as_str().unwrap().contains("string"),
+        "{}",
+        out[1]
+    );
+    assert!(
+        out[2]["error"].as_str().unwrap().contains("empty"),
+        "{}",
+        out[2]
+    );
+    assert!(
+        out[3]["error"].as_str().unwrap().contains("256"),
+        "{}",
+        out[3]
+    );
+    assert_eq!(out[4]["status"], "refused");
+    assert_eq!(out[5]["id"], "fresh-2");
+    // Error bodies are the JSON error shape: unknown route, wrong method, bad query.
+    let nf = srv.get("/nowhere");
+    assert_eq!(nf.status, 404);
+    assert_eq!(nf.json()["error"]["type"], "not_found_error");
+    let bad_method = srv.get("/v1/classify");
+    assert_eq!(bad_method.status, 405);
+    assert!(bad_method.json()["error"]["message"].is_string());
+    let q = srv.post("/v1/classify?timeout_ms=soon", &json!({"text": "hi"}));
+    assert_eq!(q.status, 422, "{}", q.text());
+    assert!(q.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("query"));
+    // A body with a byte-order mark is JSON; `turns` as a string gets a message saying so.
+    let mut bom = b"\xef\xbb\xbf".to_vec();
+    bom.extend_from_slice(json!({"text": "hello"}).to_string().as_bytes());
+    assert_eq!(srv.post_raw("/v1/classify?escalate=off", bom).status, 200);
+    let t = srv.post("/v1/classify?escalate=off", &json!({"turns": "user: hi"}));
+    assert_eq!(t.status, 422);
+    assert!(t.text().contains("`turns` is a string"), "{}", t.text());
+    assert!(srv.terminate().success());
+}
+
+#[test]
+fn an_empty_api_key_is_refused_at_start() {
+    let dir = tmpdir("serve-empty-key");
+    let idx = sample_index(&dir);
+    let out = Command::new(bin())
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--index",
+            s(&idx),
+            "--model",
+        ])
+        .arg(model_dir())
+        .env("SEMTEL_API_KEY", " ")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SEMTEL_API_KEY is set but empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

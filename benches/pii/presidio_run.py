@@ -24,6 +24,8 @@ MAP = {
     "EMAIL_ADDRESS": "EMAIL", "PHONE_NUMBER": "PHONE", "CREDIT_CARD": "CARD", "IBAN_CODE": "IBAN",
     "IP_ADDRESS": "IP", "URL": "URL", "US_SSN": "SSN", "CRYPTO": "CRYPTO", "PERSON": "PERSON",
     "LOCATION": "ADDRESS", "UK_POSTCODE": "ADDRESS",
+    # Presidio has no date-of-birth type: its dates are what it would redact for one.
+    "DATE_TIME": "DATE_OF_BIRTH",
 }
 NATIONAL = {
     "ES_NIF", "ES_NIE", "IT_FISCAL_CODE", "IN_AADHAAR", "UK_NINO", "UK_NHS", "US_ITIN",

@@ -1128,17 +1128,13 @@ fn finish_index(
     out: &Path,
     overwrite: bool,
 ) -> Result<()> {
-    let tmp = out.with_file_name(format!(
-        ".{}.tmp",
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if out.exists() && !overwrite {
+        return Err(Error::index(out, "exists; pass --overwrite to replace it"));
     }
-    copy_dir(last, &tmp)?;
-    let mut index = ExemplarIndex::open(&tmp, false)?;
+    // Built beside `out` and swapped in whole: an index already there stays until then.
+    let update = crate::index::IndexUpdate::create(out, overwrite)?;
+    copy_dir(last, update.dir())?;
+    let mut index = ExemplarIndex::open(update.dir(), false)?;
     let (mut vectors, mut ex) = (Vec::new(), Vec::new());
     for (i, e) in labelled
         .values()
@@ -1153,14 +1149,7 @@ fn finish_index(
         index.save()?;
     }
     drop(index);
-    if out.exists() {
-        if !overwrite {
-            return Err(Error::index(out, "exists; pass --overwrite to replace it"));
-        }
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    Ok(())
+    update.commit()
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {

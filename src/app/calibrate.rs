@@ -39,17 +39,19 @@ pub enum Calibrated {
     Multi(MultiCalibrationReport),
 }
 
-/// Runs the calibration and saves the head and the manifest into the index.
+/// Runs the calibration and saves the head and the manifest into the index, as one swap of
+/// the whole index ([`crate::index::update`]): a failure leaves it as it was.
 pub fn run(job: &CalibrateJob) -> Result<CalibrateOutcome> {
+    crate::index::update(&job.index, |stage| run_in(job, stage))
+}
+
+/// [`run`] on the index in `dir` (a stage the caller commits), in place.
+pub fn run_in(job: &CalibrateJob, dir: &std::path::Path) -> Result<CalibrateOutcome> {
     let t = std::time::Instant::now();
-    if ExemplarIndex::open(&job.index, true)?
-        .manifest
-        .build
-        .multi_label
-    {
-        return run_multi(job, t);
+    if ExemplarIndex::read_manifest(dir)?.build.multi_label {
+        return run_multi(job, dir, t);
     }
-    let mut classifier = Classifier::open(&job.index, &job.classifier)?;
+    let mut classifier = Classifier::open(dir, &job.classifier)?;
     let held = |c: &Classifier| -> Result<Vec<(Scores, Option<u32>)>> {
         let (path, opts) = job
             .labelled
@@ -69,8 +71,9 @@ pub fn run(job: &CalibrateJob) -> Result<CalibrateOutcome> {
         crate::calibrate::calibrate(&mut classifier, None, &job.options)?
     };
     if let Some(h) = &classifier.head {
-        h.save(&job.index)?;
+        h.save(dir)?;
     }
+    crate::failpoint::hit("calibrate-head-saved");
     classifier.index.save_manifest()?;
     Ok(CalibrateOutcome {
         report: Calibrated::Single(report),
@@ -80,14 +83,15 @@ pub fn run(job: &CalibrateJob) -> Result<CalibrateOutcome> {
 }
 
 /// The multi-label calibration: the one-vs-rest head and per-label rules.
-fn run_multi(job: &CalibrateJob, t: std::time::Instant) -> Result<CalibrateOutcome> {
-    let mut index = ExemplarIndex::open(&job.index, false)?;
+fn run_multi(
+    job: &CalibrateJob,
+    dir: &std::path::Path,
+    t: std::time::Instant,
+) -> Result<CalibrateOutcome> {
+    let mut index = ExemplarIndex::open(dir, false)?;
     let mut enc = job.classifier.encoder.clone();
     if enc.model.is_none() {
-        enc.model = Some(crate::index::default_model(
-            &job.index,
-            &index.manifest.model,
-        ));
+        enc.model = Some(crate::index::default_model(dir, &index.manifest.model));
     }
     let encoder = Encoder::load(&enc)?;
     index.check_model(&encoder.files, encoder.dim())?;
@@ -130,7 +134,7 @@ fn run_multi(job: &CalibrateJob, t: std::time::Instant) -> Result<CalibrateOutco
         held.as_deref(),
         &job.options,
     )?;
-    head.save(&job.index)?;
+    head.save(dir)?;
     index.save_manifest()?;
     Ok(CalibrateOutcome {
         report: Calibrated::Multi(report),

@@ -332,15 +332,26 @@ pub fn attach_growth(tier: &mut LlmTier, g: Arc<Growth>, labels: Vec<String>) {
     }));
 }
 
-/// Writes the exemplars a run learned into the index (one journaled save); returns how many.
+/// Writes the exemplars a run learned into the index (a staged copy swapped in whole:
+/// [`crate::index::update`]); returns how many. When the save fails they stay in the overlay,
+/// so a later save (the next reload, the shutdown) still has them.
 pub fn save_growth(index_dir: &std::path::Path, g: &Growth) -> Result<usize> {
-    let (vectors, ex) = g.take();
-    let n = ex.len();
-    if n > 0 {
-        let mut index = ExemplarIndex::open(index_dir, false)?;
-        // The overlay holds the vectors the vote searched with: already in the index's space.
-        index.add_placed(&vectors, ex)?;
-        index.save()?;
+    let grown = g.take()?;
+    let n = grown.exemplars.len();
+    if n == 0 {
+        return Ok(0);
     }
-    Ok(n)
+    let saved = crate::index::update(index_dir, |stage| {
+        let mut index = ExemplarIndex::open(stage, false)?;
+        // The overlay holds the vectors the vote searched with: already in the index's space.
+        index.add_placed(&grown.vectors, grown.exemplars.clone())?;
+        index.save()
+    });
+    match saved {
+        Ok(()) => Ok(n),
+        Err(e) => {
+            g.restore(grown);
+            Err(e)
+        }
+    }
 }

@@ -152,11 +152,15 @@ pub fn build_index(
         threshold,
         false,
         crate::center::CenterChoice::Auto,
+        false,
         progress,
     )
 }
 
-/// [`build_index`] with the multi-label and per-language centring choices.
+/// [`build_index`] with the multi-label and per-language centring choices, and `overwrite`:
+/// an index already at `out` is replaced. The new index is built beside it and swapped in
+/// only when complete and checked ([`crate::index::IndexUpdate`]): a failure at any point
+/// leaves the old index as it was.
 #[allow(clippy::too_many_arguments)] // one per `index build` flag
 pub fn build_index_with(
     encoder: &Encoder,
@@ -166,8 +170,10 @@ pub fn build_index_with(
     threshold: Option<f32>,
     multi_label: bool,
     center: crate::center::CenterChoice,
+    overwrite: bool,
     progress: &Progress,
 ) -> Result<(ExemplarIndex, AddSummary)> {
+    let update = crate::index::IndexUpdate::create(out, overwrite)?;
     let build = BuildInfo {
         sources: sources
             .iter()
@@ -178,8 +184,11 @@ pub fn build_index_with(
         multi_label,
         ..Default::default()
     };
-    let mut index =
-        ExemplarIndex::create(out, ModelInfo::of(&encoder.files, encoder.dim()), build)?;
+    let mut index = ExemplarIndex::create(
+        update.dir(),
+        ModelInfo::of(&encoder.files, encoder.dim()),
+        build,
+    )?;
     index.manifest.decision.k = k;
     let mut total = AddSummary::default();
     for (p, o) in sources {
@@ -210,6 +219,9 @@ pub fn build_index_with(
         None => crate::calibrate::auto_calibrate(&mut index, crate::calibrate::DEFAULT_TARGET)?,
     }
     index.save()?;
+    crate::failpoint::hit("index-build-saved");
+    update.commit()?;
+    index.moved_to(out);
     total.total_exemplars = index.len();
     total.labels = index.labels().len();
     Ok((index, total))

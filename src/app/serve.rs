@@ -3,10 +3,12 @@
 //! (or any other) calls with single requests.
 //!
 //! What it adds to the batch path is only what a live service needs:
-//! - **cross-request micro-batching**: requests wait in a bounded queue; one compute thread
-//!   takes the first and then more, up to `max_batch_tokens` (estimated) or `max_batch_wait`,
-//!   and runs them as one chunk through [`Classifier::classify_guarded`], so under load the
-//!   service embeds in batches as large as a file run does;
+//! - **cross-request micro-batching with a fair share**: requests wait in a bounded queue
+//!   (`queue`); one compute thread runs steps of rows from several requests as one chunk
+//!   through [`Classifier::classify_guarded`]. A step lasts about `fair_step` and the request
+//!   served least goes first, so a one-row request is answered within a step or two however
+//!   large the requests around it; small requests are batched whole (up to
+//!   `max_batch_tokens`), so many clients still get large batches;
 //! - **escalation per request**: `off` (the kNN answer), `wait` (the LLM tier's answer, or the
 //!   kNN one at the request's deadline) or `async` (answered at once; the LLM's answer goes
 //!   to the result log, readable by id);
@@ -20,20 +22,26 @@
 //! This module never parses HTTP, reads flags or prints; it must never hold a lock across a
 //! model call (the queue, the swap and the routes are the only shared state).
 
+mod journal;
+mod queue;
+
+pub use journal::{AsyncStatus, RESULTS_IN_MEMORY};
+
 use crate::conversation::Row;
 use crate::grow::Growth;
 use crate::llm::LlmTier;
-use crate::output::{Existing, OutputSpec, OutputWriter};
+use crate::output::OutputSpec;
 use crate::pipeline::{Classified, Classifier, ClassifierOptions, Escalation, Taxonomy};
 use crate::row::{DecidedBy, OutputRow};
 use crate::{Error, Result};
+use journal::{journal_line, ResultLog};
+use queue::{Budget, Kind, Queue, Refused, Ticket};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -60,6 +68,8 @@ pub struct ServeOptions {
     pub max_batch_wait: Duration,
     /// Requests waiting for the compute thread at most (then `Busy`).
     pub max_queue: usize,
+    /// While several requests wait, a model step lasts about this long.
+    pub fair_step: Duration,
 }
 
 impl ServeOptions {
@@ -75,6 +85,7 @@ impl ServeOptions {
             max_batch_tokens: 16_384,
             max_batch_wait: Duration::from_millis(5),
             max_queue: 256,
+            fair_step: Duration::from_millis(15),
         }
     }
 }
@@ -190,28 +201,6 @@ impl Counters {
 /// Per row of an embedding request: its vector and token count, or why it has none.
 pub type Embedded = Vec<std::result::Result<(Vec<f32>, usize), String>>;
 
-/// Work for the compute thread.
-enum Work {
-    Classify {
-        rows: Vec<Row>,
-        tokens: usize,
-        reply: oneshot::Sender<Result<(Vec<Classified>, Arc<Loaded>)>>,
-    },
-    Embed {
-        rows: Vec<Row>,
-        tokens: usize,
-        reply: oneshot::Sender<Result<Embedded>>,
-    },
-}
-
-impl Work {
-    fn tokens(&self) -> usize {
-        match self {
-            Work::Classify { tokens, .. } | Work::Embed { tokens, .. } => *tokens,
-        }
-    }
-}
-
 /// Where an LLM answer goes.
 enum Route {
     Wait {
@@ -230,148 +219,22 @@ enum LlmMsg {
     Finish(std::sync::mpsc::Sender<()>),
 }
 
-/// State of one `async` id.
-#[derive(Debug, Clone)]
-pub enum AsyncStatus {
-    /// Accepted; the LLM has not answered yet.
-    Pending,
-    /// Its result row (as the output writes it).
-    Done(Value),
-    /// Done in an earlier run; the row is in the result log.
-    Stored,
+/// What waits with a queued request: where its answer goes.
+enum Reply {
+    Classify(oneshot::Sender<Result<(Vec<Classified>, Arc<Loaded>)>>),
+    Embed(oneshot::Sender<Result<Embedded>>),
 }
 
-/// Results kept in memory for `GET /v1/results/{id}` (older ones are read as `Stored`).
-const RESULTS_IN_MEMORY: usize = 100_000;
-
-/// The result log of `async` items: the journal of accepted items and the writer of results.
-struct ResultLog {
-    journal_path: PathBuf,
-    journal: Mutex<std::fs::File>,
-    writer: Mutex<OutputWriter>,
-    last_checkpoint: Mutex<Instant>,
-    status: Mutex<HashMap<String, AsyncStatus>>,
-    order: Mutex<std::collections::VecDeque<String>>,
-}
-
-impl ResultLog {
-    fn journal_path(results: &Path) -> PathBuf {
-        let mut s = results.as_os_str().to_owned();
-        s.push(".accepted.jsonl");
-        PathBuf::from(s)
-    }
-
-    /// Opens (and locks) the result log; returns it with the journaled items that have no
-    /// result yet, to resume.
-    fn open(path: &Path, spec: OutputSpec) -> Result<(ResultLog, Vec<Row>)> {
-        let (writer, mut done) = OutputWriter::open(path, spec, Existing::Resume)?;
-        let journal_path = Self::journal_path(path);
-        let mut todo = Vec::new();
-        let mut status = HashMap::new();
-        if journal_path.exists() {
-            let text =
-                std::fs::read_to_string(&journal_path).map_err(|e| Error::io(&journal_path, e))?;
-            let cols = crate::input::Columns::default();
-            for (i, line) in text.lines().enumerate() {
-                // A torn last line (killed mid-write) was never acknowledged: skip it.
-                let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) else {
-                    continue;
-                };
-                let row = crate::input::row_from_json(&o, i as u64, "journal", &cols);
-                if done.take(&row.id) {
-                    status.insert(row.id.clone(), AsyncStatus::Stored);
-                } else {
-                    status.insert(row.id.clone(), AsyncStatus::Pending);
-                    todo.push(row);
-                }
-            }
-        }
-        let journal = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&journal_path)
-            .map_err(|e| Error::io(&journal_path, e))?;
-        Ok((
-            ResultLog {
-                journal_path,
-                journal: Mutex::new(journal),
-                writer: Mutex::new(writer),
-                last_checkpoint: Mutex::new(Instant::now()),
-                status: Mutex::new(status),
-                order: Mutex::new(Default::default()),
-            },
-            todo,
-        ))
-    }
-
-    /// Claims `ids` for new async items: an id already accepted is refused.
-    fn claim(&self, ids: &[&str]) -> Vec<bool> {
-        let mut st = self.status.lock().expect("status");
-        ids.iter()
-            .map(|id| {
-                if st.contains_key(*id) {
-                    false
-                } else {
-                    st.insert(id.to_string(), AsyncStatus::Pending);
-                    true
-                }
-            })
-            .collect()
-    }
-
-    /// Appends the accepted items to the journal and makes it durable (before they are
-    /// acknowledged).
-    fn journal(&self, items: &[Value]) -> Result<()> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut buf = String::new();
-        for v in items {
-            buf.push_str(&v.to_string());
-            buf.push('\n');
-        }
-        let mut f = self.journal.lock().expect("journal");
-        f.write_all(buf.as_bytes())
-            .and_then(|_| f.sync_data())
-            .map_err(|e| Error::io(&self.journal_path, e))
-    }
-
-    fn write(&self, rows: &[OutputRow], spec: &OutputSpec) -> Result<()> {
-        {
-            let mut w = self.writer.lock().expect("writer");
-            w.write(rows)?;
-            let mut last = self.last_checkpoint.lock().expect("checkpoint");
-            if last.elapsed() >= Duration::from_millis(200) {
-                w.checkpoint()?;
-                *last = Instant::now();
-            }
-        }
-        let mut st = self.status.lock().expect("status");
-        let mut order = self.order.lock().expect("order");
-        for r in rows {
-            st.insert(
-                r.id.clone(),
-                AsyncStatus::Done(crate::output::to_json(r, spec)),
-            );
-            order.push_back(r.id.clone());
-        }
-        while order.len() > RESULTS_IN_MEMORY {
-            if let Some(old) = order.pop_front() {
-                st.insert(old, AsyncStatus::Stored);
-            }
-        }
-        Ok(())
-    }
-
-    fn checkpoint(&self) -> Result<()> {
-        self.writer.lock().expect("writer").checkpoint()
-    }
+/// A request's results while its rows run over several steps.
+enum Partial {
+    Classify(Vec<Classified>),
+    Embed(Embedded),
 }
 
 struct Inner {
     opts: ServeOptions,
     loaded: RwLock<Arc<Loaded>>,
-    jobs: Mutex<Option<SyncSender<Work>>>,
+    queue: Arc<Queue<Reply>>,
     llm: Mutex<Option<SyncSender<LlmMsg>>>,
     routes: Arc<Mutex<HashMap<String, Route>>>,
     next_key: AtomicU64,
@@ -448,6 +311,18 @@ fn estimate_tokens(row: &Row, max_tokens: usize) -> usize {
     (bytes / 3 + 4).min(max_tokens.max(8))
 }
 
+/// Answers a queued request with an error.
+fn fail(reply: Reply, msg: &str) {
+    match reply {
+        Reply::Classify(tx) => {
+            let _ = tx.send(Err(Error::Internal(msg.to_string())));
+        }
+        Reply::Embed(tx) => {
+            let _ = tx.send(Err(Error::Internal(msg.to_string())));
+        }
+    }
+}
+
 impl Service {
     /// Opens the index (and taxonomies, the LLM tier, the result log), resumes the journaled
     /// `async` items that have no result, and starts the compute and LLM threads.
@@ -499,10 +374,9 @@ impl Service {
             }
             None => (None, Vec::new()),
         };
-        let (jobs_tx, jobs_rx) = sync_channel::<Work>(opts.max_queue.max(1));
         let inner = Arc::new(Inner {
             loaded: RwLock::new(loaded),
-            jobs: Mutex::new(Some(jobs_tx)),
+            queue: Queue::new(opts.max_queue.max(1)),
             llm: Mutex::new(None),
             routes: Arc::new(Mutex::new(HashMap::new())),
             next_key: AtomicU64::new(0),
@@ -521,7 +395,7 @@ impl Service {
             let me = svc.clone();
             let h = std::thread::Builder::new()
                 .name("semtel-serve-compute".into())
-                .spawn(move || me.compute_loop(jobs_rx))
+                .spawn(move || me.compute_loop())
                 .map_err(|e| Error::Internal(format!("starting the compute thread: {e}")))?;
             svc.inner.threads.lock().expect("threads").push(h);
         }
@@ -632,102 +506,121 @@ impl Service {
         }
     }
 
-    /// The compute thread: micro-batches from the queue through the current classifier.
+    /// The compute thread: steps of rows from the queue (see `queue`) through the current
+    /// classifier, until the queue is closed and drained.
     ///
-    /// A batch takes the first waiting request and whatever else is queued, up to
-    /// `max_batch_tokens`. While the model runs, new requests queue, so under load batches grow
-    /// by themselves (continuous batching) and a lone client never waits for company. Only when
-    /// the previous batch held several requests (evidence of concurrent clients) does a small
-    /// batch linger up to `max_batch_wait` for more.
-    fn compute_loop(&self, rx: Receiver<Work>) {
-        let max_tokens = self.inner.opts.max_batch_tokens.max(1);
-        let wait = self.inner.opts.max_batch_wait;
+    /// While the model runs, new requests queue, so under load steps fill by themselves
+    /// (continuous batching) and a lone client never waits for company; only when the previous
+    /// step held several requests does a small one linger up to `max_batch_wait` for more. The
+    /// shared step size follows the measured speed, so a step lasts about `fair_step`.
+    fn compute_loop(&self) {
+        let o = &self.inner.opts;
         let mut concurrent = false;
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            let mut tokens = batch[0].tokens();
-            let until = Instant::now() + wait;
-            while tokens < max_tokens {
-                let next = match rx.try_recv() {
-                    Ok(w) => Ok(w),
-                    Err(_) if concurrent => {
-                        let left = until.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            break;
-                        }
-                        rx.recv_timeout(left)
-                    }
-                    Err(_) => break,
-                };
-                match next {
-                    Ok(w) => {
-                        tokens += w.tokens();
-                        batch.push(w);
-                    }
-                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            concurrent = batch.len() > 1;
+        // Tokens per second of the model here, measured as steps run (a modest start).
+        let mut speed = 5_000.0f64;
+        let mut partial: HashMap<u64, Partial> = HashMap::new();
+        loop {
+            let max = o.max_batch_tokens.max(16);
+            let budget = Budget {
+                step: ((speed * o.fair_step.as_secs_f64()) as usize).clamp(16, max),
+                // Alone, steps of up to 64 × `fair_step` (about a second): nearly the speed
+                // of the largest batches, and what a newcomer after a quiet spell waits at most.
+                alone: ((speed * 64.0 * o.fair_step.as_secs_f64()) as usize).clamp(16, max),
+                quiet: Duration::from_secs(1),
+                whole: (max / 16).max(16),
+                max,
+                linger: o.max_batch_wait,
+            };
+            let Some(step) = self.inner.queue.next_step(budget, concurrent) else {
+                return;
+            };
+            concurrent = step.waiting > 1;
             self.inner
                 .counters
                 .queue_depth
-                .fetch_sub(batch.len() as u64, Ordering::Relaxed);
-            self.run_batch(batch);
+                .store(self.inner.queue.depth() as u64, Ordering::Relaxed);
+            let t = Instant::now();
+            self.run_step(step.parts, &mut partial);
+            let secs = t.elapsed().as_secs_f64();
+            if step.tokens >= 64 && secs > 0.0 {
+                speed = 0.8 * speed + 0.2 * (step.tokens as f64 / secs);
+            }
         }
     }
 
-    fn run_batch(&self, batch: Vec<Work>) {
+    /// Runs one step: the classify rows as one chunk, the embed rows as another; each
+    /// request's rows are added to its partial result, and a request whose last rows ran is
+    /// answered.
+    fn run_step(&self, parts: Vec<queue::Part<Reply>>, partial: &mut HashMap<u64, Partial>) {
         let loaded = self.loaded();
-        let mut classify_rows = Vec::new();
-        let mut classify_replies = Vec::new();
-        let mut embed_rows = Vec::new();
-        let mut embed_replies = Vec::new();
-        for w in batch {
-            match w {
-                Work::Classify { rows, reply, .. } => {
-                    classify_replies.push((rows.len(), reply));
-                    classify_rows.extend(rows);
+        for kind in [Kind::Classify, Kind::Embed] {
+            let mine: Vec<&queue::Part<Reply>> = parts.iter().filter(|p| p.kind == kind).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let rows: Vec<Row> = mine.iter().flat_map(|p| p.rows.iter().cloned()).collect();
+            self.inner.counters.count_batch(rows.len());
+            let out: std::result::Result<Vec<Partial>, String> = match kind {
+                Kind::Classify => loaded
+                    .classifier
+                    .classify_guarded(rows)
+                    .map(|(rows, _panics)| {
+                        let mut it = rows.into_iter();
+                        mine.iter()
+                            .map(|p| Partial::Classify(it.by_ref().take(p.rows.len()).collect()))
+                            .collect()
+                    })
+                    .map_err(|e| e.to_string()),
+                Kind::Embed => loaded
+                    .classifier
+                    .encoder
+                    .embed_rows(&rows)
+                    .map(|out| {
+                        let mut it = out.into_iter().map(|e| e.map(|e| (e.vector, e.ids.len())));
+                        mine.iter()
+                            .map(|p| Partial::Embed(it.by_ref().take(p.rows.len()).collect()))
+                            .collect()
+                    })
+                    .map_err(|e| e.to_string()),
+            };
+            match out {
+                Ok(pieces) => {
+                    for (p, piece) in mine.iter().zip(pieces) {
+                        let acc = partial.entry(p.id).or_insert_with(|| match kind {
+                            Kind::Classify => Partial::Classify(Vec::new()),
+                            Kind::Embed => Partial::Embed(Vec::new()),
+                        });
+                        match (acc, piece) {
+                            (Partial::Classify(a), Partial::Classify(b)) => a.extend(b),
+                            (Partial::Embed(a), Partial::Embed(b)) => a.extend(b),
+                            _ => unreachable!("one kind per request"),
+                        }
+                    }
                 }
-                Work::Embed { rows, reply, .. } => {
-                    embed_replies.push((rows.len(), reply));
-                    embed_rows.extend(rows);
+                Err(msg) => {
+                    // The whole step failed: every request in it is answered with the error
+                    // (and those with rows left are taken out of the queue).
+                    for p in &mine {
+                        partial.remove(&p.id);
+                        if p.last.is_none() {
+                            if let Some(reply) = self.inner.queue.cancel(p.id) {
+                                fail(reply, &msg);
+                            }
+                        }
+                    }
                 }
             }
         }
-        if !classify_rows.is_empty() {
-            self.inner.counters.count_batch(classify_rows.len());
-            match loaded.classifier.classify_guarded(classify_rows) {
-                Ok((rows, _panics)) => {
-                    let mut it = rows.into_iter();
-                    for (n, reply) in classify_replies {
-                        let part: Vec<Classified> = it.by_ref().take(n).collect();
-                        let _ = reply.send(Ok((part, loaded.clone())));
-                    }
+        for p in parts {
+            let Some(reply) = p.last else { continue };
+            match (reply, partial.remove(&p.id)) {
+                (Reply::Classify(tx), Some(Partial::Classify(rows))) => {
+                    let _ = tx.send(Ok((rows, loaded.clone())));
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for (_, reply) in classify_replies {
-                        let _ = reply.send(Err(Error::Internal(msg.clone())));
-                    }
+                (Reply::Embed(tx), Some(Partial::Embed(rows))) => {
+                    let _ = tx.send(Ok(rows));
                 }
-            }
-        }
-        if !embed_rows.is_empty() {
-            self.inner.counters.count_batch(embed_rows.len());
-            let enc = &loaded.classifier.encoder;
-            match enc.embed_rows(&embed_rows) {
-                Ok(out) => {
-                    let mut it = out.into_iter().map(|e| e.map(|e| (e.vector, e.ids.len())));
-                    for (n, reply) in embed_replies {
-                        let _ = reply.send(Ok(it.by_ref().take(n).collect()));
-                    }
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for (_, reply) in embed_replies {
-                        let _ = reply.send(Err(Error::Internal(msg.clone())));
-                    }
-                }
+                (reply, _) => fail(reply, "the model step for this request failed"),
             }
         }
     }
@@ -756,74 +649,66 @@ impl Service {
         i
     }
 
+    /// Lines in the async journal (pending items, plus finished ones not yet compacted away).
+    pub fn journal_lines(&self) -> Option<usize> {
+        self.inner.log.as_ref().map(|l| l.journal_lines())
+    }
+
     /// Exemplars in the index plus those learned since the last save.
     pub fn index_size(&self) -> usize {
         self.loaded().classifier.index.len() + self.inner.growth.as_ref().map_or(0, |g| g.len())
     }
 
-    fn enqueue(&self, w: Work) -> std::result::Result<(), ServeError> {
+    /// A place in the queue for one request, or why there is none. Taken before anything
+    /// about the request is recorded, so a refused request leaves no trace.
+    fn reserve(&self) -> std::result::Result<Ticket<Reply>, ServeError> {
         if !self.is_ready() {
             return Err(ServeError::NotReady);
         }
-        let guard = self.inner.jobs.lock().expect("jobs");
-        let Some(tx) = guard.as_ref() else {
-            return Err(ServeError::NotReady);
-        };
-        match tx.try_send(w) {
-            Ok(()) => {
-                self.inner
-                    .counters
-                    .queue_depth
-                    .fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(TrySendError::Full(_)) => Err(ServeError::Busy(self.inner.opts.max_queue)),
-            Err(TrySendError::Disconnected(_)) => Err(ServeError::NotReady),
-        }
+        let t = self.inner.queue.reserve().map_err(|r| match r {
+            Refused::Full(n) => ServeError::Busy(n),
+            Refused::Closed => ServeError::NotReady,
+        })?;
+        self.inner
+            .counters
+            .queue_depth
+            .store(self.inner.queue.depth() as u64, Ordering::Relaxed);
+        Ok(t)
     }
 
-    async fn classify_rows(
+    /// Queues rows under `ticket` (each with its token estimate) and waits for them; a
+    /// dropped reply means the service stopped.
+    async fn run_classify(
         &self,
+        ticket: Ticket<Reply>,
         rows: Vec<Row>,
     ) -> std::result::Result<(Vec<Classified>, Arc<Loaded>), ServeError> {
-        self.submit(rows, |rows, tokens, reply| Work::Classify {
-            rows,
-            tokens,
-            reply,
-        })
-        .await
-    }
-
-    /// Queues rows for the compute thread (sized by their token estimate) and waits for the
-    /// answer; a dropped reply means the service stopped.
-    async fn submit<T>(
-        &self,
-        rows: Vec<Row>,
-        work: impl FnOnce(Vec<Row>, usize, oneshot::Sender<Result<T>>) -> Work,
-    ) -> std::result::Result<T, ServeError> {
-        let tokens = rows
-            .iter()
-            .map(|r| estimate_tokens(r, self.inner.max_tokens))
-            .sum();
         let (tx, rx) = oneshot::channel();
-        self.enqueue(work(rows, tokens, tx))?;
+        ticket.submit(Kind::Classify, self.with_tokens(rows), Reply::Classify(tx));
         match rx.await {
             Ok(r) => Ok(r?),
             Err(_) => Err(ServeError::NotReady),
         }
     }
 
+    fn with_tokens(&self, rows: Vec<Row>) -> Vec<(Row, usize)> {
+        rows.into_iter()
+            .map(|r| {
+                let t = estimate_tokens(&r, self.inner.max_tokens);
+                (r, t)
+            })
+            .collect()
+    }
+
     /// Embeds rows (for `/v1/embeddings`): per row its vector and token count, or why not.
-    pub async fn embed(
-        &self,
-        rows: Vec<Row>,
-    ) -> std::result::Result<Vec<std::result::Result<(Vec<f32>, usize), String>>, ServeError> {
-        self.submit(rows, |rows, tokens, reply| Work::Embed {
-            rows,
-            tokens,
-            reply,
-        })
-        .await
+    pub async fn embed(&self, rows: Vec<Row>) -> std::result::Result<Embedded, ServeError> {
+        let ticket = self.reserve()?;
+        let (tx, rx) = oneshot::channel();
+        ticket.submit(Kind::Embed, self.with_tokens(rows), Reply::Embed(tx));
+        match rx.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ServeError::NotReady),
+        }
     }
 
     fn key(&self) -> String {
@@ -869,41 +754,66 @@ impl Service {
                         .into(),
                 ));
             };
-            let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+            // The queue place first: a refused request (429) leaves no claim and no journal line.
+            let ticket = self.reserve()?;
+            let spec = self.loaded().spec.clone();
+            let answer = |id: String, msg: String, status: &str| {
+                let mut v = crate::output::to_json(&OutputRow::error(id, msg, Vec::new()), &spec);
+                v["status"] = status.into();
+                v
+            };
+            let mut answers: Vec<Option<Value>> = vec![None; rows.len()];
+            let mut positions = Vec::new();
+            let mut candidates = Vec::new();
+            for (i, r) in rows.into_iter().enumerate() {
+                match &r.content {
+                    // Nothing to classify later: answered now, never journaled.
+                    Err(e) => answers[i] = Some(answer(r.id.clone(), e.clone(), "error")),
+                    Ok(_) => {
+                        positions.push(i);
+                        candidates.push(r);
+                    }
+                }
+            }
+            let ids: Vec<&str> = candidates.iter().map(|r| r.id.as_str()).collect();
             let fresh = log.claim(&ids);
             let mut journal = Vec::new();
             let mut claimed = Vec::new();
-            let mut refused = Vec::new();
-            for (r, ok) in rows.into_iter().zip(fresh) {
+            let mut claimed_at = Vec::new();
+            for ((r, ok), i) in candidates.into_iter().zip(fresh).zip(positions) {
                 if ok {
                     journal.push(journal_line(&r));
                     claimed.push(r);
+                    claimed_at.push(i);
                 } else {
-                    refused.push(r.id);
+                    answers[i] = Some(answer(
+                        r.id,
+                        "this id was already accepted for async classification: read its result at /v1/results/{id}, or send another id".into(),
+                        "refused",
+                    ));
                 }
             }
-            log.journal(&journal)?;
+            if let Err(e) = log.journal(&journal) {
+                let ids: Vec<String> = claimed.iter().map(|r| r.id.clone()).collect();
+                log.unclaim(&ids);
+                return Err(e.into());
+            }
             self.inner
                 .counters
                 .async_accepted
                 .fetch_add(claimed.len() as u64, Ordering::Relaxed);
-            let mut answers = self.classify_async(claimed, has_llm).await?;
-            let spec = self.loaded().spec.clone();
-            for id in refused {
-                let mut v = crate::output::to_json(
-                    &OutputRow::error(
-                        id,
-                        "this id was already accepted for async classification: read its result at /v1/results/{id}, or send another id".into(),
-                        Vec::new(),
-                    ),
-                    &spec,
-                );
-                v["status"] = "refused".into();
-                answers.push(v);
+            if !claimed.is_empty() {
+                let (classified, loaded) = self.run_classify(ticket, claimed).await?;
+                let settled = self.settle_async(classified, &loaded, has_llm)?;
+                for (i, v) in claimed_at.into_iter().zip(settled) {
+                    answers[i] = Some(v);
+                }
             }
-            return Ok(answers);
+            // In request order, one answer per item.
+            return Ok(answers.into_iter().flatten().collect());
         }
-        let (classified, loaded) = self.classify_rows(rows).await?;
+        let ticket = self.reserve()?;
+        let (classified, loaded) = self.run_classify(ticket, rows).await?;
         let mut out: Vec<Option<OutputRow>> = Vec::with_capacity(classified.len());
         let mut waits = Vec::new();
         let mut to_llm = Vec::new();
@@ -965,20 +875,8 @@ impl Service {
             .collect())
     }
 
-    /// `async` items (already journaled): decided rows go to the log at once; escalated ones
-    /// to the LLM, whose answers the router writes.
-    async fn classify_async(
-        &self,
-        rows: Vec<Row>,
-        has_llm: bool,
-    ) -> std::result::Result<Vec<Value>, ServeError> {
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (classified, loaded) = self.classify_rows(rows).await?;
-        self.settle_async(classified, &loaded, has_llm)
-    }
-
+    /// `async` items (already journaled and classified): decided rows go to the log at once;
+    /// escalated ones to the LLM, whose answers the router writes.
     fn settle_async(
         &self,
         classified: Vec<Classified>,
@@ -1056,8 +954,7 @@ impl Service {
 
     /// The state of an `async` id.
     pub fn result(&self, id: &str) -> Option<AsyncStatus> {
-        let log = self.inner.log.as_ref()?;
-        log.status.lock().expect("status").get(id).cloned()
+        self.inner.log.as_ref()?.status(id)
     }
 
     /// Opens the index again (after `index add`, `calibrate`, a new build in place) and swaps
@@ -1101,7 +998,7 @@ impl Service {
     pub fn shutdown(&self) -> Result<ShutdownReport> {
         self.inner.ready.store(false, Ordering::SeqCst);
         // Closing the queue ends the compute thread once it has drained.
-        self.inner.jobs.lock().expect("jobs").take();
+        self.inner.queue.close();
         let llm = self.inner.llm.lock().expect("llm").take();
         if let Some(tx) = llm {
             let (ack_tx, ack_rx) = std::sync::mpsc::channel();
@@ -1130,63 +1027,9 @@ pub struct ShutdownReport {
     pub grown_saved: usize,
 }
 
-/// An accepted row as its journal line (the input shape, so the journal is read back by the
-/// same parser).
-fn journal_line(r: &Row) -> Value {
-    let mut o = serde_json::Map::new();
-    o.insert("id".into(), Value::String(r.id.clone()));
-    match &r.content {
-        Ok(crate::conversation::Content::Text(t)) => {
-            o.insert("text".into(), Value::String(t.clone()));
-        }
-        Ok(crate::conversation::Content::Turns(ts)) => {
-            o.insert(
-                "messages".into(),
-                serde_json::to_value(ts).unwrap_or(Value::Null),
-            );
-        }
-        Err(e) => {
-            o.insert("error".into(), Value::String(e.clone()));
-        }
-    }
-    Value::Object(o)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn journal_lines_read_back_as_the_same_rows() {
-        let cols = crate::input::Columns::default();
-        for content in [
-            Ok(crate::conversation::Content::Text(
-                "héllo 世界 \u{0} 🙂".into(),
-            )),
-            Ok(crate::conversation::Content::Turns(vec![
-                crate::conversation::Turn {
-                    role: crate::conversation::Role::User,
-                    content: "مرحبا".into(),
-                },
-                crate::conversation::Turn {
-                    role: crate::conversation::Role::Assistant,
-                    content: "नमस्ते".into(),
-                },
-            ])),
-        ] {
-            let r = Row {
-                index: 0,
-                id: "a1".into(),
-                content,
-                label: None,
-                passthrough: Vec::new(),
-            };
-            let v = journal_line(&r);
-            let back = crate::input::row_from_json(v.as_object().unwrap(), 0, "j", &cols);
-            assert_eq!(back.id, "a1");
-            assert_eq!(back.content, r.content);
-        }
-    }
 
     #[test]
     fn token_estimate_is_capped() {

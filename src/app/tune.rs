@@ -116,7 +116,7 @@ pub fn run(job: &TuneJob, on_step: &mut dyn FnMut(&StepEvent)) -> Result<TuneOut
             "only transformer models can be fine-tuned (this index uses a static table)".into(),
         ));
     }
-    let mut index = ExemplarIndex::open(&job.index, false)?;
+    let index = ExemplarIndex::open(&job.index, false)?;
     // One text per exemplar id (a multi-label row is one exemplar per label, same id), with
     // the labels it carries; rendered the way calibration renders stored exemplar text.
     let mut order: Vec<String> = Vec::new();
@@ -199,94 +199,110 @@ pub fn run(job: &TuneJob, on_step: &mut dyn FnMut(&StepEvent)) -> Result<TuneOut
             seconds: t0.elapsed().as_secs_f64(),
         });
     };
-    // Write the tuned folder under a temporary name, then name it by its digest.
-    let tmp = job.index.join(format!("{WORK_DIR}/encoder"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    copy_model_files(&base.files.dir, &tmp, base.files.max_tokens)?;
-    model.save(&tmp.join("model.safetensors"))?;
-    let sha = crate::fsio::sha256_file(&tmp.join("model.safetensors"))?;
-    let name = format!("encoder-{}", &sha[..12]);
-    let dest = job.index.join(&name);
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
-    crate::fsio::sync_dir(&job.index);
-
-    let t_embed = std::time::Instant::now();
-    let tuned = Encoder::load(&EncoderOptions {
-        model: Some(dest.display().to_string()),
-        ..eo.clone()
-    })?;
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let unique = tuned.embed_ids(&refs)?;
-    let d = tuned.dim();
-    let mut vectors = Vec::with_capacity(row_of.len() * d);
-    for &i in &row_of {
-        vectors.extend_from_slice(&unique[i * d..(i + 1) * d]);
-    }
-    let reembed_seconds = t_embed.elapsed().as_secs_f64();
-    let mut info = ModelInfo::of(&tuned.files, d);
-    info.id = format!("{}+tuned", base.files.id);
-    info.source_dir = None;
-    let best = report
-        .candidates
-        .iter()
-        .filter(|c| c.lr == lr)
-        .filter_map(|c| c.accuracy_by_epoch.get(epochs - 1).copied())
-        .next();
-    info.tuned = Some(TunedInfo {
-        dir: name.clone(),
-        base_id: base.files.id.clone(),
-        base_weights_sha256: base.files.weights_sha256.clone(),
-        base_source_dir: std::fs::canonicalize(&base.files.dir)
-            .ok()
-            .map(|p| p.display().to_string()),
-        loss: format!("{:?}", report.loss).to_lowercase(),
-        epochs,
-        lr,
-        steps: report.final_steps,
-        frozen_accuracy: report.frozen_accuracy,
-        tuned_accuracy: best,
-        seconds: report.seconds,
-        calibration_share: share,
-    });
-    index.replace_vectors(&vectors, info)?;
-    // The head was trained on the old vectors: it goes, and calibration trains a new one.
-    for f in [crate::head::HEAD_FILE, crate::head::HEAD_META] {
-        let _ = std::fs::remove_file(job.index.join(f));
-    }
-    index.manifest.decision.calibration = None;
-    index.manifest.decision.per_label.clear();
-    index.manifest.decision.label_rules.clear();
-    if index.manifest.build.multi_label {
-        crate::calibrate::auto_calibrate_multi(&mut index, crate::calibrate::DEFAULT_TARGET)?;
-    } else {
-        crate::calibrate::auto_calibrate(&mut index, crate::calibrate::DEFAULT_TARGET)?;
-    }
-    index.save()?;
+    // Everything below rewrites the index: it happens in a staged copy that is swapped in
+    // whole once re-embedded and re-calibrated (`index::update`), so a failure or a kill at
+    // any point leaves the old index (and its encoder) as they were.
     drop(index);
-    // Old tuned folders and the work area are no longer referenced.
-    if let Ok(rd) = std::fs::read_dir(&job.index) {
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().to_string();
-            if n.starts_with("encoder-") && n != name {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(&work);
-    let calibration = crate::app::calibrate::run(&CalibrateJob {
-        index: job.index.clone(),
-        classifier: ClassifierOptions {
-            encoder: EncoderOptions {
-                model: None,
+    let (dest_name, sha, calibration, reembed_seconds) =
+        crate::index::update(&job.index, |stage| {
+            let mut index = ExemplarIndex::open(stage, false)?;
+            // The tuned folder under a temporary name, then named by its digest.
+            let tmp = stage.join(format!("{WORK_DIR}/encoder"));
+            let _ = std::fs::remove_dir_all(&tmp);
+            copy_model_files(&base.files.dir, &tmp, base.files.max_tokens)?;
+            model.save(&tmp.join("model.safetensors"))?;
+            let sha = crate::fsio::sha256_file(&tmp.join("model.safetensors"))?;
+            let name = format!("encoder-{}", &sha[..12]);
+            let dest = stage.join(&name);
+            let _ = std::fs::remove_dir_all(&dest);
+            std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+            crate::fsio::sync_dir(stage);
+
+            let t_embed = std::time::Instant::now();
+            let tuned = Encoder::load(&EncoderOptions {
+                model: Some(dest.display().to_string()),
                 ..eo.clone()
-            },
-            signal: Some(crate::decide::Signal::VoteSim),
-            ..Default::default()
-        },
-        labelled: job.labelled.clone(),
-        options: job.calibrate.clone(),
-    })?;
+            })?;
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let unique = tuned.embed_ids(&refs)?;
+            let d = tuned.dim();
+            let mut vectors = Vec::with_capacity(row_of.len() * d);
+            for &i in &row_of {
+                vectors.extend_from_slice(&unique[i * d..(i + 1) * d]);
+            }
+            let reembed_seconds = t_embed.elapsed().as_secs_f64();
+            let mut info = ModelInfo::of(&tuned.files, d);
+            info.id = format!("{}+tuned", base.files.id);
+            info.source_dir = None;
+            let best = report
+                .candidates
+                .iter()
+                .filter(|c| c.lr == lr)
+                .filter_map(|c| c.accuracy_by_epoch.get(epochs - 1).copied())
+                .next();
+            info.tuned = Some(TunedInfo {
+                dir: name.clone(),
+                base_id: base.files.id.clone(),
+                base_weights_sha256: base.files.weights_sha256.clone(),
+                base_source_dir: std::fs::canonicalize(&base.files.dir)
+                    .ok()
+                    .map(|p| p.display().to_string()),
+                loss: format!("{:?}", report.loss).to_lowercase(),
+                epochs,
+                lr,
+                steps: report.final_steps,
+                frozen_accuracy: report.frozen_accuracy,
+                tuned_accuracy: best,
+                seconds: report.seconds,
+                calibration_share: share,
+            });
+            index.replace_vectors(&vectors, info)?;
+            // The head was trained on the old vectors: it goes, and calibration trains a new one.
+            for f in [crate::head::HEAD_FILE, crate::head::HEAD_META] {
+                let _ = std::fs::remove_file(stage.join(f));
+            }
+            index.manifest.decision.calibration = None;
+            index.manifest.decision.per_label.clear();
+            index.manifest.decision.label_rules.clear();
+            if index.manifest.build.multi_label {
+                crate::calibrate::auto_calibrate_multi(
+                    &mut index,
+                    crate::calibrate::DEFAULT_TARGET,
+                )?;
+            } else {
+                crate::calibrate::auto_calibrate(&mut index, crate::calibrate::DEFAULT_TARGET)?;
+            }
+            index.save()?;
+            drop(index);
+            // Old tuned folders and the work area are no longer referenced.
+            if let Ok(rd) = std::fs::read_dir(stage) {
+                for e in rd.flatten() {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    if (n.starts_with("encoder-") && n != name) || n == WORK_DIR {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+            let calibration = crate::app::calibrate::run_in(
+                &CalibrateJob {
+                    index: job.index.clone(),
+                    classifier: ClassifierOptions {
+                        encoder: EncoderOptions {
+                            model: None,
+                            ..eo.clone()
+                        },
+                        signal: Some(crate::decide::Signal::VoteSim),
+                        ..Default::default()
+                    },
+                    labelled: job.labelled.clone(),
+                    options: job.calibrate.clone(),
+                },
+                stage,
+            )?;
+            Ok((name, sha, calibration, reembed_seconds))
+        })?;
+    let dest = job.index.join(&dest_name);
+    let _ = std::fs::remove_dir_all(&work);
     Ok(TuneOutcome {
         report,
         encoder_dir: Some(dest),

@@ -46,11 +46,25 @@ pub struct TypeScore {
     pub f1: f64,
 }
 
+/// One category of rows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CategoryScore {
+    pub rows: usize,
+    pub gold: usize,
+    pub found: usize,
+    pub recall: f64,
+    /// Predictions on the category's rows that hold no gold span.
+    pub false_alarms: usize,
+}
+
 /// One tool on the set.
 #[derive(Debug, Clone, Serialize)]
 pub struct ToolRun {
     pub tool: String,
     pub by_type: BTreeMap<String, TypeScore>,
+    /// Recall by the rows' `category` (sets that have one: `benches/pii/make_typed_set.py`);
+    /// for a category of rows without spans (`near_miss`), its false alarms.
+    pub by_category: BTreeMap<String, CategoryScore>,
     /// Predictions of types outside semtel's (Presidio's DATE_TIME, NRP, …): counted apart.
     pub other_predictions: usize,
     /// Predictions on the near-miss rows (rows without any gold span).
@@ -77,6 +91,7 @@ pub struct RedactBench {
 struct Row {
     text: String,
     gold: Vec<(usize, usize, String)>,
+    category: Option<String>,
 }
 
 /// `[{"start", "end", "type"}, …]` (character offsets) as spans; malformed entries are skipped.
@@ -104,7 +119,12 @@ fn read_set(p: &Path) -> Result<Vec<Row>> {
             .map_err(|e| Error::Config(format!("{}:{}: {e}", p.display(), i + 1)))?;
         let t = v["text"].as_str().unwrap_or_default().to_string();
         let gold = spans(&v["spans"]);
-        rows.push(Row { text: t, gold });
+        let category = v["category"].as_str().map(str::to_string);
+        rows.push(Row {
+            text: t,
+            gold,
+            category,
+        });
     }
     Ok(rows)
 }
@@ -130,9 +150,16 @@ fn score(
     seconds: f64,
 ) -> ToolRun {
     let mut by: BTreeMap<String, TypeScore> = BTreeMap::new();
+    let mut cats: BTreeMap<String, CategoryScore> = BTreeMap::new();
     let mut other = 0;
     let mut clean_alarms = 0;
     for (row, pred) in rows.iter().zip(predicted) {
+        let cat = row.category.as_ref().map(|c| {
+            let e = cats.entry(c.clone()).or_default();
+            e.rows += 1;
+            e.gold += row.gold.len();
+            c.clone()
+        });
         for (_, _, t) in &row.gold {
             by.entry(t.clone()).or_default().gold += 1;
         }
@@ -153,6 +180,9 @@ fn score(
             found[i] = covered.iter().filter(|&&c| c).count() * 5 >= (ge - gs) * 4;
             if found[i] {
                 by.entry(gt.clone()).or_default().found += 1;
+                if let Some(c) = &cat {
+                    cats.entry(c.clone()).or_default().found += 1;
+                }
             }
         }
         for (s, e, t) in pred {
@@ -162,6 +192,9 @@ fn score(
             }
             if row.gold.is_empty() {
                 clean_alarms += 1;
+                if let Some(c) = &cat {
+                    cats.entry(c.clone()).or_default().false_alarms += 1;
+                }
             }
             let entry = by.entry(t.clone()).or_default();
             entry.predicted += 1;
@@ -193,10 +226,18 @@ fn score(
             0.0
         };
     }
+    for c in cats.values_mut() {
+        c.recall = if c.gold > 0 {
+            c.found as f64 / c.gold as f64
+        } else {
+            f64::NAN
+        };
+    }
     let chars: usize = rows.iter().map(|r| r.text.chars().count()).sum();
     ToolRun {
         tool: tool.to_string(),
         by_type: by,
+        by_category: cats,
         other_predictions: other,
         false_alarms_on_clean_rows: clean_alarms,
         seconds,

@@ -7,6 +7,10 @@
 //! time limit per level. The reference is `semtel classify` on the same rows (its own
 //! `rows_per_second`, which excludes loading the model), run before and after the levels.
 //! A soak keeps 8 clients busy for a while and samples the server's resident memory.
+//! Contention scenarios measure what one client can do to another: the latency of normal
+//! one-conversation requests (one client, one after another) while N slow connections trickle
+//! a body a byte every two seconds, or while K clients loop the largest requests the server
+//! allows.
 //!
 //! This module never prints; it reports each figure through a callback.
 
@@ -42,6 +46,30 @@ pub struct ServeBenchOptions {
     /// Global flags passed to both server and batch runs (`--threads`, `--model`, …).
     pub global_args: Vec<String>,
     pub work: PathBuf,
+    /// Contention: slow connections held open per scenario (e.g. 0, 100, 500).
+    pub slow_clients: Vec<usize>,
+    /// Contention: clients looping the largest allowed requests per scenario (e.g. 3).
+    pub heavy_clients: Vec<usize>,
+    /// Seconds of normal requests measured per contention scenario.
+    pub contention_s: f64,
+    /// Skip the throughput levels (contention scenarios only).
+    pub only_contention: bool,
+}
+
+/// Normal requests while other clients press on the server.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contention {
+    pub slow_connections: usize,
+    pub heavy_clients: usize,
+    pub requests: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Normal requests not answered 200.
+    pub errors: usize,
+    /// Requests the heavy clients got through (rows), and what they were refused.
+    pub heavy_rows: usize,
+    pub heavy_refused: usize,
 }
 
 /// One load level's figures (the median run by rows/s).
@@ -92,6 +120,7 @@ pub struct ServeBench {
     pub saturation_vs_batch: f64,
     pub soak: Option<Soak>,
     pub server_rss_mb_after_levels: f64,
+    pub contention: Vec<Contention>,
 }
 
 /// Runs the benchmark; `report` gets a line per figure as it is measured.
@@ -117,7 +146,11 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
     }
     let mut batch_runs = Vec::new();
     let batch = |o: &ServeBenchOptions| batch_rows_per_s(o, &rows_file);
-    for _ in 0..o.repeats.max(1).div_ceil(2) {
+    for _ in 0..if o.only_contention {
+        0
+    } else {
+        o.repeats.max(1).div_ceil(2)
+    } {
         let r = batch(o)?;
         report(&format!("batch path (semtel classify): {r:.1} rows/s"));
         batch_runs.push(r);
@@ -145,7 +178,11 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
     ));
 
     let mut raw: Vec<(usize, usize, Vec<Run>, f64)> = Vec::new();
-    for &b in &o.batch {
+    for &b in if o.only_contention {
+        &[][..]
+    } else {
+        &o.batch[..]
+    } {
         let reqs = bodies(&rows, b.max(1));
         for &c in &o.clients {
             let before = rt.block_on(batch_totals(&client, &server.base));
@@ -176,13 +213,50 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
     } else {
         None
     };
+    let mut contention = Vec::new();
+    for &heavy in if o.heavy_clients.is_empty() {
+        &[0][..]
+    } else {
+        &o.heavy_clients[..]
+    } {
+        for &slow in if o.slow_clients.is_empty() {
+            &[0][..]
+        } else {
+            &o.slow_clients[..]
+        } {
+            if o.slow_clients.is_empty() && o.heavy_clients.is_empty() {
+                break;
+            }
+            let c = rt.block_on(contend(
+                &client,
+                &server.base,
+                &rows,
+                slow,
+                heavy,
+                o.contention_s,
+            ));
+            report(&format!(
+                "contention: {slow} slow connections, {heavy} heavy clients: one-row requests p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} requests, {} errors); heavy clients got {} rows through, {} refused",
+                c.p50_ms, c.p99_ms, c.max_ms, c.requests, c.errors, c.heavy_rows, c.heavy_refused
+            ));
+            contention.push(c);
+        }
+    }
     server.stop();
-    for _ in 0..o.repeats.max(1) / 2 {
+    for _ in 0..if o.only_contention {
+        0
+    } else {
+        o.repeats.max(1) / 2
+    } {
         let r = batch(o)?;
         report(&format!("batch path (semtel classify): {r:.1} rows/s"));
         batch_runs.push(r);
     }
-    let batch_median = super::median(&batch_runs);
+    let batch_median = if batch_runs.is_empty() {
+        f64::NAN
+    } else {
+        super::median(&batch_runs)
+    };
     let mut levels = Vec::new();
     for (c, b, mut runs, mean_batch_rows) in raw {
         let all: Vec<f64> = runs.iter().map(|r| r.rows as f64 / r.seconds).collect();
@@ -214,7 +288,140 @@ pub fn serve_benchmark(o: &ServeBenchOptions, report: &mut dyn FnMut(&str)) -> R
         levels,
         soak,
         server_rss_mb_after_levels: rss_after,
+        contention,
     })
+}
+
+/// One contention scenario: `slow` connections that send a request head and then one body
+/// byte every two seconds, `heavy` clients looping requests of 256 conversations as large as
+/// the default body limit allows, and one normal client sending one conversation at a time
+/// for `secs`; its latencies are the figure.
+async fn contend(
+    client: &reqwest::Client,
+    base: &str,
+    rows: &[String],
+    slow: usize,
+    heavy: usize,
+    secs: f64,
+) -> Contention {
+    use tokio::io::AsyncWriteExt;
+    let addr = base.trim_start_matches("http://").to_string();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..slow {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            // Reconnect when the server cuts us (body timeout): the pressure stays.
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                let head = format!(
+                    "POST /v1/classify HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n["
+                );
+                if s.write_all(head.as_bytes()).await.is_err() {
+                    continue;
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if s.write_all(b" ").await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    // Largest allowed: 256 items in a 4 MiB body (the defaults), real text repeated.
+    let per_item = (4usize << 20) / 256 - 96;
+    let heavy_body: Arc<str> = {
+        let items: Vec<serde_json::Value> = (0..256)
+            .map(|i| {
+                let mut t = String::new();
+                while t.len() < per_item {
+                    t.push_str(&rows[(i + t.len()) % rows.len()]);
+                    t.push(' ');
+                }
+                let mut cut = per_item;
+                while !t.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                t.truncate(cut);
+                serde_json::json!({"id": format!("h{i}"), "text": t})
+            })
+            .collect();
+        serde_json::Value::Array(items).to_string().into()
+    };
+    let heavy_rows = Arc::new(AtomicUsize::new(0));
+    let heavy_refused = Arc::new(AtomicUsize::new(0));
+    for _ in 0..heavy {
+        let (client, stop, body) = (client.clone(), stop.clone(), heavy_body.clone());
+        let (ok, refused) = (heavy_rows.clone(), heavy_refused.clone());
+        let url = format!("{base}/v1/classify?escalate=off");
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        ok.fetch_add(256, Ordering::Relaxed);
+                    }
+                    _ => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }));
+    }
+    // Let the pressure build before measuring.
+    tokio::time::sleep(Duration::from_secs(if slow + heavy > 0 { 3 } else { 0 })).await;
+    let url = format!("{base}/v1/classify?escalate=off");
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let mut i = 0;
+    while start.elapsed().as_secs_f64() < secs {
+        let body = serde_json::json!({"id": format!("n{i}"), "text": rows[i % rows.len()]});
+        i += 1;
+        let t = Instant::now();
+        let ok = match client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+        {
+            Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+            Err(_) => false,
+        };
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !ok {
+            errors += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.abort();
+    }
+    lat.sort_by(f64::total_cmp);
+    Contention {
+        slow_connections: slow,
+        heavy_clients: heavy,
+        requests: lat.len(),
+        p50_ms: pct(&lat, 0.5),
+        p99_ms: pct(&lat, 0.99),
+        max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        errors,
+        heavy_rows: heavy_rows.load(Ordering::Relaxed),
+        heavy_refused: heavy_refused.load(Ordering::Relaxed),
+    }
 }
 
 /// (rows, batches) the server has run in micro-batches so far, from its `/metrics`.

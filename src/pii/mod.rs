@@ -111,6 +111,8 @@ pub enum Kind {
     Crypto,
     Address,
     Person,
+    /// A date next to a birth cue ("DOB:", "born on", "Geburtsdatum").
+    DateOfBirth,
     /// A configured pattern's name, or `CUSTOM` for the deny list.
     Custom(String),
 }
@@ -130,6 +132,7 @@ impl Kind {
             Kind::Crypto => "CRYPTO",
             Kind::Address => "ADDRESS",
             Kind::Person => "PERSON",
+            Kind::DateOfBirth => "DATE_OF_BIRTH",
             Kind::Custom(n) => n,
         }
     }
@@ -149,6 +152,7 @@ impl Kind {
             Kind::NationalId => 69,
             Kind::Ip => 60,
             Kind::Phone => 50,
+            Kind::DateOfBirth => 45,
             Kind::Address => 40,
             Kind::Person => 30,
         }
@@ -312,10 +316,143 @@ impl Redactor {
     }
 
     /// The spans to redact in `text`: sorted, non-overlapping.
+    ///
+    /// Text with fullwidth forms (`ｊｏｈｎ＠ｍａｉｌ．ｃｏｍ`, `０９０－１２３４`: how CJK input
+    /// methods type Latin letters and digits) is also searched in its folded form, and what
+    /// is found there is mapped back to the original characters. A flattened dialogue
+    /// (`user: …` / `assistant: …` lines, the form prompts carry) is also searched across its
+    /// turns ([`find_turns`](Self::find_turns)).
     pub fn find(&self, text: &str) -> Vec<Span> {
         if self.is_off() || text.is_empty() {
             return Vec::new();
         }
+        let mut spans = self.find_plain(text);
+        let turns = dialogue_turns(text);
+        if turns.len() >= 2 {
+            let view: Vec<(crate::conversation::Role, &str)> =
+                turns.iter().map(|&(r, a, b)| (r, &text[a..b])).collect();
+            for (i, s) in self.seam_spans(&view) {
+                spans.push(Span {
+                    start: turns[i].1 + s.start,
+                    end: turns[i].1 + s.end,
+                    kind: s.kind,
+                });
+            }
+        }
+        resolve(spans, |s| {
+            self.allow
+                .contains(&text[s.start..s.end].trim().to_lowercase())
+        })
+    }
+
+    /// Spans of a conversation's turns, each turn's in its own offsets: each turn on its own,
+    /// and values that cross from one turn into the next ([`seam_spans`](Self::seam_spans)).
+    pub fn find_turns(&self, turns: &[(crate::conversation::Role, &str)]) -> Vec<Vec<Span>> {
+        let mut out: Vec<Vec<Span>> = turns.iter().map(|(_, t)| self.find_plain(t)).collect();
+        if turns.len() >= 2 && !self.is_off() {
+            for (i, s) in self.seam_spans(turns) {
+                out[i].push(s);
+            }
+        }
+        out.into_iter()
+            .zip(turns)
+            .map(|(spans, (_, t))| {
+                resolve(spans, |s| {
+                    self.allow
+                        .contains(&t[s.start..s.end].trim().to_lowercase())
+                })
+            })
+            .collect()
+    }
+
+    /// Values that need more than one turn to be seen: the turns are searched joined (all of
+    /// them, and the user's alone, so an assistant's "could you send the rest?" in between
+    /// does not hide it), and each part of what is found is returned as (turn, span in that
+    /// turn). A number sent in two messages ("DE89 3704 0044" … "0532 0130 00") is one
+    /// value.
+    fn seam_spans(&self, turns: &[(crate::conversation::Role, &str)]) -> Vec<(usize, Span)> {
+        // Only numbers are sent in pieces: without a turn that ends in digits and a later one
+        // that starts with them, there is nothing to join (and most dialogues cost nothing).
+        let digit_near = |s: &str, tail: bool| {
+            let b = s.trim().as_bytes();
+            let part = if tail {
+                &b[b.len().saturating_sub(48)..]
+            } else {
+                &b[..b.len().min(48)]
+            };
+            part.iter().any(u8::is_ascii_digit)
+        };
+        let split = (0..turns.len()).any(|i| {
+            digit_near(turns[i].1, true) && turns[i + 1..].iter().any(|t| digit_near(t.1, false))
+        });
+        if !split {
+            return Vec::new();
+        }
+        let user: Vec<usize> = (0..turns.len())
+            .filter(|&i| turns[i].0 == crate::conversation::Role::User)
+            .collect();
+        let all: Vec<usize> = (0..turns.len()).collect();
+        let mut out = Vec::new();
+        for group in [all, user] {
+            if group.len() < 2 {
+                continue;
+            }
+            let mut joined = String::new();
+            let mut starts = Vec::with_capacity(group.len());
+            for (n, &i) in group.iter().enumerate() {
+                if n > 0 {
+                    joined.push('\n');
+                }
+                starts.push(joined.len());
+                joined.push_str(turns[i].1);
+            }
+            for s in resolve(self.find_plain(&joined), |_| false) {
+                // Everything found joined counts (overlaps with what a turn found alone are
+                // resolved later): a value that crosses a seam, and the parts of one whose
+                // pieces are told apart by what came before (`iban_continued`).
+                let first = starts.partition_point(|&b| b <= s.start) - 1;
+                let last = starts.partition_point(|&b| b < s.end) - 1;
+                for (n, &i) in group.iter().enumerate().take(last + 1).skip(first) {
+                    let len = turns[i].1.len();
+                    let a = s.start.saturating_sub(starts[n]).min(len);
+                    let b = s.end.saturating_sub(starts[n]).min(len);
+                    let piece = &turns[i].1[a..b];
+                    if piece.trim().is_empty() {
+                        continue;
+                    }
+                    let lead = piece.len() - piece.trim_start().len();
+                    let tail = piece.len() - piece.trim_end().len();
+                    out.push((
+                        i,
+                        Span {
+                            start: a + lead,
+                            end: b - tail,
+                            kind: s.kind.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The recognisers over `text` (in windows) and over its fullwidth-folded form; not yet
+    /// resolved.
+    fn find_plain(&self, text: &str) -> Vec<Span> {
+        let mut spans = self.find_windows(text);
+        if let Some((folded, map)) = fold_fullwidth(text) {
+            for s in self.find_windows(&folded) {
+                spans.push(Span {
+                    start: map[s.start],
+                    end: map[s.end],
+                    kind: s.kind,
+                });
+            }
+        }
+        spans
+    }
+
+    fn find_windows(&self, text: &str) -> Vec<Span> {
         let mut spans = Vec::new();
         // Windows on character boundaries with an overlap, so nothing near a seam is missed.
         let mut start = 0;
@@ -344,10 +481,7 @@ impl Redactor {
                 start += 1;
             }
         }
-        resolve(spans, |s| {
-            self.allow
-                .contains(&text[s.start..s.end].trim().to_lowercase())
-        })
+        spans
     }
 
     fn find_in(&self, w: &str, out: &mut dyn FnMut(Span)) {
@@ -379,19 +513,7 @@ impl Redactor {
     /// `text` with its spans replaced, placeholders numbered within `ph` (one per
     /// conversation: pass the same one for every turn).
     pub fn redact_with(&self, text: &str, ph: &mut Placeholders) -> String {
-        let spans = self.find(text);
-        if spans.is_empty() {
-            return text.to_string();
-        }
-        let mut out = String::with_capacity(text.len());
-        let mut at = 0;
-        for s in spans {
-            out.push_str(&text[at..s.start]);
-            out.push_str(&ph.placeholder(&s.kind, &text[s.start..s.end]));
-            at = s.end;
-        }
-        out.push_str(&text[at..]);
-        out
+        replace_spans(text, self.find(text), ph)
     }
 
     /// One text as one conversation.
@@ -404,7 +526,8 @@ impl Redactor {
         }
     }
 
-    /// A conversation's content, turn by turn, with one placeholder map.
+    /// A conversation's content, turn by turn, with one placeholder map; values that span
+    /// two turns are found too ([`find_turns`](Self::find_turns)).
     pub fn redact_content(
         &self,
         c: &crate::conversation::Content,
@@ -413,17 +536,102 @@ impl Redactor {
         let mut ph = Placeholders::default();
         let out = match c {
             Content::Text(t) => Content::Text(self.redact_with(t, &mut ph)),
-            Content::Turns(ts) => Content::Turns(
-                ts.iter()
-                    .map(|t| Turn {
-                        role: t.role,
-                        content: self.redact_with(&t.content, &mut ph),
-                    })
-                    .collect(),
-            ),
+            Content::Turns(ts) => {
+                let view: Vec<(crate::conversation::Role, &str)> =
+                    ts.iter().map(|t| (t.role, t.content.as_str())).collect();
+                let spans = self.find_turns(&view);
+                Content::Turns(
+                    ts.iter()
+                        .zip(spans)
+                        .map(|(t, s)| Turn {
+                            role: t.role,
+                            content: replace_spans(&t.content, s, &mut ph),
+                        })
+                        .collect(),
+                )
+            }
         };
         (out, ph.counts)
     }
+}
+
+/// `text` with `spans` (sorted, non-overlapping) replaced by placeholders from `ph`.
+fn replace_spans(text: &str, spans: Vec<Span>, ph: &mut Placeholders) -> String {
+    if spans.is_empty() {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for s in spans {
+        out.push_str(&text[at..s.start]);
+        out.push_str(&ph.placeholder(&s.kind, &text[s.start..s.end]));
+        at = s.end;
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// The turns of a flattened dialogue (lines `user: …`, `assistant: …` as
+/// [`crate::conversation::Content::flatten`] writes them): (role, start, end) of each turn's
+/// content; empty when `text` is not one.
+fn dialogue_turns(text: &str) -> Vec<(crate::conversation::Role, usize, usize)> {
+    use crate::conversation::Role;
+    const PREFIXES: [(&str, Role); 4] = [
+        ("user: ", Role::User),
+        ("assistant: ", Role::Assistant),
+        ("system: ", Role::System),
+        ("tool: ", Role::Tool),
+    ];
+    let starts_turn = |at: usize| {
+        PREFIXES
+            .iter()
+            .find(|(p, _)| text[at..].starts_with(p))
+            .map(|(p, r)| (*r, at + p.len()))
+    };
+    let mut turns: Vec<(Role, usize, usize)> = Vec::new();
+    let mut line = 0;
+    loop {
+        if let Some((role, content)) = starts_turn(line) {
+            if let Some(last) = turns.last_mut() {
+                last.2 = line.saturating_sub(1).max(last.1);
+            }
+            turns.push((role, content, text.len()));
+        } else if turns.is_empty() {
+            return Vec::new();
+        }
+        match text[line..].find('\n') {
+            Some(n) => line += n + 1,
+            None => break,
+        }
+    }
+    turns
+}
+
+/// Fullwidth ASCII forms (U+FF01–U+FF5E) and the ideographic space folded to ASCII, with the
+/// map from each byte offset of the folded text (and its end) to the original's; `None` when
+/// the text has none.
+fn fold_fullwidth(text: &str) -> Option<(String, Vec<usize>)> {
+    let wide = |c: char| ('\u{FF01}'..='\u{FF5E}').contains(&c) || c == '\u{3000}';
+    if !text.chars().any(wide) {
+        return None;
+    }
+    let mut folded = String::with_capacity(text.len());
+    let mut map = Vec::with_capacity(text.len() + 1);
+    for (i, c) in text.char_indices() {
+        let f = if c == '\u{3000}' {
+            ' '
+        } else if wide(c) {
+            char::from_u32(c as u32 - 0xFEE0).unwrap_or(c)
+        } else {
+            c
+        };
+        for _ in 0..f.len_utf8() {
+            map.push(i);
+        }
+        folded.push(f);
+    }
+    map.push(text.len());
+    Some((folded, map))
 }
 
 /// Keeps the best of overlapping spans (priority, then length, then position; a span that

@@ -13,6 +13,21 @@ use super::{Kind, Span};
 use crate::{Error, Result};
 use regex::Regex;
 
+/// The name of a credential, possibly inside an identifier (`DB_PASSWORD`, `pwd_hash` is not
+/// one: only suffixes that are words); groups: the whole name, then its cue word.
+const CREDENTIAL_NAME: &str = concat!(
+    r#"(?i)(?:^|[^\p{L}\p{N}]|[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}])((?:[a-z0-9]+[_\-.]?)*?"#,
+    r#"(password|passwd|passwort|kennwort|passphrase|passcode|pass|pwd|pw|pin|secret|"#,
+    r#"api[_\-]?key|access[_\-]?token|auth[_\-]?token|bearer|client[_\-]?secret|private[_\-]?key|"#,
+    r#"secret[_\-]?access[_\-]?key|token|mot de passe|mdp|contraseña|contrasena|clave|senha|"#,
+    r#"wachtwoord|hasło|haslo|heslo|lösenord|losenord|adgangskode|passord|salasana|şifre|sifre|"#,
+    r#"parola|пароль|密码|密碼|パスワード|暗証番号|비밀번호|암호|كلمة المرور|كلمة السر|पासवर्ड)"#,
+    r#"(?:[_\-][a-z0-9]+)*)"#,
+);
+
+/// A credential's value: printable ASCII without quotes or list punctuation.
+const CREDENTIAL_VALUE: &str = r#"[\x21-\x7E&&[^"',;<>`]]{3,}"#;
+
 /// Regions whose national phone formats are tried for numbers without a `+`.
 const DEFAULT_PHONE_REGIONS: &[&str] = &[
     "US", "GB", "CA", "AU", "IN", "DE", "FR", "ES", "IT", "NL", "BR", "MX", "JP", "CN", "RU", "ZA",
@@ -282,6 +297,15 @@ const NOT_NAMES: &[&str] = &[
 
 pub struct Recognizers {
     email: Regex,
+    iban_start: Regex,
+    assign_loose: Regex,
+    email_obfuscated: Regex,
+    aws_secret: Regex,
+    dob: Regex,
+    address_nl: Regex,
+    address_it: Regex,
+    address_ja: Regex,
+    person_ar: Regex,
     phone: Regex,
     card: Regex,
     iban: Regex,
@@ -363,14 +387,31 @@ impl Recognizers {
                 .collect(),
         };
         Ok(Recognizers {
+            // Letters of any script in both parts (`jürgen.müller@web.de`, IDN domains).
             email: re(
-                r"(?i)[a-z0-9_%+\-](?:[a-z0-9._%+\-]{0,62}[a-z0-9_%+\-])?@(?:[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?\.)+[a-z]{2,24}",
+                r"[\p{L}\p{N}_%+\-](?:[\p{L}\p{N}._%+\-]{0,62}[\p{L}\p{N}_%+\-])?@(?:[\p{L}\p{N}](?:[\p{L}\p{N}\-]{0,61}[\p{L}\p{N}])?\.)+\p{L}{2,24}",
             ),
+            // Addresses written to dodge scrapers: `john dot smith at gmail dot com`,
+            // `ana [at] mail [dot] com`, `li(at)x.io`, `peter @ example.org`. Group 1 is the
+            // `at` that joins the parts (checked in `email_obfuscation_ok`).
+            email_obfuscated: re(concat!(
+                r"(?i)(?-u:\b)[\p{L}\p{N}_%+\-](?:[\p{L}\p{N}._%+\-]*[\p{L}\p{N}_%+\-])?",
+                r"(?:[ ]+dot[ ]+[\p{L}\p{N}_%+\-]+|[ ]*[\[({<][ ]*dot[ ]*[\])}>][ ]*[\p{L}\p{N}_%+\-]+)*",
+                r"([ ]*@[ ]*|[ ]*[\[({<][ ]*at[ ]*[\])}>][ ]*|[ ]+at[ ]+)",
+                r"[\p{L}\p{N}](?:[\p{L}\p{N}\-]*[\p{L}\p{N}])?",
+                r"(?:(?:[ ]*\.[ ]*|[ ]*[\[({<][ ]*dot[ ]*[\])}>][ ]*|[ ]+dot[ ]+)[\p{L}\p{N}](?:[\p{L}\p{N}\-]*[\p{L}\p{N}])?)+",
+            )),
+            // Separators people put in numbers: spaces, dashes (en and em dashes too), dots,
+            // slashes with spaces around them, `(0)`, and a line break where the text wrapped.
             phone: re(
-                r"(?:(?:\+|00)[ ]?)?(?:\([0-9]{1,5}\)[ .\-]?)?[0-9](?:[ .\-/]?(?:\([0-9]{1,5}\)|[0-9])){5,17}",
+                r"(?:(?:\+|00)[ ]?)?(?:\([0-9]{1,5}\)[ ]?)?[0-9](?:(?:[ ]?[./\-\u{2010}-\u{2014}][ ]?|[ ]|[ ]?\r?\n[ ]?)?(?:\([0-9]{1,5}\)|[0-9])){5,17}",
             ),
-            card: re(r"[0-9](?:[ \-]?[0-9]){12,18}"),
-            iban: re(r"[A-Z]{2}[0-9]{2}(?:[ \-]?[A-Z0-9]{4}){2,7}(?:[ \-]?[A-Z0-9]{1,4})?"),
+            card: re(r"[0-9](?:(?:[ ]?[\-.][ ]?|[ ]|[ ]?\r?\n[ ]?)?[0-9]){12,18}"),
+            // The first groups of an IBAN whose rest comes later (`iban_continued`).
+            iban_start: re(r"(?i)(?-u:\b)[A-Z]{2}[0-9]{2}(?:[ \-]?[A-Z0-9]{4}){1,6}(?-u:\b)"),
+            iban: re(
+                r"(?i)[A-Z]{2}[0-9]{2}(?:(?:[ \-]|[ ]?\r?\n[ ]?)?[A-Z0-9]{4}){2,7}(?:(?:[ \-]|[ ]?\r?\n[ ]?)?[A-Z0-9]{1,4})?",
+            ),
             ipv4: re(
                 r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}",
             ),
@@ -407,9 +448,33 @@ impl Recognizers {
                 r"|\bSG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}",
                 r"|\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}",
             )),
-            assign: re(
-                r#"(?i)\b(?:password|passwd|pwd|passphrase|passcode|pin|secret|api[_\-]?key|access[_\-]?token|auth[_\-]?token|bearer|client[_\-]?secret|private[_\-]?key|token)\b["']?\s*(?:[:=]|\bis\b)\s*["']?([^\s"',;<>]{4,})"#,
-            ),
+            // A credential after its name: `password: x`, `DB_PASSWORD=x` (the name inside an
+            // environment variable or key), `Passwort ist x`, `パスワードはx`. Group 1 is the
+            // name, 2 its cue word, 3 the connector, 4 the value (checked in
+            // `credential_ok`). Scripts written without spaces do not glue a word to the name
+            // (`…でパスワードは…`).
+            assign: re(&format!(
+                r#"{CREDENTIAL_NAME}["']?(\s*[:=：]\s*|\s+(?:is|ist|est|es|è|é|er|är|jest|je|это|era|was|lautet|c'est|c’est|are|sind|sont|son)\s+|\s*(?:は|是|为|為|은|는)\s*)["'“«]?({CREDENTIAL_VALUE})"#
+            )),
+            // The loose form: up to three words between name and connector (`la clave del
+            // router es x`), or no connector at all (`password x`); only a value shaped like a
+            // secret is taken (`credential_loose_ok`). Groups as above, 3 the words between.
+            assign_loose: re(&format!(
+                r#"{CREDENTIAL_NAME}((?:[ ]+[\p{{L}}'’]{{1,12}}){{0,3}})(\s*[:=：]\s*|\s+(?:is|ist|est|es|è|é|er|är|lautet|c'est|c’est|are|sind|sont|son)\s+|[ ]+)["'“«]?({CREDENTIAL_VALUE})"#
+            )),
+            aws_secret: re(r"(?:^|[\s=:'\x22(])([A-Za-z0-9/+]{40})(?:$|[\s'\x22),.;])"),
+            // A date right after a birth cue, in the common written forms.
+            dob: re(concat!(
+                r"(?i)(?:(?-u:\b)(?:date of birth|birth ?date|d\.?o\.?b\.?|born(?: on)?|birthday(?: is)?|",
+                r"geburtsdatum|geboren(?: am)?|geb\.|date de naissance|n[ée]e? le|fecha de nacimiento|",
+                r"nacid[oa] (?:el )?|data di nascita|nat[oa] il|data de nascimento|nascid[oa] em|",
+                r"geboortedatum|geboren op|дата рождения|родил(?:ся|ась))|生年月日|出生日期|生日)",
+                r"[\s:：は是为]*(?:is |was |am |le |el |il |em |op )?",
+                r"(\d{1,2}[./\-]\d{1,2}[./\-](?:19|20)\d{2}|(?:19|20)\d{2}[./\-]\d{1,2}[./\-]\d{1,2}|",
+                r"(?:19|20)\d{2}年\d{1,2}月\d{1,2}日|",
+                r"\d{1,2}\.?[ ](?:\p{L}{3,12}\.?)[ ](?:19|20)\d{2}|",
+                r"\p{L}{3,12}\.?[ ]\d{1,2}(?:st|nd|rd|th)?,?[ ](?:19|20)\d{2})",
+            )),
             pem: re(
                 r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?s:.*?)(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\z)",
             ),
@@ -421,9 +486,39 @@ impl Recognizers {
             address: re(
                 r"\b[0-9]{1,6}[A-Za-z]?(?:[ ](?:[NSEW]\.?|North|South|East|West))?(?:[ ][A-Z][A-Za-z'\-]+){1,4}[ ](?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|Square|Sq|Terrace|Way|Parkway|Pkwy|Highway|Hwy|Circle|Cir|Trail|Crescent|Close|Grove|Gardens|Mews|Row)\b\.?(?:,?[ ]*(?:Apt|Apartment|Suite|Ste|Unit|Flat|#)\.?[ ]*[0-9A-Za-z\-]+)?(?:,[ ]*[A-Z][A-Za-z .'\-]{1,30},[ ]*[A-Z]{2}[ ]+[0-9]{5}(?:-[0-9]{4})?)?",
             ),
-            address_de: re(
-                r"\b\p{Lu}[\p{Ll}]+(?:straße|strasse|weg|gasse|platz|allee|ring|damm|ufer)[ ]+[0-9]{1,4}[a-z]?\b(?:,[ ]*[0-9]{5}[ ]+\p{Lu}\p{Ll}+)?",
-            ),
+            // `Hauptstraße 12`, `Kaiserstr. 5a`, `Berliner Str. 88`, `Am Markt 3`, with the
+            // postcode and town when they follow (`60311 Frankfurt am Main`).
+            address_de: re(concat!(
+                r"(?-u:\b)(?:\p{Lu}\p{Ll}+(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm|ufer|chaussee|steig|pfad|markt)",
+                r"|\p{Lu}\p{Ll}+[ ](?:Straße|Strasse|Str\.|Weg|Gasse|Platz|Allee|Ring|Damm|Ufer|Chaussee)",
+                r"|Am[ ]\p{Lu}\p{Ll}+)",
+                r"[ ]+[0-9]{1,4}[ ]?[a-z]?(?-u:\b)",
+                r"(?:,?[ ]*[0-9]{5}[ ]+\p{Lu}\p{Ll}+(?:[ ](?:am|an der|im|in der|ob der)[ ]\p{Lu}\p{Ll}+|-\p{Lu}\p{Ll}+)?)?",
+            )),
+            // `Keizersgracht 123`, `Oude Gracht 92`, with `1015 CJ Amsterdam`.
+            address_nl: re(concat!(
+                r"(?-u:\b)(?:\p{Lu}\p{Ll}+(?:straat|gracht|weg|laan|plein|kade|singel|dijk|steeg|dreef|markt|park|hof)",
+                r"|\p{Lu}\p{Ll}+[ ](?:Gracht|Straat|Weg|Laan|Plein|Kade|Singel|Dijk|Markt))",
+                r"[ ]+[0-9]{1,4}[ ]?[a-zA-Z]?(?-u:\b)",
+                r"(?:,?[ ]*[0-9]{4}[ ]?[A-Z]{2}[ ]+\p{Lu}\p{Ll}+(?:[ ]\p{Lu}\p{Ll}+)?)?",
+            )),
+            // `Via Roma 12`, `Piazza della Signoria 3`, `Corso Vittorio Emanuele II 45`, with
+            // `00184 Roma`.
+            address_it: re(concat!(
+                r"(?-u:\b)(?:Via|Viale|Piazza|Piazzale|Corso|Largo|Vicolo|Strada|Lungomare|Lungotevere|Contrada|Borgo)",
+                r"[ ]+(?:(?:del|della|dei|degli|delle|dello|di|da|dal|dalla|San|Santa|Sant')[ ]+)*",
+                r"\p{Lu}[\p{L}'’\-]+(?:[ ]+(?:\p{Lu}[\p{L}'’\-]+|[IVX]{1,4}|(?:di|de|del|della)))*",
+                r",?[ ]+[0-9]{1,4}(?:[/ ]?[a-zA-Z])?(?-u:\b)",
+                r"(?:,?[ ]*[0-9]{5}[ ]+\p{Lu}\p{Ll}+(?:[ ]\p{Lu}\p{Ll}+)?)?",
+            )),
+            // `〒100-0005 東京都千代田区丸の内1-1-1`, `大阪市北区梅田3丁目1-1`: a prefecture or a city
+            // with its ward, then the block numbers.
+            address_ja: re(concat!(
+                r"(?:〒[ ]?[0-9０-９]{3}[-－]?[0-9０-９]{4}[ 　]?)?",
+                r"(?:\p{Han}{1,4}[都道府県]\p{Han}{1,8}?[市区町村郡]|\p{Han}{1,5}市\p{Han}{1,4}区)",
+                r"[\p{Han}\p{Hiragana}\p{Katakana}ー]{0,10}?",
+                r"[0-9０-９]{1,4}(?:(?:丁目|条[東西南北]?|番地?|号|の|[-－−ー])?[0-9０-９]{1,4}){0,4}(?:丁目|番地?|号)?",
+            )),
             address_fr: re(
                 r"(?i)\b[0-9]{1,4}(?:[ ]?(?:bis|ter))?,?[ ]+(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai|route)[ ]+(?:(?:de|du|des|la|le|l'|d')[ ]*){0,2}\p{Lu}[\p{L}'\-]+(?:[ ]+\p{Lu}[\p{L}'\-]+){0,3}",
             ),
@@ -434,17 +529,24 @@ impl Recognizers {
                 r"\b(?:[A-PR-UWYZ][A-HK-Y]?[0-9][0-9A-HJKMNPR-Y]?)[ ][0-9][ABD-HJLNP-UW-Z]{2}\b",
             ),
             person: re(&format!(
-                r"(?:(?i:\bmy name is|\bmy name's|\bi am called|\bname:|\bdear|\bje m'appelle|\bme llamo|\bmi nombre es|\bich heiße|\bich heisse|\bmein name ist|\bmi chiamo|\bmeu nome é|\bme chamo|\bmijn naam is|\bik heet|\bmeine name ist|меня зовут|\bbenim adım)|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Mx)\.?)[ ]+({NAME})"
+                r"(?:(?i:\bmy name is|\bmy name's|\bi am called|\bname:|\bdear|\bje m'appelle|\bme llamo|\bmi nombre es|\bich heiße|\bich heisse|\bmein name ist|\bmi chiamo|\bmeu nome é|\bme chamo|\bmijn naam is|\bik heet|\bmeine name ist|меня зовут|\bbenim adım|με λένε|το όνομά μου είναι|ονομάζομαι|λέγομαι|nazywam się|mam na imię|jmenuji se)|\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Mx)\.?)[ ]+({NAME})"
             )),
+            // Arabic has no capitals: the one or two words after "my name is".
+            person_ar: re(
+                r"(?:اسمي|إسمي|أنا اسمي|انا اسمي|معك)[ ]+((?:\p{Arabic}+)(?:[ ](?:عبد[ ])?\p{Arabic}+)?)",
+            ),
             person_sig: re(&format!(
                 r"(?i:\b(?:best regards|kind regards|warm regards|regards|sincerely|yours truly|yours sincerely|cheers|thanks|thank you|best|cordialement|saludos|atentamente|mit freundlichen grüßen|viele grüße|grüße|cordiali saluti)[,!.]?)[ \t]*\r?\n[ \t]*(?:--[ ]?)?({NAME})"
             )),
             person_weak: re(&format!(
                 r"(?:(?i:\b(?:hi|hello|hey|this is|i'm|i am|call me|signed|thanks|cheers))[ ,]+)({NAME})\b"
             )),
-            person_cjk: re(
-                r"(?:我叫|我的名字是|我的名字叫|私の名前は|わたしの名前は|제 이름은|내 이름은)[ ]?(\p{Han}{2,3}|\p{Hangul}{2,4}|\p{Katakana}{2,8})",
-            ),
+            // A Korean name ends where its particle starts (`김민준입니다` → 김민준).
+            person_cjk: re(concat!(
+                r"(?:我叫|我的名字是|我的名字叫|私の名前は|わたしの名前は)[ ]?(\p{Han}{2,3}|\p{Katakana}{2,8})",
+                r"|(?:제 이름은|내 이름은)[ ]?(\p{Hangul}{2,4}?)",
+                r"(?:입니다|이에요|예요|이고|이며|이라고|라고|이야|야|씨|님|[이가은는을를]?(?:[ ,.!?]|$))",
+            )),
             phone_regions,
         })
     }
@@ -475,6 +577,7 @@ impl Recognizers {
                 }
             }
         }
+        self.obfuscated_emails(t, &mut push);
         if bytes.contains(&b':') && bytes.contains(&b'/') {
             for m in self.url.find_iter(t) {
                 let u = trim_url(m.as_str());
@@ -491,6 +594,45 @@ impl Recognizers {
         self.wallets(t, &mut push);
         self.addresses(t, digits, &mut push);
         self.people(t, strict, &mut push);
+    }
+
+    /// Addresses with `at`/`dot` spelled out or bracketed, or spaces around `@`: tried at
+    /// every word, since a rejected candidate ("me at john dot smith") can hide the real one
+    /// that starts inside it.
+    fn obfuscated_emails(&self, t: &str, push: &mut dyn FnMut(usize, usize, Kind)) {
+        let lower_has = |w: &str| {
+            t.as_bytes()
+                .windows(w.len())
+                .any(|x| x.eq_ignore_ascii_case(w.as_bytes()))
+        };
+        if !(t.contains('@')
+            || lower_has(" at ")
+            || lower_has("at]")
+            || lower_has("at)")
+            || lower_has("at}")
+            || lower_has("at>"))
+        {
+            return;
+        }
+        let mut at = 0;
+        while at < t.len() {
+            let Some(c) = self.email_obfuscated.captures_at(t, at) else {
+                break;
+            };
+            let m = c.get(0).expect("group 0");
+            let joint = c.get(1).map_or("", |g| g.as_str());
+            if email_obfuscation_ok(t, m.start(), m.as_str(), joint) {
+                push(m.start(), m.end(), Kind::Email);
+                at = m.end();
+            } else {
+                // The next word.
+                at = t[m.start()..]
+                    .char_indices()
+                    .skip(1)
+                    .find(|&(_, ch)| !ch.is_alphanumeric())
+                    .map_or(t.len(), |(i, _)| m.start() + i);
+            }
+        }
     }
 
     fn numbers(&self, t: &str, strict: bool, push: &mut dyn FnMut(usize, usize, Kind)) {
@@ -510,6 +652,21 @@ impl Recognizers {
                     while !t.is_char_boundary(at) {
                         at += 1;
                     }
+                }
+            }
+        }
+        // The start of an IBAN whose rest comes later ("DE89 3704…" then, a line or a message
+        // on, "0044 0532 0130 00"): both parts, when together they pass the check.
+        if t.len() >= 15 {
+            for m in self.iban_start.find_iter(t) {
+                if iban_len(m.as_str()).is_some() {
+                    continue;
+                }
+                if let Some((head, rest)) = iban_continued(t, m.start(), m.end()) {
+                    push(m.start(), head, Kind::Iban);
+                    push(rest.0, rest.1, Kind::Iban);
+                    shaped.push((m.start(), head));
+                    shaped.push(rest);
                 }
             }
         }
@@ -658,17 +815,30 @@ impl Recognizers {
             {
                 continue;
             }
-            if looks_like_date_or_list(s) || isbn_ok(s) {
+            if looks_like_date_or_list(s) || isbn_ok(s) || thousands_grouped(s) {
                 continue;
             }
             let international = s.starts_with('+') || s.starts_with("00");
-            let formatted = s.contains([' ', '-', '(', '.', '/']);
+            let formatted = s.contains([' ', '-', '(', '.', '/', '\n']) || s.contains(is_dash);
             let cued = PHONE_CUES.iter().any(|c| ctx.contains(c));
+            // Validated on the digits alone: separators people type (en dashes, ` / `, line
+            // breaks) mean nothing to the metadata, and a `(0)` after the country code is the
+            // trunk prefix that international dialling drops.
             let valid = if international {
-                let num = format!("+{}", s.trim_start_matches('+').trim_start_matches("00"));
-                phone_valid(None, &num)
+                let body = s.trim_start_matches('+').trim_start_matches("00");
+                let body = match body.find("(0)") {
+                    Some(i) if i <= 4 => format!("{}{}", &body[..i], &body[i + 3..]),
+                    _ => body.to_string(),
+                };
+                let digits: String = body.chars().filter(char::is_ascii_digit).collect();
+                phone_valid(None, &format!("+{digits}"))
             } else {
-                (formatted || cued) && self.phone_regions.iter().any(|&r| phone_valid(Some(r), s))
+                let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+                (formatted || cued)
+                    && self
+                        .phone_regions
+                        .iter()
+                        .any(|&r| phone_valid(Some(r), &digits))
             };
             if valid || (strict && (cued || international || formatted && nd >= 9)) {
                 push(m.start(), m.end(), Kind::Phone);
@@ -685,27 +855,33 @@ impl Recognizers {
                 push(m.start(), m.end(), Kind::Secret);
             }
         }
+        let glued = |name: regex::Match<'_>, cue: regex::Match<'_>| {
+            cue.start() > name.start() && !t[..cue.start()].ends_with(['_', '-', '.'])
+        };
         for c in self.assign.captures_iter(t) {
-            if let Some(v) = c.get(1) {
-                let val = v.as_str();
-                // `password: <EMAIL_1>` or `token = true`: nothing left to hide.
-                if !val.starts_with('<')
-                    && !matches!(
-                        val.to_lowercase().as_str(),
-                        "true"
-                            | "false"
-                            | "null"
-                            | "none"
-                            | "required"
-                            | "incorrect"
-                            | "wrong"
-                            | "correct"
-                            | "invalid"
-                            | "expired"
-                            | "reset"
-                    )
-                {
-                    push(v.start(), v.end(), Kind::Secret);
+            let (Some(name), Some(cue), Some(conn), Some(v)) =
+                (c.get(1), c.get(2), c.get(3), c.get(4))
+            else {
+                continue;
+            };
+            if credential_ok(cue.as_str(), conn.as_str(), v.as_str(), glued(name, cue)) {
+                push(v.start(), v.end(), Kind::Secret);
+            }
+        }
+        for c in self.assign_loose.captures_iter(t) {
+            let (Some(name), Some(cue), Some(v)) = (c.get(1), c.get(2), c.get(5)) else {
+                continue;
+            };
+            if !glued(name, cue) && credential_loose_ok(v.as_str()) {
+                push(v.start(), v.end(), Kind::Secret);
+            }
+        }
+        if t.len() >= 40 {
+            for c in self.aws_secret.captures_iter(t) {
+                if let Some(v) = c.get(1) {
+                    if cloud_key_like(v.as_str()) {
+                        push(v.start(), v.end(), Kind::Secret);
+                    }
                 }
             }
         }
@@ -746,9 +922,17 @@ impl Recognizers {
                 &self.address_de,
                 &self.address_fr,
                 &self.address_es,
+                &self.address_nl,
+                &self.address_it,
+                &self.address_ja,
             ] {
                 for m in re.find_iter(t) {
                     push(m.start(), m.end(), Kind::Address);
+                }
+            }
+            for c in self.dob.captures_iter(t) {
+                if let Some(d) = c.get(1) {
+                    push(d.start(), d.end(), Kind::DateOfBirth);
                 }
             }
             for m in self.postcode_uk.find_iter(t) {
@@ -793,8 +977,23 @@ impl Recognizers {
             }
         }
         for c in self.person_cjk.captures_iter(t) {
+            if let Some(m) = c.get(1).or_else(|| c.get(2)) {
+                // "제 이름은 나중에 …" (my name — later): words that are not names.
+                if !["나중에", "비밀", "뭐", "없어", "없습니다", "중요"]
+                    .iter()
+                    .any(|w| m.as_str().starts_with(w))
+                {
+                    push(m.start(), m.end(), Kind::Person);
+                }
+            }
+        }
+        for c in self.person_ar.captures_iter(t) {
             if let Some(m) = c.get(1) {
-                push(m.start(), m.end(), Kind::Person);
+                let first = m.as_str().split(' ').next().unwrap_or("");
+                // "اسمي غير مهم" (my name is not important): negations and pronouns.
+                if !["غير", "ليس", "لا", "ما", "هو", "هي", "مش"].contains(&first) {
+                    push(m.start(), m.end(), Kind::Person);
+                }
             }
         }
         for c in self.person_weak.captures_iter(t) {
@@ -880,9 +1079,34 @@ fn luhn_ok(d: &[u32]) -> bool {
 }
 
 fn card_ok(s: &str) -> bool {
-    let seps: Vec<char> = s.chars().filter(|c| !c.is_ascii_digit()).collect();
-    if seps.windows(2).any(|w| w[0] != w[1]) {
+    // One kind of separator throughout (` `, `-`, `.`, ` - `), except that a line break may
+    // stand in for any of them (the number wrapped), between groups of at least four digits.
+    let mut seps: Vec<String> = Vec::new();
+    let mut groups: Vec<usize> = vec![0];
+    let mut cur = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            if !cur.is_empty() {
+                seps.push(std::mem::take(&mut cur));
+                groups.push(0);
+            }
+            *groups.last_mut().expect("one") += 1;
+        } else {
+            cur.push(c);
+        }
+    }
+    let kinds: Vec<&str> = seps
+        .iter()
+        .filter(|x| !x.contains('\n'))
+        .map(|x| if x.trim().is_empty() { " " } else { x.trim() })
+        .collect();
+    if kinds.windows(2).any(|w| w[0] != w[1]) {
         return false;
+    }
+    for (i, sep) in seps.iter().enumerate() {
+        if sep.contains('\n') && (groups[i] < 4 || groups[i + 1] < 4) {
+            return false;
+        }
     }
     let d = digits_of(s);
     if !(13..=19).contains(&d.len()) || d.iter().all(|&x| x == d[0]) || !luhn_ok(&d) {
@@ -1020,6 +1244,67 @@ fn iban_len(s: &str) -> Option<usize> {
         };
     }
     (rem == 1).then_some(end)
+}
+
+/// An IBAN cut in two: the candidate at `start..end` is its beginning (a country with a
+/// known length, fewer characters than that), and its rest is the first run of digit groups
+/// within 40 characters after it (skipping punctuation, a line break, a role prefix, a word
+/// such as "sorry:"). Returns the end of the beginning and the rest's span when the two
+/// together have the country's length and pass mod-97.
+fn iban_continued(t: &str, start: usize, end: usize) -> Option<(usize, (usize, usize))> {
+    let head = &t[start..end];
+    let cc = head.get(..2)?.to_ascii_uppercase();
+    let want = IBAN_LEN.iter().find(|(c, _)| *c == cc)?.1;
+    // The beginning: whole groups of the candidate (a last group glued to a word is not).
+    let mut compact = String::new();
+    let mut head_end = start;
+    for (i, c) in head.char_indices() {
+        if c.is_ascii_alphanumeric() {
+            compact.push(c.to_ascii_uppercase());
+            head_end = start + i + 1;
+        }
+    }
+    if compact.len() >= want || compact.len() < 6 {
+        return None;
+    }
+    // Skip to the first digit within 40 characters.
+    let after = &t[end..];
+    let skip = after
+        .char_indices()
+        .take_while(|&(i, _)| i <= 40)
+        .find(|(_, c)| c.is_ascii_digit())?
+        .0;
+    // What is skipped holds no digit-bearing token of its own and no second IBAN start.
+    let rest_start = end + skip;
+    let mut rest_end = rest_start;
+    let mut full = compact.clone();
+    let mut last_sep = false;
+    for (i, c) in t[rest_start..].char_indices() {
+        if full.len() == want {
+            break;
+        }
+        if c.is_ascii_alphanumeric() {
+            full.push(c.to_ascii_uppercase());
+            rest_end = rest_start + i + 1;
+            last_sep = false;
+        } else if (c == ' ' || c == '-' || c == '\n') && !last_sep {
+            last_sep = true;
+        } else {
+            break;
+        }
+    }
+    if full.len() != want {
+        return None;
+    }
+    // The rest ends at a group boundary, not inside a longer token.
+    if t[rest_end..]
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
+        return None;
+    }
+    iban_len(&full).map(|_| (head_end, (rest_start, rest_end)))
 }
 
 fn ssn_ok(s: &str) -> bool {
@@ -1198,8 +1483,310 @@ fn looks_like_date_or_list(s: &str) -> bool {
     if groups.len() == 2 && year(groups[0]) && groups[1].len() >= 5 && !s.starts_with(['+', '(']) {
         return true;
     }
-    // Dotted short groups are versions or decimals (phones with dots have groups of 3-4).
-    s.contains('.') && groups.iter().filter(|g| g.len() <= 2).count() >= 2
+    // Dotted short groups are versions or decimals (phones with dots have groups of 3-4),
+    // except the French way of writing a number: five pairs from a leading 0.
+    let french = groups.len() == 5 && groups.iter().all(|g| g.len() == 2) && s.starts_with('0');
+    s.contains('.') && !french && groups.iter().filter(|g| g.len() <= 2).count() >= 2
+}
+
+/// Words that follow a password's name without being one ("the password is wrong",
+/// "Passwort ist falsch", "mot de passe : obligatoire").
+const NOT_SECRETS: &[&str] = &[
+    "true",
+    "false",
+    "null",
+    "none",
+    "nil",
+    "required",
+    "incorrect",
+    "wrong",
+    "correct",
+    "invalid",
+    "expired",
+    "reset",
+    "empty",
+    "missing",
+    "must",
+    "should",
+    "will",
+    "can",
+    "cannot",
+    "the",
+    "your",
+    "not",
+    "too",
+    "very",
+    "set",
+    "changed",
+    "here",
+    "below",
+    "above",
+    "same",
+    "different",
+    "strong",
+    "weak",
+    "secure",
+    "unsafe",
+    "safe",
+    "optional",
+    "hidden",
+    "falsch",
+    "richtig",
+    "ungültig",
+    "abgelaufen",
+    "vergessen",
+    "erforderlich",
+    "nicht",
+    "obligatoire",
+    "oublié",
+    "trop",
+    "faux",
+    "incorrecto",
+    "incorrecta",
+    "obligatoria",
+    "obligatorio",
+    "olvidada",
+    "errata",
+    "sbagliata",
+    "scaduta",
+    "obbligatoria",
+    "verkeerd",
+    "verlopen",
+    "vergeten",
+    "verplicht",
+    "неверный",
+    "неправильный",
+    "forgotten",
+    "updated",
+    "protected",
+    "encrypted",
+    "hashed",
+    "stored",
+    "needed",
+    "also",
+    "still",
+    "only",
+    "just",
+];
+
+/// A value after a credential's name (`cue`, joined by `conn`) that is a credential: not a
+/// word of the sentence, not a placeholder or template (`<EMAIL_1>`, `${DB_PASS}`,
+/// `****`), and — where the sentence is prose ("the password is …") or the name is weak
+/// (`pass`, `pin`, `token`) or glued to a prefix (`PGPASSWORD`) — shaped like a secret.
+fn credential_ok(cue: &str, conn: &str, value: &str, glued: bool) -> bool {
+    let v = value.trim_end_matches(['.', '!', '?', ')', ']']);
+    if !plausible_value(v) {
+        return false;
+    }
+    let cue = cue.to_lowercase();
+    let conn = conn.trim();
+    let syntactic = [":", "=", "："].contains(&conn);
+    let shaped = v.chars().any(|c| c.is_ascii_digit())
+        || v.chars().any(|c| c.is_ascii_punctuation())
+        || v.chars().skip(1).any(|c| c.is_ascii_uppercase());
+    let weak = [
+        "pass", "pw", "pin", "clave", "parola", "token", "secret", "bearer", "암호",
+    ]
+    .contains(&cue.as_str());
+    if glued {
+        return conn == "=" && !weak && v.len() >= 4;
+    }
+    if syntactic && !weak {
+        return true;
+    }
+    if ["は", "是", "为", "為", "은", "는"].contains(&conn) {
+        return shaped || v.len() >= 6;
+    }
+    shaped && v.len() >= 4
+}
+
+/// A value after words between it and a credential's name, or right after the name with no
+/// connector: taken only when it looks like a password — letters with digits or symbols, six
+/// characters or more — which a word of prose does not.
+fn credential_loose_ok(value: &str) -> bool {
+    let v = value.trim_end_matches(['.', '!', '?', ')', ']']);
+    plausible_value(v)
+        && v.len() >= 6
+        && v.chars().any(|c| c.is_alphabetic())
+        && (v.chars().any(|c| c.is_ascii_digit()) || v.chars().any(|c| c.is_ascii_punctuation()))
+}
+
+/// Not a word of the sentence, a placeholder or a template (`<EMAIL_1>`, `${DB_PASS}`,
+/// `****`), or a link.
+fn plausible_value(v: &str) -> bool {
+    v.chars().count() >= 3
+        && !v.starts_with(['<', '$', '{', '%', '*', '#', '('])
+        && !v.chars().all(|c| c == v.chars().next().unwrap_or(' '))
+        && !NOT_SECRETS.contains(&v.to_lowercase().as_str())
+        && !v.contains("://")
+}
+
+/// A cloud secret key's shape (AWS's 40-character secret access key): base64 letters with a
+/// `/` or `+`, both cases and a digit, and no piece that reads as a path (`src/main/java`).
+fn cloud_key_like(s: &str) -> bool {
+    let (mut up, mut low, mut dig) = (0, 0, 0);
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' => up += 1,
+            b'a'..=b'z' => low += 1,
+            b'0'..=b'9' => dig += 1,
+            _ => {}
+        }
+    }
+    let seps = s.bytes().filter(|b| *b == b'/' || *b == b'+').count();
+    up >= 2
+        && low >= 2
+        && dig >= 1
+        && (1..=4).contains(&seps)
+        && !s.contains("//")
+        && s.split(['/', '+']).all(|seg| {
+            seg.len() <= 3
+                || seg
+                    .chars()
+                    .any(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+                    && seg
+                        .chars()
+                        .any(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
+}
+
+/// `1.234.567` or `12,345,678`: a quantity with thousands separators, not a phone number.
+fn thousands_grouped(s: &str) -> bool {
+    let sep = if s.contains('.') { '.' } else { ',' };
+    let mut parts = s.split(sep);
+    let first = parts.next().unwrap_or("");
+    let rest: Vec<&str> = parts.collect();
+    !rest.is_empty()
+        && (1..=3).contains(&first.len())
+        && first.bytes().all(|b| b.is_ascii_digit())
+        && rest
+            .iter()
+            .all(|p| p.len() == 3 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn is_dash(c: char) -> bool {
+    ('\u{2010}'..='\u{2014}').contains(&c)
+}
+
+const COMMON_TLDS: &[&str] = &[
+    "com", "org", "net", "edu", "gov", "io", "me", "info", "biz", "co", "ai", "app", "dev", "eu",
+    "de", "fr", "uk", "jp", "es", "it", "nl", "ru", "cn", "br", "in", "au", "ca", "ch", "at", "be",
+    "se", "no", "dk", "fi", "pl", "pt", "cz", "gr", "tr", "mx", "ar", "kr", "tw", "hk", "sg", "nz",
+    "ie", "il", "za", "ua", "ro", "hu", "sk", "us",
+];
+
+const MAIL_PROVIDERS: &[&str] = &[
+    "gmail",
+    "googlemail",
+    "yahoo",
+    "outlook",
+    "hotmail",
+    "live",
+    "msn",
+    "icloud",
+    "me",
+    "aol",
+    "proton",
+    "protonmail",
+    "gmx",
+    "web",
+    "mail",
+    "yandex",
+    "qq",
+    "163",
+    "126",
+    "naver",
+    "orange",
+    "free",
+    "laposte",
+    "libero",
+    "t-online",
+    "zoho",
+    "fastmail",
+    "tutanota",
+];
+
+const EMAIL_CUES: &[&str] = &[
+    "mail",
+    "contact",
+    "reach",
+    "write",
+    "send",
+    "écri",
+    "escrib",
+    "schreib",
+    "adresse",
+    "address",
+    "correo",
+    "courriel",
+    "indirizzo",
+    "メール",
+    "邮箱",
+    "메일",
+    "почт",
+];
+
+/// An obfuscated address (`joint` is what stands for `@`): its top-level domain is a real
+/// one, and a spelled-out `at` is taken only where an address is plausible — after a mail
+/// cue, at a known provider, or with a dotted or numbered local part — since "look at this
+/// dot com" is English, not an address.
+fn email_obfuscation_ok(t: &str, start: usize, m: &str, joint: &str) -> bool {
+    let lower = m.to_lowercase();
+    let norm: String = lower
+        .replace(|c: char| "[](){}<>".contains(c), " ")
+        .split_whitespace()
+        .map(|w| match w {
+            "dot" => ".",
+            "at" => "@",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join("");
+    let Some((local, domain)) = norm.split_once('@') else {
+        return false;
+    };
+    let labels: Vec<&str> = domain.split('.').collect();
+    let tld = labels.last().copied().unwrap_or("");
+    if local.is_empty() || labels.len() < 2 || !(2..=24).contains(&tld.chars().count()) {
+        return false;
+    }
+    if !tld.chars().all(char::is_alphabetic) {
+        return false;
+    }
+    let joint = joint.trim();
+    if joint.contains('@') || joint.starts_with(['[', '(', '{', '<']) {
+        return true;
+    }
+    // Spelled-out `at`; a template ("name at company dot com") names no one.
+    let sld = labels[labels.len() - 2];
+    if [
+        "name",
+        "user",
+        "username",
+        "yourname",
+        "you",
+        "firstname.lastname",
+        "first.last",
+    ]
+    .contains(&local)
+        && [
+            "company",
+            "domain",
+            "example",
+            "yourcompany",
+            "mydomain",
+            "email",
+            "mail",
+        ]
+        .contains(&sld)
+    {
+        return false;
+    }
+    COMMON_TLDS.contains(&tld)
+        && (MAIL_PROVIDERS.contains(&sld)
+            || local.contains(['.', '_'])
+            || local.chars().any(|c| c.is_ascii_digit())
+            || EMAIL_CUES.iter().any(|c| context(t, start, 40).contains(c)))
 }
 
 fn phone_valid(region: Option<phonenumber::country::Id>, s: &str) -> bool {

@@ -233,6 +233,23 @@ pub struct ServeArgs {
     /// Deadline of escalate=wait when a request names none. [default: 10000]
     #[arg(long)]
     pub escalate_timeout_ms: Option<u64>,
+    /// Open connections at most; more wait in the listen backlog. [default: 4096]
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request head; also the idle keep-alive limit.
+    /// [default: 10000]
+    #[arg(long)]
+    pub header_timeout_ms: Option<u64>,
+    /// Time a client has to send a request body; then 408. [default: 30000]
+    #[arg(long)]
+    pub body_timeout_ms: Option<u64>,
+    /// After SIGTERM, how long requests in progress may still take. [default: 30000]
+    #[arg(long)]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// While several requests wait, one model step takes about this long, so a small request
+    /// waits at most a step or two behind large ones. [default: 15]
+    #[arg(long)]
+    pub fair_step_ms: Option<u64>,
     /// Neighbours per vote (default: the index's).
     #[arg(long)]
     pub k: Option<usize>,

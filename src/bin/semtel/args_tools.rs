@@ -260,6 +260,20 @@ pub struct BenchServeArgs {
     /// sampled every 10 s (e.g. 600).
     #[arg(long, default_value_t = 0)]
     pub soak: u64,
+    /// Contention: slow connections (a body byte every 2 s) held open while normal one-row
+    /// requests are timed, one scenario per value (e.g. 0,100,500).
+    #[arg(long, value_delimiter = ',')]
+    pub slow_clients: Vec<usize>,
+    /// Contention: clients looping the largest allowed requests (256 conversations, 4 MiB)
+    /// while normal requests are timed (e.g. 0,3).
+    #[arg(long, value_delimiter = ',')]
+    pub heavy_clients: Vec<usize>,
+    /// Seconds of normal requests per contention scenario.
+    #[arg(long, default_value_t = 20.0)]
+    pub contention_seconds: f64,
+    /// Only the contention scenarios (no throughput levels, no batch reference).
+    #[arg(long)]
+    pub only_contention: bool,
     #[arg(long, default_value = "out/bench-serve")]
     pub work: PathBuf,
     #[arg(long)]

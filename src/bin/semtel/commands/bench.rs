@@ -396,6 +396,10 @@ pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
         soak_s: a.soak,
         global_args,
         work: a.work.clone(),
+        slow_clients: a.slow_clients.clone(),
+        heavy_clients: a.heavy_clients.clone(),
+        contention_s: a.contention_seconds,
+        only_contention: a.only_contention,
     };
     let r = semtel::bench::serve::serve_benchmark(&o, &mut |l| eprintln!("{l}"))?;
     eprintln!(
@@ -419,6 +423,23 @@ pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
         );
     }
     eprintln!("saturation: {:.2} × the batch path", r.saturation_vs_batch);
+    if !r.contention.is_empty() {
+        eprintln!("\n| slow connections | heavy clients | one-row requests | p50 ms | p99 ms | max ms | errors | heavy rows through |");
+        eprintln!("|---|---|---|---|---|---|---|---|");
+        for c in &r.contention {
+            eprintln!(
+                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                c.slow_connections,
+                c.heavy_clients,
+                c.requests,
+                c.p50_ms,
+                c.p99_ms,
+                c.max_ms,
+                c.errors,
+                c.heavy_rows
+            );
+        }
+    }
     if let Some(s) = &r.soak {
         eprintln!(
             "soak: {:.0} s, {} requests ({:.1} rows/s, {} errors); server RSS {:.1} → {:.1} MB (max {:.1}), slope over the second half {:+.2} MB/min",
@@ -471,6 +492,32 @@ pub fn redact(ctx: &Ctx, a: BenchRedactArgs) -> Result<()> {
             }
         }
         eprintln!("{line}");
+    }
+    let cats: std::collections::BTreeSet<&String> = r
+        .runs
+        .iter()
+        .flat_map(|run| run.by_category.keys())
+        .collect();
+    if !cats.is_empty() {
+        let mut head = String::from("\n| category | rows | gold |");
+        let mut rule = String::from("|---|---|---|");
+        for run in &r.runs {
+            head.push_str(&format!(" {} recall | alarms |", run.tool));
+            rule.push_str("---|---|");
+        }
+        eprintln!("{head}\n{rule}");
+        for c in cats {
+            let first = r.runs.iter().find_map(|run| run.by_category.get(c));
+            let (rows, gold) = first.map_or((0, 0), |s| (s.rows, s.gold));
+            let mut line = format!("| {c} | {rows} | {gold} |");
+            for run in &r.runs {
+                match run.by_category.get(c) {
+                    Some(s) => line.push_str(&format!(" {} | {} |", pct(s.recall), s.false_alarms)),
+                    None => line.push_str(" – | – |"),
+                }
+            }
+            eprintln!("{line}");
+        }
     }
     for run in &r.runs {
         eprintln!(

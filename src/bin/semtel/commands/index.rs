@@ -3,7 +3,7 @@
 
 use crate::args::ColumnArgs;
 use crate::options::Ctx;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use semtel::embed::Encoder;
 use semtel::index::ExemplarIndex;
 use semtel::input::{self, InputOptions};
@@ -21,15 +21,13 @@ pub fn build(
     multi_label: bool,
     center: semtel::center::CenterChoice,
 ) -> Result<()> {
-    if out.join(semtel::index::MANIFEST).exists() {
-        if overwrite {
-            std::fs::remove_dir_all(out).with_context(|| format!("removing {}", out.display()))?;
-        } else {
-            bail!(
-                "{} already holds an index; pass --overwrite to replace it or use `semtel index add`",
-                out.display()
-            );
-        }
+    // Refused before the model loads; the old index is replaced only when the new one is
+    // complete (build_index_with), so a failure never loses it.
+    if out.join(semtel::index::MANIFEST).exists() && !overwrite {
+        bail!(
+            "{} already holds an index; pass --overwrite to replace it or use `semtel index add`",
+            out.display()
+        );
     }
     let encoder = Encoder::load(&ctx.encoder_options())?;
     let opts = ctx.input_options(cols);
@@ -48,6 +46,7 @@ pub fn build(
         threshold,
         multi_label,
         center,
+        overwrite,
         &progress,
     )?;
     progress.finish();
@@ -95,7 +94,9 @@ pub fn report_skips(s: &semtel::app::index::AddSummary) {
 }
 
 pub fn add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Result<()> {
-    let mut index = ExemplarIndex::open(dir, false)?;
+    // The additions are made in a staged copy and swapped in whole (`index::update`).
+    let update = semtel::index::IndexUpdate::begin(dir)?;
+    let mut index = ExemplarIndex::open(update.dir(), false)?;
     let mut eo = ctx.encoder_options();
     if eo.model.is_none() {
         eo.model = Some(semtel::index::default_model(dir, &index.manifest.model));
@@ -121,11 +122,12 @@ pub fn add(ctx: &Ctx, dir: &Path, files: &[PathBuf], cols: &ColumnArgs) -> Resul
         semtel::calibrate::auto_calibrate(&mut index, semtel::calibrate::DEFAULT_TARGET)?;
     }
     index.save()?;
+    let (total, labels) = (index.len(), index.labels().len());
+    drop(index);
+    update.commit()?;
     eprintln!(
-        "added {added} exemplars to {}: now {} exemplars, {} labels",
+        "added {added} exemplars to {}: now {total} exemplars, {labels} labels",
         dir.display(),
-        index.len(),
-        index.labels().len()
     );
     Ok(())
 }

@@ -46,6 +46,9 @@ fn options(ctx: &Ctx, a: &ServeArgs) -> Result<(ServeOptions, ServerOptions, Str
     if let Some(v) = a.max_queue.or(c.max_queue) {
         s.max_queue = v.max(1);
     }
+    if let Some(v) = a.fair_step_ms.or(c.fair_step_ms) {
+        s.fair_step = Duration::from_millis(v.max(1));
+    }
     let mut h = ServerOptions::default();
     if let Some(v) = a.max_concurrent_requests.or(c.max_concurrent_requests) {
         h.max_concurrent_requests = v.max(1);
@@ -62,16 +65,79 @@ fn options(ctx: &Ctx, a: &ServeArgs) -> Result<(ServeOptions, ServerOptions, Str
     if let Some(v) = a.escalate_timeout_ms.or(c.escalate_timeout_ms) {
         h.escalate_timeout = Duration::from_millis(v);
     }
-    // The key only from the environment: never a flag (shell history) or a file value.
-    h.api_key = std::env::var("SEMTEL_API_KEY")
-        .ok()
-        .filter(|k| !k.is_empty());
+    if let Some(v) = a.max_connections.or(c.max_connections) {
+        h.max_connections = v.max(1);
+    }
+    if let Some(v) = a.header_timeout_ms.or(c.header_timeout_ms) {
+        h.header_timeout = Duration::from_millis(v.max(1));
+    }
+    if let Some(v) = a.body_timeout_ms.or(c.body_timeout_ms) {
+        h.body_timeout = Duration::from_millis(v.max(1));
+    }
+    if let Some(v) = a.shutdown_timeout_ms.or(c.shutdown_timeout_ms) {
+        h.shutdown_timeout = Duration::from_millis(v);
+    }
+    h.max_connections = h.max_connections.min(connection_capacity());
+    h.api_key = api_key()?;
     let addr = a
         .addr
         .clone()
         .or(c.addr.clone())
         .unwrap_or_else(|| "127.0.0.1:8080".to_string());
     Ok((s, h, addr))
+}
+
+/// The key, only from the environment (never a flag: shell history; never a file value). Set
+/// but empty is refused (it would silently serve an open API); whitespace around it (a
+/// newline from `$(cat key.txt)`, say) is trimmed with a warning, since no client sends it.
+fn api_key() -> Result<Option<String>> {
+    let Ok(raw) = std::env::var("SEMTEL_API_KEY") else {
+        return Ok(None);
+    };
+    let key = raw.trim();
+    if key.is_empty() {
+        anyhow::bail!(
+            "SEMTEL_API_KEY is set but empty: set it to the key clients must send, or unset it to serve without one"
+        );
+    }
+    if key.len() != raw.len() {
+        eprintln!(
+            "semtel serve: warning: SEMTEL_API_KEY had whitespace around it (a trailing newline?); it was trimmed"
+        );
+    }
+    Ok(Some(key.to_string()))
+}
+
+/// Connections this process can hold: the open-file limit is raised to its hard limit, and a
+/// quarter is kept for the model, index, logs and the LLM's connections.
+fn connection_capacity() -> usize {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                if lim.rlim_cur < lim.rlim_max {
+                    let raised = libc::rlimit {
+                        rlim_cur: lim.rlim_max,
+                        rlim_max: lim.rlim_max,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                        lim.rlim_cur = lim.rlim_max;
+                    }
+                }
+                return (lim.rlim_cur as usize).saturating_mul(3) / 4;
+            }
+        }
+        usize::MAX
+    }
+    #[cfg(not(unix))]
+    {
+        usize::MAX
+    }
 }
 
 pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<()> {
