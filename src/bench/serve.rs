@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 pub struct ServeBenchOptions {
     /// The `semtel` binary (the server and the batch reference are run as it).
     pub exe: PathBuf,
+    /// Another `semtel` binary to serve instead (an earlier build, to compare against).
+    pub server_exe: Option<PathBuf>,
     pub index: PathBuf,
     /// Rows to send (JSONL or Parquet; their text or turns, flattened).
     pub input: PathBuf,
@@ -667,7 +669,7 @@ struct Server {
 
 impl Server {
     fn start(o: &ServeBenchOptions) -> Result<Server> {
-        let mut child = Command::new(&o.exe)
+        let mut child = Command::new(o.server_exe.as_ref().unwrap_or(&o.exe))
             .args(&o.global_args)
             .args(["serve", "--addr", "127.0.0.1:0", "--index"])
             .arg(&o.index)

@@ -8,7 +8,7 @@
 //! time. So a one-row request that arrives while a large one runs waits at most about one step,
 //! and large requests share the model between them. Small requests not yet served are taken
 //! whole beyond the budget (many clients with one conversation each still batch together),
-//! and the oldest request moves in every step (nothing starves). A request that has had the
+//! and the oldest request moves at least once every few steps (nothing starves). A request that has had the
 //! model to itself for a second gets larger steps (`alone`, faster per row); the first
 //! newcomer after such a quiet spell waits for one of them, and the steps shrink.
 //!
@@ -31,6 +31,8 @@ struct Entry<P> {
     kind: Kind,
     rows: VecDeque<(Row, usize)>,
     served: usize,
+    /// The step that last ran rows of this request.
+    moved: u64,
     /// Handed over with the entry's last rows.
     payload: Option<P>,
 }
@@ -42,6 +44,8 @@ struct State<P> {
     next_id: u64,
     /// When two requests last waited at once.
     contended: Option<Instant>,
+    /// Steps formed so far.
+    steps: u64,
 }
 
 /// The queue; shared between the request side and the compute thread.
@@ -113,6 +117,7 @@ impl<P> Queue<P> {
                 closed: false,
                 next_id: 0,
                 contended: None,
+                steps: 0,
             }),
             wake: Condvar::new(),
             capacity: capacity.max(1),
@@ -197,6 +202,8 @@ impl<P> Queue<P> {
             }
         }
         let waiting = st.entries.len();
+        st.steps += 1;
+        let step_no = st.steps;
         let oldest = st.entries.iter().map(|e| e.id).min();
         // Least attained service first; ties by arrival.
         st.entries.sort_by_key(|e| (e.served, e.id));
@@ -213,6 +220,7 @@ impl<P> Queue<P> {
                 let (r, t) = e.rows.pop_front().expect("checked");
                 *tokens += t;
                 e.served += t;
+                e.moved = step_no;
                 rows.push(r);
             }
             rows
@@ -239,10 +247,16 @@ impl<P> Queue<P> {
                 last,
             });
         }
-        // The oldest request moves every step, however many newer ones are served first.
+        // The oldest request moves at least once in as many steps as requests wait, however
+        // many newer ones are served first (more often would add one of its rows to each
+        // small request's step).
         if let Some(old) = oldest {
             if !parts.iter().any(|p| p.id == old) {
-                if let Some(e) = st.entries.iter_mut().find(|e| e.id == old) {
+                if let Some(e) = st
+                    .entries
+                    .iter_mut()
+                    .find(|e| e.id == old && e.moved + waiting as u64 + 1 <= step_no)
+                {
                     let mut none = 0;
                     let rows = take(e, &mut none, false);
                     tokens += none;
@@ -286,11 +300,13 @@ impl<P> Ticket<P> {
         st.reserved -= 1;
         let id = st.next_id;
         st.next_id += 1;
+        let now = st.steps;
         st.entries.push(Entry {
             id,
             kind,
             rows: rows.into(),
             served: 0,
+            moved: now,
             payload: Some(payload),
         });
         drop(st);
@@ -409,8 +425,8 @@ mod tests {
     #[test]
     fn small_requests_batch_together_and_close_drains() {
         let q: Arc<Queue<u8>> = Queue::new(64);
-        // A large request and 40 one-row ones: the small ones go whole, in one step, with
-        // one row of the large one (the oldest always moves).
+        // A large request and 40 one-row ones, all unserved: the large one (first to arrive)
+        // gets a row, the small ones go whole, all in one step.
         let rows = (0..100).map(|i| (row(i), 60)).collect();
         q.reserve().unwrap().submit(Kind::Embed, rows, 0);
         for k in 1..=40 {

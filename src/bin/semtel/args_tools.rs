@@ -274,6 +274,10 @@ pub struct BenchServeArgs {
     /// Only the contention scenarios (no throughput levels, no batch reference).
     #[arg(long)]
     pub only_contention: bool,
+    /// Serve with this `semtel` binary instead (an earlier build: the reference to compare
+    /// against, same load, same machine).
+    #[arg(long)]
+    pub server_exe: Option<PathBuf>,
     #[arg(long, default_value = "out/bench-serve")]
     pub work: PathBuf,
     #[arg(long)]

@@ -385,6 +385,7 @@ pub fn serve(ctx: &Ctx, a: BenchServeArgs) -> Result<()> {
     };
     let o = semtel::bench::serve::ServeBenchOptions {
         exe: std::env::current_exe()?,
+        server_exe: a.server_exe.clone(),
         index: a.index.clone(),
         input,
         split,
