@@ -255,7 +255,7 @@ impl<P> Queue<P> {
                 if let Some(e) = st
                     .entries
                     .iter_mut()
-                    .find(|e| e.id == old && e.moved + waiting as u64 + 1 <= step_no)
+                    .find(|e| e.id == old && e.moved + (waiting as u64) < step_no)
                 {
                     let mut none = 0;
                     let rows = take(e, &mut none, false);
