@@ -55,6 +55,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         llm_overrides: Default::default(),
         grow_min_confidence: None,
         retry_escalated: false,
+        guards: true,
+        segment_col: None,
     })?;
     let report = job.run(&Progress::hidden())?;
     let s = &report.summary;

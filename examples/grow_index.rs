@@ -79,6 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         llm_overrides: Default::default(),
         grow_min_confidence: Some(0.0),
         retry_escalated: false,
+        guards: true,
+        segment_col: None,
     })?
     .run(&Progress::hidden())?;
     let after = ExemplarIndex::open(&work.join("index"), true)?.len();

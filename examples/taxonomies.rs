@@ -69,6 +69,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         llm_overrides: Default::default(),
         grow_min_confidence: None,
         retry_escalated: false,
+        guards: true,
+        segment_col: None,
     })?
     .run(&Progress::hidden())?;
     println!("{} rows → {}", report.summary.rows_written, out.display());

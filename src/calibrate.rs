@@ -150,6 +150,124 @@ pub fn leave_one_out_multi(index: &ExemplarIndex, k: usize) -> Result<Vec<Scored
         .collect())
 }
 
+/// Neighbours searched per exemplar when fitting novelty: enough to find the nearest
+/// same-label exemplar, and a vote among the seen labels when some are hidden.
+const NOVELTY_PROBE: usize = 64;
+
+/// Rates the leave-labels-out check reports, for choosing one.
+pub const NOVELTY_CHECK_RATES: [f64; 6] = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2];
+
+/// Fits the novelty rule (`crate::novelty`) on the index's exemplars: each one's leave-one-out
+/// distance to its nearest same-label exemplar (a seeded sample of large indexes). With
+/// `check`, also a leave-labels-out test of how it separates labels the index has never seen
+/// (five folds, each hiding a fifth of the labels: their exemplars are scored as new traffic
+/// against the rest).
+pub fn fit_novelty(
+    index: &ExemplarIndex,
+    rate: f64,
+    check: bool,
+) -> Result<crate::novelty::NoveltyConfig> {
+    let keys = calibration_sample(index.len(), 13);
+    let vectors = index.vectors_of(&keys)?;
+    let k = index.manifest.decision.k.max(1);
+    let probe = NOVELTY_PROBE.max(k + 1).min(index.len());
+    let hits = index.search_batch(&vectors, probe)?;
+    let label_of = index.label_indices();
+    let labels = index.labels();
+    let loo: Vec<(u32, f32)> = hits
+        .iter()
+        .zip(&keys)
+        .map(|(nb, &key)| {
+            let l = label_of[key];
+            // None within reach: the farthest reached is a (close) lower bound.
+            let far = nb.last().map(|x| x.1).unwrap_or(0.0);
+            let sim = nb
+                .iter()
+                .filter(|&&(kk, _)| kk != key as u64)
+                .find(|&&(kk, _)| label_of[kk as usize] == l)
+                .map(|x| x.1)
+                .unwrap_or(far);
+            (l, 1.0 - sim)
+        })
+        .collect();
+    let mut cfg = crate::novelty::fit(labels, &loo, rate);
+    if check {
+        cfg.check = novelty_check(labels, label_of, &keys, &hits, &loo, rate, k);
+    }
+    Ok(cfg)
+}
+
+/// The leave-labels-out check of [`fit_novelty`]; `None` with fewer than five labels.
+fn novelty_check(
+    labels: &[String],
+    label_of: &[u32],
+    keys: &[usize],
+    hits: &[Vec<(u64, f32)>],
+    loo: &[(u32, f32)],
+    rate: f64,
+    k: usize,
+) -> Option<crate::novelty::NoveltyCheck> {
+    const FOLDS: usize = 5;
+    let n_labels = labels.len();
+    if n_labels < FOLDS {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..n_labels).collect();
+    fastrand::Rng::with_seed(17).shuffle(&mut order);
+    let mut fold_of = vec![0usize; n_labels];
+    for (i, &l) in order.iter().enumerate() {
+        fold_of[l] = i % FOLDS;
+    }
+    let (mut seen, mut hidden) = (Vec::new(), Vec::new());
+    let mut scratch = vec![0f32; n_labels];
+    for fold in 0..FOLDS {
+        let kept: Vec<(u32, f32)> = loo
+            .iter()
+            .copied()
+            .filter(|x| fold_of[x.0 as usize] != fold)
+            .collect();
+        let nov = crate::novelty::Novelty::new(&crate::novelty::fit(labels, &kept, rate), labels);
+        for (nb, &key) in hits.iter().zip(keys) {
+            let others: Vec<(u64, f32)> = nb
+                .iter()
+                .copied()
+                .filter(|&(kk, _)| {
+                    kk != key as u64 && fold_of[label_of[kk as usize] as usize] != fold
+                })
+                .take(k)
+                .collect();
+            let Some(l) = vote(&others, label_of, &mut scratch).label else {
+                continue;
+            };
+            let sim = others
+                .iter()
+                .filter(|&&(kk, _)| label_of[kk as usize] == l)
+                .map(|x| x.1)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let score = nov.score(l, sim.max(-1.0));
+            if fold_of[label_of[key] as usize] == fold {
+                hidden.push(score);
+            } else {
+                seen.push(score);
+            }
+        }
+    }
+    let share = |v: &[f32], cut: f64| {
+        v.iter().filter(|&&x| x as f64 > cut).count() as f64 / v.len().max(1) as f64
+    };
+    Some(crate::novelty::NoveltyCheck {
+        folds: FOLDS,
+        hidden_share: 1.0 / FOLDS as f64,
+        auroc: crate::novelty::auroc(&seen, &hidden),
+        seen_flagged: share(&seen, 1.0 - rate),
+        hidden_flagged: share(&hidden, 1.0 - rate),
+        by_rate: NOVELTY_CHECK_RATES
+            .iter()
+            .map(|&r| (r, share(&seen, 1.0 - r), share(&hidden, 1.0 - r)))
+            .collect(),
+    })
+}
+
 /// [`auto_calibrate`] for multi-label indexes (exact-set accuracy).
 pub fn auto_calibrate_multi(index: &mut ExemplarIndex, target: f64) -> Result<()> {
     let k = index.manifest.decision.k;
@@ -199,6 +317,16 @@ pub fn auto_calibrate(index: &mut ExemplarIndex, target: f64) -> Result<()> {
         expected_coverage: t.coverage,
         rows: scored.len(),
     }));
+    // Novelty at the rate the index had (a user's choice survives `index add`), else the
+    // default; rate 0 keeps it off (and says so in the manifest).
+    let rate = index
+        .manifest
+        .decision
+        .novelty
+        .as_ref()
+        .map(|n| n.rate)
+        .unwrap_or(crate::novelty::DEFAULT_RATE);
+    index.manifest.decision.novelty = Some(fit_novelty(index, rate, false)?);
     Ok(())
 }
 
@@ -224,6 +352,9 @@ pub struct CalibrateOptions {
     pub per_label: bool,
     /// Pseudo-count pulling a label's calibration curve towards the global one.
     pub shrink: f64,
+    /// Share of in-distribution rows escalated as novel (`crate::novelty`); `None`: the
+    /// index's current rate, else the default; 0: off.
+    pub novelty_rate: Option<f64>,
 }
 
 impl Default for CalibrateOptions {
@@ -238,6 +369,7 @@ impl Default for CalibrateOptions {
             head: HeadOptions::default(),
             per_label: true,
             shrink: 50.0,
+            novelty_rate: None,
         }
     }
 }

@@ -158,6 +158,9 @@ pub struct DecisionConfig {
     /// probabilities at which its in/out verdicts are kept.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub label_rules: BTreeMap<String, crate::multilabel::LabelRule>,
+    /// The novelty rule (`crate::novelty`), fitted on the exemplars by calibration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub novelty: Option<crate::novelty::NoveltyConfig>,
 }
 
 /// The confidence signal an index's thresholds apply to: one of the single-label signals, or
@@ -254,6 +257,15 @@ pub struct MultiCalibrationReport {
 }
 
 impl Calibration {
+    /// The kept accuracy the calibration promises (its target), when it had one.
+    pub fn promised_accuracy(&self) -> Option<f64> {
+        match self {
+            Calibration::Calibrated(r) => r.target_kept_accuracy,
+            Calibration::LeaveOneOut(l) => Some(l.target_kept_accuracy),
+            Calibration::Multi(r) => Some(r.target_precision),
+        }
+    }
+
     /// True for the automatic single-label leave-one-out calibration, which `index add`
     /// redoes after adding exemplars (a `semtel calibrate` result is kept as it is).
     pub fn is_automatic_single_label(&self) -> bool {
@@ -287,7 +299,7 @@ pub struct SignalReport {
     pub coverage_at_target: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
 pub struct Interval {
     pub value: f64,
     pub lo: f64,
@@ -321,6 +333,7 @@ impl Default for DecisionConfig {
             signal: DecisionSignal::default(),
             calibration: None,
             label_rules: BTreeMap::new(),
+            novelty: None,
         }
     }
 }

@@ -100,6 +100,9 @@ pub const RESERVED: &[&str] = &[
     "lang",
     "escalate_reason",
     "redacted",
+    "novelty",
+    "audit",
+    "audit_label",
 ];
 
 impl OutputSpec {
@@ -157,6 +160,11 @@ pub fn schema(spec: &OutputSpec) -> SchemaRef {
         Field::new("escalate_reason", DataType::Utf8, true),
         // Entities redacted before the text left, by type, as a JSON object (`{"EMAIL": 2}`).
         Field::new("redacted", DataType::Utf8, true),
+        // 0–1: the share of the voted label's exemplars nearer to it (`crate::novelty`).
+        Field::new("novelty", DataType::Float32, true),
+        // Audited kept rows (`--audit-rate`): agree / disagree / missing, and the LLM's label.
+        Field::new("audit", DataType::Utf8, true),
+        Field::new("audit_label", DataType::Utf8, true),
     ];
     for (name, multi) in &spec.taxonomies {
         if *multi {
@@ -212,7 +220,13 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
     let mut lang = StringBuilder::new();
     let mut reason = StringBuilder::new();
     let mut redacted = StringBuilder::new();
+    let mut novelty = Float32Builder::with_capacity(n);
+    let mut audit = StringBuilder::new();
+    let mut audit_label = StringBuilder::new();
     for r in rows {
+        novelty.append_option(r.novelty);
+        audit.append_option(r.audit.as_ref().map(|a| a.verdict(r.label.as_deref())));
+        audit_label.append_option(r.audit.as_ref().and_then(|a| a.label.as_deref()));
         lang.append_option(r.lang.as_deref());
         reason.append_option(r.escalate_reason.map(|e| e.as_str()));
         redacted.append_option(
@@ -260,6 +274,9 @@ pub fn to_record_batch(rows: &[OutputRow], spec: &OutputSpec) -> Result<RecordBa
         Arc::new(lang.finish()),
         Arc::new(reason.finish()),
         Arc::new(redacted.finish()),
+        Arc::new(novelty.finish()),
+        Arc::new(audit.finish()),
+        Arc::new(audit_label.finish()),
     ];
     for (j, (_, multi)) in spec.taxonomies.iter().enumerate() {
         fn get(r: &OutputRow, j: usize) -> Option<&TaxOut> {
@@ -371,6 +388,11 @@ pub fn to_json(r: &OutputRow, spec: &OutputSpec) -> Value {
         json!(r.escalate_reason.map(|e| e.as_str())),
     );
     m.insert("redacted".into(), json!(r.redacted.as_ref().map(|c| &c.0)));
+    m.insert("novelty".into(), json!(r.novelty));
+    if let Some(a) = &r.audit {
+        m.insert("audit".into(), json!(a.verdict(r.label.as_deref())));
+        m.insert("audit_label".into(), json!(a.label));
+    }
     if let Some(l) = &r.llm {
         m.insert("llm_model".into(), json!(l.model));
         m.insert("llm_tokens_in".into(), json!(l.tokens_in));
@@ -933,7 +955,7 @@ pub fn read_stored_rows(path: &Path) -> Result<std::collections::HashMap<String,
     Ok(m)
 }
 
-fn read_output_batches(path: &Path) -> Result<Vec<RecordBatch>> {
+pub fn read_output_batches(path: &Path) -> Result<Vec<RecordBatch>> {
     let files: Vec<std::path::PathBuf> = if path.is_dir() {
         let mut v: Vec<_> = std::fs::read_dir(path)
             .map_err(|e| Error::io(path, e))?

@@ -27,8 +27,12 @@ pub struct Classified {
     pub out: OutputRow,
     /// Present for escalated rows only.
     pub content: Option<Content>,
-    /// Embedding of the row (present for escalated rows only; the exemplar index can grow from it).
+    /// Embedding of the row (present for escalated and audited rows only; the exemplar index
+    /// can grow from it).
     pub vector: Option<Vec<f32>>,
+    /// A kept row chosen for audit (`--audit-rate`): it goes to the LLM tier too, blind, and
+    /// keeps its kNN label; the LLM's answer lands in `out.audit`.
+    pub audit: bool,
     /// The kNN vote and head scores (absent for error rows).
     pub scores: Option<Scores>,
     /// (label, text) of the nearest exemplars, for escalated rows (few-shot prompts).
@@ -250,6 +254,40 @@ pub struct Classifier {
     pub redact_input: Option<std::sync::Arc<crate::pii::Redactor>>,
     /// The index's per-language centring (queries are moved into it before the search).
     pub space: Option<crate::center::QuerySpace>,
+    /// The index's novelty rule (`crate::novelty`): kept rows past it escalate as `novel`.
+    pub novelty: Option<crate::novelty::Novelty>,
+    /// Share of kept rows also asked of the LLM, blind, and the seed that picks them (by id,
+    /// so a resumed run audits the same rows).
+    pub audit: Option<AuditPlan>,
+    /// Guards on segments whose audited agreement fell (`crate::guard`), shared with whatever
+    /// feeds them evidence.
+    pub guards: Option<std::sync::Arc<crate::guard::Guards>>,
+    /// Position among the pass-through columns of the column audits are also reported by
+    /// (`--segment-col`: an input source, a partition, a market).
+    pub audit_segment: Option<usize>,
+}
+
+/// Which kept rows are audited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuditPlan {
+    pub rate: f64,
+    pub seed: u64,
+    /// The LLM's accuracy when known (`--audit-llm-accuracy`): corrects the estimate and the
+    /// guards' bar. `None`: taken as 1.0, and reports say so.
+    pub llm_accuracy: Option<f64>,
+}
+
+impl AuditPlan {
+    /// Whether the row with this id is audited (a hash of the id and the seed: the same rows
+    /// in every run with the same seed, and a `rate` share of them).
+    pub fn picks(&self, id: &str) -> bool {
+        if self.rate <= 0.0 {
+            return false;
+        }
+        let h = crate::hash::group_key(id) ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        ((h >> 11) as f64 / (1u64 << 53) as f64) < self.rate
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -260,6 +298,10 @@ pub struct ClassifierOptions {
     pub signal: Option<Signal>,
     /// Open the index for adding exemplars (otherwise additions are refused).
     pub writable: bool,
+    /// `--audit-rate`/`--audit-seed`: kept rows also asked of the LLM.
+    pub audit: Option<AuditPlan>,
+    /// `--novelty off`: no novelty rule even when the index has one.
+    pub no_novelty: bool,
 }
 
 impl Classifier {
@@ -339,6 +381,10 @@ impl Classifier {
                 }
             }
         }
+        let novelty = match (&d.novelty, opts.no_novelty) {
+            (Some(cfg), false) => Some(crate::novelty::Novelty::new(cfg, index.labels())),
+            _ => None,
+        };
         Ok(Classifier {
             encoder,
             space: index.query_space(),
@@ -350,6 +396,10 @@ impl Classifier {
             growth: None,
             extra: Vec::new(),
             redact_input: None,
+            novelty,
+            audit: opts.audit,
+            guards: None,
+            audit_segment: None,
         })
     }
 
@@ -414,6 +464,7 @@ impl Classifier {
                         vector: None,
                         scores: None,
                         examples: Vec::new(),
+                        audit: false,
                     });
                 }
             }
@@ -498,6 +549,7 @@ impl Classifier {
                         vector: None,
                         scores: None,
                         examples: Vec::new(),
+                        audit: false,
                     });
                     continue;
                 }
@@ -556,14 +608,42 @@ impl Classifier {
             let knn_label = d.scores.vote.label.map(|l| labels[l as usize].clone());
             let (scores, label, conf, keep) = (d.scores, d.label, d.confidence, d.keep);
             let foreign = lang.is_some_and(|l| crate::lang::outside(languages, &l));
+            // Novelty: the nearest exemplar of the voted label, ranked among that label's own.
+            let novelty = match (&self.novelty, scores.vote.label) {
+                (Some(n), Some(l)) => {
+                    let sim = labeled
+                        .iter()
+                        .filter(|x| x.0 == l)
+                        .map(|x| x.1)
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    Some(n.score(l, sim.max(-1.0)))
+                }
+                _ => None,
+            };
+            let novel =
+                novelty.is_some_and(|s| self.novelty.as_ref().is_some_and(|n| n.is_novel(s)));
+            let lang_code = lang.map(|l| l.code);
+            let label_name = label.map(|l| labels[l as usize].as_str());
+            let guarded = keep
+                && !foreign
+                && !novel
+                && self.guards.as_ref().is_some_and(|g| {
+                    g.blocks(label_name, lang_code).is_some()
+                        || g.language_threshold(lang_code).is_some_and(|t| conf < t)
+                });
             let escalate_reason = if foreign {
                 Some(EscalateReason::Language)
             } else if !keep {
                 Some(EscalateReason::Confidence)
+            } else if novel {
+                Some(EscalateReason::Novel)
+            } else if guarded {
+                Some(EscalateReason::Guard)
             } else {
                 None
             };
-            let keep = keep && !foreign;
+            let keep = keep && !foreign && !novel && !guarded;
+            let audit = keep && self.audit.is_some_and(|a| a.picks(&row.id));
             let neighbors = nb
                 .iter()
                 .take(self.report_neighbors)
@@ -577,7 +657,8 @@ impl Classifier {
                 })
                 .collect();
             let escalate = !keep;
-            let examples = if escalate {
+            let to_llm = escalate || audit;
+            let examples = if to_llm {
                 nb.iter()
                     .take(EXAMPLES_PER_ROW)
                     .map(|&(key, _)| {
@@ -621,11 +702,14 @@ impl Classifier {
                     lang: lang.map(|l| l.code.to_string()),
                     escalate_reason,
                     redacted: None,
+                    novelty,
+                    audit: None,
                 },
-                content: if escalate { row.content.ok() } else { None },
-                vector: if escalate { Some(vector) } else { None },
+                content: if to_llm { row.content.ok() } else { None },
+                vector: if to_llm { Some(vector) } else { None },
                 scores: Some(scores),
                 examples,
+                audit,
             });
         }
         Ok(out)
@@ -680,6 +764,16 @@ pub struct RunSummary {
     pub escalated_language: u64,
     /// Personal data replaced before anything left (or before embedding), by type.
     pub redacted: crate::pii::Counts,
+    /// Rows kNN would have kept that were escalated as novel (`crate::novelty`).
+    pub escalated_novel: u64,
+    /// Rows kNN would have kept that a tripped guard escalated (`crate::guard`).
+    pub escalated_guard: u64,
+    /// `--audit-rate`: the realised kept-accuracy, estimated from the audited rows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::guard::AuditReport>,
+    /// The guards' state at the end of the run (with `--audit-rate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guards: Option<crate::guard::GuardReport>,
 }
 
 /// What happens to escalated rows. The default keeps them as `escalate` in the output; the LLM
@@ -765,14 +859,74 @@ pub fn run(
             u64,
             crate::pii::Counts,
         );
-        let writer_h = s.spawn(move || -> Result<(Box<dyn RowSink>, [u64; 4], Langs)> {
-            let mut counts = [0u64; 4];
+        let guards = classifier.guards.clone();
+        let audit_segment = classifier.audit_segment;
+        let mut tally = classifier
+            .audit
+            .map(|a| crate::guard::AuditTally::new(a.llm_accuracy));
+        // The sink, counts (kept, escalated, LLM, error; escalated as novel, by a guard), the
+        // languages and the audit tally.
+        type Written = (
+            Box<dyn RowSink>,
+            [u64; 6],
+            Langs,
+            Option<crate::guard::AuditTally>,
+        );
+        let writer_h = s.spawn(move || -> Result<Written> {
+            let mut counts = [0u64; 6];
             let mut langs: Langs = Default::default();
             let mut last = Instant::now();
+            let mut row_no = 0u64;
             loop {
                 match out_rx.recv_timeout(Duration::from_secs(1)) {
                     Ok(rows) => {
+                        if let Some(g) = &guards {
+                            g.tick(rows.len() as u64);
+                        }
                         for r in &rows {
+                            row_no += 1;
+                            match r.escalate_reason {
+                                Some(EscalateReason::Novel) => counts[4] += 1,
+                                Some(EscalateReason::Guard) => counts[5] += 1,
+                                _ => {}
+                            }
+                            if let (Some(a), Some(t)) = (&r.audit, tally.as_mut()) {
+                                let seg = audit_segment.and_then(|i| r.passthrough.get(i)).map(
+                                    |v| match v {
+                                        serde_json::Value::String(s) => s.clone(),
+                                        v => v.to_string(),
+                                    },
+                                );
+                                t.add(
+                                    r.label.as_deref(),
+                                    a.label.as_deref(),
+                                    r.lang.as_deref(),
+                                    row_no - 1,
+                                    seg.as_deref(),
+                                );
+                            }
+                            if let Some(g) = &guards {
+                                // Evidence: audited kept rows, and rows a guard escalated
+                                // (what kNN would have kept, against the LLM's answer).
+                                if let Some(Some(l)) = r.audit.as_ref().map(|a| a.label.as_deref())
+                                {
+                                    g.observe(
+                                        r.label.as_deref(),
+                                        r.lang.as_deref(),
+                                        r.confidence,
+                                        r.label.as_deref() == Some(l),
+                                    );
+                                } else if r.escalate_reason == Some(EscalateReason::Guard)
+                                    && r.decided_by == DecidedBy::Llm
+                                {
+                                    g.observe(
+                                        r.knn_label.as_deref(),
+                                        r.lang.as_deref(),
+                                        r.confidence,
+                                        r.knn_label == r.label,
+                                    );
+                                }
+                            }
                             counts[match r.decided_by {
                                 DecidedBy::Knn => 0,
                                 DecidedBy::Escalate => 1,
@@ -800,7 +954,7 @@ pub fn run(
                     last = Instant::now();
                 }
             }
-            Ok((writer, counts, langs))
+            Ok((writer, counts, langs, tally))
         });
         // Compute on this thread: render → embed → search → decide → escalate.
         let mut by_chunk = Vec::new();
@@ -811,7 +965,7 @@ pub fn run(
                 internal_errors += panics;
                 let (esc, decided): (Vec<Classified>, Vec<Classified>) = classified
                     .into_iter()
-                    .partition(|c| c.out.decided_by == DecidedBy::Escalate);
+                    .partition(|c| c.out.decided_by == DecidedBy::Escalate || c.audit);
                 let n = esc.len() + decided.len();
                 by_chunk.push(esc.len() as f64 / n.max(1) as f64);
                 if !decided.is_empty() {
@@ -848,7 +1002,11 @@ pub fn run(
             }
             other => other?,
         }
-        let (writer, counts, (languages, escalated_language, redacted)) = write_res?;
+        let (writer, counts, (languages, escalated_language, redacted), tally) = write_res?;
+        summary.escalated_novel = counts[4];
+        summary.escalated_guard = counts[5];
+        summary.audit = tally.as_ref().map(|t| t.report());
+        summary.guards = classifier.guards.as_ref().map(|g| g.snapshot());
         summary.redacted = redacted;
         summary.languages = languages;
         summary.escalated_language = escalated_language;

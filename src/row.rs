@@ -78,6 +78,29 @@ pub struct OutputRow {
     /// when configured): entities by type, never the values. `None` when nothing was redacted
     /// or the text never left.
     pub redacted: Option<crate::pii::Counts>,
+    /// How far the row is from what the index knows of its voted label (`crate::novelty`):
+    /// 0–1, the share of that label's exemplars nearer to it; `None` without a novelty rule.
+    pub novelty: Option<f32>,
+    /// A kept row that was also asked of the LLM (`--audit-rate`): its answer.
+    pub audit: Option<Audit>,
+}
+
+/// The LLM's blind answer for an audited row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Audit {
+    /// `None` when the LLM could not answer (the audit is missing, the row is kept as it was).
+    pub label: Option<String>,
+}
+
+impl Audit {
+    /// `agree`, `disagree` or `missing` (against the row's own label).
+    pub fn verdict(&self, kept: Option<&str>) -> &'static str {
+        match (&self.label, kept) {
+            (None, _) => "missing",
+            (Some(a), Some(k)) if a == k => "agree",
+            _ => "disagree",
+        }
+    }
 }
 
 /// Why a row was escalated.
@@ -88,6 +111,11 @@ pub enum EscalateReason {
     Confidence,
     /// The index's encoder does not cover the row's language.
     Language,
+    /// The row is far from every exemplar of its voted label (`crate::novelty`).
+    Novel,
+    /// A guard holds the row's segment (label or language): its audited agreement with the
+    /// LLM fell below the promise (`crate::guard`).
+    Guard,
 }
 
 impl EscalateReason {
@@ -95,6 +123,8 @@ impl EscalateReason {
         match self {
             EscalateReason::Confidence => "confidence",
             EscalateReason::Language => "language",
+            EscalateReason::Novel => "novel",
+            EscalateReason::Guard => "guard",
         }
     }
 }
@@ -117,6 +147,8 @@ impl OutputRow {
             lang: None,
             escalate_reason: None,
             redacted: None,
+            novelty: None,
+            audit: None,
         }
     }
 }

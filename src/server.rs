@@ -1013,6 +1013,39 @@ fn render_metrics(st: &AppState) -> String {
             let _ = writeln!(s, "semtel_redacted_entities_total{{type=\"{k}\"}} {v}");
         }
     }
+    let _ = writeln!(
+        s,
+        "# HELP semtel_audit_rows_total Kept rows also asked of the LLM (--audit-rate), by its verdict.\n# TYPE semtel_audit_rows_total counter"
+    );
+    for (i, v) in ["agree", "disagree", "missing"].iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "semtel_audit_rows_total{{verdict=\"{v}\"}} {}",
+            c.audit[i].load(Relaxed)
+        );
+    }
+    if let Some(g) = svc.guards() {
+        let r = g.snapshot();
+        let _ = writeln!(
+            s,
+            "# HELP semtel_guard_tripped Segments (label or language) whose audited agreement with the LLM fell below the promise: 1 while their rows are escalated.\n# TYPE semtel_guard_tripped gauge"
+        );
+        for (name, seg) in &r.segments {
+            let _ = writeln!(
+                s,
+                "semtel_guard_tripped{{segment=\"{}\"}} {}",
+                name.replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', " "),
+                u8::from(seg.tripped)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP semtel_guard_trips_total Guard trips since start.\n# TYPE semtel_guard_trips_total counter\nsemtel_guard_trips_total {}",
+            r.trips
+        );
+    }
     s
 }
 

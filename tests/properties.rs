@@ -236,9 +236,11 @@ proptest! {
         prop_assert!(est.is_finite());
         let all: String = req.messages.iter().map(|m| m.content.as_str()).collect();
         // Exactly the template's tags: the same count as for harmless texts.
+        // Benign examples equal exactly when the originals are (the builder drops
+        // repeated examples), so only forged structure can change the counts.
         let benign: Vec<PromptItem> = items.iter().map(|it| PromptItem {
             text: "x".into(),
-            examples: vec![("alpha".into(), format!("y{}", it.text.len()))],
+            examples: vec![("alpha".into(), format!("y{}", texts.iter().position(|t| *t == it.text).unwrap_or(0)))],
             ..it.clone()
         }).collect();
         let brefs: Vec<&PromptItem> = benign.iter().collect();

@@ -70,8 +70,15 @@ def classify(
     threshold: Optional[float] = None,
     llm_config: Optional[str] = None,
     llm_share: Optional[float] = None,
+    audit_rate: Optional[float] = None,
+    audit_seed: int = 0,
 ):
     """Returns a DataFrame with one labelled row per input row (see semtel's output columns).
+
+    `audit_rate` (with `llm_config`): that share of kept rows also goes to the LLM, blind; the
+    `audit` (agree / disagree / missing) and `audit_label` columns carry its answers, so the
+    realised kept-accuracy is ``mean(audit == "agree")`` over rows with an answer, per any
+    segment (label, language, partition).
 
     `threads`: worker threads per Python worker (default: ``spark.task.cpus``, so executors do
     not oversubscribe their cores). A missing `id_col` is filled with
@@ -97,6 +104,8 @@ def classify(
         threads=threads,
         threshold=threshold,
         llm_config=llm_config,
+        audit_rate=audit_rate,
+        audit_seed=audit_seed,
     )
     in_schema = to_arrow_schema(df.schema)
     # The driver computes the output schema (loading the index once there too).

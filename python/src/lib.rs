@@ -49,11 +49,13 @@ impl Classifier {
     /// `text_col` / `turns_col` / `id_col` name the input columns; `passthrough` lists input
     /// columns copied to the output; `threads` sizes this process's worker pool (default:
     /// `RAYON_NUM_THREADS`, else all cores); `llm_config` (a TOML file) sends escalated rows to
-    /// the LLM tier inside `classify_batch` (default: they come back as `escalate`).
+    /// the LLM tier inside `classify_batch` (default: they come back as `escalate`);
+    /// `audit_rate` (with `llm_config`) also sends that share of kept rows to the LLM, blind,
+    /// chosen by id with `audit_seed`: the `audit` and `audit_label` columns say what it answered.
     #[new]
     #[pyo3(signature = (index_dir, model=None, threshold=None, signal=None, llm_config=None,
         text_col="text", turns_col=None, id_col="id", passthrough=None, threads=None, engine=None,
-        also=None))]
+        also=None, audit_rate=None, audit_seed=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -69,7 +71,28 @@ impl Classifier {
         threads: Option<usize>,
         engine: Option<String>,
         also: Option<Vec<(String, String)>>,
+        audit_rate: Option<f64>,
+        audit_seed: Option<u64>,
     ) -> PyResult<Self> {
+        if let Some(r) = audit_rate {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(PyValueError::new_err(format!(
+                    "audit_rate is a share between 0 and 1, not {r}"
+                )));
+            }
+            if r > 0.0 && llm_config.is_none() {
+                return Err(PyValueError::new_err(
+                    "audit_rate needs llm_config: audited rows are asked of the LLM",
+                ));
+            }
+        }
+        let audit = audit_rate
+            .filter(|&r| r > 0.0)
+            .map(|rate| semtel::pipeline::AuditPlan {
+                rate,
+                seed: audit_seed.unwrap_or(0),
+                llm_accuracy: None,
+            });
         if let Some(n) = threads {
             // The pool is per process and fixed at first use; later requests cannot resize it.
             let _ = rayon::ThreadPoolBuilder::new()
@@ -86,7 +109,8 @@ impl Classifier {
             .map_err(PyValueError::new_err)?
             .unwrap_or_default();
         let also = also.unwrap_or_default();
-        let key = format!("{index_dir}|{model:?}|{threshold:?}|{signal:?}|{engine:?}|{also:?}");
+        let key =
+            format!("{index_dir}|{model:?}|{threshold:?}|{signal:?}|{engine:?}|{also:?}|{audit:?}");
         let core = {
             let mut c = cache().lock().map_err(err)?;
             match c.get(&key) {
@@ -100,6 +124,7 @@ impl Classifier {
                         },
                         threshold,
                         signal,
+                        audit,
                         ..Default::default()
                     };
                     let dir = std::path::PathBuf::from(index_dir);

@@ -65,7 +65,7 @@ impl ArrowJob {
             Some(esc) => {
                 let (e, d): (Vec<Classified>, Vec<Classified>) = classified
                     .into_iter()
-                    .partition(|c| c.out.decided_by == DecidedBy::Escalate);
+                    .partition(|c| c.out.decided_by == DecidedBy::Escalate || c.audit);
                 // Every result arrives as its own send at worst: room for all of them, so the
                 // tier never blocks on this (unread until it finishes) channel.
                 let (tx, rx) = sync_channel::<Vec<OutputRow>>(e.len() + 1);

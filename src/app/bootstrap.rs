@@ -379,6 +379,7 @@ pub fn run(o: &BootstrapOptions, progress: &Progress) -> Result<BootstrapReport>
         threshold: None,
         signal: None,
         writable: false,
+        ..Default::default()
     };
     let mut last_dir: Option<PathBuf> = None;
     // What asking the LLM twice cost (it counts against a dollar budget).
@@ -847,6 +848,7 @@ fn escalated_item(r: &Row, examples: Vec<(String, String)>) -> Classified {
         vector: None,
         scores: None,
         examples,
+        audit: false,
     }
 }
 

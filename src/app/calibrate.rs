@@ -26,6 +26,8 @@ pub struct CalibrateJob {
 #[derive(Debug, Clone)]
 pub struct CalibrateOutcome {
     pub report: Calibrated,
+    /// The novelty rule fitted with it (single-label indexes), with its leave-labels-out check.
+    pub novelty: Option<crate::novelty::NoveltyConfig>,
     /// The global threshold stored in the index.
     pub threshold: f32,
     pub seconds: f64,
@@ -73,9 +75,26 @@ pub fn run_in(job: &CalibrateJob, dir: &std::path::Path) -> Result<CalibrateOutc
     if let Some(h) = &classifier.head {
         h.save(dir)?;
     }
+    let rate = job
+        .options
+        .novelty_rate
+        .or_else(|| {
+            classifier
+                .index
+                .manifest
+                .decision
+                .novelty
+                .as_ref()
+                .map(|n| n.rate)
+        })
+        .unwrap_or(crate::novelty::DEFAULT_RATE)
+        .clamp(0.0, 1.0);
+    let novelty = crate::calibrate::fit_novelty(&classifier.index, rate, true)?;
+    classifier.index.manifest.decision.novelty = Some(novelty.clone());
     crate::failpoint::hit("calibrate-head-saved");
     classifier.index.save_manifest()?;
     Ok(CalibrateOutcome {
+        novelty: Some(novelty),
         report: Calibrated::Single(report),
         threshold: classifier.index.manifest.decision.threshold,
         seconds: t.elapsed().as_secs_f64(),
@@ -137,6 +156,7 @@ fn run_multi(
     head.save(dir)?;
     index.save_manifest()?;
     Ok(CalibrateOutcome {
+        novelty: None,
         report: Calibrated::Multi(report),
         threshold: index.manifest.decision.threshold,
         seconds: t.elapsed().as_secs_f64(),

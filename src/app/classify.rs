@@ -38,6 +38,49 @@ pub struct ClassifyOptions {
     /// LLM failed, was down, or there was no LLM then) to the LLM tier again and patch the
     /// answers into the output in place.
     pub retry_escalated: bool,
+    /// With an audit plan (`classifier.audit`): whether tripped guards escalate their segments
+    /// (otherwise they are only reported).
+    pub guards: bool,
+    /// A pass-through column the audit is also reported by.
+    pub segment_col: Option<String>,
+}
+
+/// Where a run keeps its guards' state (beside the output, so `--resume` carries on).
+pub fn guards_path(output: &std::path::Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    output.with_file_name(format!("{name}.guards.json"))
+}
+
+/// Guards for a classifier with an audit plan: held to the index's promise.
+pub fn guards_for(
+    classifier: &Classifier,
+    enforce: bool,
+    state: Option<&std::path::Path>,
+) -> Result<Option<Arc<crate::guard::Guards>>> {
+    let Some(plan) = classifier.audit else {
+        return Ok(None);
+    };
+    let target = classifier
+        .index
+        .manifest
+        .decision
+        .calibration
+        .as_ref()
+        .and_then(|c| c.promised_accuracy())
+        .unwrap_or(crate::calibrate::DEFAULT_TARGET);
+    let options = crate::guard::GuardOptions {
+        target,
+        llm_accuracy: plan.llm_accuracy.unwrap_or(1.0),
+        enforce,
+        ..Default::default()
+    };
+    Ok(Some(Arc::new(match state {
+        Some(p) => crate::guard::Guards::load_or_new(p, options)?,
+        None => crate::guard::Guards::new(options),
+    })))
 }
 
 /// What a finished classify run reports.
@@ -101,6 +144,25 @@ impl ClassifyJob {
             }
             None => None,
         };
+        if classifier.audit.is_some() && opts.llm.is_none() {
+            return Err(Error::Config(
+                "--audit-rate needs --llm: audited rows are asked of the LLM".into(),
+            ));
+        }
+        if let Some(col) = &opts.segment_col {
+            classifier.audit_segment = Some(
+                opts.input_options
+                    .columns
+                    .passthrough
+                    .iter()
+                    .position(|c| c == col)
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "--segment-col {col}: name it in --passthrough too (the audit reads it from the output's pass-through columns)"
+                        ))
+                    })?,
+            );
+        }
         let reader = input::open(&opts.input, &opts.input_options)?;
         let mut spec = OutputSpec::new(
             opts.input_options
@@ -124,6 +186,12 @@ impl ClassifyJob {
             None => None,
         };
         let (writer, done) = OutputWriter::open(&opts.output, spec, opts.existing)?;
+        // After the output is locked: the guards' state belongs to it.
+        let state = guards_path(&opts.output);
+        if opts.existing != Existing::Resume {
+            let _ = std::fs::remove_file(&state);
+        }
+        classifier.guards = guards_for(&classifier, opts.guards, Some(&state))?;
         if let (Some(t), Some(g)) = (tier.as_mut(), &growth) {
             attach_growth(t, g.clone(), classifier.index.labels().to_vec());
         }
@@ -171,6 +239,9 @@ impl ClassifyJob {
         };
         let llm = tier.as_ref().map(|t| t.stats.clone());
         drop(tier);
+        if let Some(g) = &classifier.guards {
+            g.save(&guards_path(&opts.output))?;
+        }
         let retried = if opts.retry_escalated {
             Some(retry_escalated(&opts, &classifier)?)
         } else {

@@ -22,6 +22,29 @@ pub struct Evaluation {
     pub by_signal: Vec<(crate::decide::Signal, EvalReport)>,
     /// Per gold label, at the index's thresholds: [rows, escalated, kept right, kept wrong].
     pub by_gold: std::collections::BTreeMap<String, [usize; 4]>,
+    /// How the novelty rule treated the rows (with an index that has one).
+    pub novelty: Option<NoveltyEval>,
+}
+
+/// What the novelty rule did on a labelled file: the rows it escalated that the thresholds
+/// alone would have kept, and the kept accuracy with and without it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NoveltyEval {
+    pub rows: usize,
+    /// Rows escalated as novel (the thresholds would have kept them).
+    pub novel: usize,
+    /// Of those, kNN's label would have been right / wrong; gold label unknown to the index.
+    pub novel_would_be_right: usize,
+    pub novel_would_be_wrong: usize,
+    pub novel_unseen_gold: usize,
+    /// Rows whose gold label the index does not know, and how many of them were kept anyway.
+    pub unseen_gold_rows: usize,
+    pub unseen_gold_kept: usize,
+    /// Kept share and kept accuracy without and with the novelty rule.
+    pub kept_without: f64,
+    pub kept_accuracy_without: Option<f64>,
+    pub kept_with: f64,
+    pub kept_accuracy_with: Option<f64>,
 }
 
 /// The one "classify a labelled file and collect gold" loop (evaluation and held-out
@@ -61,10 +84,13 @@ pub fn evaluate(
     let mut all_scores = Vec::new();
     let mut by_gold: std::collections::BTreeMap<String, [usize; 4]> = Default::default();
     let mut ids = Vec::new();
-    // Rows the language gate escalates whatever their score (`escalate_reason = language`).
+    // Rows the language gate escalates whatever their score (`escalate_reason = language`),
+    // and rows escalated as novel.
     let mut gated = Vec::new();
+    let mut novel = Vec::new();
     for_each_labelled(classifier, path, opts, progress, |c, gold| {
         gated.push(c.out.escalate_reason == Some(crate::row::EscalateReason::Language));
+        novel.push(c.out.escalate_reason == Some(crate::row::EscalateReason::Novel));
         let g = labels.binary_search(&gold).ok().map(|i| i as u32);
         let e = by_gold.entry(gold.clone()).or_default();
         e[0] += 1;
@@ -100,10 +126,47 @@ pub fn evaluate(
     let signal = classifier.thresholds.signal.name().to_string();
     let unseen: Vec<String> = unseen.into_iter().collect();
     let mut report = report(&scored, labels.len(), &signal, unseen.clone());
+    let novelty = classifier.novelty.as_ref().map(|_| {
+        let mut e = NoveltyEval {
+            rows: scored.len(),
+            ..Default::default()
+        };
+        let (mut kw, mut kw_ok, mut k, mut k_ok) = (0usize, 0usize, 0usize, 0usize);
+        for ((s, &g), &n) in scored.iter().zip(&gated).zip(&novel) {
+            let would = !g && classifier.thresholds.keep(s.pred, s.confidence);
+            if s.gold.is_none() {
+                e.unseen_gold_rows += 1;
+                e.unseen_gold_kept += usize::from(would && !n);
+            }
+            if would {
+                kw += 1;
+                kw_ok += usize::from(s.correct());
+                if n {
+                    e.novel += 1;
+                    match (s.gold.is_some(), s.correct()) {
+                        (false, _) => e.novel_unseen_gold += 1,
+                        (true, true) => e.novel_would_be_right += 1,
+                        (true, false) => e.novel_would_be_wrong += 1,
+                    }
+                } else {
+                    k += 1;
+                    k_ok += usize::from(s.correct());
+                }
+            }
+        }
+        let n = scored.len().max(1) as f64;
+        e.kept_without = kw as f64 / n;
+        e.kept_accuracy_without = (kw > 0).then(|| kw_ok as f64 / kw as f64);
+        e.kept_with = k as f64 / n;
+        e.kept_accuracy_with = (k > 0).then(|| k_ok as f64 / k as f64);
+        e
+    });
     let kept: Vec<&Scored> = scored
         .iter()
-        .zip(&gated)
-        .filter(|(s, gated)| !**gated && classifier.thresholds.keep(s.pred, s.confidence))
+        .zip(gated.iter().zip(&novel))
+        .filter(|(s, (gated, novel))| {
+            !**gated && !**novel && classifier.thresholds.keep(s.pred, s.confidence)
+        })
         .map(|(s, _)| s)
         .collect();
     let ok = kept.iter().filter(|s| s.correct()).count();
@@ -144,6 +207,7 @@ pub fn evaluate(
         ids,
         by_signal,
         by_gold,
+        novelty,
     })
 }
 

@@ -30,6 +30,7 @@ pub mod embed;
 pub mod eval;
 pub mod index;
 pub mod models;
+pub mod monitor;
 pub mod redact;
 pub mod serve;
 pub mod tune;

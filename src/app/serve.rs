@@ -32,7 +32,7 @@ use crate::grow::Growth;
 use crate::llm::LlmTier;
 use crate::output::OutputSpec;
 use crate::pipeline::{Classified, Classifier, ClassifierOptions, Escalation, Taxonomy};
-use crate::row::{DecidedBy, OutputRow};
+use crate::row::{DecidedBy, EscalateReason, OutputRow};
 use crate::{Error, Result};
 use journal::{journal_line, ResultLog};
 use queue::{Budget, Kind, Queue, Refused, Ticket};
@@ -70,6 +70,9 @@ pub struct ServeOptions {
     pub max_queue: usize,
     /// While several requests wait, a model step lasts about this long.
     pub fair_step: Duration,
+    /// With an audit plan (`classifier.audit`): whether tripped guards escalate their
+    /// segments (otherwise they are only reported).
+    pub guards: bool,
 }
 
 impl ServeOptions {
@@ -86,6 +89,7 @@ impl ServeOptions {
             max_batch_wait: Duration::from_millis(5),
             max_queue: 256,
             fair_step: Duration::from_millis(15),
+            guards: true,
         }
     }
 }
@@ -165,6 +169,8 @@ pub struct Counters {
     pub batch_size_buckets: [AtomicU64; 12],
     pub async_accepted: AtomicU64,
     pub async_resumed: AtomicU64,
+    /// Audited kept rows by the LLM's verdict: agree, disagree, missing.
+    pub audit: [AtomicU64; 3],
     /// Personal data replaced before text left for the LLM (or before embedding), by type.
     pub redacted: Mutex<crate::pii::Counts>,
 }
@@ -210,6 +216,9 @@ enum Route {
     Async {
         id: String,
     },
+    /// An audited kept row, already answered: the LLM's answer only feeds the guards and the
+    /// audit counters.
+    Audit,
 }
 
 /// Messages to the LLM thread.
@@ -240,6 +249,7 @@ struct Inner {
     next_key: AtomicU64,
     log: Option<Arc<ResultLog>>,
     growth: Option<Arc<Growth>>,
+    guards: Option<Arc<crate::guard::Guards>>,
     ready: AtomicBool,
     reloads: AtomicU64,
     /// Serialises reloads (never held by a request).
@@ -266,8 +276,14 @@ pub struct ReloadReport {
     pub seconds: f64,
 }
 
-fn open_loaded(opts: &ServeOptions, growth: Option<&Arc<Growth>>, reloads: u64) -> Result<Loaded> {
+fn open_loaded(
+    opts: &ServeOptions,
+    growth: Option<&Arc<Growth>>,
+    guards: Option<&Arc<crate::guard::Guards>>,
+    reloads: u64,
+) -> Result<Loaded> {
     let mut classifier = Classifier::open(&opts.index, &opts.classifier)?;
+    classifier.guards = guards.cloned();
     if let Some(p) = &opts.llm {
         let cfg = crate::llm::LlmConfig::load_with(p, &opts.llm_overrides)?;
         classifier.redact_input = cfg.input_redactor()?;
@@ -332,7 +348,21 @@ impl Service {
                 "--grow needs --llm: only LLM-labelled rows grow the index".into(),
             ));
         }
-        let probe = open_loaded(&opts, None, 0)?;
+        if opts.classifier.audit.is_some() && opts.llm.is_none() {
+            return Err(Error::Config(
+                "--audit-rate needs --llm: audited rows are asked of the LLM".into(),
+            ));
+        }
+        let probe = open_loaded(&opts, None, None, 0)?;
+        // The guards outlive reloads; with a result log their state is kept beside it.
+        let guards = super::classify::guards_for(
+            &probe.classifier,
+            opts.guards,
+            opts.results
+                .as_deref()
+                .map(super::classify::guards_path)
+                .as_deref(),
+        )?;
         let growth = match opts.grow_min_confidence {
             Some(min) => Some(Arc::new(Growth::new(probe.classifier.encoder.dim(), min)?)),
             None => None,
@@ -341,6 +371,7 @@ impl Service {
             classifier: {
                 let mut c = probe.classifier;
                 c.growth = growth.clone();
+                c.guards = guards.clone();
                 c
             },
             spec: probe.spec,
@@ -382,6 +413,7 @@ impl Service {
             next_key: AtomicU64::new(0),
             log,
             growth,
+            guards,
             ready: AtomicBool::new(false),
             reloads: AtomicU64::new(0),
             reload_lock: Mutex::new(()),
@@ -482,6 +514,16 @@ impl Service {
                         .llm_cost_micro_usd
                         .fetch_add((llm.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
                 }
+                if let (Some(g), Some(EscalateReason::Guard), DecidedBy::Llm) =
+                    (&self.inner.guards, r.escalate_reason, r.decided_by)
+                {
+                    g.observe(
+                        r.knn_label.as_deref(),
+                        r.lang.as_deref(),
+                        r.confidence,
+                        r.knn_label == r.label,
+                    );
+                }
                 let route = self.inner.routes.lock().expect("routes").remove(&r.id);
                 match route {
                     Some(Route::Wait { id, tx }) => {
@@ -493,6 +535,27 @@ impl Service {
                         r.id = id;
                         counters.count_row(&r);
                         logged.push(r);
+                    }
+                    Some(Route::Audit) => {
+                        let answer = r.audit.as_ref().and_then(|a| a.label.clone());
+                        let verdict = r
+                            .audit
+                            .as_ref()
+                            .map_or("missing", |a| a.verdict(r.label.as_deref()));
+                        counters.audit[match verdict {
+                            "agree" => 0,
+                            "disagree" => 1,
+                            _ => 2,
+                        }]
+                        .fetch_add(1, Ordering::Relaxed);
+                        if let (Some(g), Some(a)) = (&self.inner.guards, answer) {
+                            g.observe(
+                                r.label.as_deref(),
+                                r.lang.as_deref(),
+                                r.confidence,
+                                r.label.as_deref() == Some(a.as_str()),
+                            );
+                        }
                     }
                     None => {}
                 }
@@ -718,6 +781,43 @@ impl Service {
         )
     }
 
+    /// A copy of an audited kept row for the LLM, routed to the guards (the row itself is
+    /// answered at once with its kNN label).
+    fn audit_copy(&self, c: &Classified) -> Option<Classified> {
+        if !c.audit || c.content.is_none() {
+            return None;
+        }
+        let key = self.key();
+        self.inner
+            .routes
+            .lock()
+            .expect("routes")
+            .insert(key.clone(), Route::Audit);
+        let mut copy = c.clone();
+        copy.out.id = key;
+        Some(copy)
+    }
+
+    /// Sends audit copies; when the LLM queue is full they are dropped (an audit is a
+    /// sample: skipping one biases nothing).
+    fn send_audits(&self, audits: Vec<Classified>) {
+        if audits.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = audits.iter().map(|c| c.out.id.clone()).collect();
+        if !self.send_llm(audits) {
+            let mut routes = self.inner.routes.lock().expect("routes");
+            for k in keys {
+                routes.remove(&k);
+            }
+        }
+    }
+
+    /// The guards (with `--audit-rate`).
+    pub fn guards(&self) -> Option<&Arc<crate::guard::Guards>> {
+        self.inner.guards.as_ref()
+    }
+
     fn send_llm(&self, rows: Vec<Classified>) -> bool {
         let guard = self.inner.llm.lock().expect("llm");
         let Some(tx) = guard.as_ref() else {
@@ -817,7 +917,11 @@ impl Service {
         let mut out: Vec<Option<OutputRow>> = Vec::with_capacity(classified.len());
         let mut waits = Vec::new();
         let mut to_llm = Vec::new();
+        let mut audits = Vec::new();
         for (i, mut c) in classified.into_iter().enumerate() {
+            if has_llm {
+                audits.extend(self.audit_copy(&c));
+            }
             let wait = match escalate {
                 Escalate::Wait(d) if has_llm => Some(d),
                 _ => None,
@@ -842,6 +946,7 @@ impl Service {
                 out.push(Some(c.out));
             }
         }
+        self.send_audits(audits);
         if !to_llm.is_empty() && !self.send_llm(to_llm) {
             // The LLM queue is full: answer with the kNN decision now.
             for (i, key, _, fallback) in waits.drain(..) {
@@ -887,7 +992,11 @@ impl Service {
         let mut answers = Vec::with_capacity(classified.len());
         let mut decided = Vec::new();
         let mut to_llm = Vec::new();
+        let mut audits = Vec::new();
         for mut c in classified {
+            if has_llm {
+                audits.extend(self.audit_copy(&c));
+            }
             let mut v = crate::output::to_json(&c.out, &loaded.spec);
             if has_llm && c.out.decided_by == DecidedBy::Escalate && c.content.is_some() {
                 v["status"] = "pending".into();
@@ -929,6 +1038,7 @@ impl Service {
                 log.write(&rows, &loaded.spec)?;
             }
         }
+        self.send_audits(audits);
         Ok(answers)
     }
 
@@ -969,7 +1079,12 @@ impl Service {
             None => 0,
         };
         let reloads = self.inner.reloads.load(Ordering::Relaxed) + 1;
-        let fresh = open_loaded(&self.inner.opts, self.inner.growth.as_ref(), reloads)?;
+        let fresh = open_loaded(
+            &self.inner.opts,
+            self.inner.growth.as_ref(),
+            self.inner.guards.as_ref(),
+            reloads,
+        )?;
         if self.inner.llm.lock().expect("llm").is_some()
             && fresh.classifier.index.labels() != before.classifier.index.labels()
         {
@@ -1012,6 +1127,9 @@ impl Service {
         }
         if let Some(log) = &self.inner.log {
             log.checkpoint()?;
+        }
+        if let (Some(g), Some(p)) = (&self.inner.guards, &self.inner.opts.results) {
+            g.save(&super::classify::guards_path(p))?;
         }
         let grown = match &self.inner.growth {
             Some(g) => super::classify::save_growth(&self.inner.opts.index, g)?,

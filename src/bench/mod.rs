@@ -1276,6 +1276,7 @@ pub fn bootstrap_benchmark(
                             vector: None,
                             scores: None,
                             examples: Vec::new(),
+                            audit: false,
                         })
                         .collect();
                 let all: Vec<String> = labels.iter().map(|l| l.to_string()).collect();
@@ -1349,6 +1350,7 @@ pub fn bootstrap_benchmark(
                             threshold: None,
                             signal: None,
                             writable: false,
+                            ..Default::default()
                         },
                         also: Vec::new(),
                         input_options: Default::default(),
@@ -1358,6 +1360,8 @@ pub fn bootstrap_benchmark(
                         llm_overrides: Default::default(),
                         grow_min_confidence: Some(0.0),
                         retry_escalated: false,
+                        guards: true,
+                        segment_col: None,
                     },
                 )?;
                 let rep = job.run(&crate::progress::Progress::hidden())?;

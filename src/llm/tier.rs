@@ -48,6 +48,8 @@ pub struct LlmStats {
     pub rows_in: u64,
     pub rows_labelled: u64,
     pub rows_failed: u64,
+    /// Kept rows asked blind for an audit (`--audit-rate`), answered or not.
+    pub rows_audited: u64,
     pub cache_hits: u64,
     pub deduplicated: u64,
     pub calls: u64,
@@ -91,6 +93,8 @@ struct Waiting {
     row: OutputRow,
     vector: Option<Vec<f32>>,
     text: String,
+    /// An audited kept row: the answer lands in `row.audit` and the row keeps its label.
+    audit: bool,
 }
 
 type Finished = (OutputRow, Option<Vec<f32>>, String);
@@ -514,6 +518,7 @@ impl Escalation for LlmTier {
                         Some(c) => c.flatten(),
                         None => String::new(),
                     },
+                    audit: c.audit,
                 },
             });
         }
@@ -1402,6 +1407,39 @@ impl Dispatcher {
         };
         for (j, w) in rows.into_iter().enumerate() {
             let mut row = w.row;
+            if w.audit {
+                // A kept row asked blind: it keeps its kNN label and carries the answer (a
+                // failed audit is `missing`, never an error: the row itself was decided).
+                self.stats.rows_audited += 1;
+                row.audit = Some(crate::row::Audit {
+                    label: match &r {
+                        Resolution::Label { label, .. } => {
+                            Some(self.sh.pb.schema.labels[*label].clone())
+                        }
+                        Resolution::Failed(_) => None,
+                    },
+                });
+                if let Resolution::Label {
+                    model,
+                    tokens_in,
+                    tokens_out,
+                    cost,
+                    ..
+                } = &r
+                {
+                    let first = j == 0;
+                    row.llm = Some(LlmInfo {
+                        model: model.clone(),
+                        tokens_in: if first { *tokens_in } else { 0 },
+                        tokens_out: if first { *tokens_out } else { 0 },
+                        cost_usd: if first { *cost } else { 0.0 },
+                    });
+                }
+                if self.results.send((row, w.vector, w.text)).is_err() {
+                    return;
+                }
+                continue;
+            }
             match &r {
                 Resolution::Label {
                     label,

@@ -132,6 +132,48 @@ pub enum Cmd {
     /// POST /admin/reload (and SIGHUP). Bearer key from SEMTEL_API_KEY when set. Every flag
     /// has a key in the config file's [serve] section.
     Serve(ServeArgs),
+    /// The drift report of a classify output (or a service's result log): per window, the
+    /// escalation and novelty shares, label mix against the exemplars', languages, audited
+    /// agreement and guard trips; JSON and a self-contained HTML page. Exits 3 when an alert
+    /// threshold is crossed (for schedulers).
+    Monitor(MonitorArgs),
+}
+
+#[derive(Args)]
+pub struct MonitorArgs {
+    /// A classify output (JSONL, Parquet file or dataset) or a service's result log.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Rows per window (`10000rows`) or a time span (`1h`, `30m`, `1d`; needs --time-col).
+    #[arg(long, default_value = "10000rows")]
+    pub window: String,
+    /// A timestamp column of the output (pass it through at classify time): RFC 3339 text or
+    /// epoch seconds.
+    #[arg(long)]
+    pub time_col: Option<String>,
+    /// The index the output came from: the label mix, promise and novelty rate to compare with
+    /// (default: the first window's mix, 97 %).
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Write the HTML report here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Write the JSON report here (`-`: stdout).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Alert when a window's novel share exceeds this (default 0.05, or 5 × the index's rate).
+    #[arg(long, default_value_t = 0.05)]
+    pub max_novel_share: f64,
+    /// Alert when a window's label mix diverges from the reference by more than this
+    /// (Jensen–Shannon, bits).
+    #[arg(long, default_value_t = 0.10)]
+    pub max_label_divergence: f64,
+    /// Alert when a window escalates this many points more than the first.
+    #[arg(long, default_value_t = 0.10)]
+    pub max_escalation_rise: f64,
+    /// Rows a window needs before its shares can alert.
+    #[arg(long, default_value_t = 200)]
+    pub min_rows: u64,
 }
 
 /// What leaves the machine, on every command that calls an LLM.
@@ -187,6 +229,8 @@ pub struct RedactArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub send: SendArgs,
+    #[command(flatten)]
+    pub audit: AuditArgs,
     /// The index to serve.
     #[arg(long)]
     pub index: Option<PathBuf>,
@@ -378,6 +422,77 @@ pub struct ClassifyArgs {
     /// With --grow: only rows whose kNN confidence was at least this are added.
     #[arg(long, default_value_t = 0.0)]
     pub grow_min_confidence: f32,
+    #[command(flatten)]
+    pub audit: AuditArgs,
+}
+
+/// Audit sampling, guards and novelty (classify, serve).
+#[derive(Args, Debug, Clone)]
+pub struct AuditArgs {
+    /// Share of kept rows also sent to the LLM, blind (the escalation prompt, never the kNN
+    /// label): the run's realised kept-accuracy is estimated from them, and segments (label,
+    /// language) whose agreement falls below the promise are guarded (escalated). Needs --llm.
+    #[arg(long, value_name = "SHARE")]
+    pub audit_rate: Option<f64>,
+    /// Seed choosing the audited rows (by id: a resumed run audits the same rows).
+    #[arg(long, default_value_t = 0)]
+    pub audit_seed: u64,
+    /// The LLM's own accuracy (e.g. the self-agreement `semtel bootstrap` reports): corrects
+    /// the estimate and the guards' bar. Default: taken as 1.0, and reports say so.
+    #[arg(long, value_name = "SHARE")]
+    pub audit_llm_accuracy: Option<f64>,
+    /// A pass-through column the audit is also reported by (an input source, a partition, a
+    /// market).
+    #[arg(long, value_name = "COLUMN")]
+    pub segment_col: Option<String>,
+    /// Escalate guarded segments (`on`, the default with --audit-rate) or only report them.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub guards: String,
+    /// `off`: ignore the index's novelty rule (rows far from every exemplar of their label
+    /// are kept like any other).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub novelty: String,
+}
+
+impl AuditArgs {
+    fn on_off(flag: &str, v: &str) -> anyhow::Result<bool> {
+        match v {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            other => anyhow::bail!("--{flag} takes on or off, not `{other}`"),
+        }
+    }
+
+    /// The audit plan, checked.
+    pub fn plan(&self) -> anyhow::Result<Option<semtel::pipeline::AuditPlan>> {
+        for (name, v) in [
+            ("audit-rate", self.audit_rate),
+            ("audit-llm-accuracy", self.audit_llm_accuracy),
+        ] {
+            if let Some(x) = v {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&x),
+                    "--{name} is a share between 0 and 1, not {x}"
+                );
+            }
+        }
+        Ok(self
+            .audit_rate
+            .filter(|&r| r > 0.0)
+            .map(|rate| semtel::pipeline::AuditPlan {
+                rate,
+                seed: self.audit_seed,
+                llm_accuracy: self.audit_llm_accuracy,
+            }))
+    }
+
+    pub fn guards_on(&self) -> anyhow::Result<bool> {
+        Self::on_off("guards", &self.guards)
+    }
+
+    pub fn novelty_on(&self) -> anyhow::Result<bool> {
+        Self::on_off("novelty", &self.novelty)
+    }
 }
 
 #[derive(Args)]
@@ -435,6 +550,10 @@ pub struct CalibrateArgs {
     pub head_l2: Option<f64>,
     #[arg(long)]
     pub head_lr: Option<f64>,
+    /// Share of rows like the exemplars escalated as novel (far from every exemplar of the
+    /// label they would get): the novelty cut. Default: the index's, else 0.01; 0 turns it off.
+    #[arg(long, value_name = "SHARE")]
+    pub novelty_rate: Option<f64>,
     #[arg(long)]
     pub json: bool,
 }

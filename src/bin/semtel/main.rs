@@ -104,6 +104,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Models(a) => models::run(&ctx, a),
         Cmd::Serve(a) => serve::run(&ctx, a),
         Cmd::Redact(a) => redact::run(&ctx, a),
+        Cmd::Monitor(a) => monitor::run(a),
         Cmd::Embed {
             input,
             output,

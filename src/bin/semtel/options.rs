@@ -89,6 +89,7 @@ impl Ctx {
                     .map_err(anyhow::Error::msg)?,
             },
             writable: false,
+            ..Default::default()
         })
     }
 }

@@ -15,8 +15,15 @@ pub fn run(ctx: &Ctx, a: CalibrateArgs) -> Result<()> {
         folds: a.folds,
         train_head: !a.no_head,
         per_label: !a.no_per_label,
+        novelty_rate: a.novelty_rate,
         ..Default::default()
     };
+    if let Some(r) = a.novelty_rate {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&r),
+            "--novelty-rate is a share between 0 and 1, not {r}"
+        );
+    }
     if let Some(e) = a.head_epochs {
         options.head.epochs = e;
     }
@@ -34,10 +41,42 @@ pub fn run(ctx: &Ctx, a: CalibrateArgs) -> Result<()> {
     };
     let outcome = semtel::app::calibrate::run(&job)?;
     if a.json {
-        println!("{}", serde_json::to_string(&outcome.report)?);
+        let mut v = serde_json::to_value(&outcome.report)?;
+        if let Some(n) = &outcome.novelty {
+            v["novelty"] = serde_json::to_value(n)?;
+        }
+        println!("{v}");
     }
     print_outcome(&a.index, a.target, &outcome);
+    if let Some(n) = &outcome.novelty {
+        print_novelty(n);
+    }
     Ok(())
+}
+
+/// What the novelty rule is and how it separated labels the index never saw.
+pub fn print_novelty(n: &semtel::novelty::NoveltyConfig) {
+    eprintln!(
+        "novelty: rows farther from their label's exemplars than {:.1}% of them are escalated as `novel` (--novelty-rate {})",
+        100.0 * (1.0 - n.rate),
+        n.rate
+    );
+    if let Some(c) = &n.check {
+        eprintln!(
+            "  leave-labels-out ({} folds, {:.0}% of labels hidden each): AUROC {:.3}; flagged at this rate: {:.1}% of seen-label rows, {:.1}% of hidden-label rows",
+            c.folds,
+            100.0 * c.hidden_share,
+            c.auroc,
+            100.0 * c.seen_flagged,
+            100.0 * c.hidden_flagged
+        );
+        let rates: Vec<String> = c
+            .by_rate
+            .iter()
+            .map(|(r, s, h)| format!("{r}: {:.1}%/{:.1}%", 100.0 * s, 100.0 * h))
+            .collect();
+        eprintln!("  other rates (seen/hidden flagged): {}", rates.join("  "));
+    }
 }
 
 /// The terminal summary of a calibration (also printed by `semtel tune`).

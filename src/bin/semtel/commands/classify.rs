@@ -19,11 +19,14 @@ fn options(ctx: &Ctx, a: &ClassifyArgs) -> Result<ClassifyOptions> {
         a.passthrough.clone()
     };
     let also = super::parse_also(&a.also)?;
+    let mut classifier = ctx.classifier_options(a.k, a.threshold, a.signal)?;
+    classifier.audit = a.audit.plan()?;
+    classifier.no_novelty = !a.audit.novelty_on()?;
     Ok(ClassifyOptions {
         index: a.index.clone(),
         input: a.input.clone(),
         output: a.output.clone(),
-        classifier: ctx.classifier_options(a.k, a.threshold, a.signal)?,
+        classifier,
         also,
         input_options,
         part_rows: a.part_rows,
@@ -38,6 +41,8 @@ fn options(ctx: &Ctx, a: &ClassifyArgs) -> Result<ClassifyOptions> {
         llm_overrides: a.send.overrides()?,
         grow_min_confidence: a.grow.then_some(a.grow_min_confidence),
         retry_escalated: a.retry_escalated,
+        guards: a.audit.guards_on()?,
+        segment_col: a.audit.segment_col.clone(),
     })
 }
 
@@ -96,6 +101,7 @@ pub fn run(ctx: &Ctx, a: ClassifyArgs) -> Result<()> {
             print_llm_summary(s, summary);
         }
     }
+    print_trust(summary);
     if let Some(n) = report.grown {
         eprintln!("grew {} by {n} LLM-labelled exemplars", a.index.display());
     }
@@ -154,5 +160,59 @@ pub fn print_llm_summary(s: &semtel::llm::LlmStats, run: &RunSummary) {
             llm_only - s.cost_usd,
             100.0 * (1.0 - s.cost_usd / llm_only.max(1e-12))
         );
+    }
+}
+
+/// Novelty, audit and guard lines of a run summary.
+pub fn print_trust(summary: &RunSummary) {
+    if summary.escalated_novel + summary.escalated_guard > 0 {
+        eprintln!(
+            "escalated instead of kept: {} novel (far from every exemplar of their label), {} by a guard",
+            summary.escalated_novel, summary.escalated_guard
+        );
+    }
+    if let Some(a) = &summary.audit {
+        let pct = |i: &semtel::calibrate::Interval| {
+            format!(
+                "{:.1}% [{:.1}–{:.1}]",
+                100.0 * i.value,
+                100.0 * i.lo,
+                100.0 * i.hi
+            )
+        };
+        eprintln!(
+            "audit: {} kept rows asked blind ({} answered): agreement {}; estimated kept-accuracy {} (LLM accuracy {})",
+            a.audited,
+            a.answered,
+            pct(&a.agreement),
+            pct(&a.estimated_kept_accuracy),
+            a.llm_accuracy_source
+        );
+        let mut worst: Vec<(&String, &semtel::guard::AuditSegment)> = a
+            .by_label
+            .iter()
+            .chain(a.by_language.iter())
+            .filter(|(_, s)| s.answered >= 20)
+            .collect();
+        worst.sort_by(|x, y| x.1.agreement.value.total_cmp(&y.1.agreement.value));
+        for (name, s) in worst.iter().take(3) {
+            eprintln!(
+                "  lowest: {name}: {} ({} audited)",
+                pct(&s.agreement),
+                s.answered
+            );
+        }
+    }
+    if let Some(g) = &summary.guards {
+        if !g.tripped.is_empty() || g.trips > 0 {
+            eprintln!(
+                "guards: {} tripped now ({}); {} trips, {} releases in all (required agreement {:.3})",
+                g.tripped.len(),
+                g.tripped.join(", "),
+                g.trips,
+                g.releases,
+                g.required_agreement
+            );
+        }
     }
 }

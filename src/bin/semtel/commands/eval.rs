@@ -72,6 +72,9 @@ pub fn run(ctx: &Ctx, a: EvalArgs) -> Result<()> {
         for (l, c) in &picked {
             v["report_labels"][l] = serde_json::json!({"rows": c[0], "escalated": c[1], "kept_right": c[2], "kept_wrong": c[3]});
         }
+        if let Some(n) = &ev.novelty {
+            v["novelty"] = serde_json::to_value(n)?;
+        }
         println!("{v}");
         return Ok(());
     }
@@ -107,6 +110,26 @@ pub fn run(ctx: &Ctx, a: EvalArgs) -> Result<()> {
             p.kept_accuracy
                 .map_or("-".into(), |x| format!("{:.1}%", x * 100.0))
         );
+    }
+    if let Some(n) = &ev.novelty {
+        let pct = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x));
+        println!(
+            "novelty: {} rows escalated as novel ({} would have been right, {} wrong, {} of a label the index lacks); kept {:.1}% at {} without it, {:.1}% at {} with it",
+            n.novel,
+            n.novel_would_be_right,
+            n.novel_would_be_wrong,
+            n.novel_unseen_gold,
+            100.0 * n.kept_without,
+            pct(n.kept_accuracy_without),
+            100.0 * n.kept_with,
+            pct(n.kept_accuracy_with)
+        );
+        if n.unseen_gold_rows > 0 {
+            println!(
+                "  rows of labels the index lacks: {} — {} kept (always wrong)",
+                n.unseen_gold_rows, n.unseen_gold_kept
+            );
+        }
     }
     println!("\nsignal      AURC    kept@95  kept@97  kept@98   (best thresholds on this split)");
     for (s, rep) in &ev.by_signal {

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod index;
 pub mod llm;
 pub mod models;
+pub mod monitor;
 pub mod redact;
 pub mod serve;
 pub mod tune;

@@ -27,6 +27,13 @@ fn options(ctx: &Ctx, a: &ServeArgs) -> Result<(ServeOptions, ServerOptions, Str
     let mut s = ServeOptions::new(index);
     s.also = also;
     s.classifier = ctx.classifier_options(a.k, a.threshold, None)?;
+    s.classifier.audit = a.audit.plan()?;
+    s.classifier.no_novelty = !a.audit.novelty_on()?;
+    s.guards = a.audit.guards_on()?;
+    anyhow::ensure!(
+        a.audit.segment_col.is_none(),
+        "--segment-col is for classify (the service reports audits by label and language)"
+    );
     s.llm = a.llm.clone().or(ctx.cfg.llm.clone().map(PathBuf::from));
     s.llm_overrides = a.send.overrides()?;
     s.results = a.results.clone().or(c.results.clone().map(PathBuf::from));
