@@ -85,6 +85,10 @@ pub struct OutputRow {
     pub audit: Option<Audit>,
 }
 
+/// `audit_label` of an audited row the LLM answered with no label of the schema (a
+/// disagreement: the row belongs to none of the index's labels, as the LLM sees it).
+pub const OUTSIDE_SCHEMA: &str = "(outside the schema)";
+
 /// The LLM's blind answer for an audited row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Audit {

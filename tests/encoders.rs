@@ -149,12 +149,12 @@ fn training_forward_matches_sentence_transformers() {
         let rows = reference(case);
         let ids: Vec<Vec<u32>> = rows
             .iter()
-            .take(12)
+            .take(6)
             .map(|r| enc.renderer.encode_head(&r.0).unwrap())
             .collect();
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let got = m.embed(&refs, 4096).unwrap();
-        for (i, r) in rows.iter().take(12).enumerate() {
+        for (i, r) in rows.iter().take(6).enumerate() {
             let c = cosine(&got[i * case.dim..(i + 1) * case.dim], &r.2);
             assert!(c >= 0.999, "{}: cosine {c}", case.dir);
         }
@@ -176,14 +176,17 @@ fn multilingual_fixture_through_every_model_and_engine() {
         .collect();
     let read = common::read_jsonl;
     // Where the CPU cannot run the fast engine, `auto` (candle, several times slower) runs
-    // every second row (all the kinds of row the fixture has) and the comparison below is
-    // candle against itself: what matters everywhere is that no row ends the run and each
-    // gets its row.
-    let (fast_engine, input, lines) = if semtel::embed::fast::kernels::supported() {
+    // every fifth row (all the kinds of row the fixture has) and the candle comparison below
+    // is skipped (it would be candle against itself): what matters everywhere is that no row
+    // ends the run and each gets its row.
+    let fast_supported = semtel::embed::fast::kernels::supported();
+    let (fast_engine, input, lines) = if fast_supported {
         ("fast", input, lines)
     } else {
-        eprintln!("this CPU lacks AVX512-BF16: half the fixture runs on `--engine auto` (candle)");
-        let half: Vec<String> = lines.iter().step_by(2).cloned().collect();
+        eprintln!(
+            "this CPU lacks AVX512-BF16: a fifth of the fixture runs on `--engine auto` (candle)"
+        );
+        let half: Vec<String> = lines.iter().step_by(5).cloned().collect();
         let p = tmpdir("enc-fixture-half").join("half.jsonl");
         std::fs::write(
             &p,
@@ -266,6 +269,9 @@ fn multilingual_fixture_through_every_model_and_engine() {
             case.english_only,
             "{summary}"
         );
+        if !fast_supported {
+            continue;
+        }
         // candle on every fourth row: the same ids, languages and decisions' kinds.
         let subset = dir.join("subset.jsonl");
         let picked: Vec<&String> = lines.iter().step_by(4).collect();
@@ -506,14 +512,24 @@ proptest! {
             .collect();
         for (dim, auto, candle) in engines() {
             let a = auto.embed_rows(&rows).unwrap();
-            let b = candle.embed_rows(&rows).unwrap();
-            for (x, y) in a.iter().zip(&b) {
-                prop_assert_eq!(x.is_ok(), y.is_ok());
-                if let (Ok(x), Ok(y)) = (x, y) {
+            // Without the fast engine `auto` is candle: comparing it with itself proves nothing.
+            let b = if semtel::embed::fast::kernels::supported() {
+                Some(candle.embed_rows(&rows).unwrap())
+            } else {
+                None
+            };
+            for (i, x) in a.iter().enumerate() {
+                let y = b.as_ref().map(|b| &b[i]);
+                if let Some(y) = y {
+                    prop_assert_eq!(x.is_ok(), y.is_ok());
+                }
+                if let Ok(x) = x {
                     prop_assert_eq!(x.vector.len(), *dim);
                     let n: f32 = x.vector.iter().map(|v| v * v).sum::<f32>().sqrt();
                     prop_assert!(x.vector.iter().all(|v| v.is_finite()) && (n - 1.0).abs() < 1e-3);
-                    prop_assert!(cosine(&x.vector, &y.vector) > 0.99, "engines disagree");
+                    if let Some(Ok(y)) = y {
+                        prop_assert!(cosine(&x.vector, &y.vector) > 0.99, "engines disagree");
+                    }
                 }
             }
         }

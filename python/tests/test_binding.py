@@ -76,3 +76,44 @@ print(json.dumps({{"ids": out["id"], "by": out["decided_by"], "err": out["error"
     errors = [(i, e) for i, b, e in zip(out["ids"], out["by"], out["err"]) if b == "error"]
     assert len(errors) == 1 and errors[0][0] == "conv-003", errors
     assert "injected panic" in errors[0][1]
+
+
+def test_audit_rate_sends_kept_rows_blind_and_needs_an_llm(sample_index, conversations, tmp_path):
+    import subprocess
+
+    from conftest import BIN, REPO
+
+    with pytest.raises(ValueError, match="llm_config"):
+        semtel.Classifier(sample_index, audit_rate=0.5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        semtel.Classifier(sample_index, audit_rate=1.5)
+    sim = subprocess.Popen(
+        [str(BIN), "llm", "simulate", "--truth", str(REPO / "data/conversations.jsonl"), "--port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        url = sim.stdout.readline().split()[2]
+        cfg = tmp_path / "llm.toml"
+        cfg.write_text(f'cache = "off"\n[[endpoints]]\nname = "sim"\nurl = "{url}"\nmodel = "sim-1"\n')
+        import json
+
+        # Plain-text rows: the simulator knows their true labels by their text.
+        rows = [json.loads(l) for l in open(REPO / "data/conversations.jsonl")]
+        rows = [r for r in rows if "text" in r]
+        batch = pa.record_batch({"id": [r["id"] for r in rows], "text": [r["text"] for r in rows]})
+        clf = semtel.Classifier(
+            sample_index, text_col="text", llm_config=str(cfg), audit_rate=1.0, audit_seed=1
+        )
+        d = clf.classify_batch(batch).to_pydict()
+    finally:
+        sim.kill()
+    kept = [i for i, by in enumerate(d["decided_by"]) if by == "knn"]
+    assert kept, d["decided_by"]
+    # Every kept row was audited (rate 1.0) and keeps its kNN label; the simulator answers
+    # with the true labels, so agreement is what kNN got right.
+    assert all(d["audit"][i] in ("agree", "disagree", "missing") for i in kept)
+    assert all(d["audit"][i] is None for i, by in enumerate(d["decided_by"]) if by != "knn")
+    agreed = [i for i in kept if d["audit"][i] == "agree"]
+    assert len(agreed) >= 0.8 * len(kept), list(zip(d["label"], d["audit_label"]))
+    assert all(d["audit_label"][i] == d["label"][i] for i in agreed)
+    assert all(d["audit_label"][i] != d["label"][i] for i in kept if d["audit"][i] == "disagree")

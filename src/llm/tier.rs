@@ -1416,6 +1416,12 @@ impl Dispatcher {
                         Resolution::Label { label, .. } => {
                             Some(self.sh.pb.schema.labels[*label].clone())
                         }
+                        // The LLM answered, but with no label of the schema: it says the kept
+                        // label is wrong (the row is of a topic the taxonomy lacks). Counting it
+                        // as missing would hide exactly the drift audits are for.
+                        Resolution::Failed(why) if why.contains("is not in the schema") => {
+                            Some(crate::row::OUTSIDE_SCHEMA.to_string())
+                        }
                         Resolution::Failed(_) => None,
                     },
                 });
