@@ -301,6 +301,27 @@ impl Guards {
         events
     }
 
+    /// A finished row's evidence, if it carries any: an audited kept row (its label against
+    /// the LLM's answer), or a row a guard escalated that the LLM labelled (what kNN would have
+    /// kept against the LLM's label). Every other row says nothing about kept rows.
+    pub fn observe_row(&self, r: &crate::row::OutputRow) -> Vec<GuardEvent> {
+        use crate::row::{DecidedBy, EscalateReason};
+        if let Some(Some(answer)) = r.audit.as_ref().map(|a| a.label.as_deref()) {
+            let agreed = r.label.as_deref() == Some(answer);
+            return self.observe(r.label.as_deref(), r.lang.as_deref(), r.confidence, agreed);
+        }
+        if r.escalate_reason == Some(EscalateReason::Guard) && r.decided_by == DecidedBy::Llm {
+            let agreed = r.knn_label == r.label;
+            return self.observe(
+                r.knn_label.as_deref(),
+                r.lang.as_deref(),
+                r.confidence,
+                agreed,
+            );
+        }
+        Vec::new()
+    }
+
     /// Everything so far, for summaries, metrics and reports.
     pub fn snapshot(&self) -> GuardReport {
         let st = self.lock();

@@ -906,26 +906,7 @@ pub fn run(
                                 );
                             }
                             if let Some(g) = &guards {
-                                // Evidence: audited kept rows, and rows a guard escalated
-                                // (what kNN would have kept, against the LLM's answer).
-                                if let Some(Some(l)) = r.audit.as_ref().map(|a| a.label.as_deref())
-                                {
-                                    g.observe(
-                                        r.label.as_deref(),
-                                        r.lang.as_deref(),
-                                        r.confidence,
-                                        r.label.as_deref() == Some(l),
-                                    );
-                                } else if r.escalate_reason == Some(EscalateReason::Guard)
-                                    && r.decided_by == DecidedBy::Llm
-                                {
-                                    g.observe(
-                                        r.knn_label.as_deref(),
-                                        r.lang.as_deref(),
-                                        r.confidence,
-                                        r.knn_label == r.label,
-                                    );
-                                }
+                                g.observe_row(r);
                             }
                             counts[match r.decided_by {
                                 DecidedBy::Knn => 0,

@@ -32,7 +32,7 @@ use crate::grow::Growth;
 use crate::llm::LlmTier;
 use crate::output::OutputSpec;
 use crate::pipeline::{Classified, Classifier, ClassifierOptions, Escalation, Taxonomy};
-use crate::row::{DecidedBy, EscalateReason, OutputRow};
+use crate::row::{DecidedBy, OutputRow};
 use crate::{Error, Result};
 use journal::{journal_line, ResultLog};
 use queue::{Budget, Kind, Queue, Refused, Ticket};
@@ -514,15 +514,8 @@ impl Service {
                         .llm_cost_micro_usd
                         .fetch_add((llm.cost_usd * 1e6).round() as u64, Ordering::Relaxed);
                 }
-                if let (Some(g), Some(EscalateReason::Guard), DecidedBy::Llm) =
-                    (&self.inner.guards, r.escalate_reason, r.decided_by)
-                {
-                    g.observe(
-                        r.knn_label.as_deref(),
-                        r.lang.as_deref(),
-                        r.confidence,
-                        r.knn_label == r.label,
-                    );
+                if let Some(g) = &self.inner.guards {
+                    g.observe_row(&r);
                 }
                 let route = self.inner.routes.lock().expect("routes").remove(&r.id);
                 match route {
@@ -537,7 +530,6 @@ impl Service {
                         logged.push(r);
                     }
                     Some(Route::Audit) => {
-                        let answer = r.audit.as_ref().and_then(|a| a.label.clone());
                         let verdict = r
                             .audit
                             .as_ref()
@@ -548,14 +540,6 @@ impl Service {
                             _ => 2,
                         }]
                         .fetch_add(1, Ordering::Relaxed);
-                        if let (Some(g), Some(a)) = (&self.inner.guards, answer) {
-                            g.observe(
-                                r.label.as_deref(),
-                                r.lang.as_deref(),
-                                r.confidence,
-                                r.label.as_deref() == Some(a.as_str()),
-                            );
-                        }
                     }
                     None => {}
                 }

@@ -601,6 +601,30 @@ enum Resolution {
         cost: f64,
     },
     Failed(String),
+    /// Failed because the LLM kept answering with labels outside the schema: for an audited
+    /// row, a disagreement (the row is of a topic the taxonomy lacks, as the LLM sees it).
+    OutsideSchema(String),
+}
+
+impl Resolution {
+    /// What the call cost this row: duplicates share one call, only the first carries it.
+    fn llm_info(&self, first: bool) -> Option<LlmInfo> {
+        match self {
+            Resolution::Label {
+                model,
+                tokens_in,
+                tokens_out,
+                cost,
+                ..
+            } => Some(LlmInfo {
+                model: model.clone(),
+                tokens_in: if first { *tokens_in } else { 0 },
+                tokens_out: if first { *tokens_out } else { 0 },
+                cost_usd: if first { *cost } else { 0.0 },
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// One in-flight copy of a call. Dropping `cancel` cancels it.
@@ -1378,7 +1402,12 @@ impl Dispatcher {
                             it.attempts,
                             it.last_problem.clone().unwrap_or_default()
                         );
-                        self.resolve(&it.hash.clone(), Resolution::Failed(why));
+                        let r = if missing {
+                            Resolution::Failed(why)
+                        } else {
+                            Resolution::OutsideSchema(why)
+                        };
+                        self.resolve(&it.hash.clone(), r);
                     } else if missing {
                         // Dropped or cut off: nothing wrong with the item; it rides the next
                         // call with others.
@@ -1416,57 +1445,27 @@ impl Dispatcher {
                         Resolution::Label { label, .. } => {
                             Some(self.sh.pb.schema.labels[*label].clone())
                         }
-                        // The LLM answered, but with no label of the schema: it says the kept
-                        // label is wrong (the row is of a topic the taxonomy lacks). Counting it
-                        // as missing would hide exactly the drift audits are for.
-                        Resolution::Failed(why) if why.contains("is not in the schema") => {
+                        // Counting it as missing would hide exactly the drift audits are for.
+                        Resolution::OutsideSchema(_) => {
                             Some(crate::row::OUTSIDE_SCHEMA.to_string())
                         }
                         Resolution::Failed(_) => None,
                     },
                 });
-                if let Resolution::Label {
-                    model,
-                    tokens_in,
-                    tokens_out,
-                    cost,
-                    ..
-                } = &r
-                {
-                    let first = j == 0;
-                    row.llm = Some(LlmInfo {
-                        model: model.clone(),
-                        tokens_in: if first { *tokens_in } else { 0 },
-                        tokens_out: if first { *tokens_out } else { 0 },
-                        cost_usd: if first { *cost } else { 0.0 },
-                    });
-                }
+                row.llm = r.llm_info(j == 0);
                 if self.results.send((row, w.vector, w.text)).is_err() {
                     return;
                 }
                 continue;
             }
             match &r {
-                Resolution::Label {
-                    label,
-                    model,
-                    tokens_in,
-                    tokens_out,
-                    cost,
-                } => {
+                Resolution::Label { label, .. } => {
                     self.stats.rows_labelled += 1;
                     row.label = Some(self.sh.pb.schema.labels[*label].clone());
                     row.decided_by = DecidedBy::Llm;
-                    // Duplicates share the one call: only the first row carries its cost.
-                    let first = j == 0;
-                    row.llm = Some(LlmInfo {
-                        model: model.clone(),
-                        tokens_in: if first { *tokens_in } else { 0 },
-                        tokens_out: if first { *tokens_out } else { 0 },
-                        cost_usd: if first { *cost } else { 0.0 },
-                    });
+                    row.llm = r.llm_info(j == 0);
                 }
-                Resolution::Failed(why) => {
+                Resolution::Failed(why) | Resolution::OutsideSchema(why) => {
                     self.stats.rows_failed += 1;
                     row.decided_by = DecidedBy::Escalate;
                     row.error = Some(why.clone());
