@@ -15,6 +15,15 @@ pub fn commit(tmp: &Path, dest: &Path) -> Result<()> {
     std::fs::rename(tmp, dest).map_err(|e| Error::io(dest, e))
 }
 
+/// Writes `bytes` beside `dest` and commits them over it: readers see the old file or the new.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = dest.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dest.with_file_name(name);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    commit(&tmp, dest)
+}
+
 /// fsync of a file's contents.
 pub fn sync_file(path: &Path) -> Result<()> {
     File::open(path)

@@ -11,6 +11,7 @@ pub mod app;
 pub mod bench;
 pub mod calibrate;
 pub mod center;
+pub mod cluster;
 pub mod config;
 pub mod conversation;
 pub mod decide;

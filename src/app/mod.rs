@@ -10,6 +10,7 @@
 //! | evaluate on a labelled split | [`eval::evaluate`], [`eval::evaluate_multi`] |
 //! | embed a file to Parquet | [`embed::embed_file`] |
 //! | the bundled demo | [`demo::run`] |
+//! | clusters of what the taxonomy misses, named by the LLM, as a proposed taxonomy | [`discover::run`] |
 //! | cold start: taxonomy + LLM + unlabelled rows → calibrated index | [`bootstrap::run`] |
 //! | fine-tune the encoder on the exemplars, re-embed, re-calibrate | [`tune::run`] |
 //! | two LLM configurations on the same rows (agreement, kappa, cost) | [`compare::run`] |
@@ -26,6 +27,7 @@ pub mod calibrate;
 pub mod classify;
 pub mod compare;
 pub mod demo;
+pub mod discover;
 pub mod embed;
 pub mod eval;
 pub mod index;

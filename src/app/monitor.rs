@@ -510,7 +510,7 @@ pub fn parse_time(s: &str) -> Option<f64> {
 }
 
 /// `YYYY-MM-DD HH:MM` (UTC) of epoch seconds.
-fn format_time(t: f64) -> String {
+pub fn format_time(t: f64) -> String {
     let secs = t.floor() as i64;
     let days = secs.div_euclid(86400);
     let rem = secs.rem_euclid(86400);

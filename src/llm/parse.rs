@@ -107,7 +107,7 @@ impl Schema {
 }
 
 /// Finds the JSON value in a reply: a fenced block, else the first balanced `{…}` or `[…]`.
-fn extract_json(reply: &str) -> Option<&str> {
+pub fn extract_json(reply: &str) -> Option<&str> {
     if let Some(start) = reply.find("```") {
         let after = &reply[start + 3..];
         let body_start = after.find('\n').map(|i| i + 1).unwrap_or(0);

@@ -767,6 +767,64 @@ fn parse_prompt(user: &str) -> (Vec<String>, Option<String>, Vec<ParsedItem>) {
     (labels, escape, items)
 }
 
+/// Answers a naming prompt of `semtel discover`: each `<cluster id="N">` is named after the
+/// true label most of its `<conversation>`s have (from the truth file; `unknown_topic` when
+/// none is known, `noise` when no label has a majority), each `<group id="N">` after its first
+/// `<topic>`'s name.
+fn name_blocks(
+    user: &str,
+    truth: &HashMap<String, String>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let unescape = |t: &str| {
+        t.trim()
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&amp;", "&")
+    };
+    let mut out = serde_json::Map::new();
+    for (open, close, inner) in [
+        ("<cluster id=\"", "</cluster>", "<conversation>"),
+        ("<group id=\"", "</group>", "<topic>"),
+    ] {
+        let mut rest = user;
+        while let Some(start) = rest.find(open) {
+            let after = &rest[start + open.len()..];
+            let Some(q) = after.find('"') else { break };
+            let n = after[..q].to_string();
+            let end = after.find(close).unwrap_or(after.len());
+            let body = &after[..end];
+            let parts: Vec<String> = body
+                .split(inner)
+                .skip(1)
+                .map(|p| unescape(p.split(&inner.replace('<', "</")).next().unwrap_or("")))
+                .collect();
+            let name = if inner == "<topic>" {
+                parts
+                    .first()
+                    .and_then(|t| t.split(':').next())
+                    .map(|t| format!("{}_topics", t.trim()))
+                    .unwrap_or_else(|| "topics".into())
+            } else {
+                let mut votes: HashMap<&str, usize> = HashMap::new();
+                for p in &parts {
+                    if let Some(l) = truth.get(&truth_key(p)) {
+                        *votes.entry(l.as_str()).or_default() += 1;
+                    }
+                }
+                match votes.iter().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0))) {
+                    Some((l, &v)) if 2 * v > parts.len() => l.to_string(),
+                    Some(_) => "noise".into(),
+                    None => "unknown_topic".into(),
+                }
+            };
+            let desc = format!("conversations about {}", name.replace('_', " "));
+            out.insert(n, serde_json::json!({"name": name, "description": desc}));
+            rest = &after[end..];
+        }
+    }
+    out
+}
+
 fn normal(rng: &mut fastrand::Rng, mean: f64, sd: f64) -> f64 {
     let u1 = rng.f64().max(1e-12);
     let u2 = rng.f64();
@@ -1080,6 +1138,10 @@ async fn handle(
     for (n, l) in answers {
         obj.entry(n.to_string())
             .or_insert(serde_json::Value::String(l));
+    }
+    // `semtel discover`'s prompts: clusters (or groups of topics) to name.
+    if user.contains("<cluster id=\"") || user.contains("<group id=\"") {
+        obj = name_blocks(&user, &st.cfg.truth);
     }
     let json = serde_json::Value::Object(obj).to_string();
     let mut content = match style {

@@ -137,6 +137,73 @@ pub enum Cmd {
     /// agreement and guard trips; JSON and a self-contained HTML page. Exits 3 when an alert
     /// threshold is crossed (for schedulers).
     Monitor(MonitorArgs),
+    /// What the taxonomy misses: cluster conversations by density (all of a file, or only a
+    /// run's escalated rows), name each cluster with the LLM from redacted representatives,
+    /// compare them with the index's labels and propose a taxonomy (taxonomy.toml,
+    /// clusters.parquet, summary.json, report.html).
+    Discover(DiscoverArgs),
+}
+
+#[derive(Args)]
+pub struct DiscoverArgs {
+    #[command(flatten)]
+    pub send: SendArgs,
+    /// Conversations (JSONL or Parquet).
+    #[arg(long)]
+    pub input: PathBuf,
+    #[command(flatten)]
+    pub cols: ColumnArgs,
+    /// A `semtel embed` output: its vectors are reused for the ids it holds.
+    #[arg(long)]
+    pub vectors: Option<PathBuf>,
+    /// A classify output: cluster only the rows it escalated (novel rows among them).
+    #[arg(long, value_name = "OUTPUT")]
+    pub escalated_from: Option<PathBuf>,
+    /// The index: its encoder embeds, its labels are what clusters are compared with.
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// LLM configuration: clusters are named only with one.
+    #[arg(long)]
+    pub llm: Option<PathBuf>,
+    /// A .prompty file replacing the shipped naming prompt (prompts/discover.prompty).
+    #[arg(long)]
+    pub prompt: Option<PathBuf>,
+    /// Folder for taxonomy.toml, clusters.parquet, summary.json and report.html.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Privacy floor: a cluster with fewer distinct conversations is never named or shown.
+    #[arg(long, default_value_t = 20)]
+    pub min_conversations: usize,
+    /// Smallest cluster [default: --min-conversations].
+    #[arg(long)]
+    pub min_cluster_size: Option<usize>,
+    /// HDBSCAN's min_samples: larger is more conservative, more rows stay noise [default: 2,
+    /// measured best on two labelled sets; scikit-learn's default is min_cluster_size].
+    #[arg(long)]
+    pub min_samples: Option<usize>,
+    /// How clusters are chosen from the density tree: leaf (the finest dense groups) or eom
+    /// (excess of mass: the most persistent ones, often one large parent of many topics).
+    #[arg(long, default_value = "eom", value_parser = ["eom", "leaf"])]
+    pub selection: String,
+    /// Conversations per cluster shown to the LLM (half central, half diverse).
+    #[arg(long, default_value_t = 8)]
+    pub representatives: usize,
+    /// Put the representatives' (redacted) text in the report.
+    #[arg(long)]
+    pub show_examples: bool,
+    /// A timestamp column (RFC 3339 or epoch seconds): each cluster's share over time.
+    #[arg(long)]
+    pub time_col: Option<String>,
+    /// 2: also group the clusters into broader topics.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub levels: u8,
+    /// Cosine above which a cluster looks like an existing label [default: the median
+    /// similarity of each label to its nearest other label].
+    #[arg(long)]
+    pub similar_above: Option<f32>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

@@ -105,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Serve(a) => serve::run(&ctx, a),
         Cmd::Redact(a) => redact::run(&ctx, a),
         Cmd::Monitor(a) => monitor::run(a),
+        Cmd::Discover(a) => discover::run(&ctx, a),
         Cmd::Embed {
             input,
             output,

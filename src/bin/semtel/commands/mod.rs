@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod calibrate;
 pub mod classify;
 pub mod demo;
+pub mod discover;
 pub mod eval;
 pub mod index;
 pub mod llm;
