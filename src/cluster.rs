@@ -86,7 +86,7 @@ fn knn_graph_with_index(
     dims: usize,
     k: usize,
 ) -> Result<(Neighbours, Option<usearch::Index>)> {
-    if dims == 0 || vectors.len() % dims != 0 {
+    if dims == 0 || !vectors.len().is_multiple_of(dims) {
         return Err(Error::Config(format!(
             "cluster: {} values are not rows of {dims} dimensions",
             vectors.len()
@@ -760,6 +760,36 @@ mod tests {
         // Joined by their true nearest edge instead: still two clusters.
         let c = cluster(&v, 2, &p).unwrap();
         assert_eq!(c.n_clusters, 2, "{:?}", c.labels);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, failure_persistence: None, ..Default::default() })]
+        /// Any set of rows (duplicates, a single point repeated, tiny or huge values) gets one
+        /// label each, noise or a cluster of at least min_cluster_size rows, without a panic.
+        #[test]
+        fn any_rows_get_one_label_each(
+            rows in proptest::collection::vec(proptest::collection::vec(-3.0f32..3.0, 3), 0..120),
+            mcs in 2usize..12,
+            ms in 1usize..8,
+        ) {
+            let v: Vec<f32> = rows.iter().flatten().copied().collect();
+            let p = Params::new(mcs, ms);
+            let c = cluster(&v, 3, &p).unwrap();
+            proptest::prop_assert_eq!(c.labels.len(), rows.len());
+            let mut sizes = std::collections::HashMap::new();
+            for &l in &c.labels {
+                proptest::prop_assert!(l >= -1 && l < c.n_clusters as i32);
+                *sizes.entry(l).or_insert(0usize) += 1;
+            }
+            for (l, s) in sizes {
+                if l >= 0 {
+                    proptest::prop_assert!(s >= p.min_cluster_size);
+                }
+            }
+            // Clusters are numbered by size, largest first.
+            let counts: Vec<usize> = (0..c.n_clusters as i32).map(|k| c.labels.iter().filter(|&&l| l == k).count()).collect();
+            proptest::prop_assert!(counts.windows(2).all(|w| w[0] >= w[1]));
+        }
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct ClusterReport {
     pub status: String,
     pub name: Option<String>,
     pub description: Option<String>,
+    /// Why an `unnamed` cluster has no name (no LLM configured, or no usable answer).
+    pub unnamed_reason: Option<String>,
     /// The taxonomy entry this cluster was merged into (a near-duplicate name of a larger one).
     pub merged_into: Option<String>,
     pub nearest_label: Option<String>,
@@ -452,6 +454,7 @@ pub fn run(o: &DiscoverOptions, progress: &Progress) -> Result<DiscoverReport> {
             status: if below { "below_floor" } else { "unnamed" }.into(),
             name: None,
             description: None,
+            unnamed_reason: None,
             merged_into: None,
             nearest_label: if below { None } else { nearest_label },
             similarity: if below { None } else { similarity },
@@ -487,6 +490,16 @@ pub fn run(o: &DiscoverOptions, progress: &Progress) -> Result<DiscoverReport> {
             reports[c].name = Some(name);
             reports[c].description = Some(desc);
         }
+    }
+    for r in reports
+        .iter_mut()
+        .filter(|r| r.status == "unnamed" && r.name.is_none())
+    {
+        r.unnamed_reason = Some(if namer.is_some() {
+            "the LLM gave no usable name for it (the call failed after its retries, or the answer was unreadable); run again to retry".into()
+        } else {
+            "no --llm: clusters are found, not named".into()
+        });
     }
     // Status, merging of near-duplicate names, suggestions.
     let mut entry_of: HashMap<String, String> = HashMap::new();
@@ -741,11 +754,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Each label's normalised mean exemplar vector.
+type Prototypes = Vec<(String, Vec<f32>)>;
+
 /// Normalised mean exemplar vector of every label, and the default "looks like" threshold: the
 /// median over labels of the cosine between a label's prototype and its nearest other label's.
 /// Labels the taxonomy keeps apart are at least about this distinct; a cluster closer than that
 /// to a label is more likely that label (or a part of it) than a new topic.
-fn prototypes(ix: &crate::index::ExemplarIndex) -> Result<(Vec<(String, Vec<f32>)>, Option<f32>)> {
+fn prototypes(ix: &crate::index::ExemplarIndex) -> Result<(Prototypes, Option<f32>)> {
     let d = ix.manifest.model.dims;
     let v = ix.vectors()?;
     let labels = ix.labels();
@@ -1065,27 +1081,26 @@ impl Namer {
             }
         }
         let sem = Arc::new(tokio::sync::Semaphore::new(8));
-        let results: Vec<(Vec<usize>, String, Option<(String, u32, u32, usize)>)> =
-            self.rt.block_on(async {
-                let mut set = tokio::task::JoinSet::new();
-                for (ids, req, key) in todo {
-                    let clients = self.clients.clone();
-                    let sem = sem.clone();
-                    let cfg = self.cfg.clone();
-                    set.spawn(async move {
-                        let _permit = sem.acquire_owned().await;
-                        let got = call_with_retries(&cfg, &clients, &req, ids.len()).await;
-                        (ids, key, got)
-                    });
+        let results: Vec<(Vec<usize>, String, Option<Answer>)> = self.rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for (ids, req, key) in todo {
+                let clients = self.clients.clone();
+                let sem = sem.clone();
+                let cfg = self.cfg.clone();
+                set.spawn(async move {
+                    let _permit = sem.acquire_owned().await;
+                    let got = call_with_retries(&cfg, &clients, &req, ids.len()).await;
+                    (ids, key, got)
+                });
+            }
+            let mut all = Vec::new();
+            while let Some(r) = set.join_next().await {
+                if let Ok(r) = r {
+                    all.push(r);
                 }
-                let mut all = Vec::new();
-                while let Some(r) = set.join_next().await {
-                    if let Ok(r) = r {
-                        all.push(r);
-                    }
-                }
-                all
-            });
+            }
+            all
+        });
         for (ids, key, got) in results {
             let mut s = self.spend.lock().unwrap();
             match got {
@@ -1117,6 +1132,9 @@ impl Namer {
     }
 }
 
+/// An answer: (content, prompt tokens, completion tokens, endpoint index).
+type Answer = (String, u32, u32, usize);
+
 /// One call, retried on transient failures with jittered backoff (honouring `Retry-After`), the
 /// endpoints taken in turn. Returns (content, prompt tokens, completion tokens, endpoint).
 async fn call_with_retries(
@@ -1124,7 +1142,7 @@ async fn call_with_retries(
     clients: &[Arc<HttpClient>],
     req: &ChatRequest,
     n: usize,
-) -> Option<(String, u32, u32, usize)> {
+) -> Option<Answer> {
     let attempts = cfg.max_attempts.max(1) as usize;
     let est_tokens: usize = req
         .messages
@@ -1629,6 +1647,35 @@ mod tests {
         assert_eq!(got[2], None);
         for bad in ["", "{", "[1,2]", "{\"1\": 5}", "<html>", "\u{0}{\"1\":{}}"] {
             assert!(parse_names(bad, 2).is_none_or(|v| v.len() == 2));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, failure_persistence: None, ..Default::default() })]
+        /// Whatever an LLM answers (any text, any script, broken JSON), reading it never panics
+        /// and every name it yields is a clean, non-empty snake_case key.
+        #[test]
+        fn any_reply_is_read_without_panic(reply in "\\PC*", n in 0usize..6) {
+            if let Some(v) = parse_names(&reply, n) {
+                proptest::prop_assert_eq!(v.len(), n);
+                for (name, desc) in v.into_iter().flatten() {
+                    proptest::prop_assert!(!name.is_empty() && name.len() <= 52);
+                    proptest::prop_assert!(!name.contains(char::is_whitespace));
+                    proptest::prop_assert!(!desc.contains('\n'));
+                }
+            }
+            let _ = name_key(&reply);
+            if let Some(c) = clean_name(&reply) {
+                proptest::prop_assert!(!c.starts_with('_') && !c.ends_with('_'));
+            }
+        }
+
+        /// A name inside a JSON answer, in any script, survives as a name.
+        #[test]
+        fn names_in_any_script_survive(name in "[\\p{L}\\p{N}][\\p{L}\\p{N} _-]{0,30}") {
+            let reply = serde_json::json!({"1": {"name": name, "description": "d"}}).to_string();
+            let got = parse_names(&reply, 1).unwrap();
+            proptest::prop_assert!(got[0].is_some());
         }
     }
 

@@ -1142,6 +1142,22 @@ async fn handle(
     // `semtel discover`'s prompts: clusters (or groups of topics) to name.
     if user.contains("<cluster id=\"") || user.contains("<group id=\"") {
         obj = name_blocks(&user, &st.cfg.truth);
+        // Under the error rate a cluster gets another true label's name (a confusable one
+        // when the error model has them for its first conversation).
+        let all: Vec<&String> = {
+            let mut v: Vec<&String> = st.cfg.truth.values().collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let mut rng = st.rng.lock().unwrap();
+        for v in obj.values_mut() {
+            if st.cfg.error_rate > 0.0 && rng.f64() < st.cfg.error_rate && all.len() > 1 {
+                let wrong = all[rng.usize(0..all.len())].clone();
+                let desc = format!("conversations about {}", wrong.replace('_', " "));
+                *v = serde_json::json!({"name": wrong, "description": desc});
+            }
+        }
     }
     let json = serde_json::Value::Object(obj).to_string();
     let mut content = match style {

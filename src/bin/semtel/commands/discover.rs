@@ -60,6 +60,12 @@ pub fn run(ctx: &Ctx, a: DiscoverArgs) -> Result<()> {
         r.noise_rows,
         100.0 * r.noise_rows as f64 / r.rows_clustered.max(1) as f64
     );
+    if r.clusters.iter().all(|c| c.status == "below_floor") {
+        eprintln!(
+            "nothing to report: no cluster of at least {} distinct conversations (rows clustered: {})",
+            r.min_conversations, r.rows_clustered
+        );
+    }
     for c in r.clusters.iter().filter(|c| c.status != "below_floor") {
         eprintln!(
             "  #{:<3} {:>6} rows {:<11} {:<32} {}",
