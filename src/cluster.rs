@@ -657,6 +657,107 @@ fn condense_and_select(n: usize, merges: &[Merge], mcs: usize, sel: Selection) -
     }
 }
 
+/// `vectors` (`n × dims`) on their `k` principal axes (subspace iteration on the covariance),
+/// each row scaled to unit length again: density estimates on a few dozen dimensions suffer
+/// less from distance concentration than on hundreds.
+pub fn pca_reduce(vectors: &[f32], dims: usize, k: usize) -> Vec<f32> {
+    let n = vectors.len() / dims.max(1);
+    let k = k.min(dims).max(1);
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut mean = vec![0.0f64; dims];
+    for row in vectors.chunks(dims) {
+        for (m, x) in mean.iter_mut().zip(row) {
+            *m += *x as f64;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= n as f64);
+    // Covariance (dims × dims), summed over row chunks in parallel.
+    let cov = vectors
+        .par_chunks(dims * 512)
+        .map(|chunk| {
+            let mut c = vec![0.0f64; dims * dims];
+            let mut x = vec![0.0f64; dims];
+            for row in chunk.chunks(dims) {
+                for (xi, (r, m)) in x.iter_mut().zip(row.iter().zip(&mean)) {
+                    *xi = *r as f64 - m;
+                }
+                for i in 0..dims {
+                    let xi = x[i];
+                    let ci = &mut c[i * dims..(i + 1) * dims];
+                    for (cij, xj) in ci.iter_mut().zip(&x) {
+                        *cij += xi * xj;
+                    }
+                }
+            }
+            c
+        })
+        .reduce(
+            || vec![0.0f64; dims * dims],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    // Subspace iteration from a fixed start: Q ← orth(C·Q).
+    let mut q: Vec<Vec<f64>> = (0..k)
+        .map(|j| {
+            (0..dims)
+                .map(|i| (((i * 31 + j * 17) % 97) as f64) / 97.0 - 0.5)
+                .collect()
+        })
+        .collect();
+    for _ in 0..40 {
+        let mut z: Vec<Vec<f64>> = q
+            .par_iter()
+            .map(|v| {
+                (0..dims)
+                    .map(|i| {
+                        cov[i * dims..(i + 1) * dims]
+                            .iter()
+                            .zip(v)
+                            .map(|(a, b)| a * b)
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect();
+        for j in 0..k {
+            for p in 0..j {
+                let d: f64 = z[j].iter().zip(&z[p]).map(|(a, b)| a * b).sum();
+                let (head, tail) = z.split_at_mut(j);
+                for (a, b) in tail[0].iter_mut().zip(&head[p]) {
+                    *a -= d * b;
+                }
+            }
+            let norm = z[j].iter().map(|x| x * x).sum::<f64>().sqrt();
+            if norm > 0.0 {
+                z[j].iter_mut().for_each(|x| *x /= norm);
+            }
+        }
+        q = z;
+    }
+    let mut out = vec![0.0f32; n * k];
+    out.par_chunks_mut(k)
+        .zip(vectors.par_chunks(dims))
+        .for_each(|(o, row)| {
+            for (oj, qj) in o.iter_mut().zip(&q) {
+                *oj = row
+                    .iter()
+                    .zip(&mean)
+                    .zip(qj)
+                    .map(|((r, m), w)| (*r as f64 - m) * w)
+                    .sum::<f64>() as f32;
+            }
+            let norm = o.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                o.iter_mut().for_each(|x| *x /= norm);
+            }
+        });
+    out
+}
+
 /// Adjusted Rand index of two labellings (noise, `-1`, is one more label), for comparing a
 /// clustering with a reference.
 pub fn adjusted_rand_index(a: &[i32], b: &[i32]) -> f64 {

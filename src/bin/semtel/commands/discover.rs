@@ -25,6 +25,7 @@ pub fn run(ctx: &Ctx, a: DiscoverArgs) -> Result<()> {
     } else {
         semtel::cluster::Selection::Leaf
     };
+    o.reduce = a.reduce;
     o.representatives = a.representatives.max(1);
     o.show_examples = a.show_examples;
     o.time_col = a.time_col.clone();
