@@ -109,6 +109,17 @@ fn all_labels() -> Vec<String> {
     s
 }
 
+/// `semtel ARGS… --json`: the summary it printed (the run must succeed; its log is shown).
+fn discover_json(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["discover"];
+    a.extend_from_slice(args);
+    a.push("--json");
+    let run = semtel_cmd(&a).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    eprintln!("{}", ok(run));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 fn write_jsonl(p: &Path, rows: &[serde_json::Value], extra: &[&str]) -> PathBuf {
     let mut s: String = rows.iter().map(|r| format!("{r}\n")).collect();
     for e in extra {
@@ -207,8 +218,7 @@ fn discover_names_the_topics_the_index_lacks() {
     let sent = dir.join("sent.jsonl");
     let _ = std::fs::remove_file(&sent);
     let out = dir.join("out");
-    let run = semtel_cmd(&[
-        "discover",
+    let r = discover_json(&[
         "--input",
         input.to_str().unwrap(),
         "--index",
@@ -225,13 +235,7 @@ fn discover_names_the_topics_the_index_lacks() {
         "2",
         "--show-sent",
         sent.to_str().unwrap(),
-        "--json",
-    ])
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
-    eprintln!("{}", ok(run));
-    let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    ]);
     // Every line is a row (the broken one an unreadable row), none ends the run.
     assert_eq!(r["rows_read"], traffic.len() as u64 + 4, "{r}");
     assert!(r["unreadable"].as_u64().unwrap() >= 1);
@@ -340,8 +344,7 @@ fn discover_names_the_topics_the_index_lacks() {
     let mut runs = Vec::new();
     for _ in 0..2 {
         let out2 = dir.join("out2");
-        let run = semtel_cmd(&[
-            "discover",
+        runs.push(discover_json(&[
             "--input",
             input.to_str().unwrap(),
             "--index",
@@ -354,13 +357,7 @@ fn discover_names_the_topics_the_index_lacks() {
             out2.to_str().unwrap(),
             "--min-conversations",
             "15",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&run.stdout).to_string();
-        ok(run);
-        runs.push(serde_json::from_str::<serde_json::Value>(&stdout).unwrap());
+        ]));
     }
     assert_eq!(runs[0]["embedded"], 0, "every readable row had a vector");
     assert!(runs[0]["vectors_reused"].as_u64().unwrap() >= traffic.len() as u64);
@@ -391,8 +388,7 @@ fn discover_names_the_topics_the_index_lacks() {
         .iter()
         .filter(|v| v["escalate_reason"].as_str().is_some_and(|s| !s.is_empty()))
         .count();
-    let run = semtel_cmd(&[
-        "discover",
+    let r3 = discover_json(&[
         "--input",
         input.to_str().unwrap(),
         "--index",
@@ -403,13 +399,7 @@ fn discover_names_the_topics_the_index_lacks() {
         dir.join("out3").to_str().unwrap(),
         "--min-conversations",
         "15",
-        "--json",
-    ])
-    .output()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
-    ok(run);
-    let r3: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    ]);
     eprintln!(
         "escalated rows {escalated}, clustered {}",
         r3["rows_clustered"]
