@@ -261,10 +261,12 @@ pub fn write(dir: &Path, r: &AccuracyCost) -> Result<()> {
     Ok(())
 }
 
-fn esc(s: &str) -> String {
+/// Text made safe for an HTML page, in element content and in attribute values.
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn html_page(r: &AccuracyCost, svg: &str) -> String {

@@ -1458,12 +1458,7 @@ fn taxonomy_toml(
 
 /// The report as one self-contained HTML page (inline SVG, no scripts, no network).
 fn html(r: &DiscoverReport, map: &[MapPoint]) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-    };
+    use crate::report::esc;
     const PALETTE: [&str; 12] = [
         "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
         "#bcbd22", "#17becf", "#393b79", "#637939",

@@ -532,12 +532,7 @@ pub fn format_time(t: f64) -> String {
 
 /// The report as one self-contained HTML page (inline SVG, no scripts, no network).
 pub fn html(r: &MonitorReport) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('"', "&quot;")
-    };
+    use crate::report::esc;
     let series = |f: &dyn Fn(&WindowReport) -> Option<f64>| -> Vec<Option<f64>> {
         r.windows.iter().map(f).collect()
     };
