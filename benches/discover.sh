@@ -5,6 +5,8 @@
 #      escalate), discover on the escalated rows with the simulator as LLM. A label is recovered
 #      when a cluster with purity >= 0.8 holds >= 50 % of that label's escalated rows and is
 #      named with that label. Median over seeds.
+#   1b. the same with volume: the absent labels' train rows join the traffic (a new topic
+#      arriving with a hundred or more conversations, not the test split's 30-40).
 #   2. from scratch: CLINC150 test (5,500 rows, gold intents incl. oos) clustered without an
 #      index; NMI and ARI against the gold intents, for semtel and for BERTopic's clustering
 #      (BERTopic 0.17 with its defaults on the same vectors: UMAP to 5 dimensions, HDBSCAN
@@ -83,6 +85,52 @@ print(json.dumps({"set": ds, "seed": int(seed), "escalated_rows": r["rows_cluste
   "new_not_absent": sum(x["name"] not in absent for x in new),
   "llm_calls": r["llm"]["calls"], "cost_usd": round(r["llm"]["cost_usd"], 4),
   "seconds": round(r["seconds"]["total"], 1)}))
+PY
+  done
+done
+
+echo "## 1b. the same with volume: traffic = test split + the absent labels' train rows"
+for ds in banking77 clinc150; do
+  for seed in 7 8 9; do
+    D="$W/$ds-absent-$seed"
+    $PY - "../shared/data/$ds/$ds.jsonl" "$D" <<'PY'
+import json, sys
+data, d = sys.argv[1], sys.argv[2]
+absent = set(json.load(open(f"{d}/absent.json")))
+with open(f"{d}/traffic.jsonl", "w") as f:
+    for l in open(data):
+        r = json.loads(l)
+        if r["split"] == "test" or (r["split"] == "train" and r["label"] in absent):
+            f.write(json.dumps(r) + "\n")
+PY
+    $BIN -q classify --index "$D/idx" --input "$D/traffic.jsonl" --output "$D/traffic-out.jsonl" --overwrite > /dev/null 2>&1 || true
+    $BIN -q discover --input "$D/traffic.jsonl" --vectors "$W/$ds-test.parquet" --index "$D/idx" \
+      --escalated-from "$D/traffic-out.jsonl" --llm "$W/llm-$ds.toml" --out "$D/vol" --json > "$D/vol.json" 2>/dev/null
+    $PY - "$D" "$ds" "$seed" <<'PY'
+import json, sys, collections
+import pyarrow.parquet as pq
+d, ds, seed = sys.argv[1:4]
+absent = set(json.load(open(f"{d}/absent.json")))
+gold = {json.loads(l)["id"]: json.loads(l)["label"] for l in open(f"{d}/traffic.jsonl")}
+r = json.load(open(f"{d}/vol.json"))
+c = pq.read_table(f"{d}/vol/clusters.parquet").to_pydict()
+esc = collections.Counter(gold[i] for i in c["id"])
+by = collections.defaultdict(collections.Counter)
+for i, k in zip(c["id"], c["cluster"]):
+    by[k][gold[i]] += 1
+names = {x["cluster"]: x["name"] for x in r["clusters"]}
+rec = {cnt.most_common(1)[0][0] for k, cnt in by.items() if k >= 0
+       and cnt.most_common(1)[0][0] in absent
+       and cnt.most_common(1)[0][1] / sum(cnt.values()) >= 0.8
+       and cnt.most_common(1)[0][1] >= 0.5 * esc[cnt.most_common(1)[0][0]]
+       and names.get(k) == cnt.most_common(1)[0][0]}
+new = [x for x in r["clusters"] if x["status"] == "new"]
+print(json.dumps({"set": ds, "seed": int(seed), "escalated_rows": r["rows_clustered"],
+  "absent_rows_escalated": sum(esc[a] for a in absent), "clusters": len(r["clusters"]),
+  "noise_share": round(r["noise_rows"] / max(1, r["rows_clustered"]), 3), "recovered": len(rec),
+  "absent_named_anywhere": len(absent & {x["name"] for x in r["clusters"]}),
+  "new_clusters": len(new), "new_not_absent": sum(x["name"] not in absent for x in new),
+  "llm_calls": r["llm"]["calls"]}))
 PY
   done
 done
