@@ -58,34 +58,7 @@ PY
     $BIN -q classify --index "$D/idx" --input "$W/$ds-test.jsonl" --output "$D/classified.jsonl" --overwrite > /dev/null 2>&1 || true
     $BIN -q discover --input "$W/$ds-test.jsonl" --vectors "$W/$ds-test.parquet" --index "$D/idx" \
       --escalated-from "$D/classified.jsonl" --llm "$W/llm-$ds.toml" --out "$D/found" --json > "$D/found.json" 2>/dev/null
-    $PY - "$D" "$W/$ds-test.jsonl" "$ds" "$seed" <<'PY'
-import json, sys, collections
-import pyarrow.parquet as pq
-d, test, ds, seed = sys.argv[1:5]
-absent = set(json.load(open(f"{d}/absent.json")))
-gold = {json.loads(l)["id"]: json.loads(l)["label"] for l in open(test)}
-r = json.load(open(f"{d}/found.json"))
-c = pq.read_table(f"{d}/found/clusters.parquet").to_pydict()
-esc = collections.Counter(gold[i] for i in c["id"])
-by = collections.defaultdict(collections.Counter)
-for i, k in zip(c["id"], c["cluster"]):
-    by[k][gold[i]] += 1
-names = {x["cluster"]: x["name"] for x in r["clusters"]}
-rec = set()
-for k, cnt in by.items():
-    if k < 0: continue
-    lab, n = cnt.most_common(1)[0]
-    if lab in absent and n / sum(cnt.values()) >= 0.8 and n >= 0.5 * esc[lab] and names.get(k) == lab:
-        rec.add(lab)
-new = [x for x in r["clusters"] if x["status"] == "new"]
-print(json.dumps({"set": ds, "seed": int(seed), "escalated_rows": r["rows_clustered"],
-  "absent_rows_escalated": sum(esc[a] for a in absent), "clusters": len(r["clusters"]),
-  "noise_share": round(r["noise_rows"] / max(1, r["rows_clustered"]), 3),
-  "recovered": len(rec), "new_clusters": len(new),
-  "new_not_absent": sum(x["name"] not in absent for x in new),
-  "llm_calls": r["llm"]["calls"], "cost_usd": round(r["llm"]["cost_usd"], 4),
-  "seconds": round(r["seconds"]["total"], 1)}))
-PY
+    $PY benches/discover/recovery.py "$D" "$W/$ds-test.jsonl" "$ds" "$seed" found
   done
 done
 
@@ -106,32 +79,7 @@ PY
     $BIN -q classify --index "$D/idx" --input "$D/traffic.jsonl" --output "$D/traffic-out.jsonl" --overwrite > /dev/null 2>&1 || true
     $BIN -q discover --input "$D/traffic.jsonl" --vectors "$W/$ds-test.parquet" --index "$D/idx" \
       --escalated-from "$D/traffic-out.jsonl" --llm "$W/llm-$ds.toml" --out "$D/vol" --json > "$D/vol.json" 2>/dev/null
-    $PY - "$D" "$ds" "$seed" <<'PY'
-import json, sys, collections
-import pyarrow.parquet as pq
-d, ds, seed = sys.argv[1:4]
-absent = set(json.load(open(f"{d}/absent.json")))
-gold = {json.loads(l)["id"]: json.loads(l)["label"] for l in open(f"{d}/traffic.jsonl")}
-r = json.load(open(f"{d}/vol.json"))
-c = pq.read_table(f"{d}/vol/clusters.parquet").to_pydict()
-esc = collections.Counter(gold[i] for i in c["id"])
-by = collections.defaultdict(collections.Counter)
-for i, k in zip(c["id"], c["cluster"]):
-    by[k][gold[i]] += 1
-names = {x["cluster"]: x["name"] for x in r["clusters"]}
-rec = {cnt.most_common(1)[0][0] for k, cnt in by.items() if k >= 0
-       and cnt.most_common(1)[0][0] in absent
-       and cnt.most_common(1)[0][1] / sum(cnt.values()) >= 0.8
-       and cnt.most_common(1)[0][1] >= 0.5 * esc[cnt.most_common(1)[0][0]]
-       and names.get(k) == cnt.most_common(1)[0][0]}
-new = [x for x in r["clusters"] if x["status"] == "new"]
-print(json.dumps({"set": ds, "seed": int(seed), "escalated_rows": r["rows_clustered"],
-  "absent_rows_escalated": sum(esc[a] for a in absent), "clusters": len(r["clusters"]),
-  "noise_share": round(r["noise_rows"] / max(1, r["rows_clustered"]), 3), "recovered": len(rec),
-  "absent_named_anywhere": len(absent & {x["name"] for x in r["clusters"]}),
-  "new_clusters": len(new), "new_not_absent": sum(x["name"] not in absent for x in new),
-  "llm_calls": r["llm"]["calls"]}))
-PY
+    $PY benches/discover/recovery.py "$D" "$D/traffic.jsonl" "$ds" "$seed" vol
   done
 done
 

@@ -195,12 +195,6 @@ pub struct DiscoverReport {
     pub seconds: Timings,
 }
 
-impl DiscoverReport {
-    pub fn named(&self) -> usize {
-        self.clusters.iter().filter(|c| c.name.is_some()).count()
-    }
-}
-
 /// The 2-D map of the report: a sample of rows projected on two principal axes.
 struct MapPoint {
     x: f32,
@@ -398,8 +392,18 @@ pub fn run(o: &DiscoverOptions, progress: &Progress) -> Result<DiscoverReport> {
     };
 
     // Time windows.
-    let times: Vec<f64> = items.iter().filter_map(|i| i.time).collect();
-    let (windows, window_of) = time_windows(&items, &times);
+    let (windows, window_of) = time_windows(&items);
+    // Rows per (cluster, window) and per window, in one pass.
+    let mut per_window = vec![vec![0usize; windows.len()]; k];
+    let mut all_window = vec![0usize; windows.len()];
+    for (w, &l) in window_of.iter().zip(&clustering.labels) {
+        if let Some(w) = *w {
+            all_window[w] += 1;
+            if l >= 0 {
+                per_window[l as usize][w] += 1;
+            }
+        }
+    }
 
     // Representatives and reports.
     let redactor = match &o.llm {
@@ -423,24 +427,11 @@ pub fn run(o: &DiscoverOptions, progress: &Progress) -> Result<DiscoverReport> {
             .len();
         let below = conversations < o.min_conversations;
         let (nearest_label, similarity) = nearest(&protos, &centroids[c]);
-        let mut share = Vec::new();
-        if !windows.is_empty() {
-            let mut per = vec![0usize; windows.len()];
-            let mut all = vec![0usize; windows.len()];
-            for (i, w) in window_of.iter().enumerate() {
-                if let Some(w) = w {
-                    all[*w] += 1;
-                    if clustering.labels[i] == c as i32 {
-                        per[*w] += 1;
-                    }
-                }
-            }
-            share = per
-                .iter()
-                .zip(&all)
-                .map(|(&p, &a)| if a == 0 { 0.0 } else { p as f64 / a as f64 })
-                .collect();
-        }
+        let share: Vec<f64> = per_window[c]
+            .iter()
+            .zip(&all_window)
+            .map(|(&p, &a)| if a == 0 { 0.0 } else { p as f64 / a as f64 })
+            .collect();
         let (ids, texts) = if below {
             (Vec::new(), Vec::new())
         } else {
@@ -1228,7 +1219,8 @@ fn average_linkage(c: &[&[f32]], target: usize) -> Vec<Vec<usize>> {
 }
 
 /// Twelve equal windows over the rows' time span (none without times).
-fn time_windows(items: &[Item], times: &[f64]) -> (Vec<String>, Vec<Option<usize>>) {
+fn time_windows(items: &[Item]) -> (Vec<String>, Vec<Option<usize>>) {
+    let times: Vec<f64> = items.iter().filter_map(|i| i.time).collect();
     if times.len() < 2 {
         return (Vec::new(), vec![None; items.len()]);
     }
