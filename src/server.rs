@@ -939,6 +939,11 @@ fn render_metrics(st: &AppState) -> String {
     let _ = writeln!(s, "semtel_batch_rows_bucket{{le=\"+Inf\"}} {batches}");
     let _ = writeln!(s, "semtel_batch_rows_sum {}", c.batch_rows.load(Relaxed));
     let _ = writeln!(s, "semtel_batch_rows_count {batches}");
+    let _ = writeln!(
+        s,
+        "# HELP semtel_pause_steps_total Micro-batches of small requests run between the layers of a long one.\n# TYPE semtel_pause_steps_total counter\nsemtel_pause_steps_total {}",
+        c.pause_steps.load(Relaxed)
+    );
     let gauges = [
         (
             "semtel_queue_depth",

@@ -134,6 +134,57 @@ fn fast_engine_matches_sentence_transformers() {
     }
 }
 
+/// A batch split across threads (a lone long row on a live service) gives exactly the
+/// vectors of the same batch on one thread: the split changes who computes a row, not how.
+#[test]
+fn fast_engine_split_batches_equal_whole_ones() {
+    if !semtel::embed::fast::kernels::supported() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16 (the fast engine cannot run here)");
+        return;
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    for case in CASES {
+        let enc = load(case, Engine::Fast);
+        let texts: Vec<String> = reference(case).into_iter().map(|r| r.0).collect();
+        let long: String = texts.concat().repeat(8);
+        // One row at the model's limit, and a batch of rows of mixed lengths.
+        let batches: Vec<Vec<Vec<u32>>> = vec![
+            vec![enc.renderer.encode_head(&long).unwrap()],
+            texts
+                .iter()
+                .take(5)
+                .chain([&long])
+                .map(|t| enc.renderer.encode_head(t).unwrap())
+                .collect(),
+        ];
+        for seqs in batches {
+            let mut ids = Vec::new();
+            let mut cu = vec![0];
+            for s in &seqs {
+                ids.extend_from_slice(s);
+                cu.push(ids.len());
+            }
+            assert!(ids.len() >= 200, "{}: a batch worth splitting", case.dir);
+            let whole = enc.engine.embed(&ids, &cu).unwrap();
+            for ways in [2, 3] {
+                let split = pool.install(|| enc.engine.embed_split(&ids, &cu, ways, None).unwrap());
+                assert!(
+                    whole
+                        .iter()
+                        .zip(&split)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{}: {} rows split {ways} ways differ from the whole batch",
+                    case.dir,
+                    seqs.len()
+                );
+            }
+        }
+    }
+}
+
 /// Fine-tuning's differentiable forward is the same model for every family.
 #[test]
 fn training_forward_matches_sentence_transformers() {

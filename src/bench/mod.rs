@@ -218,7 +218,7 @@ pub fn embed_once(
         .map(|s| renderer.encode_head(s).map_err(Error::Tokenizer))
         .collect::<Result<_>>()?;
     let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let v = embed_sequences(engine, &refs, batch)?;
+    let v = embed_sequences(engine, &refs, batch, None)?;
     let secs = t.elapsed().as_secs_f64();
     std::hint::black_box(v);
     let lens: Vec<usize> = ids.iter().map(Vec::len).collect();

@@ -29,6 +29,20 @@ pub trait Embedder: Send + Sync {
     /// `ids[cu_seqlens[i]..cu_seqlens[i + 1]]`, special tokens included. Returns
     /// `n * dim` values, each row L2-normalised.
     fn embed(&self, ids: &[u32], cu_seqlens: &[usize]) -> Result<Vec<f32>>;
+    /// [`Embedder::embed`] for a batch that may use up to `ways` threads of the current rayon
+    /// pool (the caller runs fewer batches than it has threads), calling `pause`, when given,
+    /// between layers of a long batch (see [`Pause`]). The result must equal `embed`'s;
+    /// engines without intra-batch parallelism or layer boundaries ignore both.
+    fn embed_split(
+        &self,
+        ids: &[u32],
+        cu_seqlens: &[usize],
+        ways: usize,
+        pause: Option<&(dyn Fn() + Sync)>,
+    ) -> Result<Vec<f32>> {
+        let _ = (ways, pause);
+        self.embed(ids, cu_seqlens)
+    }
     /// A short description of the engine (for logs and benchmarks).
     fn describe(&self) -> String;
     /// Whether batches are padded to their longest row (the cost `BatchOptions` bounds).
@@ -98,6 +112,7 @@ pub fn embed_sequences(
     engine: &dyn Embedder,
     seqs: &[&[u32]],
     opts: BatchOptions,
+    pause: Option<&(dyn Fn() + Sync)>,
 ) -> Result<Vec<f32>> {
     let dim = engine.dim();
     let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
@@ -115,6 +130,13 @@ pub fn embed_sequences(
         }
     };
     let batches = plan_batches(&lens, opts);
+    // Fewer batches than threads (one long conversation, say): each batch may split itself.
+    let threads = rayon::current_num_threads().max(1);
+    let ways = if engine.on_gpu() || batches.is_empty() {
+        1
+    } else {
+        (threads / batches.len()).max(1)
+    };
     let results: Vec<Result<(Vec<usize>, Vec<f32>)>> = batches
         .into_par_iter()
         .map(|batch| {
@@ -125,7 +147,7 @@ pub fn embed_sequences(
                 ids.extend_from_slice(seqs[i]);
                 cu.push(ids.len());
             }
-            let v = engine.embed(&ids, &cu)?;
+            let v = engine.embed_split(&ids, &cu, ways, pause)?;
             Ok((batch, v))
         })
         .collect();
@@ -191,7 +213,16 @@ pub struct Encoder {
     pub renderer: Renderer,
     pub engine: Box<dyn Embedder>,
     pub batch: BatchOptions,
+    /// Called between layers of long batches, once set (see [`Pause`]).
+    pub pause: std::sync::OnceLock<Pause>,
 }
+
+/// A pause point an owner of the encoder may install: engines that can call it between the
+/// layers of a long batch, on the thread running that batch. The live service runs waiting
+/// one-row requests there, so they do not wait for a long conversation's whole forward pass.
+/// It must return promptly and must not embed through the same call (re-entry is the
+/// installer's to refuse).
+pub type Pause = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// Which implementation runs the model on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -295,6 +326,7 @@ impl Encoder {
             renderer,
             engine,
             batch,
+            pause: std::sync::OnceLock::new(),
         })
     }
 
@@ -352,7 +384,8 @@ impl Encoder {
 
     /// Embeds already-rendered id sequences.
     pub fn embed_ids(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
-        embed_sequences(self.engine.as_ref(), seqs, self.batch)
+        let pause = self.pause.get().map(|p| p.as_ref() as &(dyn Fn() + Sync));
+        embed_sequences(self.engine.as_ref(), seqs, self.batch, pause)
     }
 
     /// Embeds raw texts the way sentence-transformers does (head truncation), for reference

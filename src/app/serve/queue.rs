@@ -8,7 +8,7 @@
 //! time. So a one-row request that arrives while a large one runs waits at most about one step,
 //! and large requests share the model between them. Small requests not yet served are taken
 //! whole beyond the budget (many clients with one conversation each still batch together),
-//! and the oldest request moves at least once every few steps (nothing starves). A request that has had the
+//! and the oldest request moves at least once a round of the others (nothing starves). A request that has had the
 //! model to itself for a second gets larger steps (`alone`, faster per row); the first
 //! newcomer after such a quiet spell waits for one of them, and the steps shrink.
 //!
@@ -31,7 +31,7 @@ struct Entry<P> {
     kind: Kind,
     rows: VecDeque<(Row, usize)>,
     served: usize,
-    /// The step that last ran rows of this request.
+    /// Tokens handed out to all requests (`State::given`) when this one last moved or arrived.
     moved: u64,
     /// Handed over with the entry's last rows.
     payload: Option<P>,
@@ -44,8 +44,8 @@ struct State<P> {
     next_id: u64,
     /// When two requests last waited at once.
     contended: Option<Instant>,
-    /// Steps formed so far.
-    steps: u64,
+    /// Tokens handed out in steps so far.
+    given: u64,
 }
 
 /// The queue; shared between the request side and the compute thread.
@@ -117,7 +117,7 @@ impl<P> Queue<P> {
                 closed: false,
                 next_id: 0,
                 contended: None,
-                steps: 0,
+                given: 0,
             }),
             wake: Condvar::new(),
             capacity: capacity.max(1),
@@ -202,13 +202,16 @@ impl<P> Queue<P> {
             }
         }
         let waiting = st.entries.len();
-        st.steps += 1;
-        let step_no = st.steps;
+        let given = st.given;
         let oldest = st.entries.iter().map(|e| e.id).min();
-        // Least attained service first; ties by arrival.
-        st.entries.sort_by_key(|e| (e.served, e.id));
+        // Least attained service first; among equals (requests not served yet) the one with
+        // less left, so a new one-row request goes before a new large one; then by arrival.
+        st.entries
+            .sort_by_cached_key(|e| (e.served, e.rows.iter().map(|r| r.1).sum::<usize>(), e.id));
         let mut parts: Vec<Part<P>> = Vec::new();
         let mut tokens = 0;
+        // Whether the step holds a request taken whole (small, not served before).
+        let mut fresh = false;
         let take = |e: &mut Entry<P>, tokens: &mut usize, whole: bool| {
             let mut rows = Vec::new();
             while let Some(&(_, t)) = e.rows.front() {
@@ -220,7 +223,7 @@ impl<P> Queue<P> {
                 let (r, t) = e.rows.pop_front().expect("checked");
                 *tokens += t;
                 e.served += t;
-                e.moved = step_no;
+                e.moved = given;
                 rows.push(r);
             }
             rows
@@ -235,6 +238,7 @@ impl<P> Queue<P> {
             if rows.is_empty() {
                 continue;
             }
+            fresh |= whole;
             let last = if e.rows.is_empty() {
                 e.payload.take()
             } else {
@@ -247,16 +251,20 @@ impl<P> Queue<P> {
                 last,
             });
         }
-        // The oldest request moves at least once in as many steps as requests wait, however
-        // many newer ones are served first (more often would add one of its rows to each
-        // small request's step).
+        // The oldest request moves at least once a round: when the others have been handed
+        // more than a fair share each (`waiting` × a step, or × its next row if larger) since
+        // it last moved, it gets a row in this step. Not in a step that holds a small new
+        // request, though, unless it is four rounds late: its row would make that request wait
+        // a long row's time (measured: it doubled the p99 of one-row requests beside large
+        // ones); the next step takes it instead.
         if let Some(old) = oldest {
             if !parts.iter().any(|p| p.id == old) {
-                if let Some(e) = st
-                    .entries
-                    .iter_mut()
-                    .find(|e| e.id == old && e.moved + (waiting as u64) < step_no)
-                {
+                if let Some(e) = st.entries.iter_mut().find(|e| {
+                    let next = e.rows.front().map_or(0, |r| r.1);
+                    let round = (waiting * limit.max(next)) as u64;
+                    let skipped = given.saturating_sub(e.moved);
+                    e.id == old && skipped > round && (!fresh || skipped > 4 * round)
+                }) {
                     let mut none = 0;
                     let rows = take(e, &mut none, false);
                     tokens += none;
@@ -275,6 +283,54 @@ impl<P> Queue<P> {
             }
         }
         st.entries.retain(|e| !e.rows.is_empty());
+        st.given += tokens as u64;
+        Some(Step {
+            parts,
+            tokens,
+            waiting,
+        })
+    }
+
+    /// Requests not served yet and at most `limit` tokens each, taken whole (least first, then
+    /// by arrival) up to `limit` tokens in all: what may run at a pause point of a long step.
+    /// `None` at once when there are none; never waits.
+    pub fn next_express(&self, limit: usize) -> Option<Step<P>> {
+        let mut st = self.lock();
+        let given = st.given;
+        let mut picks: Vec<(usize, usize)> = st
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.served == 0)
+            .map(|(i, e)| (i, e.rows.iter().map(|r| r.1).sum::<usize>()))
+            .filter(|&(_, left)| left <= limit)
+            .collect();
+        picks.sort_by_key(|&(i, left)| (left, st.entries[i].id));
+        let mut tokens = 0;
+        picks.retain(|&(_, left)| {
+            let fits = tokens == 0 || tokens + left <= limit;
+            tokens += if fits { left } else { 0 };
+            fits
+        });
+        if picks.is_empty() {
+            return None;
+        }
+        let waiting = st.entries.len();
+        let mut taken: Vec<usize> = picks.iter().map(|p| p.0).collect();
+        taken.sort_unstable();
+        let mut parts = Vec::with_capacity(taken.len());
+        for &i in taken.iter().rev() {
+            let mut e = st.entries.remove(i);
+            e.moved = given;
+            parts.push(Part {
+                id: e.id,
+                kind: e.kind,
+                rows: e.rows.into_iter().map(|r| r.0).collect(),
+                last: e.payload.take(),
+            });
+        }
+        parts.reverse();
+        st.given += tokens as u64;
         Some(Step {
             parts,
             tokens,
@@ -300,7 +356,7 @@ impl<P> Ticket<P> {
         st.reserved -= 1;
         let id = st.next_id;
         st.next_id += 1;
-        let now = st.steps;
+        let now = st.given;
         st.entries.push(Entry {
             id,
             kind,
@@ -423,10 +479,51 @@ mod tests {
     }
 
     #[test]
+    fn one_row_requests_beside_long_rows_never_wait_for_two_and_nothing_starves() {
+        let q: Arc<Queue<u32>> = Queue::new(16);
+        // Three large requests of rows longer than a step (one row per step at most).
+        for k in 0..3 {
+            let rows = (0..400).map(|i| (row(i), 256)).collect();
+            q.reserve().unwrap().submit(Kind::Classify, rows, k);
+        }
+        let has_long = |s: &Step<u32>| s.parts.iter().any(|p| p.id < 3);
+        // A closed-loop client of one-row requests: each arrives while a long row runs and
+        // is in the next step, alone.
+        let mut mixed = 0;
+        for k in 0..200 {
+            let s = q.next_step(budget(), false).unwrap();
+            assert!(
+                s.parts.len() == 1 && s.parts[0].rows.len() == 1,
+                "one long row a step"
+            );
+            q.reserve()
+                .unwrap()
+                .submit(Kind::Classify, vec![(row(0), 10)], 100 + k);
+            let s = q.next_step(budget(), false).unwrap();
+            assert_eq!(s.parts[0].last, Some(100 + k));
+            mixed += has_long(&s) as usize;
+        }
+        assert_eq!(mixed, 0, "a one-row request waited for a long row");
+        // A flood of one-row requests, one a step: the oldest large request still moves.
+        let mut moved = 0;
+        for k in 0..2_000 {
+            q.reserve()
+                .unwrap()
+                .submit(Kind::Classify, vec![(row(0), 10)], 1_000 + k);
+            let s = q.next_step(budget(), false).unwrap();
+            moved += s.parts.iter().filter(|p| p.id == 0).count();
+        }
+        assert!(
+            moved >= 2,
+            "the oldest request starved: {moved} rows in 2,000 steps"
+        );
+    }
+
+    #[test]
     fn small_requests_batch_together_and_close_drains() {
         let q: Arc<Queue<u8>> = Queue::new(64);
-        // A large request and 40 one-row ones, all unserved: the large one (first to arrive)
-        // gets a row, the small ones go whole, all in one step.
+        // A large request and 40 one-row ones, all unserved: the small ones go whole, all in
+        // one step beyond the step budget; the large one (first to arrive) is next.
         let rows = (0..100).map(|i| (row(i), 60)).collect();
         q.reserve().unwrap().submit(Kind::Embed, rows, 0);
         for k in 1..=40 {
@@ -435,8 +532,10 @@ mod tests {
                 .submit(Kind::Classify, vec![(row(k), 20)], k as u8);
         }
         let s = q.next_step(budget(), false).unwrap();
-        assert_eq!(s.parts.len(), 41);
-        assert_eq!(s.tokens, 40 * 20 + 60);
+        assert_eq!(s.parts.len(), 40);
+        assert_eq!(s.tokens, 40 * 20);
+        let s = q.next_step(budget(), false).unwrap();
+        assert_eq!((s.parts.len(), s.parts[0].id), (1, 0));
         q.close();
         let mut last = None;
         while let Some(s) = q.next_step(budget(), false) {

@@ -426,7 +426,8 @@ pub unsafe fn softmax_exp_bf16(row: &[f32], len: usize, out: &mut [u16]) -> f32 
 ///
 /// `qkv` holds the sequence's rows (stride `ld` bf16), Q at `qoff`, K at `koff`, V at `voff`,
 /// each `hd` wide (a multiple of 32), Q already scaled by 1/√hd. Writes the head's output
-/// (bf16) into `out` rows (stride `ldo`) at column `ooff`. `rel`, when given, is a relative
+/// (bf16) into `out` rows (stride `ldo`) at columns `ooff..ooff + hd` and nowhere else, so
+/// heads may run in parallel on one output (a raw pointer for that reason). `rel`, when given, is a relative
 /// position bias `(by_distance, center)`: score(i, j) += `by_distance[center + j − i]` (MPNet).
 /// `scratch` is reused between calls.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
@@ -437,7 +438,7 @@ pub unsafe fn attention_head(
     len: usize,
     hd: usize,
     (qoff, koff, voff): (usize, usize, usize),
-    out: &mut [u16],
+    out: *mut u16,
     ldo: usize,
     ooff: usize,
     rel: Option<(&[f32], usize)>,
@@ -537,7 +538,7 @@ pub unsafe fn attention_head(
                 NR,
             );
             for (r, t) in tile.iter().enumerate().take(rows) {
-                let o = out.as_mut_ptr().add((r0 + r) * ldo + ooff + vp * NR);
+                let o = out.add((r0 + r) * ldo + ooff + vp * NR);
                 let s = _mm512_set1_ps(inv[r]);
                 let v0 = _mm512_mul_ps(_mm512_loadu_ps(t.as_ptr()), s);
                 let v1 = _mm512_mul_ps(_mm512_loadu_ps(t.as_ptr().add(16)), s);

@@ -8,8 +8,10 @@
 //! * bf16 products with f32 accumulation on AVX512-BF16 (`vdpbf16ps`); LayerNorm, softmax,
 //!   GELU and the residual stream stay f32. Bias, residual, GELU and the f32→bf16 conversion are
 //!   fused into the GEMM's tile epilogue, so activations cross memory once per layer step.
-//! * One batch per thread, no intra-op threading: on few cores, parallel batches beat splitting
-//!   every matrix product.
+//! * One batch per thread: on few cores, parallel batches beat splitting every matrix product.
+//!   Only a call with fewer batches than threads (a live request of one long conversation)
+//!   splits its batch by rows and attention heads ([`Embedder::embed_split`]), so a lone row
+//!   does not leave the other cores idle.
 //!
 //! It is selected at run time only when the CPU has the instructions ([`kernels::supported`]);
 //! otherwise the candle engine runs. It must never be called on an unsupported CPU.
@@ -68,37 +70,66 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// BERT's sub-layer tail: `x ← LayerNorm(a·W + b + x)` for `t` rows (W packed in `w`), with
-/// the bf16 copy of the result in `xb` for the next product. `tmp` is scratch of `x`'s size.
-///
-/// # Safety
-/// Needs the CPU features `kernels::gemm` needs (checked once when the engine loads).
-#[allow(clippy::too_many_arguments)]
-unsafe fn residual_norm(
-    a: &[u16],
-    lda: usize,
-    t: usize,
-    w: &PackedB,
-    ln: &(Vec<f32>, Vec<f32>),
-    eps: f32,
-    x: &mut Vec<f32>,
-    tmp: &mut Vec<f32>,
-    xb: &mut [u16],
-) {
-    let h = w.n;
-    kernels::gemm(
-        a,
-        lda,
-        t,
-        w,
-        &mut Epilogue::F32 {
-            out: &mut tmp[..t * h],
-            ld: h,
-            residual: Some(&x[..t * h]),
-        },
-    );
-    kernels::layernorm_rows(&mut tmp[..t * h], xb, h, &ln.0, &ln.1, eps);
-    std::mem::swap(x, tmp);
+/// A raw view of an activation buffer that tasks of one batch share (see `FastBert::forward`).
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+// SAFETY: only used inside `forward`, whose tasks touch disjoint elements and end before the
+// buffers do.
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+
+impl<T> Ptr<T> {
+    /// Rows `r0..r1` of a buffer with rows of `width` elements.
+    ///
+    /// # Safety
+    /// In bounds, and no other live reference writes the same elements.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows<'a>(self, r0: usize, r1: usize, width: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(r0 * width), (r1 - r0) * width)
+    }
+
+    /// The element at `i` (a method, so closures capture the whole `Ptr`, which is `Sync`).
+    ///
+    /// # Safety
+    /// In bounds.
+    unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+
+    /// Rows `r0..r1` to read.
+    ///
+    /// # Safety
+    /// In bounds, and nothing writes the same elements while the view lives.
+    unsafe fn view<'a>(self, r0: usize, r1: usize, width: usize) -> &'a [T] {
+        std::slice::from_raw_parts(self.0.add(r0 * width), (r1 - r0) * width)
+    }
+}
+
+/// Fewest tokens in a batch worth splitting across threads: below it the joins cost more than
+/// the second core gives.
+pub const MIN_SPLIT_TOKENS: usize = 64;
+
+/// Fewest tokens in a batch for which the engine calls a pause point between layers: a layer
+/// of a shorter batch takes under a millisecond or two.
+const PAUSE_TOKENS: usize = 128;
+
+/// `t` rows in up to `ways` parts of whole micro-kernel tiles (one part when not split).
+fn row_parts(t: usize, ways: usize) -> Vec<(usize, usize)> {
+    if ways <= 1 || t < MIN_SPLIT_TOKENS {
+        return vec![(0, t)];
+    }
+    let per = t.div_ceil(ways).div_ceil(kernels::MR) * kernels::MR;
+    (0..t).step_by(per).map(|a| (a, (a + per).min(t))).collect()
+}
+
+/// Runs `f(r0, r1)` for each part: inline for one, as parallel rayon tasks for several.
+fn for_parts(parts: &[(usize, usize)], f: impl Fn(usize, usize) + Sync) {
+    if let [(a, b)] = parts {
+        f(*a, *b);
+    } else {
+        use rayon::prelude::*;
+        parts.par_iter().for_each(|&(a, b)| f(a, b));
+    }
 }
 
 fn resize<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
@@ -219,16 +250,27 @@ impl FastBert {
         }))
     }
 
-    fn forward(&self, ids: &[u32], cu: &[usize], s: &mut Scratch) -> Result<Vec<f32>> {
+    /// Encodes one batch. `ways` > 1 splits every matrix product by rows and attention by
+    /// (sequence, head) over that many rayon tasks: the same arithmetic in the same order per
+    /// row, so the output is bit-for-bit that of `ways` = 1.
+    fn forward(
+        &self,
+        ids: &[u32],
+        cu: &[usize],
+        s: &mut Scratch,
+        ways: usize,
+        pause: Option<&(dyn Fn() + Sync)>,
+    ) -> Result<Vec<f32>> {
         let h = self.hidden;
         let t = ids.len();
         let n = cu.len() - 1;
+        let inter = self.inter;
         resize(&mut s.x, t * h);
         resize(&mut s.tmp, t * h);
         resize(&mut s.xb, t * h);
         resize(&mut s.qkv, t * 3 * h);
         resize(&mut s.attn, t * h);
-        resize(&mut s.h, t * self.inter);
+        resize(&mut s.h, t * inter);
         let vocab = self.word.len() / h;
         // Embeddings: word + position + token type 0.
         for i in 0..n {
@@ -259,80 +301,133 @@ impl FastBert {
             }
         }
         let hd = h / self.heads;
-        // SAFETY: `try_load` returned an engine only on a CPU with the required features.
+        let parts = row_parts(t, ways);
+        // Raw views of the activation buffers: each task below touches only its own rows (or,
+        // in attention, its own head's columns), so no two tasks write the same element.
+        let (x, tmp, xb, qkv, attn, hb) = (
+            Ptr(s.x.as_mut_ptr()),
+            Ptr(s.tmp.as_mut_ptr()),
+            Ptr(s.xb.as_mut_ptr()),
+            Ptr(s.qkv.as_mut_ptr()),
+            Ptr(s.attn.as_mut_ptr()),
+            Ptr(s.h.as_mut_ptr()),
+        );
+        // SAFETY: `try_load` returned an engine only on a CPU with the required features;
+        // every view below is inside the buffers resized above, and tasks run on disjoint rows
+        // (or columns) of what they write.
         unsafe {
             kernels::layernorm_rows(
-                &mut s.x[..t * h],
-                &mut s.xb[..t * h],
+                x.rows(0, t, h),
+                xb.rows(0, t, h),
                 h,
                 &self.emb_ln.0,
                 &self.emb_ln.1,
                 self.eps,
             );
-            for l in &self.layers {
-                kernels::gemm(
-                    &s.xb[..t * h],
-                    h,
-                    t,
-                    &l.qkv,
-                    &mut Epilogue::Bf16 {
-                        out: &mut s.qkv[..t * 3 * h],
-                        ld: 3 * h,
-                        gelu: false,
-                    },
-                );
-                for i in 0..n {
+            for (li, l) in self.layers.iter().enumerate() {
+                // A layer boundary of a long batch: the owner may run other work here (the
+                // activations are complete and nothing of this batch is in flight).
+                if let (Some(p), true) = (pause, li > 0 && t >= PAUSE_TOKENS) {
+                    p();
+                }
+                for_parts(&parts, |r0, r1| {
+                    kernels::gemm(
+                        xb.view(r0, r1, h),
+                        h,
+                        r1 - r0,
+                        &l.qkv,
+                        &mut Epilogue::Bf16 {
+                            out: qkv.rows(r0, r1, 3 * h),
+                            ld: 3 * h,
+                            gelu: false,
+                        },
+                    );
+                });
+                let head_task = |i: usize, head: usize, sc: &mut AttnScratch| {
                     let (a, b) = (cu[i], cu[i + 1]);
-                    for head in 0..self.heads {
-                        kernels::attention_head(
-                            &s.qkv[a * 3 * h..b * 3 * h],
-                            3 * h,
-                            b - a,
-                            hd,
-                            (head * hd, h + head * hd, 2 * h + head * hd),
-                            &mut s.attn[a * h..b * h],
-                            h,
-                            head * hd,
-                            self.relative
-                                .as_ref()
-                                .map(|r| (r[head].as_slice(), self.max_len - 1)),
-                            &mut s.attn_scratch,
-                        );
+                    kernels::attention_head(
+                        qkv.view(a, b, 3 * h),
+                        3 * h,
+                        b - a,
+                        hd,
+                        (head * hd, h + head * hd, 2 * h + head * hd),
+                        attn.at(a * h),
+                        h,
+                        head * hd,
+                        self.relative
+                            .as_ref()
+                            .map(|r| (r[head].as_slice(), self.max_len - 1)),
+                        sc,
+                    );
+                };
+                if parts.len() > 1 {
+                    use rayon::prelude::*;
+                    (0..n * self.heads)
+                        .into_par_iter()
+                        .for_each_init(AttnScratch::default, |sc, task| {
+                            head_task(task / self.heads, task % self.heads, sc)
+                        });
+                } else {
+                    for i in 0..n {
+                        for head in 0..self.heads {
+                            head_task(i, head, &mut s.attn_scratch);
+                        }
                     }
                 }
-                residual_norm(
-                    &s.attn[..t * h],
-                    h,
-                    t,
-                    &l.out,
-                    &l.ln1,
-                    self.eps,
-                    &mut s.x,
-                    &mut s.tmp,
-                    &mut s.xb[..t * h],
-                );
-                kernels::gemm(
-                    &s.xb[..t * h],
-                    h,
-                    t,
-                    &l.ffn1,
-                    &mut Epilogue::Bf16 {
-                        out: &mut s.h[..t * self.inter],
-                        ld: self.inter,
-                        gelu: true,
-                    },
-                );
-                residual_norm(
-                    &s.h[..t * self.inter],
-                    self.inter,
-                    t,
-                    &l.ffn2,
-                    &l.ln2,
-                    self.eps,
-                    &mut s.x,
-                    &mut s.tmp,
-                    &mut s.xb[..t * h],
-                );
+                // The rest of the layer is row-local: attention output + residual → LayerNorm
+                // (into `tmp`), the feed-forward, + residual → LayerNorm (back into `x`).
+                for_parts(&parts, |r0, r1| {
+                    let m = r1 - r0;
+                    kernels::gemm(
+                        attn.view(r0, r1, h),
+                        h,
+                        m,
+                        &l.out,
+                        &mut Epilogue::F32 {
+                            out: tmp.rows(r0, r1, h),
+                            ld: h,
+                            residual: Some(x.view(r0, r1, h)),
+                        },
+                    );
+                    kernels::layernorm_rows(
+                        tmp.rows(r0, r1, h),
+                        xb.rows(r0, r1, h),
+                        h,
+                        &l.ln1.0,
+                        &l.ln1.1,
+                        self.eps,
+                    );
+                    kernels::gemm(
+                        xb.view(r0, r1, h),
+                        h,
+                        m,
+                        &l.ffn1,
+                        &mut Epilogue::Bf16 {
+                            out: hb.rows(r0, r1, inter),
+                            ld: inter,
+                            gelu: true,
+                        },
+                    );
+                    kernels::gemm(
+                        hb.view(r0, r1, inter),
+                        inter,
+                        m,
+                        &l.ffn2,
+                        &mut Epilogue::F32 {
+                            out: x.rows(r0, r1, h),
+                            ld: h,
+                            residual: Some(tmp.view(r0, r1, h)),
+                        },
+                    );
+                    kernels::layernorm_rows(
+                        x.rows(r0, r1, h),
+                        xb.rows(r0, r1, h),
+                        h,
+                        &l.ln2.0,
+                        &l.ln2.1,
+                        self.eps,
+                    );
+                });
             }
         }
         let mut pooled = vec![0f32; n * h];
@@ -371,10 +466,25 @@ impl Embedder for FastBert {
     }
 
     fn embed(&self, ids: &[u32], cu: &[usize]) -> Result<Vec<f32>> {
+        self.embed_split(ids, cu, 1, None)
+    }
+
+    fn embed_split(
+        &self,
+        ids: &[u32],
+        cu: &[usize],
+        ways: usize,
+        pause: Option<&(dyn Fn() + Sync)>,
+    ) -> Result<Vec<f32>> {
         if cu.len() < 2 {
             return Ok(Vec::new());
         }
-        SCRATCH.with(|s| self.forward(ids, cu, &mut s.borrow_mut()))
+        // A thread waiting on its own split tasks may run another batch's job (rayon steals
+        // work while it waits); that job finds the buffers taken and uses fresh ones.
+        SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut s) => self.forward(ids, cu, &mut s, ways, pause),
+            Err(_) => self.forward(ids, cu, &mut Scratch::default(), ways, pause),
+        })
     }
 }
 
