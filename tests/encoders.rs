@@ -9,7 +9,7 @@
 mod common;
 use common::*;
 use proptest::prelude::*;
-use semtel::embed::{Encoder, EncoderOptions, Engine};
+use semtel::embed::{Encoder, EncoderOptions, Engine, Precision};
 use semtel::model::{Family, Languages};
 use std::path::PathBuf;
 
@@ -132,6 +132,93 @@ fn fast_engine_matches_sentence_transformers() {
         let w = worst_cosine(case, &enc);
         assert!(w >= 0.995, "{}: worst cosine {w}", case.dir);
     }
+}
+
+/// The int8 feed-forward: its own bars. Against the f32 reference a looser cosine than bf16's
+/// (the quantisation error is the price of the speed), and what matters for labels: on
+/// Banking77 the nearest exemplar's label is the same as with bf16 for nearly every row.
+#[test]
+fn fast_int8_engine_agrees_with_the_reference_and_keeps_the_labels() {
+    if !semtel::embed::fast::kernels::int8_supported() {
+        eprintln!("skipped: this CPU lacks AVX512-VNNI (int8 falls back to bf16 here)");
+        return;
+    }
+    let (exemplars, test) = banking77_split();
+    for case in CASES {
+        let load = |precision| {
+            Encoder::load(&EncoderOptions {
+                model: Some(model(case).display().to_string()),
+                engine: Engine::Fast,
+                precision,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let (bf16, int8) = (load(Precision::Bf16), load(Precision::Int8));
+        assert!(
+            int8.engine.describe().contains("int8"),
+            "{}",
+            int8.engine.describe()
+        );
+        let w = worst_cosine(case, &int8);
+        assert!(w >= 0.995, "{}: worst cosine {w}", case.dir);
+        let labels = |enc: &Encoder| {
+            let d = enc.dim();
+            let ex = enc
+                .embed_texts(&exemplars.iter().map(|e| e.0.as_str()).collect::<Vec<_>>())
+                .unwrap();
+            let q = enc.embed_texts(&test).unwrap();
+            (0..test.len())
+                .map(|i| {
+                    let v = &q[i * d..(i + 1) * d];
+                    let best = (0..exemplars.len())
+                        .max_by(|&a, &b| {
+                            cosine(v, &ex[a * d..(a + 1) * d])
+                                .total_cmp(&cosine(v, &ex[b * d..(b + 1) * d]))
+                        })
+                        .unwrap();
+                    exemplars[best].1.clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (labels(&bf16), labels(&int8));
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
+        eprintln!(
+            "{}: int8 worst cosine {w:.4}; nearest-exemplar label as bf16 on {:.1} % of {} Banking77 test rows",
+            case.dir,
+            100.0 * same,
+            a.len()
+        );
+        assert!(same >= 0.98, "{}: labels agree on {same:.3}", case.dir);
+    }
+}
+
+/// Banking77: 5 train rows per label as exemplars, and every fifth test row.
+fn banking77_split() -> (Vec<(String, String)>, Vec<&'static str>) {
+    let text = std::fs::read_to_string(repo().join("../shared/data/banking77/banking77.jsonl"))
+        .expect("../shared/data/banking77");
+    let mut per_label: std::collections::HashMap<String, usize> = Default::default();
+    let mut exemplars = Vec::new();
+    let mut test = Vec::new();
+    let mut seen = 0;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (t, label) = (v["text"].as_str().unwrap(), v["label"].as_str().unwrap());
+        if v["split"] == "train" {
+            let n = per_label.entry(label.to_string()).or_default();
+            if *n < 5 {
+                *n += 1;
+                exemplars.push((t.to_string(), label.to_string()));
+            }
+        } else if v["split"] == "test" {
+            // Every fifth (the file is sorted by label): all labels, 616 rows.
+            seen += 1;
+            if seen % 5 == 0 {
+                test.push(&*Box::leak(t.to_string().into_boxed_str()));
+            }
+        }
+    }
+    (exemplars, test)
 }
 
 /// A batch split across threads (a lone long row on a live service) gives exactly the

@@ -250,6 +250,54 @@ impl std::str::FromStr for Engine {
     }
 }
 
+/// Per layer, how far (1 − cosine) the int8 feed-forward of that layer alone may move a
+/// calibration text's vector from bf16's. Chosen so that the sum over a 12-layer model stays
+/// within a few thousandths.
+const INT8_TOLERANCE: f32 = 2e-4;
+
+/// Texts the int8 calibration runs at load: short and long, several scripts, chat-shaped.
+const INT8_CALIBRATION: &[&str] = &[
+    "I still have not received my new card, when will it arrive?",
+    "user: can you help me write a cover letter for a nursing job?\nassistant: Of course. Tell me about your experience and the position.",
+    "Why was I charged a fee when I withdrew cash abroad last Tuesday?",
+    "user: explain the difference between a process and a thread\nassistant: A process has its own address space; threads share one.\nuser: and which is cheaper to create?",
+    "¿Cómo puedo cambiar la contraseña de mi cuenta bancaria?",
+    "Wie lange dauert eine Überweisung ins Ausland normalerweise?",
+    "Как отменить подписку и вернуть деньги?",
+    "我的银行卡被冻结了，怎么解冻？",
+    "パスワードを忘れてしまいました。どうすればいいですか？",
+    "كيف يمكنني تحديث عنوان بريدي الإلكتروني؟",
+    "set an alarm for 7 am tomorrow and remind me to call mom",
+    "user: my python script raises KeyError: 'id' when reading the json file, here is the code: data = json.load(f); print(data['id'])\nassistant: The file's top level is probably a list; index it first.",
+    "what's the weather like in Paris this weekend? 🌧️☀️",
+    "Tell me a joke about cats.",
+    "The quarterly report shows revenue growth of 12% year over year, driven mainly by subscriptions in the enterprise segment, while hardware sales declined slightly and operating costs rose with the expansion into two new markets.",
+    "user: I feel anxious before every exam, even when I have studied a lot. Is that normal?\nassistant: Yes, it is very common. Some techniques can help: breathing exercises, practice tests under timed conditions, and enough sleep the night before.\nuser: what breathing exercises exactly?",
+];
+
+/// The fast engine's arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bf16 products, f32 accumulation and everything else f32.
+    #[default]
+    Bf16,
+    /// The feed-forward's products in int8 (`vpdpbusd`: per-column weight scales, per-row
+    /// asymmetric activations), the rest as `Bf16`. Needs AVX512-VNNI; elsewhere `Bf16`.
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "bf16" => Ok(Precision::Bf16),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(format!("unknown precision `{s}` (bf16, int8)")),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct EncoderOptions {
     pub model: Option<String>,
@@ -258,6 +306,8 @@ pub struct EncoderOptions {
     pub include_system_turns: bool,
     /// Keep the CUDA engine in f32 (default: f16 on the GPU; CPUs always use their own path).
     pub gpu_f32: bool,
+    /// The fast engine's arithmetic (other engines ignore it).
+    pub precision: Precision,
 }
 
 fn cuda_wanted(device: Device) -> bool {
@@ -310,8 +360,23 @@ impl Encoder {
         } else if cuda_wanted(opts.device) || opts.engine == Engine::Candle {
             load_candle(&files, opts.device, !opts.gpu_f32)?
         } else {
-            match (FastBert::try_load(&files)?, opts.engine) {
-                (Some(f), _) => Box::new(f),
+            if opts.precision == Precision::Int8 && !fast::kernels::int8_supported() {
+                tracing::warn!(
+                    "--precision int8 needs AVX512-VNNI, which this CPU lacks: running bf16"
+                );
+            }
+            match (FastBert::try_load(&files, opts.precision)?, opts.engine) {
+                (Some(f), _) => {
+                    if opts.precision == Precision::Int8 {
+                        let seqs: Vec<Vec<u32>> = INT8_CALIBRATION
+                            .iter()
+                            .filter_map(|t| renderer.encode_head(t).ok())
+                            .collect();
+                        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+                        f.calibrate_int8(&refs, INT8_TOLERANCE)?;
+                    }
+                    Box::new(f)
+                }
                 (None, Engine::Fast) => {
                     return Err(Error::Embed(
                         "--engine fast needs a CPU with AVX512-BF16 and a BERT or MPNet model whose head size is a multiple of 32; use --engine auto".into(),

@@ -37,6 +37,9 @@ pub struct Global {
     /// CPU engine: auto (bf16 kernels where the CPU has AVX512-BF16, else candle), fast, candle.
     #[arg(long, global = true)]
     pub engine: Option<semtel::embed::Engine>,
+    /// Fast engine arithmetic: bf16, or int8 in the feed-forward layers (AVX512-VNNI; else bf16).
+    #[arg(long, global = true)]
+    pub precision: Option<semtel::embed::Precision>,
     /// Run the CUDA engine in f32 instead of f16.
     #[arg(long, global = true)]
     pub gpu_f32: bool,

@@ -571,6 +571,264 @@ const PAIR_HI: [u16; 32] = {
     a
 };
 
+/// True when this CPU also has the int8 dot product (`vpdpbusd`, AVX512-VNNI).
+pub fn int8_supported() -> bool {
+    supported() && is_x86_feature_detected!("avx512vnni")
+}
+
+/// A weight matrix quantised to int8 for [`gemm_i8`]: symmetric, one scale per output column;
+/// panels of [`NR`] columns, for each group of four inputs the 32 columns' four `i8` (one
+/// `u32` each, so one 64-byte load covers 16 columns).
+pub struct PackedI8 {
+    pub n: usize,
+    pub k: usize,
+    panels: usize,
+    data: Vec<u32>,
+    /// Per column (padded to whole panels): the dequantisation scale, and the sum of the
+    /// column's quantised weights (what an activation's zero point costs).
+    scale: Vec<f32>,
+    colsum: Vec<i32>,
+    pub bias: Vec<f32>,
+}
+
+impl PackedI8 {
+    /// Quantises PyTorch's `[n][k]` (out, in) layout; `k` a multiple of 4.
+    pub fn from_out_in(w: &[f32], bias: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k);
+        assert_eq!(bias.len(), n);
+        assert!(k.is_multiple_of(4), "input width must be a multiple of 4");
+        let panels = n.div_ceil(NR);
+        let kq = k / 4;
+        let mut data = vec![0u32; panels * kq * NR];
+        let mut scale = vec![0f32; panels * NR];
+        let mut colsum = vec![0i32; panels * NR];
+        for col in 0..n {
+            let row = &w[col * k..(col + 1) * k];
+            let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            scale[col] = s;
+            let q: Vec<i8> = row
+                .iter()
+                .map(|x| (x / s).round().clamp(-127.0, 127.0) as i8)
+                .collect();
+            colsum[col] = q.iter().map(|&v| v as i32).sum();
+            let (p, c) = (col / NR, col % NR);
+            for j in 0..kq {
+                let word = u32::from_le_bytes([
+                    q[4 * j] as u8,
+                    q[4 * j + 1] as u8,
+                    q[4 * j + 2] as u8,
+                    q[4 * j + 3] as u8,
+                ]);
+                data[(p * kq + j) * NR + c] = word;
+            }
+        }
+        let mut b = vec![0f32; panels * NR];
+        b[..n].copy_from_slice(bias);
+        PackedI8 {
+            n,
+            k,
+            panels,
+            data,
+            scale,
+            colsum,
+            bias: b,
+        }
+    }
+
+    fn panel(&self, p: usize) -> *const u32 {
+        unsafe { self.data.as_ptr().add(p * (self.k / 4) * NR) }
+    }
+}
+
+/// Activations quantised per row to `u8` with a zero point (asymmetric: a GELU output is
+/// mostly positive, a LayerNorm output is not centred), as [`gemm_i8`] reads them.
+#[derive(Default)]
+pub struct QuantRows {
+    pub q: Vec<u8>,
+    pub scale: Vec<f32>,
+    pub zero: Vec<i32>,
+}
+
+/// Quantises `rows` rows of `k` f32 values (row stride `k`) into `out` (row stride `k`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_rows(x: &[f32], rows: usize, k: usize, out: &mut QuantRows) {
+    debug_assert!(k.is_multiple_of(16) && x.len() >= rows * k);
+    out.q.resize(rows * k, 0);
+    out.scale.resize(rows, 0.0);
+    out.zero.resize(rows, 0);
+    for r in 0..rows {
+        let row = x.as_ptr().add(r * k);
+        let (mut lo, mut hi) = (_mm512_set1_ps(f32::MAX), _mm512_set1_ps(f32::MIN));
+        for i in (0..k).step_by(16) {
+            let v = _mm512_loadu_ps(row.add(i));
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
+        }
+        // The range always holds 0, so 0 is exact (a zero point inside 0..=255).
+        let (mn, mx) = (
+            _mm512_reduce_min_ps(lo).min(0.0),
+            _mm512_reduce_max_ps(hi).max(0.0),
+        );
+        let s = if mx > mn { (mx - mn) / 255.0 } else { 1.0 };
+        let z = (-mn / s).round().clamp(0.0, 255.0);
+        out.scale[r] = s;
+        out.zero[r] = z as i32;
+        let (inv, zv) = (_mm512_set1_ps(1.0 / s), _mm512_set1_ps(z));
+        let dst = out.q.as_mut_ptr().add(r * k);
+        for i in (0..k).step_by(16) {
+            let v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(row.add(i)), inv), zv);
+            let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(255.0));
+            let q = _mm512_cvtps_epi32(v); // round to nearest
+            _mm_storeu_si128(dst.add(i) as *mut __m128i, _mm512_cvtusepi32_epi8(q));
+        }
+    }
+}
+
+/// [`quantize_rows`] for bf16 input (the GELU output the feed-forward's second product reads).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub unsafe fn quantize_rows_bf16(
+    x: &[u16],
+    rows: usize,
+    k: usize,
+    f32_row: &mut Vec<f32>,
+    out: &mut QuantRows,
+) {
+    // Widen to f32 (exact), then as above; rows one at a time into a reused buffer.
+    f32_row.resize(rows * k, 0.0);
+    for i in (0..rows * k).step_by(16) {
+        let h = _mm256_loadu_si256(x.as_ptr().add(i) as *const __m256i);
+        let w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+        _mm512_storeu_ps(f32_row.as_mut_ptr().add(i), _mm512_castsi512_ps(w));
+    }
+    quantize_rows(f32_row, rows, k, out);
+}
+
+/// The int8 micro-kernel: `dst[r][0..32] = Σ_kq A[r][kq] · B[kq][0..32]` (four u8 × i8 products
+/// per lane per step, i32 accumulation) for `R` rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn kernel_i8<const R: usize>(
+    kq: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    dst: *mut i32,
+    ldd: usize,
+) {
+    let mut acc0 = [_mm512_setzero_si512(); R];
+    let mut acc1 = [_mm512_setzero_si512(); R];
+    let mut bp = b;
+    let mut ap = a;
+    for _ in 0..kq {
+        let b0 = _mm512_loadu_si512(bp as *const _);
+        let b1 = _mm512_loadu_si512(bp.add(16) as *const _);
+        for r in 0..R {
+            let av = _mm512_set1_epi32(*ap.add(r * lda) as i32);
+            acc0[r] = _mm512_dpbusd_epi32(acc0[r], av, b0);
+            acc1[r] = _mm512_dpbusd_epi32(acc1[r], av, b1);
+        }
+        bp = bp.add(NR);
+        ap = ap.add(1);
+    }
+    for r in 0..R {
+        _mm512_storeu_si512(dst.add(r * ldd) as *mut _, acc0[r]);
+        _mm512_storeu_si512(dst.add(r * ldd + 16) as *mut _, acc1[r]);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn kernel_i8_dispatch(
+    rows: usize,
+    kq: usize,
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    dst: *mut i32,
+    ldd: usize,
+) {
+    match rows {
+        14 => kernel_i8::<14>(kq, a, lda, b, dst, ldd),
+        13 => kernel_i8::<13>(kq, a, lda, b, dst, ldd),
+        12 => kernel_i8::<12>(kq, a, lda, b, dst, ldd),
+        11 => kernel_i8::<11>(kq, a, lda, b, dst, ldd),
+        10 => kernel_i8::<10>(kq, a, lda, b, dst, ldd),
+        9 => kernel_i8::<9>(kq, a, lda, b, dst, ldd),
+        8 => kernel_i8::<8>(kq, a, lda, b, dst, ldd),
+        7 => kernel_i8::<7>(kq, a, lda, b, dst, ldd),
+        6 => kernel_i8::<6>(kq, a, lda, b, dst, ldd),
+        5 => kernel_i8::<5>(kq, a, lda, b, dst, ldd),
+        4 => kernel_i8::<4>(kq, a, lda, b, dst, ldd),
+        3 => kernel_i8::<3>(kq, a, lda, b, dst, ldd),
+        2 => kernel_i8::<2>(kq, a, lda, b, dst, ldd),
+        1 => kernel_i8::<1>(kq, a, lda, b, dst, ldd),
+        _ => unreachable!(),
+    }
+}
+
+/// `C = A · B` for `m` rows of quantised activations `a` (row stride `b.k` bytes) against int8
+/// weights, dequantised (`scale_a · scale_w · (acc − zero_a · Σw)`) and finished with `epi`
+/// like [`gemm`]'s tiles (bias, residual, GELU, conversion).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")]
+pub unsafe fn gemm_i8(a: &QuantRows, m: usize, b: &PackedI8, epi: &mut Epilogue) {
+    debug_assert!(a.q.len() >= m * b.k && a.scale.len() >= m);
+    let kq = b.k / 4;
+    let a32 = a.q.as_ptr() as *const u32;
+    let mut acc = [[0i32; NR]; MR];
+    let mut tile = [[0f32; NR]; MR];
+    let mut m0 = 0;
+    while m0 < m {
+        let mb = MC.min(m - m0);
+        for p in 0..b.panels {
+            let bp = b.panel(p);
+            let col0 = p * NR;
+            let cols = NR.min(b.n - col0);
+            let (ws0, ws1) = (
+                _mm512_loadu_ps(b.scale.as_ptr().add(col0)),
+                _mm512_loadu_ps(b.scale.as_ptr().add(col0 + 16)),
+            );
+            let (cs0, cs1) = (
+                _mm512_loadu_si512(b.colsum.as_ptr().add(col0) as *const _),
+                _mm512_loadu_si512(b.colsum.as_ptr().add(col0 + 16) as *const _),
+            );
+            let mut r0 = m0;
+            while r0 < m0 + mb {
+                let rows = MR.min(m0 + mb - r0);
+                kernel_i8_dispatch(
+                    rows,
+                    kq,
+                    a32.add(r0 * kq),
+                    kq,
+                    bp,
+                    acc.as_mut_ptr() as *mut i32,
+                    NR,
+                );
+                for r in 0..rows {
+                    let z = _mm512_set1_epi32(a.zero[r0 + r]);
+                    let s = _mm512_set1_ps(a.scale[r0 + r]);
+                    let row = acc[r].as_ptr();
+                    let v0 = _mm512_sub_epi32(
+                        _mm512_loadu_si512(row as *const _),
+                        _mm512_mullo_epi32(z, cs0),
+                    );
+                    let v1 = _mm512_sub_epi32(
+                        _mm512_loadu_si512(row.add(16) as *const _),
+                        _mm512_mullo_epi32(z, cs1),
+                    );
+                    let f0 = _mm512_mul_ps(_mm512_cvtepi32_ps(v0), _mm512_mul_ps(s, ws0));
+                    let f1 = _mm512_mul_ps(_mm512_cvtepi32_ps(v1), _mm512_mul_ps(s, ws1));
+                    _mm512_storeu_ps(tile[r].as_mut_ptr(), f0);
+                    _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), f1);
+                }
+                finish_tile(&tile, rows, r0, col0, cols, &b.bias[col0..col0 + NR], epi);
+                r0 += rows;
+            }
+        }
+        m0 += mb;
+    }
+}
+
 /// Buffers reused across attention calls.
 #[derive(Default)]
 pub struct AttnScratch {

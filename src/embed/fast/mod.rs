@@ -18,10 +18,10 @@
 
 pub mod kernels;
 
-use super::{normalize_rows, Embedder};
+use super::{normalize_rows, Embedder, Precision};
 use crate::model::{Architecture, Family, ModelFiles, Pooling};
 use crate::{Error, Result};
-use kernels::{AttnScratch, Epilogue, PackedB};
+use kernels::{AttnScratch, Epilogue, PackedB, PackedI8, QuantRows};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -32,6 +32,11 @@ struct Layer {
     ffn1: PackedB,
     ffn2: PackedB,
     ln2: (Vec<f32>, Vec<f32>),
+    /// The feed-forward's two products in int8 (`Precision::Int8`), used instead of `ffn1`,
+    /// `ffn2`.
+    ffn_i8: Option<(PackedI8, PackedI8)>,
+    /// Whether `ffn_i8` runs: decided per layer by [`FastBert::calibrate_int8`].
+    int8_on: std::sync::atomic::AtomicBool,
 }
 
 pub struct FastBert {
@@ -64,6 +69,8 @@ struct Scratch {
     attn: Vec<u16>,
     h: Vec<u16>,
     attn_scratch: AttnScratch,
+    /// Per row part: quantised activations and a widening buffer (int8 feed-forward).
+    quant: Vec<(QuantRows, Vec<f32>)>,
 }
 
 thread_local! {
@@ -122,6 +129,23 @@ fn row_parts(t: usize, ways: usize) -> Vec<(usize, usize)> {
     (0..t).step_by(per).map(|a| (a, (a + per).min(t))).collect()
 }
 
+/// [`for_parts`] with one buffer of `bufs` per part (`bufs.len() >= parts.len()`).
+fn for_parts_with<B: Send>(
+    parts: &[(usize, usize)],
+    bufs: &mut [B],
+    f: impl Fn(usize, usize, &mut B) + Sync,
+) {
+    if let [(a, b)] = parts {
+        f(*a, *b, &mut bufs[0]);
+    } else {
+        use rayon::prelude::*;
+        bufs[..parts.len()]
+            .par_iter_mut()
+            .zip(parts.par_iter())
+            .for_each(|(buf, &(a, b))| f(a, b, buf));
+    }
+}
+
 /// Runs `f(r0, r1)` for each part: inline for one, as parallel rayon tasks for several.
 fn for_parts(parts: &[(usize, usize)], f: impl Fn(usize, usize) + Sync) {
     if let [(a, b)] = parts {
@@ -141,10 +165,12 @@ fn resize<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
 impl FastBert {
     /// Loads a BERT-family model when the CPU and the model's shape suit the kernels;
     /// `Ok(None)` means "use another engine".
-    pub fn try_load(files: &ModelFiles) -> Result<Option<Self>> {
+    pub fn try_load(files: &ModelFiles, precision: Precision) -> Result<Option<Self>> {
         if !kernels::supported() {
             return Ok(None);
         }
+        // Int8 where the CPU has VNNI (the caller says so when it falls back).
+        let int8 = precision == Precision::Int8 && kernels::int8_supported();
         let arch = Architecture::read(&files.dir)?;
         let (hidden, heads, inter, nl) = (arch.hidden, arch.heads, arch.intermediate, arch.layers);
         let hd = hidden / heads;
@@ -200,6 +226,8 @@ impl FastBert {
             let qbs: Vec<f32> = qb.iter().map(|x| x * scale).collect();
             let wqkv = [qs, k, v].concat();
             let bqkv = [qbs, kb, vb].concat();
+            let (w1, b1) = (p(names.ffn_in, "weight")?, p(names.ffn_in, "bias")?);
+            let (w2, b2) = (p(names.ffn_out, "weight")?, p(names.ffn_out, "bias")?);
             layers.push(Layer {
                 qkv: PackedB::from_out_in(&wqkv, &bqkv, 3 * hidden, hidden, 1.0),
                 out: PackedB::from_out_in(
@@ -210,21 +238,16 @@ impl FastBert {
                     1.0,
                 ),
                 ln1: (p(names.attn_norm, "weight")?, p(names.attn_norm, "bias")?),
-                ffn1: PackedB::from_out_in(
-                    &p(names.ffn_in, "weight")?,
-                    &p(names.ffn_in, "bias")?,
-                    inter,
-                    hidden,
-                    1.0,
-                ),
-                ffn2: PackedB::from_out_in(
-                    &p(names.ffn_out, "weight")?,
-                    &p(names.ffn_out, "bias")?,
-                    hidden,
-                    inter,
-                    1.0,
-                ),
+                ffn1: PackedB::from_out_in(&w1, &b1, inter, hidden, 1.0),
+                ffn2: PackedB::from_out_in(&w2, &b2, hidden, inter, 1.0),
+                ffn_i8: int8.then(|| {
+                    (
+                        PackedI8::from_out_in(&w1, &b1, inter, hidden),
+                        PackedI8::from_out_in(&w2, &b2, hidden, inter),
+                    )
+                }),
                 ln2: (p(names.out_norm, "weight")?, p(names.out_norm, "bias")?),
+                int8_on: std::sync::atomic::AtomicBool::new(int8),
             });
         }
         if pos.len() < (arch.position_offset + max_len) * hidden {
@@ -376,7 +399,10 @@ impl FastBert {
                 }
                 // The rest of the layer is row-local: attention output + residual → LayerNorm
                 // (into `tmp`), the feed-forward, + residual → LayerNorm (back into `x`).
-                for_parts(&parts, |r0, r1| {
+                if s.quant.len() < parts.len() {
+                    s.quant.resize_with(parts.len(), Default::default);
+                }
+                for_parts_with(&parts, &mut s.quant, |r0, r1, (qa, wide)| {
                     let m = r1 - r0;
                     kernels::gemm(
                         attn.view(r0, r1, h),
@@ -397,28 +423,30 @@ impl FastBert {
                         &l.ln1.1,
                         self.eps,
                     );
-                    kernels::gemm(
-                        xb.view(r0, r1, h),
-                        h,
-                        m,
-                        &l.ffn1,
-                        &mut Epilogue::Bf16 {
-                            out: hb.rows(r0, r1, inter),
-                            ld: inter,
-                            gelu: true,
-                        },
-                    );
-                    kernels::gemm(
-                        hb.view(r0, r1, inter),
-                        inter,
-                        m,
-                        &l.ffn2,
-                        &mut Epilogue::F32 {
-                            out: x.rows(r0, r1, h),
-                            ld: h,
-                            residual: Some(tmp.view(r0, r1, h)),
-                        },
-                    );
+                    let mut gelu_out = Epilogue::Bf16 {
+                        out: hb.rows(r0, r1, inter),
+                        ld: inter,
+                        gelu: true,
+                    };
+                    let mut ffn_out = Epilogue::F32 {
+                        out: x.rows(r0, r1, h),
+                        ld: h,
+                        residual: Some(tmp.view(r0, r1, h)),
+                    };
+                    if let (Some((f1, f2)), true) = (
+                        &l.ffn_i8,
+                        l.int8_on.load(std::sync::atomic::Ordering::Relaxed),
+                    ) {
+                        // Quantise the LayerNorm output (f32, in `tmp`) and the GELU output
+                        // per row, then the two int8 products.
+                        kernels::quantize_rows(tmp.view(r0, r1, h), m, h, qa);
+                        kernels::gemm_i8(qa, m, f1, &mut gelu_out);
+                        kernels::quantize_rows_bf16(hb.view(r0, r1, inter), m, inter, wide, qa);
+                        kernels::gemm_i8(qa, m, f2, &mut ffn_out);
+                    } else {
+                        kernels::gemm(xb.view(r0, r1, h), h, m, &l.ffn1, &mut gelu_out);
+                        kernels::gemm(hb.view(r0, r1, inter), inter, m, &l.ffn2, &mut ffn_out);
+                    }
                     kernels::layernorm_rows(
                         x.rows(r0, r1, h),
                         xb.rows(r0, r1, h),
@@ -452,6 +480,48 @@ impl FastBert {
     }
 }
 
+impl FastBert {
+    /// Keeps the int8 feed-forward only in layers where it barely moves the output: each layer
+    /// alone in int8 (the rest bf16) must keep every calibration text's vector within cosine
+    /// `1 − tolerance` of the all-bf16 one. Layers whose activations have outliers that a
+    /// per-row `u8` cannot resolve (MPNet's later layers, say) stay bf16. Returns the layers
+    /// kept in int8.
+    pub fn calibrate_int8(&self, seqs: &[&[u32]], tolerance: f32) -> Result<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.layers.iter().all(|l| l.ffn_i8.is_none()) || seqs.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::new();
+        let mut cu = vec![0];
+        for s in seqs {
+            ids.extend_from_slice(s);
+            cu.push(ids.len());
+        }
+        let set = |f: &dyn Fn(usize) -> bool| {
+            for (i, l) in self.layers.iter().enumerate() {
+                l.int8_on.store(f(i), Relaxed);
+            }
+        };
+        set(&|_| false);
+        let base = self.embed(&ids, &cu)?;
+        let h = self.hidden;
+        let mut keep = vec![false; self.layers.len()];
+        for (li, k) in keep.iter_mut().enumerate() {
+            set(&|i| i == li);
+            let v = self.embed(&ids, &cu)?;
+            let worst = (0..seqs.len())
+                .map(|r| {
+                    let (a, b) = (&base[r * h..(r + 1) * h], &v[r * h..(r + 1) * h]);
+                    a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
+                })
+                .fold(f32::MAX, f32::min);
+            *k = worst >= 1.0 - tolerance;
+        }
+        set(&|i| keep[i]);
+        Ok(keep.iter().filter(|&&k| k).count())
+    }
+}
+
 impl Embedder for FastBert {
     fn dim(&self) -> usize {
         self.hidden
@@ -462,7 +532,19 @@ impl Embedder for FastBert {
             Family::Bert => "semtel-bert",
             Family::Mpnet => "semtel-mpnet",
         };
-        format!("{name} bf16 (AVX512-BF16 kernels, no padding)")
+        let on = self
+            .layers
+            .iter()
+            .filter(|l| l.int8_on.load(std::sync::atomic::Ordering::Relaxed))
+            .count();
+        if self.layers.iter().any(|l| l.ffn_i8.is_some()) {
+            format!(
+                "{name} int8 feed-forward in {on} of {} layers + bf16 (AVX512-VNNI/BF16 kernels, no padding)",
+                self.layers.len()
+            )
+        } else {
+            format!("{name} bf16 (AVX512-BF16 kernels, no padding)")
+        }
     }
 
     fn embed(&self, ids: &[u32], cu: &[usize]) -> Result<Vec<f32>> {
