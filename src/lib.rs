@@ -24,6 +24,7 @@ pub mod grow;
 pub mod guard;
 pub mod hash;
 pub mod head;
+pub mod html;
 pub mod index;
 pub mod input;
 pub mod lang;

@@ -261,13 +261,7 @@ pub fn write(dir: &Path, r: &AccuracyCost) -> Result<()> {
     Ok(())
 }
 
-/// Text made safe for an HTML page, in element content and in attribute values.
-pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
+use crate::html::esc;
 
 fn html_page(r: &AccuracyCost, svg: &str) -> String {
     let row = |name: &str, p: &CurvePoint| {

@@ -1450,7 +1450,7 @@ fn taxonomy_toml(
 
 /// The report as one self-contained HTML page (inline SVG, no scripts, no network).
 fn html(r: &DiscoverReport, map: &[MapPoint]) -> String {
-    use crate::report::esc;
+    use crate::html::esc;
     const PALETTE: [&str; 12] = [
         "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
         "#bcbd22", "#17becf", "#393b79", "#637939",

@@ -532,7 +532,7 @@ pub fn format_time(t: f64) -> String {
 
 /// The report as one self-contained HTML page (inline SVG, no scripts, no network).
 pub fn html(r: &MonitorReport) -> String {
-    use crate::report::esc;
+    use crate::html::esc;
     let series = |f: &dyn Fn(&WindowReport) -> Option<f64>| -> Vec<Option<f64>> {
         r.windows.iter().map(f).collect()
     };
