@@ -51,6 +51,14 @@ pub struct ModelInfo {
     /// folder inside the index directory and the model it started from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tuned: Option<TunedInfo>,
+    /// The fast engine's arithmetic the vectors were made with (absent: bf16). Queries use
+    /// the same unless the user says otherwise (with a warning).
+    #[serde(default, skip_serializing_if = "crate::index::is_bf16")]
+    pub precision: crate::embed::Precision,
+}
+
+fn is_bf16(p: &crate::embed::Precision) -> bool {
+    *p == crate::embed::Precision::Bf16
 }
 
 /// A fine-tuned encoder stored with its index.
@@ -98,6 +106,15 @@ impl ModelInfo {
                 .ok()
                 .map(|p| p.display().to_string()),
             tuned: None,
+            precision: crate::embed::Precision::Bf16,
+        }
+    }
+
+    /// [`ModelInfo::of`] the encoder's files, with the precision it runs.
+    pub fn of_encoder(encoder: &crate::embed::Encoder) -> Self {
+        ModelInfo {
+            precision: encoder.precision,
+            ..Self::of(&encoder.files, encoder.dim())
         }
     }
 }

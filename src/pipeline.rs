@@ -315,6 +315,18 @@ impl Classifier {
             ));
         }
         enc_opts.include_system_turns |= index.manifest.build.include_system_turns;
+        // The index's vectors were made with one precision; queries use it unless told
+        // otherwise (then they are comparable but not identical: say so).
+        let built = index.manifest.model.precision;
+        match enc_opts.precision {
+            None => enc_opts.precision = Some(built),
+            Some(p) if p != built => tracing::warn!(
+                "this index was built with --precision {}; querying it with {} (vectors differ slightly from the exemplars')",
+                built.name(),
+                p.name()
+            ),
+            Some(_) => {}
+        }
         let encoder = Encoder::load(&enc_opts)?;
         let head = crate::head::Head::load(index_dir)?;
         let mut c = Self::new(encoder, index, opts)?;

@@ -149,7 +149,7 @@ fn fast_int8_engine_agrees_with_the_reference_and_keeps_the_labels() {
             Encoder::load(&EncoderOptions {
                 model: Some(model(case).display().to_string()),
                 engine: Engine::Fast,
-                precision,
+                precision: Some(precision),
                 ..Default::default()
             })
             .unwrap()
@@ -191,6 +191,52 @@ fn fast_int8_engine_agrees_with_the_reference_and_keeps_the_labels() {
         );
         assert!(same >= 0.98, "{}: labels agree on {same:.3}", case.dir);
     }
+}
+
+/// An index built with `--precision int8` records it; queries use it without being told, and
+/// may override it.
+#[test]
+fn an_int8_index_is_queried_in_int8_unless_told_otherwise() {
+    if !semtel::embed::fast::kernels::int8_supported() {
+        eprintln!("skipped: this CPU lacks AVX512-VNNI (int8 falls back to bf16 here)");
+        return;
+    }
+    let dir = tmpdir("enc-int8-index");
+    let idx = dir.join("idx");
+    ok(semtel_cmd(&["--precision", "int8", "index", "build"])
+        .args(["--exemplars", "data/exemplars.jsonl", "--out"])
+        .arg(&idx)
+        .output()
+        .unwrap());
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(idx.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["model"]["precision"], "int8", "{manifest}");
+    let run = |flags: &[&str], name: &str| {
+        let out = dir.join(name);
+        ok(semtel_cmd(flags)
+            .args(["classify", "--input", "data/conversations.jsonl", "--index"])
+            .arg(&idx)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap());
+        common::read_jsonl(&out)
+            .iter()
+            .map(|r| r["top1_sim"].as_f64().unwrap_or(f64::NAN))
+            .collect::<Vec<f64>>()
+    };
+    let (default, int8, bf16) = (
+        run(&[], "default.jsonl"),
+        run(&["--precision", "int8"], "int8.jsonl"),
+        run(&["--precision", "bf16"], "bf16.jsonl"),
+    );
+    assert!(default.len() >= 20);
+    let same = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same(&default, &int8), "the default query was not int8");
+    assert!(
+        !same(&default, &bf16),
+        "--precision bf16 did not override the index's int8"
+    );
 }
 
 /// Banking77: 5 train rows per label as exemplars, and every fifth test row.

@@ -1041,8 +1041,7 @@ fn build_round(
         sources: vec![o.input.display().to_string()],
         ..Default::default()
     };
-    let mut index =
-        ExemplarIndex::create(dir, ModelInfo::of(&encoder.files, encoder.dim()), build)?;
+    let mut index = ExemplarIndex::create(dir, ModelInfo::of_encoder(encoder), build)?;
     index.manifest.decision.k = o.k;
     let (mut vectors, mut ex) = (Vec::new(), Vec::new());
     let mut held: Vec<(usize, String)> = Vec::new();

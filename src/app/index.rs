@@ -184,11 +184,7 @@ pub fn build_index_with(
         multi_label,
         ..Default::default()
     };
-    let mut index = ExemplarIndex::create(
-        update.dir(),
-        ModelInfo::of(&encoder.files, encoder.dim()),
-        build,
-    )?;
+    let mut index = ExemplarIndex::create(update.dir(), ModelInfo::of_encoder(encoder), build)?;
     index.manifest.decision.k = k;
     let mut total = AddSummary::default();
     for (p, o) in sources {

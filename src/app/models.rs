@@ -31,6 +31,10 @@ pub struct ModelEntry {
     /// Measured on this machine (`measure`): tokens per second and the engine that ran.
     pub tokens_per_second: Option<f64>,
     pub engine: Option<String>,
+    /// The same with the fast engine's int8 feed-forward (`Precision::Int8`), where it runs,
+    /// and that engine's description (how many layers calibration kept in int8).
+    pub int8_tokens_per_second: Option<f64>,
+    pub int8_engine: Option<String>,
     /// Why the model could not be loaded or measured.
     pub problem: Option<String>,
 }
@@ -59,6 +63,8 @@ pub fn list(models_dir: &Path, measure: Option<(&EncoderOptions, &[String])>) ->
                 prompt: None,
                 tokens_per_second: None,
                 engine: None,
+                int8_tokens_per_second: None,
+                int8_engine: None,
                 problem: None,
             };
             if let (true, Some((opts, texts))) = (present, measure) {
@@ -72,6 +78,19 @@ pub fn list(models_dir: &Path, measure: Option<(&EncoderOptions, &[String])>) ->
                         e.engine = Some(enc.engine.describe());
                     }
                     Err(err) => e.problem = Some(err.to_string()),
+                }
+                // Both precisions where the fast engine runs the model with int8.
+                o.precision = Some(crate::embed::Precision::Int8);
+                if e.engine.as_ref().is_some_and(|d| d.contains("bf16"))
+                    && crate::embed::fast::kernels::int8_supported()
+                {
+                    match Encoder::load(&o).and_then(|enc| speed(&enc, texts).map(|s| (enc, s))) {
+                        Ok((enc, tps)) => {
+                            e.int8_tokens_per_second = Some(tps);
+                            e.int8_engine = Some(enc.engine.describe());
+                        }
+                        Err(err) => e.problem = Some(format!("int8: {err}")),
+                    }
                 }
             }
             e

@@ -948,6 +948,9 @@ pub fn llm_benchmark(
 pub struct EmbedBenchOptions {
     pub encoder_options: crate::embed::EncoderOptions,
     pub engines: Vec<crate::embed::Engine>,
+    /// The fast engine's precisions, a row each (the first is the one compared with the
+    /// reference; engines without precisions run once).
+    pub precisions: Vec<crate::embed::Precision>,
     /// The shared data sets the text set is drawn from, or a JSONL file of texts.
     pub shared: PathBuf,
     pub texts: usize,
@@ -983,9 +986,24 @@ pub fn embed_benchmark(
     ));
     let mut results: Vec<serde_json::Value> = Vec::new();
     let mut runs = Vec::new();
-    let load = |engine| -> Result<Encoder> {
+    let precisions = if a.precisions.is_empty() {
+        vec![a.encoder_options.precision.unwrap_or_default()]
+    } else {
+        a.precisions.clone()
+    };
+    // (engine, precision) pairs: each precision for the engines that have them.
+    let mut plan = Vec::new();
+    for &engine in &a.engines {
+        for (j, &p) in precisions.iter().enumerate() {
+            if j == 0 || engine != crate::embed::Engine::Candle {
+                plan.push((engine, p));
+            }
+        }
+    }
+    let load = |(engine, precision)| -> Result<Encoder> {
         let mut eo = a.encoder_options.clone();
         eo.engine = engine;
+        eo.precision = Some(precision);
         let mut enc = Encoder::load(&eo)?;
         if let Some(b) = a.batch_tokens {
             enc.batch.max_batch_tokens = b;
@@ -996,7 +1014,10 @@ pub fn embed_benchmark(
         Ok(enc)
     };
     // The first engine is kept loaded: it runs again after the reference.
-    let first = load(a.engines[0])?;
+    let Some(&first_run) = plan.first() else {
+        return Err(Error::Config("no engine to run: pass --engines".into()));
+    };
+    let first = load(first_run)?;
     let model_dir = first.files.dir.clone();
     // FLOP counts need the transformer's shape (a static table has none: zeros).
     let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("config.json"))
@@ -1009,12 +1030,12 @@ pub fn embed_benchmark(
         dims("intermediate_size"),
         dims("num_hidden_layers"),
     );
-    for (i, &engine) in a.engines.iter().enumerate() {
+    for (i, &what) in plan.iter().enumerate() {
         let other;
         let enc = if i == 0 {
             &first
         } else {
-            other = load(engine)?;
+            other = load(what)?;
             &other
         };
         let r = crate::bench::bench_encoder(enc, &texts, a.repeats, model_dims, peak)?;
@@ -1099,11 +1120,14 @@ pub fn embed_benchmark(
         ));
     }
     if let Some((name, tps)) = &st_best {
-        report(&format!(
-            "\nratio: {} / {name} = {:.2}x (tokens/s, same texts, same {threads} threads)",
-            runs[0].engine,
-            runs[0].tokens_per_s / tps
-        ));
+        report("");
+        for r in &runs {
+            report(&format!(
+                "ratio: {} / {name} = {:.2}x (tokens/s, same texts, same {threads} threads)",
+                r.engine,
+                r.tokens_per_s / tps
+            ));
+        }
     }
     Ok(results)
 }

@@ -215,6 +215,8 @@ pub struct Encoder {
     pub batch: BatchOptions,
     /// Called between layers of long batches, once set (see [`Pause`]).
     pub pause: std::sync::OnceLock<Pause>,
+    /// The arithmetic that runs (`Int8` only where the fast engine runs it).
+    pub precision: Precision,
 }
 
 /// A pause point an owner of the encoder may install: engines that can call it between the
@@ -287,6 +289,15 @@ pub enum Precision {
     Int8,
 }
 
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
 impl std::str::FromStr for Precision {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
@@ -306,8 +317,9 @@ pub struct EncoderOptions {
     pub include_system_turns: bool,
     /// Keep the CUDA engine in f32 (default: f16 on the GPU; CPUs always use their own path).
     pub gpu_f32: bool,
-    /// The fast engine's arithmetic (other engines ignore it).
-    pub precision: Precision,
+    /// The fast engine's arithmetic (other engines ignore it); `None`: an index's recorded
+    /// one when an index is opened, else bf16.
+    pub precision: Option<Precision>,
 }
 
 fn cuda_wanted(device: Device) -> bool {
@@ -355,19 +367,23 @@ impl Encoder {
         let renderer = Renderer::from_file(&files.dir.join("tokenizer.json"), files.max_tokens)?
             .with_prompt(files.prompt.as_deref())?
             .with_system_turns(opts.include_system_turns);
+        let precision = opts.precision.unwrap_or_default();
+        // What actually runs: int8 only on the fast engine of a CPU with VNNI.
+        let mut effective = Precision::Bf16;
         let engine: Box<dyn Embedder> = if files.kind == crate::model::ModelKind::Static {
             Box::new(StaticEmbedder::load(&files.dir)?)
         } else if cuda_wanted(opts.device) || opts.engine == Engine::Candle {
             load_candle(&files, opts.device, !opts.gpu_f32)?
         } else {
-            if opts.precision == Precision::Int8 && !fast::kernels::int8_supported() {
+            if precision == Precision::Int8 && !fast::kernels::int8_supported() {
                 tracing::warn!(
                     "--precision int8 needs AVX512-VNNI, which this CPU lacks: running bf16"
                 );
             }
-            match (FastBert::try_load(&files, opts.precision)?, opts.engine) {
+            match (FastBert::try_load(&files, precision)?, opts.engine) {
                 (Some(f), _) => {
-                    if opts.precision == Precision::Int8 {
+                    if precision == Precision::Int8 && fast::kernels::int8_supported() {
+                        effective = Precision::Int8;
                         let seqs: Vec<Vec<u32>> = INT8_CALIBRATION
                             .iter()
                             .filter_map(|t| renderer.encode_head(t).ok())
@@ -392,6 +408,7 @@ impl Encoder {
             engine,
             batch,
             pause: std::sync::OnceLock::new(),
+            precision: effective,
         })
     }
 

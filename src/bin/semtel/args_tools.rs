@@ -448,6 +448,10 @@ pub struct BenchEmbedArgs {
     /// Engines to run, comma-separated: fast, candle.
     #[arg(long, value_delimiter = ',', default_value = "fast,candle")]
     pub engines: Vec<semtel::embed::Engine>,
+    /// Precisions of the fast engine to run, comma-separated: bf16, int8 (each a row; other
+    /// engines run once).
+    #[arg(long, value_delimiter = ',', default_value = "bf16,int8")]
+    pub precisions: Vec<semtel::embed::Precision>,
     /// Python interpreter with sentence-transformers (see benches/setup-st.sh) to compare with.
     #[arg(long)]
     pub st: Option<PathBuf>,

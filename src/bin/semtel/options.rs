@@ -28,7 +28,7 @@ impl Ctx {
                 .or_else(|| self.cfg.device.as_deref().and_then(|d| d.parse().ok()))
                 .unwrap_or_default(),
             engine: self.global.engine.unwrap_or_default(),
-            precision: self.global.precision.unwrap_or_default(),
+            precision: self.global.precision,
             include_system_turns: self.global.include_system_turns
                 || self.cfg.include_system_turns.unwrap_or(false),
             gpu_f32: self.global.gpu_f32,

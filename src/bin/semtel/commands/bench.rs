@@ -14,6 +14,7 @@ pub fn embed(ctx: &Ctx, a: BenchEmbedArgs) -> Result<()> {
         &semtel::bench::EmbedBenchOptions {
             encoder_options: ctx.encoder_options(),
             engines: a.engines.clone(),
+            precisions: a.precisions.clone(),
             shared: a.shared.clone(),
             texts: a.texts,
             texts_file: a.texts_file.clone(),

@@ -25,13 +25,21 @@ pub fn run(ctx: &Ctx, a: ModelsArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<22} {:<30} {:<30} {:>5} {:>6} {:<10} {:<9} {:>10}",
-        "name", "hub id", "languages", "dims", "layers", "licence", "here", "tokens/s"
+        "{:<22} {:<30} {:<30} {:>5} {:>6} {:<10} {:<9} {:>10} {:>10}",
+        "name",
+        "hub id",
+        "languages",
+        "dims",
+        "layers",
+        "licence",
+        "here",
+        "tokens/s",
+        "int8 tok/s"
     );
     for m in &list {
         let num = |v: Option<usize>| v.map_or("-".into(), |v| v.to_string());
         println!(
-            "{:<22} {:<30} {:<30} {:>5} {:>6} {:<10} {:<9} {:>10}",
+            "{:<22} {:<30} {:<30} {:>5} {:>6} {:<10} {:<9} {:>10} {:>10}",
             m.name,
             m.hub_id,
             m.languages,
@@ -40,6 +48,8 @@ pub fn run(ctx: &Ctx, a: ModelsArgs) -> Result<()> {
             m.licence,
             if m.present { "present" } else { "missing" },
             m.tokens_per_second
+                .map_or("-".into(), |t| format!("{t:.0}")),
+            m.int8_tokens_per_second
                 .map_or("-".into(), |t| format!("{t:.0}"))
         );
     }
@@ -57,6 +67,9 @@ pub fn run(ctx: &Ctx, a: ModelsArgs) -> Result<()> {
                     .as_ref()
                     .map_or(String::new(), |p| format!(", prompt {p:?}"))
             );
+            if let Some(e8) = &m.int8_engine {
+                println!("  {}: int8 measured with {e8}", m.name);
+            }
         }
     }
     if !a.measure {
