@@ -144,7 +144,15 @@ fn fast_int8_engine_agrees_with_the_reference_and_keeps_the_labels() {
         return;
     }
     let (exemplars, test) = banking77_split();
-    for case in CASES {
+    let minilm = Case {
+        dir: "all-MiniLM-L6-v2",
+        reference: "../shared/reference/all-MiniLM-L6-v2.sentence-transformers.jsonl",
+        family: Family::Bert,
+        dim: 384,
+        prompt: None,
+        english_only: true,
+    };
+    for case in std::iter::once(&minilm).chain(CASES) {
         let load = |precision| {
             Encoder::load(&EncoderOptions {
                 model: Some(model(case).display().to_string()),
