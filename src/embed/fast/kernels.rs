@@ -147,6 +147,30 @@ unsafe fn kernel<const R: usize>(
     }
 }
 
+/// Calls `kernel::<rows>(args)` for a row count of 1..=[`MR`] (the micro-kernels take their
+/// row count as a constant, so the accumulators stay in registers).
+macro_rules! by_rows {
+    ($rows:expr, $kernel:ident, ($($arg:expr),*)) => {
+        match $rows {
+            14 => $kernel::<14>($($arg),*),
+            13 => $kernel::<13>($($arg),*),
+            12 => $kernel::<12>($($arg),*),
+            11 => $kernel::<11>($($arg),*),
+            10 => $kernel::<10>($($arg),*),
+            9 => $kernel::<9>($($arg),*),
+            8 => $kernel::<8>($($arg),*),
+            7 => $kernel::<7>($($arg),*),
+            6 => $kernel::<6>($($arg),*),
+            5 => $kernel::<5>($($arg),*),
+            4 => $kernel::<4>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            1 => $kernel::<1>($($arg),*),
+            _ => unreachable!(),
+        }
+    };
+}
+
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn kernel_dispatch(
@@ -158,23 +182,7 @@ unsafe fn kernel_dispatch(
     dst: *mut f32,
     ldd: usize,
 ) {
-    match rows {
-        14 => kernel::<14>(kp, a, lda, b, dst, ldd),
-        13 => kernel::<13>(kp, a, lda, b, dst, ldd),
-        12 => kernel::<12>(kp, a, lda, b, dst, ldd),
-        11 => kernel::<11>(kp, a, lda, b, dst, ldd),
-        10 => kernel::<10>(kp, a, lda, b, dst, ldd),
-        9 => kernel::<9>(kp, a, lda, b, dst, ldd),
-        8 => kernel::<8>(kp, a, lda, b, dst, ldd),
-        7 => kernel::<7>(kp, a, lda, b, dst, ldd),
-        6 => kernel::<6>(kp, a, lda, b, dst, ldd),
-        5 => kernel::<5>(kp, a, lda, b, dst, ldd),
-        4 => kernel::<4>(kp, a, lda, b, dst, ldd),
-        3 => kernel::<3>(kp, a, lda, b, dst, ldd),
-        2 => kernel::<2>(kp, a, lda, b, dst, ldd),
-        1 => kernel::<1>(kp, a, lda, b, dst, ldd),
-        _ => unreachable!(),
-    }
+    by_rows!(rows, kernel, (kp, a, lda, b, dst, ldd))
 }
 
 /// `C = A · B` for `m` rows of row-major bf16 `a` (row stride `lda` bf16 elements, `k` used),
@@ -748,23 +756,7 @@ unsafe fn kernel_i8_dispatch(
     dst: *mut i32,
     ldd: usize,
 ) {
-    match rows {
-        14 => kernel_i8::<14>(kq, a, lda, b, dst, ldd),
-        13 => kernel_i8::<13>(kq, a, lda, b, dst, ldd),
-        12 => kernel_i8::<12>(kq, a, lda, b, dst, ldd),
-        11 => kernel_i8::<11>(kq, a, lda, b, dst, ldd),
-        10 => kernel_i8::<10>(kq, a, lda, b, dst, ldd),
-        9 => kernel_i8::<9>(kq, a, lda, b, dst, ldd),
-        8 => kernel_i8::<8>(kq, a, lda, b, dst, ldd),
-        7 => kernel_i8::<7>(kq, a, lda, b, dst, ldd),
-        6 => kernel_i8::<6>(kq, a, lda, b, dst, ldd),
-        5 => kernel_i8::<5>(kq, a, lda, b, dst, ldd),
-        4 => kernel_i8::<4>(kq, a, lda, b, dst, ldd),
-        3 => kernel_i8::<3>(kq, a, lda, b, dst, ldd),
-        2 => kernel_i8::<2>(kq, a, lda, b, dst, ldd),
-        1 => kernel_i8::<1>(kq, a, lda, b, dst, ldd),
-        _ => unreachable!(),
-    }
+    by_rows!(rows, kernel_i8, (kq, a, lda, b, dst, ldd))
 }
 
 /// `C = A · B` for `m` rows of quantised activations `a` (row stride `b.k` bytes) against int8
