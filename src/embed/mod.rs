@@ -252,11 +252,6 @@ impl std::str::FromStr for Engine {
     }
 }
 
-/// Per layer, how far (1 − cosine) the int8 feed-forward of that layer alone may move a
-/// calibration text's vector from bf16's. Chosen so that the sum over a 12-layer model stays
-/// within a few thousandths.
-const INT8_TOLERANCE: f32 = 2e-4;
-
 /// Texts the int8 calibration runs at load: short and long, several scripts, chat-shaped.
 const INT8_CALIBRATION: &[&str] = &[
     "I still have not received my new card, when will it arrive?",
@@ -380,16 +375,23 @@ impl Encoder {
                     "--precision int8 needs AVX512-VNNI, which this CPU lacks: running bf16"
                 );
             }
-            match (FastBert::try_load(&files, precision)?, opts.engine) {
+            let int8 = precision == Precision::Int8 && fast::kernels::int8_supported();
+            let seqs: Vec<Vec<u32>> = if int8 {
+                INT8_CALIBRATION
+                    .iter()
+                    .filter_map(|t| renderer.encode_head(t).ok())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            match (
+                FastBert::try_load(&files, int8.then_some(refs.as_slice()))?,
+                opts.engine,
+            ) {
                 (Some(f), _) => {
-                    if precision == Precision::Int8 && fast::kernels::int8_supported() {
+                    if int8 {
                         effective = Precision::Int8;
-                        let seqs: Vec<Vec<u32>> = INT8_CALIBRATION
-                            .iter()
-                            .filter_map(|t| renderer.encode_head(t).ok())
-                            .collect();
-                        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-                        f.calibrate_int8(&refs, INT8_TOLERANCE)?;
                     }
                     Box::new(f)
                 }

@@ -18,7 +18,7 @@
 
 pub mod kernels;
 
-use super::{normalize_rows, Embedder, Precision};
+use super::{normalize_rows, Embedder};
 use crate::model::{Architecture, Family, ModelFiles, Pooling};
 use crate::{Error, Result};
 use kernels::{AttnScratch, Epilogue, PackedB, PackedI8, QuantRows};
@@ -29,15 +29,21 @@ struct Layer {
     qkv: PackedB,
     out: PackedB,
     ln1: (Vec<f32>, Vec<f32>),
-    ffn1: PackedB,
-    ffn2: PackedB,
+    ffn: Ffn,
     ln2: (Vec<f32>, Vec<f32>),
-    /// The feed-forward's two products in int8 (`Precision::Int8`), used instead of `ffn1`,
-    /// `ffn2`.
-    ffn_i8: Option<(PackedI8, PackedI8)>,
-    /// Whether `ffn_i8` runs: decided per layer by [`FastBert::calibrate_int8`].
-    int8_on: std::sync::atomic::AtomicBool,
 }
+
+/// A layer's two feed-forward products: bf16, or int8 where calibration allows
+/// (`Precision::Int8`).
+enum Ffn {
+    Bf16(PackedB, PackedB),
+    Int8(PackedI8, PackedI8),
+}
+
+/// Per layer, how far (1 − cosine) the int8 feed-forward of that layer alone may move a
+/// calibration text's vector from bf16's. Chosen so that the sum over a 12-layer model stays
+/// within a few thousandths.
+const INT8_TOLERANCE: f32 = 2e-4;
 
 pub struct FastBert {
     hidden: usize,
@@ -57,6 +63,8 @@ pub struct FastBert {
     /// Relative position bias per head, by `key − query + max_len − 1` (MPNet).
     relative: Option<Vec<Vec<f32>>>,
     family: Family,
+    /// Loaded for int8 (calibrated; some layers may have stayed bf16).
+    int8: bool,
 }
 
 /// Per-thread activation buffers, grown on demand and reused between batches.
@@ -165,12 +173,18 @@ fn resize<T: Clone + Default>(v: &mut Vec<T>, n: usize) {
 impl FastBert {
     /// Loads a BERT-family model when the CPU and the model's shape suit the kernels;
     /// `Ok(None)` means "use another engine".
-    pub fn try_load(files: &ModelFiles, precision: Precision) -> Result<Option<Self>> {
+    /// With `int8_calibration` (token ids of calibration texts) and a CPU with VNNI, the
+    /// feed-forward runs in int8 where [`FastBert::calibrate_int8`] finds it harmless.
+    pub fn try_load(
+        files: &ModelFiles,
+        int8_calibration: Option<&[&[u32]]>,
+    ) -> Result<Option<Self>> {
         if !kernels::supported() {
             return Ok(None);
         }
         // Int8 where the CPU has VNNI (the caller says so when it falls back).
-        let int8 = precision == Precision::Int8 && kernels::int8_supported();
+        let int8 = int8_calibration.filter(|_| kernels::int8_supported());
+        let mut candidates = Vec::new();
         let arch = Architecture::read(&files.dir)?;
         let (hidden, heads, inter, nl) = (arch.hidden, arch.heads, arch.intermediate, arch.layers);
         let hd = hidden / heads;
@@ -238,24 +252,25 @@ impl FastBert {
                     1.0,
                 ),
                 ln1: (p(names.attn_norm, "weight")?, p(names.attn_norm, "bias")?),
-                ffn1: PackedB::from_out_in(&w1, &b1, inter, hidden, 1.0),
-                ffn2: PackedB::from_out_in(&w2, &b2, hidden, inter, 1.0),
-                ffn_i8: int8.then(|| {
-                    (
-                        PackedI8::from_out_in(&w1, &b1, inter, hidden),
-                        PackedI8::from_out_in(&w2, &b2, hidden, inter),
-                    )
-                }),
+                ffn: Ffn::Bf16(
+                    PackedB::from_out_in(&w1, &b1, inter, hidden, 1.0),
+                    PackedB::from_out_in(&w2, &b2, hidden, inter, 1.0),
+                ),
                 ln2: (p(names.out_norm, "weight")?, p(names.out_norm, "bias")?),
-                int8_on: std::sync::atomic::AtomicBool::new(int8),
             });
+            if int8.is_some() {
+                candidates.push(Ffn::Int8(
+                    PackedI8::from_out_in(&w1, &b1, inter, hidden),
+                    PackedI8::from_out_in(&w2, &b2, hidden, inter),
+                ));
+            }
         }
         if pos.len() < (arch.position_offset + max_len) * hidden {
             return Err(Error::Model(
                 "position table shorter than config.json says".into(),
             ));
         }
-        Ok(Some(FastBert {
+        let mut bert = FastBert {
             hidden,
             heads,
             inter,
@@ -270,7 +285,12 @@ impl FastBert {
             position_offset: arch.position_offset,
             relative,
             family: arch.family,
-        }))
+            int8: false,
+        };
+        if let Some(seqs) = int8 {
+            bert.calibrate_int8(candidates, seqs)?;
+        }
+        Ok(Some(bert))
     }
 
     /// Encodes one batch. `ways` > 1 splits every matrix product by rows and attention by
@@ -433,19 +453,19 @@ impl FastBert {
                         ld: h,
                         residual: Some(tmp.view(r0, r1, h)),
                     };
-                    if let (Some((f1, f2)), true) = (
-                        &l.ffn_i8,
-                        l.int8_on.load(std::sync::atomic::Ordering::Relaxed),
-                    ) {
-                        // Quantise the LayerNorm output (f32, in `tmp`) and the GELU output
-                        // per row, then the two int8 products.
-                        kernels::quantize_rows(tmp.view(r0, r1, h), m, h, qa);
-                        kernels::gemm_i8(qa, m, f1, &mut gelu_out);
-                        kernels::quantize_rows_bf16(hb.view(r0, r1, inter), m, inter, wide, qa);
-                        kernels::gemm_i8(qa, m, f2, &mut ffn_out);
-                    } else {
-                        kernels::gemm(xb.view(r0, r1, h), h, m, &l.ffn1, &mut gelu_out);
-                        kernels::gemm(hb.view(r0, r1, inter), inter, m, &l.ffn2, &mut ffn_out);
+                    match &l.ffn {
+                        Ffn::Int8(f1, f2) => {
+                            // Quantise the LayerNorm output (f32, in `tmp`) and the GELU
+                            // output per row, then the two int8 products.
+                            kernels::quantize_rows(tmp.view(r0, r1, h), m, h, qa);
+                            kernels::gemm_i8(qa, m, f1, &mut gelu_out);
+                            kernels::quantize_rows_bf16(hb.view(r0, r1, inter), m, inter, wide, qa);
+                            kernels::gemm_i8(qa, m, f2, &mut ffn_out);
+                        }
+                        Ffn::Bf16(f1, f2) => {
+                            kernels::gemm(xb.view(r0, r1, h), h, m, f1, &mut gelu_out);
+                            kernels::gemm(hb.view(r0, r1, inter), inter, m, f2, &mut ffn_out);
+                        }
                     }
                     kernels::layernorm_rows(
                         x.rows(r0, r1, h),
@@ -481,44 +501,41 @@ impl FastBert {
 }
 
 impl FastBert {
-    /// Keeps the int8 feed-forward only in layers where it barely moves the output: each layer
-    /// alone in int8 (the rest bf16) must keep every calibration text's vector within cosine
-    /// `1 − tolerance` of the all-bf16 one. Layers whose activations have outliers that a
-    /// per-row `u8` cannot resolve (MPNet's later layers, say) stay bf16. Returns the layers
-    /// kept in int8.
-    pub fn calibrate_int8(&self, seqs: &[&[u32]], tolerance: f32) -> Result<usize> {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.layers.iter().all(|l| l.ffn_i8.is_none()) || seqs.is_empty() {
-            return Ok(0);
-        }
+    /// Keeps the int8 feed-forward (`candidates[i]` for layer `i`) only in layers where it
+    /// barely moves the output: that layer alone in int8 (the rest bf16) must keep every
+    /// calibration text's vector within cosine `1 − INT8_TOLERANCE` of the all-bf16 one.
+    /// Layers whose activations have outliers that a per-row `u8` cannot resolve (MPNet's
+    /// later layers, say) stay bf16; the packing a layer does not use is dropped.
+    fn calibrate_int8(&mut self, mut candidates: Vec<Ffn>, seqs: &[&[u32]]) -> Result<()> {
         let mut ids = Vec::new();
         let mut cu = vec![0];
         for s in seqs {
             ids.extend_from_slice(s);
             cu.push(ids.len());
         }
-        let set = |f: &dyn Fn(usize) -> bool| {
-            for (i, l) in self.layers.iter().enumerate() {
-                l.int8_on.store(f(i), Relaxed);
-            }
-        };
-        set(&|_| false);
         let base = self.embed(&ids, &cu)?;
         let h = self.hidden;
         let mut keep = vec![false; self.layers.len()];
         for (li, k) in keep.iter_mut().enumerate() {
-            set(&|i| i == li);
-            let v = self.embed(&ids, &cu)?;
+            std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
+            let v = self.embed(&ids, &cu);
+            std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
+            let v = v?;
             let worst = (0..seqs.len())
                 .map(|r| {
                     let (a, b) = (&base[r * h..(r + 1) * h], &v[r * h..(r + 1) * h]);
                     a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
                 })
                 .fold(f32::MAX, f32::min);
-            *k = worst >= 1.0 - tolerance;
+            *k = !seqs.is_empty() && worst >= 1.0 - INT8_TOLERANCE;
         }
-        set(&|i| keep[i]);
-        Ok(keep.iter().filter(|&&k| k).count())
+        for (li, cand) in candidates.iter_mut().enumerate() {
+            if keep[li] {
+                std::mem::swap(&mut self.layers[li].ffn, cand);
+            }
+        }
+        self.int8 = true;
+        Ok(())
     }
 }
 
@@ -535,9 +552,9 @@ impl Embedder for FastBert {
         let on = self
             .layers
             .iter()
-            .filter(|l| l.int8_on.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|l| matches!(l.ffn, Ffn::Int8(..)))
             .count();
-        if self.layers.iter().any(|l| l.ffn_i8.is_some()) {
+        if self.int8 {
             format!(
                 "{name} int8 feed-forward in {on} of {} layers + bf16 (AVX512-VNNI/BF16 kernels, no padding)",
                 self.layers.len()
