@@ -594,6 +594,15 @@ impl ExemplarIndex {
         &self.exemplars[key as usize]
     }
 
+    /// How many exemplars the language detector gives each language (`und`: none told).
+    pub fn exemplar_language_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for l in exemplar_languages(&self.exemplars) {
+            *m.entry(l.unwrap_or("und").to_string()).or_insert(0) += 1;
+        }
+        m
+    }
+
     pub fn exemplars(&self) -> &[Exemplar] {
         &self.exemplars
     }

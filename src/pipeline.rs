@@ -641,6 +641,7 @@ impl Classifier {
                 && !novel
                 && self.guards.as_ref().is_some_and(|g| {
                     g.blocks(label_name, lang_code).is_some()
+                        || g.on_probation(lang_code)
                         || g.language_threshold(lang_code).is_some_and(|t| conf < t)
                 });
             let escalate_reason = if foreign {

@@ -1050,6 +1050,24 @@ fn render_metrics(st: &AppState) -> String {
             "# HELP semtel_guard_trips_total Guard trips since start.\n# TYPE semtel_guard_trips_total counter\nsemtel_guard_trips_total {}",
             r.trips
         );
+        let _ = writeln!(
+            s,
+            "# HELP semtel_language_probation Languages the exemplars do not cover whose rows all go to the LLM until their own threshold is learned: 1 while on probation.\n# TYPE semtel_language_probation gauge"
+        );
+        for l in &r.probation {
+            let _ = writeln!(s, "semtel_language_probation{{lang=\"{l}\"}} 1");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP semtel_language_threshold Confidence a language's rows need to be kept, learned from the LLM's answers on its rows (absent: the index's threshold; +Inf: none kept yet).\n# TYPE semtel_language_threshold gauge"
+        );
+        for (l, t) in &r.learned_language_thresholds {
+            if *t < crate::guard::KEEP_NONE {
+                let _ = writeln!(s, "semtel_language_threshold{{lang=\"{l}\"}} {t}");
+            } else {
+                let _ = writeln!(s, "semtel_language_threshold{{lang=\"{l}\"}} +Inf");
+            }
+        }
     }
     s
 }

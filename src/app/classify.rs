@@ -54,15 +54,19 @@ pub fn guards_path(output: &std::path::Path) -> PathBuf {
     output.with_file_name(format!("{name}.guards.json"))
 }
 
-/// Guards for a classifier with an audit plan: held to the index's promise.
+/// Guards for a classifier that has an LLM to answer them (escalations, and audits when
+/// `classifier.audit` is set): held to the index's promise. Languages the exemplars do not
+/// cover start on probation (`crate::guard`). `None` without an LLM: nothing would ever come
+/// back to judge a segment by.
 pub fn guards_for(
     classifier: &Classifier,
+    has_llm: bool,
     enforce: bool,
     state: Option<&std::path::Path>,
 ) -> Result<Option<Arc<crate::guard::Guards>>> {
-    let Some(plan) = classifier.audit else {
+    if !has_llm {
         return Ok(None);
-    };
+    }
     let target = classifier
         .index
         .manifest
@@ -73,14 +77,17 @@ pub fn guards_for(
         .unwrap_or(crate::calibrate::DEFAULT_TARGET);
     let options = crate::guard::GuardOptions {
         target,
-        llm_accuracy: plan.llm_accuracy.unwrap_or(1.0),
+        llm_accuracy: classifier.audit.and_then(|a| a.llm_accuracy).unwrap_or(1.0),
         enforce,
         ..Default::default()
     };
-    Ok(Some(Arc::new(match state {
+    let guards = match state {
         Some(p) => crate::guard::Guards::load_or_new(p, options)?,
         None => crate::guard::Guards::new(options),
-    })))
+    };
+    Ok(Some(Arc::new(
+        guards.cover(&classifier.index.exemplar_language_counts()),
+    )))
 }
 
 /// What a finished classify run reports.
@@ -191,7 +198,7 @@ impl ClassifyJob {
         if opts.existing != Existing::Resume {
             let _ = std::fs::remove_file(&state);
         }
-        classifier.guards = guards_for(&classifier, opts.guards, Some(&state))?;
+        classifier.guards = guards_for(&classifier, tier.is_some(), opts.guards, Some(&state))?;
         if let (Some(t), Some(g)) = (tier.as_mut(), &growth) {
             attach_growth(t, g.clone(), classifier.index.labels().to_vec());
         }

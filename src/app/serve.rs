@@ -364,6 +364,7 @@ impl Service {
         // The guards outlive reloads; with a result log their state is kept beside it.
         let guards = super::classify::guards_for(
             &probe.classifier,
+            opts.llm.is_some(),
             opts.guards,
             opts.results
                 .as_deref()

@@ -519,7 +519,9 @@ pub struct AuditArgs {
     /// market).
     #[arg(long, value_name = "COLUMN")]
     pub segment_col: Option<String>,
-    /// Escalate guarded segments (`on`, the default with --audit-rate) or only report them.
+    /// Escalate guarded segments (`on`, the default with --llm) or only report them. Guards
+    /// also hold languages the exemplars do not cover on probation: their first rows go to the
+    /// LLM until the language's own confidence threshold is learned from the answers.
     #[arg(long, value_name = "on|off", default_value = "on")]
     pub guards: String,
     /// `off`: ignore the index's novelty rule (rows far from every exemplar of their label

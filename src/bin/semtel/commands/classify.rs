@@ -214,5 +214,25 @@ pub fn print_trust(summary: &RunSummary) {
                 g.required_agreement
             );
         }
+        if !g.probation.is_empty() {
+            eprintln!(
+                "languages on probation (not in the exemplars; their rows kNN would keep go to the LLM until a threshold is learned): {}",
+                g.probation.join(", ")
+            );
+        }
+        if !g.learned_language_thresholds.is_empty() {
+            let t: Vec<String> = g
+                .learned_language_thresholds
+                .iter()
+                .map(|(l, t)| {
+                    if *t < semtel::guard::KEEP_NONE {
+                        format!("{l} {t:.3}")
+                    } else {
+                        format!("{l} (none kept)")
+                    }
+                })
+                .collect();
+            eprintln!("learned language thresholds: {}", t.join(", "));
+        }
     }
 }
