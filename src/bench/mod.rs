@@ -7,6 +7,7 @@
 //! This module must never be used by the classification path.
 
 pub mod encoders;
+pub mod guards;
 pub mod redact;
 pub mod scale;
 pub mod serve;

@@ -205,6 +205,37 @@ pub enum BenchCmd {
     /// would still leave, throughput; with --presidio, Microsoft Presidio on the same set in
     /// the same run.
     Redact(BenchRedactArgs),
+    /// The guard rule on simulated audits of one segment: rows until a fall of its
+    /// kept-accuracy trips the guard (detection delay, audited rows spent) and false trips
+    /// while it holds, per audit rate; the real `Guards`, many seeded runs.
+    Guards(BenchGuardsArgs),
+}
+
+#[derive(Args)]
+pub struct BenchGuardsArgs {
+    #[arg(long, value_delimiter = ',', default_value = "0.01,0.02,0.05")]
+    pub audit_rates: Vec<f64>,
+    /// The segment's kept-accuracy before the fall (the promise).
+    #[arg(long, default_value_t = 0.97)]
+    pub base: f64,
+    /// How far it falls.
+    #[arg(long, default_value_t = 0.05)]
+    pub fall: f64,
+    /// The LLM's accuracy on audited rows (and what the guards are told).
+    #[arg(long, default_value_t = 0.95)]
+    pub llm_accuracy: f64,
+    /// Rows of the segment before the fall (false trips are counted over them).
+    #[arg(long, default_value_t = 20_000)]
+    pub before: u64,
+    #[arg(long, default_value_t = 50_000)]
+    pub max_after: u64,
+    #[arg(long, default_value_t = 200)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// One JSON object per audit rate on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]

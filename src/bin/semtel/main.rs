@@ -125,6 +125,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(BenchCmd::Encoders(a)) => bench::encoders(&ctx, a),
         Cmd::Bench(BenchCmd::Serve(a)) => bench::serve(&ctx, a),
         Cmd::Bench(BenchCmd::Redact(a)) => bench::redact(&ctx, a),
+        Cmd::Bench(BenchCmd::Guards(a)) => bench::guards(a),
         Cmd::Llm(c) => llm::run(&ctx, c),
     }
 }

@@ -2,8 +2,8 @@
 
 use crate::args::ColumnArgs;
 use crate::args_tools::{
-    BenchBootstrapArgs, BenchBuildArgs, BenchEmbedArgs, BenchLlmArgs, BenchRedactArgs,
-    BenchServeArgs,
+    BenchBootstrapArgs, BenchBuildArgs, BenchEmbedArgs, BenchGuardsArgs, BenchLlmArgs,
+    BenchRedactArgs, BenchServeArgs,
 };
 use crate::options::Ctx;
 use anyhow::Result;
@@ -556,4 +556,50 @@ fn pct(x: f64) -> String {
     } else {
         format!("{:.1}", 100.0 * x)
     }
+}
+
+pub fn guards(a: BenchGuardsArgs) -> Result<()> {
+    for (name, x) in [
+        ("base", a.base),
+        ("fall", a.fall),
+        ("llm-accuracy", a.llm_accuracy),
+    ] {
+        anyhow::ensure!((0.0..=1.0).contains(&x), "--{name} is a share, not {x}");
+    }
+    let results = semtel::bench::guards::guard_benchmark(&semtel::bench::guards::GuardBenchOptions {
+        audit_rates: a.audit_rates.clone(),
+        base: a.base,
+        fall: a.fall,
+        llm_accuracy: a.llm_accuracy,
+        before: a.before,
+        max_after: a.max_after,
+        runs: a.runs.max(1),
+        seed: a.seed,
+    });
+    eprintln!(
+        "segment kept-accuracy {:.1}% falling by {:.1} points; LLM accuracy {:.1}% (stated to the guards); {} runs",
+        100.0 * a.base,
+        100.0 * a.fall,
+        100.0 * a.llm_accuracy,
+        a.runs
+    );
+    eprintln!("| audit rate | detected | delay p50 / p90 (rows of the segment) | within 3,000 rows | audited rows to detect (p50) | false trips per 10k rows |");
+    eprintln!("|---|---|---|---|---|---|");
+    for r in &results {
+        eprintln!(
+            "| {:.1}% | {}/{} | {:.0} / {:.0} | {:.0}% | {:.0} | {:.2} |",
+            100.0 * r.audit_rate,
+            r.detected,
+            r.runs,
+            r.delay_rows_p50,
+            r.delay_rows_p90,
+            100.0 * r.detected_within_3000,
+            r.audited_rows_p50,
+            r.false_trips_per_10k
+        );
+        if a.json {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    }
+    Ok(())
 }
