@@ -77,9 +77,7 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
 /// Runs the benchmark, one result per audit rate (the guards' trip log is silenced: thousands
 /// of simulated trips are the point here, not news).
 pub fn guard_benchmark(o: &GuardBenchOptions) -> Vec<GuardBenchResult> {
-    tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || {
-        run_all(o)
-    })
+    tracing::subscriber::with_default(tracing::subscriber::NoSubscriber::default(), || run_all(o))
 }
 
 fn run_all(o: &GuardBenchOptions) -> Vec<GuardBenchResult> {

@@ -566,16 +566,17 @@ pub fn guards(a: BenchGuardsArgs) -> Result<()> {
     ] {
         anyhow::ensure!((0.0..=1.0).contains(&x), "--{name} is a share, not {x}");
     }
-    let results = semtel::bench::guards::guard_benchmark(&semtel::bench::guards::GuardBenchOptions {
-        audit_rates: a.audit_rates.clone(),
-        base: a.base,
-        fall: a.fall,
-        llm_accuracy: a.llm_accuracy,
-        before: a.before,
-        max_after: a.max_after,
-        runs: a.runs.max(1),
-        seed: a.seed,
-    });
+    let results =
+        semtel::bench::guards::guard_benchmark(&semtel::bench::guards::GuardBenchOptions {
+            audit_rates: a.audit_rates.clone(),
+            base: a.base,
+            fall: a.fall,
+            llm_accuracy: a.llm_accuracy,
+            before: a.before,
+            max_after: a.max_after,
+            runs: a.runs.max(1),
+            seed: a.seed,
+        });
     eprintln!(
         "segment kept-accuracy {:.1}% falling by {:.1} points; LLM accuracy {:.1}% (stated to the guards); {} runs",
         100.0 * a.base,
