@@ -67,16 +67,20 @@ fn reference(case: &Case) -> Vec<Reference> {
 
 /// Worst cosine to the reference over every text, and the token counts checked on the way.
 fn worst_cosine(case: &Case, enc: &Encoder) -> f32 {
+    cosines(case, enc).0
+}
+
+/// Worst and median cosine of `enc`'s vectors to the case's f32 reference vectors.
+fn cosines(case: &Case, enc: &Encoder) -> (f32, f32) {
     let rows = reference(case);
     assert!(rows.len() >= 30);
     let texts: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     let got = enc.embed_texts(&texts).unwrap();
     let d = enc.dim();
     assert_eq!(d, case.dim);
-    let mut worst = f32::MAX;
+    let mut all = Vec::with_capacity(rows.len());
     for (i, (text, tokens, want)) in rows.iter().enumerate() {
-        let c = cosine(&got[i * d..(i + 1) * d], want);
-        worst = worst.min(c);
+        all.push(cosine(&got[i * d..(i + 1) * d], want));
         assert_eq!(
             enc.renderer.count_tokens(text).unwrap() + 2,
             *tokens,
@@ -85,12 +89,18 @@ fn worst_cosine(case: &Case, enc: &Encoder) -> f32 {
             text.chars().take(60).collect::<String>()
         );
     }
+    let at = (0..all.len())
+        .min_by(|&a, &b| all[a].total_cmp(&all[b]))
+        .unwrap_or(0);
+    let worst_text: String = rows[at].0.chars().take(80).collect();
+    all.sort_by(f32::total_cmp);
+    let (worst, median) = (all[0], all[all.len() / 2]);
     eprintln!(
-        "{} on {}: worst cosine {worst:.6}",
+        "{} on {}: worst cosine {worst:.6} ({worst_text:?}), median {median:.6}",
         case.dir,
         enc.engine.describe()
     );
-    worst
+    (worst, median)
 }
 
 #[test]
@@ -168,8 +178,9 @@ fn fast_int8_engine_agrees_with_the_reference_and_keeps_the_labels() {
             "{}",
             int8.engine.describe()
         );
-        let w = worst_cosine(case, &int8);
+        let (w, median) = cosines(case, &int8);
         assert!(w >= 0.995, "{}: worst cosine {w}", case.dir);
+        assert!(median >= 0.998, "{}: median cosine {median}", case.dir);
         let labels = |enc: &Encoder| {
             let d = enc.dim();
             let ex = enc
@@ -192,11 +203,15 @@ fn fast_int8_engine_agrees_with_the_reference_and_keeps_the_labels() {
         let (a, b) = (labels(&bf16), labels(&int8));
         let same = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64;
         eprintln!(
-            "{}: int8 worst cosine {w:.4}; nearest-exemplar label as bf16 on {:.1} % of {} Banking77 test rows",
+            "{}: {}: int8 worst cosine {w:.4}, median {median:.5}; nearest-exemplar label as bf16 on {:.1} % of {} Banking77 test rows",
             case.dir,
+            int8.engine.describe(),
             100.0 * same,
             a.len()
         );
+        // One nearest exemplar among five per label is a harsh proxy for the product's vote
+        // (E5's vectors sit close together, so a ten-thousandth flips some neighbours): the
+        // bar here guards against regressions; `semtel bench` measures the product's labels.
         assert!(same >= 0.98, "{}: labels agree on {same:.3}", case.dir);
     }
 }

@@ -252,8 +252,13 @@ impl std::str::FromStr for Engine {
     }
 }
 
-/// Texts the int8 calibration runs at load: short and long, several scripts, chat-shaped.
+/// Texts the int8 calibration runs at load: short and long, several scripts, chat-shaped, and
+/// degenerate (one word repeated, a run of digits, punctuation): repetition drives a few
+/// activations far past the rest, exactly what a per-row `u8` resolves worst, and real
+/// traffic has such rows (MPNet moved one to cosine 0.990 when none was here).
 const INT8_CALIBRATION: &[&str] = &[
+    "thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks thanks",
+    "0123456789012345678901234567890123456789 !!!!!!!!!!!!!!!!!!!! ????????????????????",
     "I still have not received my new card, when will it arrive?",
     "user: can you help me write a cover letter for a nursing job?\nassistant: Of course. Tell me about your experience and the position.",
     "Why was I charged a fee when I withdrew cash abroad last Tuesday?",

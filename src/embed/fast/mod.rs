@@ -40,10 +40,14 @@ enum Ffn {
     Int8(PackedI8, PackedI8),
 }
 
-/// Per layer, how far (1 − cosine) the int8 feed-forward of that layer alone may move a
-/// calibration text's vector from bf16's. Chosen so that the sum over a 12-layer model stays
-/// within a few thousandths.
-const INT8_TOLERANCE: f32 = 2e-4;
+/// How far (1 − cosine) the int8 model may move the calibration texts' vectors from the
+/// all-bf16 ones: the median text, and the worst. The bar that matters is the labels (kNN
+/// votes compare neighbours a few hundredths apart, so a thousandth moves almost none; the
+/// agreement test measures it), and the median leaves room for bf16's own distance to f32
+/// within a median cosine of 0.998 to f32. An earlier rule (each layer alone within 2e-4)
+/// kept half of MiniLM's layers bf16 where together they stayed far inside these bars.
+const INT8_MEDIAN_BUDGET: f32 = 1e-3;
+const INT8_WORST_BUDGET: f32 = 2e-3;
 
 pub struct FastBert {
     hidden: usize,
@@ -501,11 +505,13 @@ impl FastBert {
 }
 
 impl FastBert {
-    /// Keeps the int8 feed-forward (`candidates[i]` for layer `i`) only in layers where it
-    /// barely moves the output: that layer alone in int8 (the rest bf16) must keep every
-    /// calibration text's vector within cosine `1 − INT8_TOLERANCE` of the all-bf16 one.
-    /// Layers whose activations have outliers that a per-row `u8` cannot resolve (MPNet's
-    /// later layers, say) stay bf16; the packing a layer does not use is dropped.
+    /// Keeps the int8 feed-forward (`candidates[i]` for layer `i`) in as many layers as the
+    /// budget allows: layers are tried from the one whose int8 alone moves the output least,
+    /// each kept only if the whole model, with every layer kept so far, stays within
+    /// [`INT8_MEDIAN_BUDGET`] and [`INT8_WORST_BUDGET`] of the all-bf16 vectors on the
+    /// calibration texts. Layers whose activations have outliers that a per-row `u8` cannot
+    /// resolve (MPNet's later layers, say) stay bf16; the packing a layer does not use is
+    /// dropped.
     fn calibrate_int8(&mut self, mut candidates: Vec<Ffn>, seqs: &[&[u32]]) -> Result<()> {
         let mut ids = Vec::new();
         let mut cu = vec![0];
@@ -515,23 +521,45 @@ impl FastBert {
         }
         let base = self.embed(&ids, &cu)?;
         let h = self.hidden;
-        let mut keep = vec![false; self.layers.len()];
-        for (li, k) in keep.iter_mut().enumerate() {
+        // (median, worst) of 1 − cosine to the bf16 vectors.
+        let distance = |v: &[f32]| -> (f32, f32) {
+            let mut d: Vec<f32> = (0..seqs.len())
+                .map(|r| {
+                    let (a, b) = (&base[r * h..(r + 1) * h], &v[r * h..(r + 1) * h]);
+                    1.0 - a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
+                })
+                .collect();
+            d.sort_by(f32::total_cmp);
+            (
+                d.get(d.len() / 2).copied().unwrap_or(f32::MAX),
+                d.last().copied().unwrap_or(f32::MAX),
+            )
+        };
+        let within = |(median, worst): (f32, f32)| {
+            median <= INT8_MEDIAN_BUDGET && worst <= INT8_WORST_BUDGET
+        };
+        if seqs.is_empty() {
+            self.int8 = true;
+            return Ok(());
+        }
+        // Each layer alone, to order them.
+        let mut alone = Vec::with_capacity(self.layers.len());
+        for li in 0..self.layers.len() {
             std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
             let v = self.embed(&ids, &cu);
             std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
-            let v = v?;
-            let worst = (0..seqs.len())
-                .map(|r| {
-                    let (a, b) = (&base[r * h..(r + 1) * h], &v[r * h..(r + 1) * h]);
-                    a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>()
-                })
-                .fold(f32::MAX, f32::min);
-            *k = !seqs.is_empty() && worst >= 1.0 - INT8_TOLERANCE;
+            alone.push((distance(&v?), li));
         }
-        for (li, cand) in candidates.iter_mut().enumerate() {
-            if keep[li] {
-                std::mem::swap(&mut self.layers[li].ffn, cand);
+        alone.sort_by(|a, b| a.0 .1.total_cmp(&b.0 .1).then(a.0 .0.total_cmp(&b.0 .0)));
+        // Greedily together.
+        for &(d, li) in &alone {
+            if !within(d) {
+                continue;
+            }
+            std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
+            let v = self.embed(&ids, &cu)?;
+            if !within(distance(&v)) {
+                std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
             }
         }
         self.int8 = true;
