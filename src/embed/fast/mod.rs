@@ -544,10 +544,10 @@ impl FastBert {
         }
         // Each layer alone, to order them.
         let mut alone = Vec::with_capacity(self.layers.len());
-        for li in 0..self.layers.len() {
-            std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
+        for (li, cand) in candidates.iter_mut().enumerate() {
+            std::mem::swap(&mut self.layers[li].ffn, cand);
             let v = self.embed(&ids, &cu);
-            std::mem::swap(&mut self.layers[li].ffn, &mut candidates[li]);
+            std::mem::swap(&mut self.layers[li].ffn, cand);
             alone.push((distance(&v?), li));
         }
         alone.sort_by(|a, b| a.0 .1.total_cmp(&b.0 .1).then(a.0 .0.total_cmp(&b.0 .0)));
