@@ -31,13 +31,9 @@ with open(f"{w}/stream.jsonl", "w") as f:
 PY
 [ -d "$W/idx" ] || $BIN -q --model "$MODEL" index build --exemplars "$W/exemplars.jsonl" --out "$W/idx"
 $BIN -q calibrate --index "$W/idx" 2>&1 | grep -E "chosen|kept-accuracy" | head -3
-$BIN --model "$MODEL" llm simulate --truth "$W/xsid.jsonl" --port 0 --error-rate 0.05 \
-  --error-model "$ERRORS" --latency-ms 20 --jitter-ms 5 --seed 1 > "$W/sim.log" 2>&1 &
-SIM=$!
-trap 'kill $SIM 2>/dev/null || true' EXIT
-for _ in $(seq 600); do grep -q listening "$W/sim.log" && break; sleep 0.2; done
-URL=$(awk '/listening/ {print $3}' "$W/sim.log")
-printf 'cache = "off"\n[[endpoints]]\nname = "sim"\nurl = "%s"\nmodel = "sim-1"\nmax_concurrency = 16\n' "$URL" > "$W/llm.toml"
+. benches/sim.sh
+start_sim --model "$MODEL" --truth "$W/xsid.jsonl" --port 0 --error-rate 0.05 \
+  --error-model "$ERRORS" --latency-ms 20 --jitter-ms 5 --seed 1
 run() {
   local name=$1; shift
   local idx="$W/idx"

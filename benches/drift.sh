@@ -36,12 +36,8 @@ with open(f"{w}/stream.jsonl", "w") as f:
 PY
 [ -d "$W/idx" ] || $BIN -q index build --exemplars "$W/exemplars.jsonl" --out "$W/idx"
 $BIN -q calibrate --index "$W/idx" 2>&1 | grep -E "chosen|novelty|leave-labels|other rates"
-$BIN llm simulate --truth "$DATA" --port 0 --error-rate 0.05 --seed 1 > "$W/sim.log" 2>&1 &
-SIM=$!
-trap 'kill $SIM 2>/dev/null || true' EXIT
-for _ in $(seq 50); do grep -q listening "$W/sim.log" && break; sleep 0.2; done
-URL=$(awk '/listening/ {print $3}' "$W/sim.log")
-printf 'cache = "off"\n[[endpoints]]\nname = "sim"\nurl = "%s"\nmodel = "sim-1"\nmax_concurrency = 16\n' "$URL" > "$W/llm.toml"
+. benches/sim.sh
+start_sim --truth "$DATA" --port 0 --error-rate 0.05 --seed 1
 run() {
   local name=$1; shift
   $BIN -q classify --index "$W/idx" --input "$W/stream.jsonl" --output "$W/$name.jsonl" \
