@@ -246,6 +246,25 @@ impl Guards {
             .find(|s| st.segments.get(s).is_some_and(|g| g.tripped))
     }
 
+    /// Whether a row kNN would keep must be escalated instead (`escalate_reason = "guard"`):
+    /// its label or language is tripped, its language is on probation, or its confidence is
+    /// under the threshold learned for its language. One lock per row (this runs on every
+    /// kept row).
+    pub fn holds(&self, label: Option<&str>, lang: Option<&str>, confidence: f32) -> bool {
+        if !self.options.enforce {
+            return false;
+        }
+        let st = self.lock();
+        segments(label, lang)
+            .iter()
+            .any(|s| st.segments.get(s).is_some_and(|g| g.tripped))
+            || self.uncovered_unlearned(&st, lang)
+            || st
+                .learned
+                .get(lang.unwrap_or("und"))
+                .is_some_and(|&t| confidence < t)
+    }
+
     /// The confidence threshold learned for a language, if enough of its rows were audited.
     pub fn language_threshold(&self, lang: Option<&str>) -> Option<f32> {
         if !self.options.enforce {
@@ -792,6 +811,8 @@ mod tests {
         assert!(!g.on_probation(None) && !g.on_probation(Some("und")));
         // Ten exemplars are the detector's slips, not a language the index knows.
         assert!(g.on_probation(Some("nl")) && g.on_probation(Some("lt")));
+        assert!(g.holds(Some("weather"), Some("lt"), 0.99));
+        assert!(!g.holds(Some("weather"), Some("en"), 0.99));
         // Lithuanian rows disagree on one label a third of the time: the label must not trip
         // for every language (probation evidence speaks for the language alone).
         for i in 0..200 {
@@ -802,6 +823,8 @@ mod tests {
         assert!(!g.on_probation(Some("lt")));
         let t = g.language_threshold(Some("lt")).unwrap();
         assert!((0.3..=0.4).contains(&t), "{t}");
+        assert!(g.holds(Some("weather"), Some("lt"), t - 0.01));
+        assert!(!g.holds(Some("weather"), Some("lt"), t + 0.01));
         assert!(g.snapshot().probation.is_empty());
         g.observe(Some("weather"), Some("nl"), Some(0.9), true);
         assert_eq!(g.snapshot().probation, vec!["nl".to_string()]);
@@ -824,5 +847,6 @@ mod tests {
         })
         .cover(&covered);
         assert!(!off.on_probation(Some("lt")));
+        assert!(!off.holds(Some("weather"), Some("lt"), 0.99));
     }
 }

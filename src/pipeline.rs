@@ -639,11 +639,10 @@ impl Classifier {
             let guarded = keep
                 && !foreign
                 && !novel
-                && self.guards.as_ref().is_some_and(|g| {
-                    g.blocks(label_name, lang_code).is_some()
-                        || g.on_probation(lang_code)
-                        || g.language_threshold(lang_code).is_some_and(|t| conf < t)
-                });
+                && self
+                    .guards
+                    .as_ref()
+                    .is_some_and(|g| g.holds(label_name, lang_code, conf));
             let escalate_reason = if foreign {
                 Some(EscalateReason::Language)
             } else if !keep {
