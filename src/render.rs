@@ -43,6 +43,13 @@ pub struct Renderer {
     role_ids: [Vec<u32>; 4],
     max_tokens: usize,
     include_system: bool,
+    /// The tokenizer keeps spaces as part of the next token and adds none of its own (Gemma's
+    /// SentencePiece without a dummy prefix): `"a b"` is `a` + `▁b`, not `a` + `b`. Then the
+    /// space that separates a prompt or a role from the text must be tokenized with the text.
+    keeps_spaces: bool,
+    /// What goes before a plain text's content: the prompt's trailing space on such a
+    /// tokenizer, so `query:` + ` hi` gives the ids of `query: hi`; else nothing.
+    lead: &'static str,
 }
 
 fn role_slot(r: Role) -> usize {
@@ -85,20 +92,37 @@ impl Renderer {
                 "max_tokens {max_tokens} leaves no room for content"
             )));
         }
-        let role_ids = [
-            enc("user:", false)?,
-            enc("assistant:", false)?,
-            enc("system:", false)?,
-            enc("tool:", false)?,
-        ];
-        Ok(Renderer {
+        let a_b = enc("a b", false)?;
+        let keeps_spaces = a_b != [enc("a", false)?, enc("b", false)?].concat()
+            && a_b == [enc("a", false)?, enc(" b", false)?].concat();
+        let mut r = Renderer {
             tok,
             prefix,
             suffix,
-            role_ids,
+            role_ids: Default::default(),
             max_tokens,
             include_system: false,
-        })
+            keeps_spaces,
+            lead: "",
+        };
+        r.role_ids = r.roles("")?;
+        Ok(r)
+    }
+
+    /// The ids of `role:` for each role, after `lead`.
+    fn roles(&self, lead: &str) -> Result<[Vec<u32>; 4]> {
+        let enc = |s: &str| -> Result<Vec<u32>> {
+            self.tok
+                .encode_fast(format!("{lead}{s}"), false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| Error::Tokenizer(e.to_string()))
+        };
+        Ok([
+            enc("user:")?,
+            enc("assistant:")?,
+            enc("system:")?,
+            enc("tool:")?,
+        ])
     }
 
     /// Puts the model's prompt (E5's `query: `) after the opening special tokens of every
@@ -109,6 +133,10 @@ impl Renderer {
         let Some(p) = prompt.map(str::trim_end).filter(|p| !p.is_empty()) else {
             return Ok(self);
         };
+        if self.keeps_spaces && prompt.is_some_and(|full| full.len() > p.len()) {
+            self.lead = " ";
+            self.role_ids = self.roles(" ")?;
+        }
         let ids = self
             .tok
             .encode_fast(p, false)
@@ -152,6 +180,15 @@ impl Renderer {
             .map_err(|e| format!("tokenizer failed: {e}"))
     }
 
+    /// A text's content ids as they follow the prompt (see `lead`).
+    fn encode_text(&self, text: &str) -> Result<Vec<u32>, String> {
+        if self.lead.is_empty() {
+            self.encode(text)
+        } else {
+            self.encode(&format!("{}{text}", self.lead))
+        }
+    }
+
     /// Number of tokens of `text` without special tokens and without truncation.
     pub fn count_tokens(&self, text: &str) -> Result<usize, String> {
         Ok(self.encode(text)?.len())
@@ -162,7 +199,7 @@ impl Renderer {
     ///
     /// [`render`]: Renderer::render
     pub fn encode_head(&self, text: &str) -> Result<Vec<u32>, String> {
-        let mut ids = self.encode(text)?;
+        let mut ids = self.encode_text(text)?;
         ids.truncate(self.budget());
         Ok(self.wrap(&ids))
     }
@@ -185,15 +222,24 @@ impl Renderer {
     }
 
     /// Tokenizes a message, pre-cutting giant ones to their head and tail by bytes.
-    fn encode_bounded(&self, text: &str) -> Result<Vec<u32>, String> {
+    /// `spaced`: the text follows something it must be separated from (a prompt or a role),
+    /// which a tokenizer that keeps spaces needs to see as a leading space.
+    fn encode_bounded(&self, text: &str, spaced: bool) -> Result<Vec<u32>, String> {
+        let enc = |t: &str| {
+            if spaced {
+                self.encode(&format!(" {t}"))
+            } else {
+                self.encode(t)
+            }
+        };
         let cap = self.budget() * BYTES_PER_TOKEN_BOUND;
         if text.len() <= 2 * cap {
-            return self.encode(text);
+            return enc(text);
         }
         let head_end = cut_back(text, cap);
         let tail_start = cut_forward(text, text.len() - cap);
-        let mut ids = self.encode(&text[..head_end])?;
-        ids.extend(self.encode(&text[tail_start..])?);
+        let mut ids = enc(&text[..head_end])?;
+        ids.extend(enc(&text[tail_start..])?);
         Ok(ids)
     }
 
@@ -206,7 +252,7 @@ impl Renderer {
                             .into(),
                     );
                 }
-                let ids = self.encode_bounded(t)?;
+                let ids = self.encode_bounded(t, !self.lead.is_empty())?;
                 let full = ids.len();
                 let budget = self.budget();
                 let (body, truncated) = if full <= budget {
@@ -245,7 +291,7 @@ impl Renderer {
         for t in &kept {
             pieces.push((
                 self.role_ids[role_slot(t.role)].clone(),
-                self.encode_bounded(&t.content)?,
+                self.encode_bounded(&t.content, self.keeps_spaces)?,
             ));
         }
         let lens: Vec<usize> = pieces.iter().map(|(r, c)| r.len() + c.len()).collect();

@@ -28,6 +28,8 @@ pub struct ModelEntry {
     /// Token budget per conversation (sentence-transformers' `max_seq_length`).
     pub max_tokens: Option<usize>,
     pub prompt: Option<String>,
+    /// What the licence asks of a user beyond an open-source licence (Gemma's terms).
+    pub terms: Option<String>,
     /// Measured on this machine (`measure`): tokens per second and the engine that ran.
     pub tokens_per_second: Option<f64>,
     pub engine: Option<String>,
@@ -53,6 +55,7 @@ pub fn list(models_dir: &Path, measure: Option<(&EncoderOptions, &[String])>) ->
                 hub_id: k.hub_id.into(),
                 languages: k.languages.into(),
                 licence: k.licence.into(),
+                terms: k.terms.map(str::to_string),
                 source: k.source.into(),
                 fetch: format!("scripts/fetch-model {}", k.name),
                 present,

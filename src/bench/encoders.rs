@@ -27,6 +27,9 @@ pub struct EncoderBenchOptions {
     pub shared: PathBuf,
     /// `data/xsid/xsid.jsonl.gz`.
     pub xsid: PathBuf,
+    /// Which xSID indexes: `en` (the English rows, per-language centring as `auto` decides),
+    /// `en-uncentred` (the English rows, centring off), `own` (each language's own rows).
+    pub xsid_indexes: Vec<String>,
     /// Indexes and reports go here.
     pub out: PathBuf,
     pub target: f64,
@@ -68,6 +71,15 @@ pub fn encoder_benchmark(
     o: &EncoderBenchOptions,
     each: &mut dyn FnMut(&EncoderBenchRow),
 ) -> Result<Vec<EncoderBenchRow>> {
+    if let Some(bad) = o
+        .xsid_indexes
+        .iter()
+        .find(|x| !["en", "en-uncentred", "own"].contains(&x.as_str()))
+    {
+        return Err(Error::Config(format!(
+            "unknown xSID index `{bad}` (en, en-uncentred, own)"
+        )));
+    }
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
     let mut rows = Vec::new();
     let xsid_files = if o.sets.iter().any(|s| s == "xsid") {
@@ -85,9 +97,12 @@ pub fn encoder_benchmark(
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| model.clone());
+        // Speed once per set (the same texts for every index of it).
+        let mut speeds: std::collections::HashMap<String, f64> = Default::default();
         let mut run = |set: &str,
                        lang: Option<&str>,
                        trained_on: &str,
+                       center: crate::center::CenterChoice,
                        train: (&Path, Option<&str>),
                        held: Option<(&Path, Option<&str>)>,
                        test: (&Path, Option<&str>)|
@@ -98,12 +113,15 @@ pub fn encoder_benchmark(
                 trained_on.replace([' ', '/'], "_")
             ));
             let _ = std::fs::remove_dir_all(&dir);
-            crate::app::index::build_index(
+            crate::app::index::build_index_with(
                 &encoder,
                 &[(train.0.to_path_buf(), opts(train.1))],
                 &dir,
                 10,
                 None,
+                false,
+                center,
+                false,
                 &Progress::hidden(),
             )?;
             let job = CalibrateJob {
@@ -149,12 +167,19 @@ pub fn encoder_benchmark(
                 .iter()
                 .find(|p| (p.target - o.target).abs() < 1e-9)
                 .map(|p| p.coverage);
-            let texts: Vec<String> = crate::input::read_all(test.0, &opts(test.1))?
-                .into_iter()
-                .filter_map(|r| r.content.ok().map(|c| c.flatten()))
-                .take(300)
-                .collect();
-            let tokens_per_s = crate::app::models::speed(&encoder, &texts)?;
+            let tokens_per_s = match speeds.get(set) {
+                Some(&v) => v,
+                None => {
+                    let texts: Vec<String> = crate::input::read_all(test.0, &opts(test.1))?
+                        .into_iter()
+                        .filter_map(|r| r.content.ok().map(|c| c.flatten()))
+                        .take(300)
+                        .collect();
+                    let v = crate::app::models::speed(&encoder, &texts)?;
+                    speeds.insert(set.to_string(), v);
+                    v
+                }
+            };
             let row = EncoderBenchRow {
                 model: name.clone(),
                 set: set.to_string(),
@@ -182,6 +207,7 @@ pub fn encoder_benchmark(
                         "banking77",
                         None,
                         "train",
+                        Default::default(),
                         (&f, Some("train")),
                         None,
                         (&f, Some("test")),
@@ -193,6 +219,7 @@ pub fn encoder_benchmark(
                         "clinc150",
                         None,
                         "train",
+                        Default::default(),
                         (&f, Some("train")),
                         Some((&f, Some("validation"))),
                         (&f, Some("test")),
@@ -201,23 +228,37 @@ pub fn encoder_benchmark(
                 "xsid" => {
                     let files = xsid_files.as_ref().expect("split above");
                     let en_valid = files.join("en.valid.jsonl");
+                    let wants = |k: &str| o.xsid_indexes.iter().any(|x| x == k);
                     for lang in XSID_LANGS {
                         let test = files.join(format!("{lang}.test.jsonl"));
                         // English rows only: does the encoder carry labels across languages?
-                        run(
-                            "xsid",
-                            Some(lang),
-                            "en valid",
-                            (&en_valid, None),
-                            None,
-                            (&test, None),
-                        )?;
-                        if *lang != "en" {
+                        for (key, trained, center) in [
+                            ("en", "en valid", crate::center::CenterChoice::Auto),
+                            (
+                                "en-uncentred",
+                                "en valid uncentred",
+                                crate::center::CenterChoice::Off,
+                            ),
+                        ] {
+                            if wants(key) {
+                                run(
+                                    "xsid",
+                                    Some(lang),
+                                    trained,
+                                    center,
+                                    (&en_valid, None),
+                                    None,
+                                    (&test, None),
+                                )?;
+                            }
+                        }
+                        if *lang != "en" && wants("own") {
                             let valid = files.join(format!("{lang}.valid.jsonl"));
                             run(
                                 "xsid",
                                 Some(lang),
                                 &format!("{lang} valid"),
+                                Default::default(),
                                 (&valid, None),
                                 None,
                                 (&test, None),

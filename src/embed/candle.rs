@@ -65,6 +65,10 @@ pub fn load_candle(files: &ModelFiles, device: Device, half: bool) -> Result<Box
     match Architecture::read(&files.dir)?.family {
         Family::Bert => Ok(Box::new(CandleBert::load(files, device, half)?)),
         Family::Mpnet => Ok(Box::new(CandleOwn::load(files, device)?)),
+        // f32 even where half precision was asked for: upstream publishes Gemma for f32 or
+        // bf16, never f16.
+        Family::Gemma => Ok(Box::new(super::gemma::CandleGemma::load(files, device)?)),
+        Family::Nomic => Ok(Box::new(super::nomic::CandleNomic::load(files, device)?)),
     }
 }
 

@@ -9,11 +9,16 @@
 //! This module must never tokenize or read files beyond the model weights.
 
 mod candle;
+pub mod dense;
 pub mod fast;
+mod gemma;
+mod nomic;
 pub mod static_model;
 
 pub use self::candle::{load_candle, CandleBert, CandleOwn};
 pub use self::fast::FastBert;
+pub use self::gemma::{CandleGemma, GemmaConfig};
+pub use self::nomic::{CandleNomic, NomicConfig};
 pub use self::static_model::{StaticEmbedder, STATIC_META, STATIC_TABLE};
 
 use crate::model::{ModelFiles, Pooling};
@@ -395,14 +400,18 @@ impl Encoder {
                 opts.engine,
             ) {
                 (Some(f), _) => {
-                    if int8 {
+                    if f.is_int8() {
                         effective = Precision::Int8;
+                    } else if int8 {
+                        tracing::warn!(
+                            "--precision int8 covers GELU feed-forwards (BERT, MPNet); this model's SwiGLU runs bf16"
+                        );
                     }
                     Box::new(f)
                 }
                 (None, Engine::Fast) => {
                     return Err(Error::Embed(
-                        "--engine fast needs a CPU with AVX512-BF16 and a BERT or MPNet model whose head size is a multiple of 32; use --engine auto".into(),
+                        "--engine fast needs a CPU with AVX512-BF16 and a BERT, MPNet or NomicBERT model whose head size is a multiple of 32 (Gemma runs on candle); use --engine auto".into(),
                     ))
                 }
                 (None, _) => load_candle(&files, Device::Cpu, false)?,

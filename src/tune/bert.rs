@@ -78,6 +78,15 @@ impl TrainBert {
     ) -> Result<TrainBert> {
         let dir = config.parent().unwrap_or(Path::new("."));
         let arch = Architecture::read(dir)?;
+        if matches!(
+            arch.family,
+            crate::model::Family::Gemma | crate::model::Family::Nomic
+        ) {
+            return Err(Error::Model(format!(
+                "fine-tuning (`semtel tune`) runs BERT-family and MPNet encoders; {:?} encoders (Gemma, NomicBERT) are used frozen: the learned head still trains on their vectors (`semtel calibrate`)",
+                arch.family
+            )));
+        }
         let shape = Shape {
             hidden: arch.hidden,
             heads: arch.heads,

@@ -846,6 +846,47 @@ pub unsafe fn to_bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// SwiGLU's product: `out[r][j] = bf16(silu(gu[r][j]) · gu[r][inter + j])` for `rows` rows of
+/// `2·inter` f32 values (gate, then up), written `inter` apart.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn swiglu_rows(gu: &[f32], rows: usize, inter: usize, out: &mut [u16]) {
+    debug_assert!(gu.len() >= rows * 2 * inter && out.len() >= rows * inter);
+    for r in 0..rows {
+        let g = gu.as_ptr().add(r * 2 * inter);
+        let o = out.as_mut_ptr().add(r * inter);
+        let mut j = 0;
+        while j + 16 <= inter {
+            let gv = _mm512_loadu_ps(g.add(j));
+            let uv = _mm512_loadu_ps(g.add(inter + j));
+            // silu(g) = g / (1 + e^-g); exp16 clamps, so a huge |g| gives ±0 or g, never NaN.
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            let sv = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+            let y: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_mul_ps(sv, uv)));
+            _mm256_storeu_si256(o.add(j) as *mut __m256i, y);
+            j += 16;
+        }
+        for j in j..inter {
+            let (gx, ux) = (*g.add(j), *g.add(inter + j));
+            *o.add(j) = f32_to_bf16(gx / (1.0 + (-gx).exp()) * ux);
+        }
+    }
+}
+
+/// Rotary positions on a bf16 row of heads `hd` wide (queries then keys, back to back): in
+/// each head, pair `j` of the first and second halves turns by the angle whose `cos`/`sin`
+/// are given (`hd / 2` of each), as the reference's `rotate_half` does.
+pub fn rotate_halves(row: &mut [u16], hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    for head in row.chunks_exact_mut(hd) {
+        let (a, b) = head.split_at_mut(half);
+        for j in 0..half {
+            let (x1, x2) = (bf16_to_f32(a[j]), bf16_to_f32(b[j]));
+            a[j] = f32_to_bf16(x1 * cos[j] - x2 * sin[j]);
+            b[j] = f32_to_bf16(x2 * cos[j] + x1 * sin[j]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

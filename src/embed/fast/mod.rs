@@ -38,6 +38,9 @@ struct Layer {
 enum Ffn {
     Bf16(PackedB, PackedB),
     Int8(PackedI8, PackedI8),
+    /// SwiGLU (NomicBERT): gate and up in one product (`2·inter` outputs, gate first), then
+    /// `silu(gate) ⊙ up` into bf16, then down.
+    SwiGlu(PackedB, PackedB),
 }
 
 /// How far (1 − cosine) the int8 model may move the calibration texts' vectors from the
@@ -66,6 +69,9 @@ pub struct FastBert {
     position_offset: usize,
     /// Relative position bias per head, by `key − query + max_len − 1` (MPNet).
     relative: Option<Vec<Vec<f32>>>,
+    /// Rotary positions instead of a position table (NomicBERT): `cos` and `sin` by position
+    /// and pair, `max_len × head_dim / 2` each.
+    rope: Option<(Vec<f32>, Vec<f32>)>,
     family: Family,
     /// Loaded for int8 (calibrated; some layers may have stayed bf16).
     int8: bool,
@@ -80,6 +86,8 @@ struct Scratch {
     qkv: Vec<u16>,
     attn: Vec<u16>,
     h: Vec<u16>,
+    /// SwiGLU's gate and up outputs (f32, `2·inter` per row).
+    gu: Vec<f32>,
     attn_scratch: AttnScratch,
     /// Per row part: quantised activations and a widening buffer (int8 feed-forward).
     quant: Vec<(QuantRows, Vec<f32>)>,
@@ -190,6 +198,12 @@ impl FastBert {
         let int8 = int8_calibration.filter(|_| kernels::int8_supported());
         let mut candidates = Vec::new();
         let arch = Architecture::read(&files.dir)?;
+        if arch.family == Family::Gemma {
+            return Ok(None); // the bf16 kernels run BERT, MPNet and NomicBERT layers
+        }
+        if arch.family == Family::Nomic {
+            return Self::load_nomic(files);
+        }
         let (hidden, heads, inter, nl) = (arch.hidden, arch.heads, arch.intermediate, arch.layers);
         let hd = hidden / heads;
         if arch.activation != "gelu" || hidden % 32 != 0 || inter % 32 != 0 || hd % kernels::NR != 0
@@ -288,6 +302,7 @@ impl FastBert {
             max_len,
             position_offset: arch.position_offset,
             relative,
+            rope: None,
             family: arch.family,
             int8: false,
         };
@@ -295,6 +310,84 @@ impl FastBert {
             bert.calibrate_int8(candidates, seqs)?;
         }
         Ok(Some(bert))
+    }
+
+    /// NomicBERT on the same kernels: BERT's post-norm layers with rotary positions applied
+    /// to queries and keys after the QKV product, no biases, and a SwiGLU feed-forward.
+    fn load_nomic(files: &ModelFiles) -> Result<Option<Self>> {
+        let c = super::NomicConfig::read(&files.dir)?;
+        let (hidden, heads, inter) = (c.hidden, c.heads, c.intermediate);
+        let hd = hidden / heads;
+        if hidden % 32 != 0 || inter % 32 != 0 || hd % kernels::NR != 0 {
+            return Ok(None);
+        }
+        let tensors = candle_core::safetensors::load(&files.weights, &candle_core::Device::Cpu)
+            .map_err(|e| Error::Model(format!("{}: {e}", files.weights.display())))?;
+        let w = Weights::new(tensors);
+        let word = w.get("embeddings.word_embeddings.weight")?;
+        let type0 = w.get("embeddings.token_type_embeddings.weight")?[..hidden].to_vec();
+        let emb_ln = (w.get("emb_ln.weight")?, w.get("emb_ln.bias")?);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let zeros = |n: usize| vec![0f32; n];
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let p = |name: &str| w.get(&format!("encoder.layers.{i}.{name}"));
+            // Fold 1/√d into Q (rotation is linear, so it commutes with the scale).
+            let mut qkv = p("attn.Wqkv.weight")?;
+            qkv[..hidden * hidden].iter_mut().for_each(|x| *x *= scale);
+            let gate_up = [p("mlp.fc12.weight")?, p("mlp.fc11.weight")?].concat();
+            layers.push(Layer {
+                qkv: PackedB::from_out_in(&qkv, &zeros(3 * hidden), 3 * hidden, hidden, 1.0),
+                out: PackedB::from_out_in(
+                    &p("attn.out_proj.weight")?,
+                    &zeros(hidden),
+                    hidden,
+                    hidden,
+                    1.0,
+                ),
+                ln1: (p("norm1.weight")?, p("norm1.bias")?),
+                ffn: Ffn::SwiGlu(
+                    PackedB::from_out_in(&gate_up, &zeros(2 * inter), 2 * inter, hidden, 1.0),
+                    PackedB::from_out_in(&p("mlp.fc2.weight")?, &zeros(hidden), hidden, inter, 1.0),
+                ),
+                ln2: (p("norm2.weight")?, p("norm2.bias")?),
+            });
+        }
+        // The reference's tables: f32 inverse frequencies, angle p·inv, cos/sin.
+        let half = hd / 2;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in 0..c.max_positions {
+            for j in 0..half {
+                let inv = (1.0 / c.rope_base.powf((2 * j) as f64 / hd as f64)) as f32;
+                let a = pos as f64 * inv as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Some(FastBert {
+            hidden,
+            heads,
+            inter,
+            eps: c.eps as f32,
+            word,
+            pos: Vec::new(),
+            type0,
+            emb_ln,
+            layers,
+            pooling: files.pooling,
+            max_len: c.max_positions,
+            position_offset: 0,
+            relative: None,
+            rope: Some((cos, sin)),
+            family: Family::Nomic,
+            int8: false,
+        }))
+    }
+
+    /// Whether the int8 feed-forward is in use (calibrated on load where asked for and
+    /// available: not for SwiGLU models).
+    pub fn is_int8(&self) -> bool {
+        self.int8
     }
 
     /// Encodes one batch. `ways` > 1 splits every matrix product by rows and attention by
@@ -318,6 +411,9 @@ impl FastBert {
         resize(&mut s.qkv, t * 3 * h);
         resize(&mut s.attn, t * h);
         resize(&mut s.h, t * inter);
+        if matches!(self.layers.first().map(|l| &l.ffn), Some(Ffn::SwiGlu(..))) {
+            resize(&mut s.gu, t * 2 * inter);
+        }
         let vocab = self.word.len() / h;
         // Embeddings: word + position + token type 0.
         for i in 0..n {
@@ -337,13 +433,18 @@ impl FastBert {
                     )));
                 }
                 let row = &mut s.x[tok * h..(tok + 1) * h];
-                let p = p + self.position_offset;
-                let (we, pe) = (
-                    &self.word[id * h..(id + 1) * h],
-                    &self.pos[p * h..(p + 1) * h],
-                );
-                for j in 0..h {
-                    row[j] = we[j] + pe[j] + self.type0[j];
+                let we = &self.word[id * h..(id + 1) * h];
+                if self.rope.is_some() {
+                    // Rotary positions act in attention, not here.
+                    for j in 0..h {
+                        row[j] = we[j] + self.type0[j];
+                    }
+                } else {
+                    let p = p + self.position_offset;
+                    let pe = &self.pos[p * h..(p + 1) * h];
+                    for j in 0..h {
+                        row[j] = we[j] + pe[j] + self.type0[j];
+                    }
                 }
             }
         }
@@ -359,6 +460,7 @@ impl FastBert {
             Ptr(s.attn.as_mut_ptr()),
             Ptr(s.h.as_mut_ptr()),
         );
+        let gu = Ptr(s.gu.as_mut_ptr());
         // SAFETY: `try_load` returned an engine only on a CPU with the required features;
         // every view below is inside the buffers resized above, and tasks run on disjoint rows
         // (or columns) of what they write.
@@ -389,6 +491,24 @@ impl FastBert {
                             gelu: false,
                         },
                     );
+                    if let Some((cos, sin)) = &self.rope {
+                        // Rows r0..r1 belong to sequences whose first row is the last
+                        // boundary at or before each row.
+                        let mut seq = cu.partition_point(|&c| c <= r0).saturating_sub(1);
+                        for r in r0..r1 {
+                            while cu[seq + 1] <= r {
+                                seq += 1;
+                            }
+                            let pos = r - cu[seq];
+                            let row = qkv.rows(r, r + 1, 3 * h);
+                            kernels::rotate_halves(
+                                &mut row[..2 * h],
+                                hd,
+                                &cos[pos * hd / 2..(pos + 1) * hd / 2],
+                                &sin[pos * hd / 2..(pos + 1) * hd / 2],
+                            );
+                        }
+                    }
                 });
                 let head_task = |i: usize, head: usize, sc: &mut AttnScratch| {
                     let (a, b) = (cu[i], cu[i + 1]);
@@ -468,6 +588,26 @@ impl FastBert {
                         }
                         Ffn::Bf16(f1, f2) => {
                             kernels::gemm(xb.view(r0, r1, h), h, m, f1, &mut gelu_out);
+                            kernels::gemm(hb.view(r0, r1, inter), inter, m, f2, &mut ffn_out);
+                        }
+                        Ffn::SwiGlu(f1, f2) => {
+                            kernels::gemm(
+                                xb.view(r0, r1, h),
+                                h,
+                                m,
+                                f1,
+                                &mut Epilogue::F32 {
+                                    out: gu.rows(r0, r1, 2 * inter),
+                                    ld: 2 * inter,
+                                    residual: None,
+                                },
+                            );
+                            kernels::swiglu_rows(
+                                gu.view(r0, r1, 2 * inter),
+                                m,
+                                inter,
+                                hb.rows(r0, r1, inter),
+                            );
                             kernels::gemm(hb.view(r0, r1, inter), inter, m, f2, &mut ffn_out);
                         }
                     }
@@ -576,6 +716,8 @@ impl Embedder for FastBert {
         let name = match self.family {
             Family::Bert => "semtel-bert",
             Family::Mpnet => "semtel-mpnet",
+            Family::Gemma => "semtel-gemma",
+            Family::Nomic => "semtel-nomic",
         };
         let on = self
             .layers

@@ -281,6 +281,7 @@ pub fn encoders(ctx: &Ctx, a: crate::args_tools::BenchEncodersArgs) -> Result<()
             sets: a.sets.clone(),
             shared: a.shared.clone(),
             xsid: a.xsid.clone(),
+            xsid_indexes: a.xsid_indexes.clone(),
             out: a.out.clone(),
             target: a.target,
             encoder: ctx.encoder_options(),

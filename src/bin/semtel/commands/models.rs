@@ -54,6 +54,9 @@ pub fn run(ctx: &Ctx, a: ModelsArgs) -> Result<()> {
         );
     }
     for m in &list {
+        if let Some(t) = &m.terms {
+            println!("  {}: {t}", m.name);
+        }
         if !m.present {
             println!("  {}: {}   (from {})", m.name, m.fetch, m.source);
         } else if let Some(p) = &m.problem {
