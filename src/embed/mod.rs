@@ -395,23 +395,28 @@ impl Encoder {
                 Vec::new()
             };
             let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-            match (
-                FastBert::try_load(&files, int8.then_some(refs.as_slice()))?,
-                opts.engine,
-            ) {
-                (Some(f), _) => {
+            let gemma =
+                crate::model::Architecture::read(&files.dir)?.family == crate::model::Family::Gemma;
+            let fast: Option<Box<dyn Embedder>> = if gemma {
+                fast::FastGemma::try_load(&files)?.map(|f| Box::new(f) as Box<dyn Embedder>)
+            } else {
+                FastBert::try_load(&files, int8.then_some(refs.as_slice()))?.map(|f| {
                     if f.is_int8() {
                         effective = Precision::Int8;
-                    } else if int8 {
-                        tracing::warn!(
-                            "--precision int8 covers GELU feed-forwards (BERT, MPNet); this model's SwiGLU runs bf16"
-                        );
                     }
-                    Box::new(f)
-                }
+                    Box::new(f) as Box<dyn Embedder>
+                })
+            };
+            if fast.is_some() && int8 && effective != Precision::Int8 {
+                tracing::warn!(
+                    "--precision int8 covers GELU feed-forwards (BERT, MPNet); this model runs bf16"
+                );
+            }
+            match (fast, opts.engine) {
+                (Some(f), _) => f,
                 (None, Engine::Fast) => {
                     return Err(Error::Embed(
-                        "--engine fast needs a CPU with AVX512-BF16 and a BERT, MPNet or NomicBERT model whose head size is a multiple of 32 (Gemma runs on candle); use --engine auto".into(),
+                        "--engine fast needs a CPU with AVX512-BF16 and a BERT, MPNet, NomicBERT or Gemma model whose head size is a multiple of 32; use --engine auto".into(),
                     ))
                 }
                 (None, _) => load_candle(&files, Device::Cpu, false)?,

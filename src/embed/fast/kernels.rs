@@ -437,7 +437,8 @@ pub unsafe fn softmax_exp_bf16(row: &[f32], len: usize, out: &mut [u16]) -> f32 
 /// (bf16) into `out` rows (stride `ldo`) at columns `ooff..ooff + hd` and nowhere else, so
 /// heads may run in parallel on one output (a raw pointer for that reason). `rel`, when given, is a relative
 /// position bias `(by_distance, center)`: score(i, j) += `by_distance[center + j − i]` (MPNet).
-/// `scratch` is reused between calls.
+/// `window`, when given, is a radius: query i sees only keys j with |i − j| ≤ radius (Gemma's
+/// sliding layers). `scratch` is reused between calls.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn attention_head(
@@ -450,6 +451,7 @@ pub unsafe fn attention_head(
     ldo: usize,
     ooff: usize,
     rel: Option<(&[f32], usize)>,
+    window: Option<usize>,
     scratch: &mut AttnScratch,
 ) {
     debug_assert!(hd.is_multiple_of(NR));
@@ -527,6 +529,16 @@ pub unsafe fn attention_head(
                 for (s, b) in srow.iter_mut().zip(bias) {
                     *s += b;
                 }
+            }
+        }
+        if let Some(radius) = window.filter(|&r| r + 1 < len) {
+            for r in 0..rows {
+                let i = r0 + r;
+                let srow = &mut scratch.scores[r * lpad..r * lpad + len];
+                // exp16 clamps at −87: a masked key weighs e⁻⁸⁷ relative to the row's largest,
+                // nothing next to the hundreds of keys inside the window.
+                srow[..i.saturating_sub(radius)].fill(-1e30);
+                srow[(i + radius + 1).min(len)..].fill(-1e30);
             }
         }
         let mut inv = [0f32; MR];
@@ -869,6 +881,55 @@ pub unsafe fn swiglu_rows(gu: &[f32], rows: usize, inter: usize, out: &mut [u16]
             let (gx, ux) = (*g.add(j), *g.add(inter + j));
             *o.add(j) = f32_to_bf16(gx / (1.0 + (-gx).exp()) * ux);
         }
+    }
+}
+
+/// GeGLU's product (Gemma): `out[r][j] = bf16(gelu_tanh(gu[r][j]) · gu[r][inter + j])` for
+/// `rows` rows of `2·inter` f32 values (gate, then up), written `inter` apart. The tanh form of
+/// GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`, with tanh(z) = 1 − 2/(e²ᶻ + 1).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn geglu_rows(gu: &[f32], rows: usize, inter: usize, out: &mut [u16]) {
+    debug_assert!(gu.len() >= rows * 2 * inter && out.len() >= rows * inter);
+    let c = (2.0 / std::f32::consts::PI).sqrt();
+    for r in 0..rows {
+        let g = gu.as_ptr().add(r * 2 * inter);
+        let o = out.as_mut_ptr().add(r * inter);
+        let mut j = 0;
+        while j + 16 <= inter {
+            let x = _mm512_loadu_ps(g.add(j));
+            let u = _mm512_loadu_ps(g.add(inter + j));
+            let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+            let z = _mm512_mul_ps(
+                _mm512_set1_ps(c),
+                _mm512_fmadd_ps(x3, _mm512_set1_ps(0.044_715), x),
+            );
+            let e = exp16(_mm512_add_ps(z, z));
+            let tanh = _mm512_sub_ps(
+                _mm512_set1_ps(1.0),
+                _mm512_div_ps(_mm512_set1_ps(2.0), _mm512_add_ps(e, _mm512_set1_ps(1.0))),
+            );
+            let gelu = _mm512_mul_ps(
+                _mm512_mul_ps(_mm512_set1_ps(0.5), x),
+                _mm512_add_ps(_mm512_set1_ps(1.0), tanh),
+            );
+            let y: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_mul_ps(gelu, u)));
+            _mm256_storeu_si256(o.add(j) as *mut __m256i, y);
+            j += 16;
+        }
+        for j in j..inter {
+            let (x, u) = (*g.add(j), *g.add(inter + j));
+            let t = (c * (x + 0.044_715 * x * x * x)).tanh();
+            *o.add(j) = f32_to_bf16(0.5 * x * (1.0 + t) * u);
+        }
+    }
+}
+
+/// Gemma's RMSNorm of one f32 row: `x / √(mean(x²) + eps) · scale`, `scale` being `1 + w`.
+pub fn rms_norm(x: &[f32], scale: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, v), s) in out.iter_mut().zip(x).zip(scale) {
+        *o = v * r * s;
     }
 }
 

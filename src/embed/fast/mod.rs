@@ -16,7 +16,10 @@
 //! It is selected at run time only when the CPU has the instructions ([`kernels::supported`]);
 //! otherwise the candle engine runs. It must never be called on an unsupported CPU.
 
+mod gemma;
 pub mod kernels;
+
+pub use gemma::FastGemma;
 
 use super::{normalize_rows, Embedder};
 use crate::model::{Architecture, Family, ModelFiles, Pooling};
@@ -524,6 +527,7 @@ impl FastBert {
                         self.relative
                             .as_ref()
                             .map(|r| (r[head].as_slice(), self.max_len - 1)),
+                        None,
                         sc,
                     );
                 };
