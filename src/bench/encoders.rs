@@ -28,7 +28,8 @@ pub struct EncoderBenchOptions {
     /// `data/xsid/xsid.jsonl.gz`.
     pub xsid: PathBuf,
     /// Which xSID indexes: `en` (the English rows, per-language centring as `auto` decides),
-    /// `en-uncentred` (the English rows, centring off), `own` (each language's own rows).
+    /// `en-centred` / `en-uncentred` (the English rows, centring on / off), `own` (each
+    /// language's own rows).
     pub xsid_indexes: Vec<String>,
     /// Indexes and reports go here.
     pub out: PathBuf,
@@ -74,10 +75,10 @@ pub fn encoder_benchmark(
     if let Some(bad) = o
         .xsid_indexes
         .iter()
-        .find(|x| !["en", "en-uncentred", "own"].contains(&x.as_str()))
+        .find(|x| !["en", "en-centred", "en-uncentred", "own"].contains(&x.as_str()))
     {
         return Err(Error::Config(format!(
-            "unknown xSID index `{bad}` (en, en-uncentred, own)"
+            "unknown xSID index `{bad}` (en, en-centred, en-uncentred, own)"
         )));
     }
     std::fs::create_dir_all(&o.out).map_err(|e| Error::io(&o.out, e))?;
@@ -234,6 +235,11 @@ pub fn encoder_benchmark(
                         // English rows only: does the encoder carry labels across languages?
                         for (key, trained, center) in [
                             ("en", "en valid", crate::center::CenterChoice::Auto),
+                            (
+                                "en-centred",
+                                "en valid centred",
+                                crate::center::CenterChoice::On,
+                            ),
                             (
                                 "en-uncentred",
                                 "en valid uncentred",

@@ -167,6 +167,75 @@ impl RmsNorm {
     }
 }
 
+/// RoPE's `cos` and `sin` by position and pair (`max_positions × head_dim/2` each) for one
+/// base, as the reference computes them: f32 inverse frequencies, the angle in f64. Every
+/// engine's rotary tables come from here.
+pub(crate) fn rope_tables(
+    base: f64,
+    head_dim: usize,
+    max_positions: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(max_positions * half);
+    let mut sin = Vec::with_capacity(max_positions * half);
+    for p in 0..max_positions {
+        for i in 0..half {
+            let inv = (1.0 / base.powf((2 * i) as f64 / head_dim as f64)) as f32;
+            let a = p as f64 * inv as f64;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// A padded batch for the candle forwards: ids (padding 0), a keep mask (1.0 on real tokens),
+/// the longest row. Refuses rows beyond `max_positions`.
+pub(super) struct Padded {
+    pub ids: Vec<u32>,
+    pub keep: Vec<f32>,
+    pub lens: Vec<usize>,
+    pub max_len: usize,
+}
+
+pub(super) fn pad_batch(ids: &[u32], cu: &[usize], max_positions: usize) -> Result<Padded> {
+    let n = cu.len().saturating_sub(1);
+    let lens: Vec<usize> = cu.windows(2).map(|w| w[1] - w[0]).collect();
+    let max_len = lens.iter().copied().max().unwrap_or(0).max(1);
+    if max_len > max_positions {
+        return Err(Error::Embed(format!(
+            "a sequence of {max_len} tokens exceeds the model's {max_positions} positions"
+        )));
+    }
+    let mut padded = vec![0u32; n * max_len];
+    let mut keep = vec![0f32; n * max_len];
+    for i in 0..n {
+        let s = &ids[cu[i]..cu[i + 1]];
+        padded[i * max_len..][..s.len()].copy_from_slice(s);
+        keep[i * max_len..][..s.len()].fill(1.0);
+    }
+    Ok(Padded {
+        ids: padded,
+        keep,
+        lens,
+        max_len,
+    })
+}
+
+/// Mean (over `keep`) or first-token pooling of `hidden` (n, len, h) into `n × h` values.
+pub(super) fn pool(hidden: &Tensor, keep: &[f32], pooling: Pooling) -> Result<Vec<f32>> {
+    let (n, len, _) = hidden.dims3()?;
+    let keep = Tensor::from_vec(keep.to_vec(), (n, len, 1), hidden.device())?;
+    let pooled = match pooling {
+        Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        Pooling::Mean => hidden
+            .broadcast_mul(&keep)?
+            .sum(1)?
+            .broadcast_div(&keep.sum(1)?)?,
+    };
+    Ok(pooled.flatten_all()?.to_vec1()?)
+}
+
 /// `cos` and `sin` tables for positions `0..max_positions`, one RoPE base (also NomicBERT's).
 pub(super) struct Rope {
     cos: Tensor,
@@ -179,22 +248,11 @@ impl Rope {
         head_dim: usize,
         max_positions: usize,
     ) -> candle_core::Result<Self> {
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for i in 0..half {
-                // f32 inverse frequencies as the reference computes them, the angle in f64.
-                let inv = (1.0 / base.powf((2 * i) as f64 / head_dim as f64)) as f32;
-                let a = p as f64 * inv as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin) = rope_tables(base, head_dim, max_positions);
         let dev = &candle_core::Device::Cpu;
         Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_positions, half), dev)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), dev)?,
+            cos: Tensor::from_vec(cos, (max_positions, head_dim / 2), dev)?,
+            sin: Tensor::from_vec(sin, (max_positions, head_dim / 2), dev)?,
         })
     }
 
@@ -415,21 +473,12 @@ impl Embedder for CandleGemma {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let lens: Vec<usize> = cu.windows(2).map(|w| w[1] - w[0]).collect();
-        let max_len = lens.iter().copied().max().unwrap_or(0).max(1);
-        if max_len > self.config.max_positions {
-            return Err(Error::Embed(format!(
-                "a sequence of {max_len} tokens exceeds the model's {} positions",
-                self.config.max_positions
-            )));
-        }
-        let mut padded = vec![0u32; n * max_len];
-        let mut keep = vec![0f32; n * max_len];
-        for i in 0..n {
-            let s = &ids[cu[i]..cu[i + 1]];
-            padded[i * max_len..][..s.len()].copy_from_slice(s);
-            keep[i * max_len..][..s.len()].fill(1.0);
-        }
+        let Padded {
+            ids: padded,
+            keep,
+            lens,
+            max_len,
+        } = pad_batch(ids, cu, self.config.max_positions)?;
         let input = Tensor::from_vec(padded, (n, max_len), &self.device)?;
         let full = self.mask(&lens, max_len, None)?;
         // A sliding layer whose window covers the whole batch is a full layer.
@@ -448,15 +497,7 @@ impl Embedder for CandleGemma {
             x = layer.forward(&x, mask, rope, &self.config)?;
         }
         let hidden = self.norm.forward(&x)?;
-        let keep = Tensor::from_vec(keep, (n, max_len, 1), &self.device)?;
-        let pooled = match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => hidden
-                .broadcast_mul(&keep)?
-                .sum(1)?
-                .broadcast_div(&keep.sum(1)?)?,
-        };
-        let pooled: Vec<f32> = pooled.flatten_all()?.to_vec1()?;
+        let pooled = pool(&hidden, &keep, self.pooling)?;
         let mut v = self.dense.apply(&pooled, self.config.hidden)?;
         normalize_rows(&mut v, self.dim());
         Ok(v)

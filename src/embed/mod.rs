@@ -11,7 +11,7 @@
 mod candle;
 pub mod dense;
 pub mod fast;
-mod gemma;
+pub(crate) mod gemma;
 mod nomic;
 pub mod static_model;
 

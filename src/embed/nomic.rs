@@ -10,7 +10,7 @@
 //!
 //! It must stay f32 and must never read anything but the folder's `config.json` and weights.
 
-use super::gemma::Rope;
+use super::gemma::{pad_batch, pool, Padded, Rope};
 use super::{normalize_rows, Device, Embedder};
 use crate::model::{ModelFiles, Pooling};
 use crate::{Error, Result};
@@ -234,23 +234,16 @@ impl Embedder for CandleNomic {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let lens: Vec<usize> = cu.windows(2).map(|w| w[1] - w[0]).collect();
-        let max_len = lens.iter().copied().max().unwrap_or(0).max(1);
-        if max_len > self.config.max_positions {
-            return Err(Error::Embed(format!(
-                "a sequence of {max_len} tokens exceeds the model's {} positions",
-                self.config.max_positions
-            )));
-        }
-        let mut padded = vec![0u32; n * max_len];
-        let mut keep = vec![0f32; n * max_len];
-        let mut additive = vec![f32::MIN; n * max_len];
-        for i in 0..n {
-            let s = &ids[cu[i]..cu[i + 1]];
-            padded[i * max_len..][..s.len()].copy_from_slice(s);
-            keep[i * max_len..][..s.len()].fill(1.0);
-            additive[i * max_len..][..s.len()].fill(0.0);
-        }
+        let Padded {
+            ids: padded,
+            keep,
+            max_len,
+            ..
+        } = pad_batch(ids, cu, self.config.max_positions)?;
+        let additive: Vec<f32> = keep
+            .iter()
+            .map(|&k| if k > 0.0 { 0.0 } else { f32::MIN })
+            .collect();
         let input = Tensor::from_vec(padded, (n, max_len), &self.device)?;
         let mask = Tensor::from_vec(additive, (n, 1, 1, max_len), &self.device)?;
         let x = self.word.forward(&input)?.broadcast_add(&self.type0)?;
@@ -258,15 +251,7 @@ impl Embedder for CandleNomic {
         for layer in &self.layers {
             x = layer.forward(&x, &mask, &self.rope, &self.config)?;
         }
-        let keep = Tensor::from_vec(keep, (n, max_len, 1), &self.device)?;
-        let pooled = match self.pooling {
-            Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => x
-                .broadcast_mul(&keep)?
-                .sum(1)?
-                .broadcast_div(&keep.sum(1)?)?,
-        };
-        let mut v: Vec<f32> = pooled.flatten_all()?.to_vec1()?;
+        let mut v = pool(&x, &keep, self.pooling)?;
         normalize_rows(&mut v, self.dim());
         Ok(v)
     }

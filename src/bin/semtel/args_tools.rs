@@ -330,8 +330,8 @@ pub struct BenchEncodersArgs {
     #[arg(long, default_value = "data/xsid/xsid.jsonl.gz")]
     pub xsid: PathBuf,
     /// xSID indexes to score every language with: en (the English rows, centred per
-    /// language where the encoder is multilingual), en-uncentred (the English rows, no
-    /// centring), own (each language's rows).
+    /// language where the encoder is multilingual), en-centred / en-uncentred (the English
+    /// rows, centring forced on / off), own (each language's rows).
     #[arg(long, value_delimiter = ',', default_value = "en,own")]
     pub xsid_indexes: Vec<String>,
     /// Kept-accuracy target the thresholds are calibrated for.

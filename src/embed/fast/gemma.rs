@@ -40,16 +40,7 @@ struct RopeTable {
 
 impl RopeTable {
     fn new(base: f64, hd: usize, max_positions: usize) -> Self {
-        let half = hd / 2;
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..max_positions {
-            for i in 0..half {
-                let inv = (1.0 / base.powf((2 * i) as f64 / hd as f64)) as f32;
-                let a = p as f64 * inv as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin) = crate::embed::gemma::rope_tables(base, hd, max_positions);
         RopeTable { cos, sin }
     }
 

@@ -356,17 +356,7 @@ impl FastBert {
                 ln2: (p("norm2.weight")?, p("norm2.bias")?),
             });
         }
-        // The reference's tables: f32 inverse frequencies, angle p·inv, cos/sin.
-        let half = hd / 2;
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for pos in 0..c.max_positions {
-            for j in 0..half {
-                let inv = (1.0 / c.rope_base.powf((2 * j) as f64 / hd as f64)) as f32;
-                let a = pos as f64 * inv as f64;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
+        let (cos, sin) = super::gemma::rope_tables(c.rope_base, hd, c.max_positions);
         Ok(Some(FastBert {
             hidden,
             heads,
